@@ -1,0 +1,65 @@
+"""One attention entry point with an explicit mask description.
+
+`AttentionMask` describes visibility by slots (see kv_cache.py): query t of row b sits at slot
+`q_slots[b, t]` and sees key slot s iff `kv_valid[b, s]` and `s <= q_slots[b, t]`. Causal
+prompts, right-padding, decode steps and the Parallel-Synthesis "all branch tokens + causal
+prompt" layout are all instances of this one rule.
+
+Implementations:
+- "xla": dense masked softmax in float32. Handles every mask; the reference in tests.
+- "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on GPU (see
+  psynth_jax/model/attention_kernels.py); falls back to nothing silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMask:
+    q_slots: jax.Array  # [B, T] int32
+    kv_valid: jax.Array  # [B, S] bool
+
+    def dense(self) -> jax.Array:
+        """Boolean [B, T, S] visibility."""
+        s = jnp.arange(self.kv_valid.shape[1], dtype=jnp.int32)
+        return self.kv_valid[:, None, :] & (s[None, None, :] <= self.q_slots[:, :, None])
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, impl: str = "xla"
+) -> jax.Array:
+    """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q's dtype.
+
+    Query rows that see no key at all (padding) return zeros.
+    """
+    if impl == "xla":
+        return xla_attention(q, k, v, mask)
+    if impl == "cudnn":
+        from psynth_jax.model.attention_kernels import cudnn_attention
+
+        return cudnn_attention(q, k, v, mask)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, t, hkv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    visible = mask.dense()[:, None, None, :, :]  # [B,1,1,T,S]
+    logits = jnp.where(visible, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(visible.any(axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -1,0 +1,78 @@
+"""The one KV-cache type used by every path: worker decode, branch handoff, synthesizer, decode.
+
+Layout: keys/values [layers, batch, slots, kv_heads, head_dim]. A *slot* is a storage index; the
+RoPE *position* a key was embedded at is separate, because Parallel-Synthesis stores several
+branches that all start at position 0 side by side in slot space. Per row:
+
+- `valid[b, s]`: slot s holds a real token that later queries may attend to (padding and
+  never-written slots are False).
+- `end[b]`: the next slot a new token is written to.
+- `next_pos[b]`: the RoPE position the next token gets.
+
+A query written at slot s attends to every valid key at a slot <= s. For a plain prompt this is
+ordinary causal attention; for a synthesizer whose prompt is written after the branch region it
+means "every real branch token plus the earlier prompt tokens", the layout of METHOD.md section 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from psynth_jax.model.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, Hkv, D]
+    v: jax.Array  # [L, B, S, Hkv, D]
+    valid: jax.Array  # [B, S] bool
+    end: jax.Array  # [B] int32
+    next_pos: jax.Array  # [B] int32
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype: jnp.dtype) -> "KVCache":
+        """An empty cache (zero-filled: jnp.empty is uninitialised since jax 0.11)."""
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, slots), bool),
+            end=jnp.zeros((batch,), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+        )
+
+    def check_compatible(self, cfg: ModelConfig) -> None:
+        """Raise if this cache was made for a model of another shape."""
+        want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        got = (self.k.shape[0], self.k.shape[3], self.k.shape[4])
+        if got != want:
+            raise ValueError(
+                f"KV cache shape (layers, kv_heads, head_dim)={got} does not match the model's {want}: "
+                "caches from a different model cannot be consumed"
+            )
+
+
+def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, T, ...] into buf [B, S, ...] at per-row slot offsets start [B]."""
+
+    def one(b, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0)
+
+    return jax.vmap(one)(buf, new.astype(buf.dtype), start)
+
+
+def chunk_slots(cache: KVCache, num_tokens: int) -> jax.Array:
+    """Slots [B, T] the next `num_tokens` tokens of each row will be written to."""
+    return cache.end[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]

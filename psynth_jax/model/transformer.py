@@ -1,0 +1,211 @@
+"""Flax NNX decoder-only transformer for Llama, Qwen2/2.5 and Qwen3.
+
+Layers are stacked (parameters carry a leading layer axis) and applied with `jax.lax.scan`, so
+compile time does not grow with depth. The forward pass writes the new tokens' keys/values into
+the caller's `KVCache` and attends over it with the slot rule of kv_cache.py; that one mechanism
+serves prompts, decode steps and the synthesizer's [branch caches | prompt] layout.
+
+LoRA adapters (`LoRAParam`) live inside the projections they adapt and are applied only when a
+call passes `lora=True`: the worker (LoRA off) and the synthesizer (LoRA on) share one set of
+backbone weights without copying them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from psynth_jax.model.attention import AttentionMask, attend
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.kv_cache import KVCache, write_rows
+from psynth_jax.model.rope import apply_rope, inverse_frequencies
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+Output = Literal["all", "last", "hidden"]
+
+
+class LoRAParam(nnx.Param):
+    """A trainable low-rank adapter weight (kept apart from the frozen backbone `nnx.Param`s)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA on the synthesizer: W' = W + (alpha / rank) A B, with B = 0 at init."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"unknown LoRA target(s) {bad}; choose from {LORA_TARGETS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class Linear(nnx.Module):
+    """y = x W (+ b) (+ scale * (x A) B when LoRA is attached and enabled). W is [in, out]."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, lora: LoRAConfig | None,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        if lora is not None:
+            a_init = nnx.initializers.he_uniform()
+            self.lora_a = LoRAParam(a_init(rngs.params(), (d_in, lora.rank), dtype))
+            self.lora_b = LoRAParam(jnp.zeros((lora.rank, d_out), dtype))
+            self.lora_scale = lora.scale
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x: jax.Array, lora: bool) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if lora and self.lora_a is not None:
+            y = y + ((x @ self.lora_a[...]) @ self.lora_b[...]) * jnp.asarray(self.lora_scale, x.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """transformers' RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * xf.astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer: GQA attention with RoPE, then a SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+        def lin(d_in, d_out, name, bias=False):
+            use = lora if (lora is not None and name in lora.targets) else None
+            return Linear(d_in, d_out, bias=bias, lora=use, dtype=dtype, rngs=rngs)
+
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.q = lin(d, cfg.num_heads * hd, "q", cfg.attention_bias)
+        self.k = lin(d, cfg.num_kv_heads * hd, "k", cfg.attention_bias)
+        self.v = lin(d, cfg.num_kv_heads * hd, "v", cfg.attention_bias)
+        self.o = lin(cfg.num_heads * hd, d, "o")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.gate = lin(d, cfg.intermediate_size, "gate")
+        self.up = lin(d, cfg.intermediate_size, "up")
+        self.down = lin(cfg.intermediate_size, d, "down")
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def __call__(self, x, k_cache, v_cache, positions, write_start, mask: AttentionMask, inv_freq,
+                 *, lora: bool, attn_impl: str):
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q(h, lora).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(h, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(h, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_cache = write_rows(k_cache, k, write_start)
+        v_cache = write_rows(v_cache, v, write_start)
+        a = attend(q, k_cache, v_cache, mask, impl=attn_impl)
+        x = x + self.o(a.reshape(b, t, -1), lora)
+        h = self.mlp_norm(x)
+        x = x + self.down(jax.nn.silu(self.gate(h, lora)) * self.up(h, lora), lora)
+        return x, k_cache, v_cache
+
+
+class Decoder(nnx.Module):
+    """Token embedding, `num_layers` stacked Blocks, final norm and LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, lora: LoRAConfig | None = None,
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.lora_config = lora
+        self.dtype = dtype
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(r: nnx.Rngs) -> Block:
+            return Block(cfg, lora, dtype, r)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final-norm hidden states -> float32 logits."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        token_valid: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        lora: bool = False,
+        attn_impl: str = "xla",
+        output: Output = "all",
+    ) -> tuple[jax.Array, KVCache]:
+        """Run `tokens` [B, T] after what `cache` holds; return (outputs, updated cache).
+
+        token_valid [B, T]: False marks right-padding (not attended to, does not advance the
+        row). positions [B, T]: RoPE positions, default `cache.next_pos + arange(T)`.
+        output: "all" -> logits [B, T, V]; "last" -> logits of each row's last valid token
+        [B, V]; "hidden" -> final-norm hidden states [B, T, D].
+        """
+        b, t = tokens.shape
+        if token_valid is None:
+            token_valid = jnp.ones((b, t), bool)
+        steps = jnp.arange(t, dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = cache.next_pos[:, None] + steps
+        start = cache.end
+        kv_valid = write_rows(cache.valid, token_valid, start)
+        mask = AttentionMask(q_slots=start[:, None] + steps, kv_valid=kv_valid)
+        inv_freq = jnp.asarray(inverse_frequencies(self.cfg))
+        x = jnp.take(self.embed[...], tokens, axis=0)
+
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(x, xs):
+            state, k_c, v_c = xs
+            block = nnx.merge(layer_def, state)
+            x, k_c, v_c = block(x, k_c, v_c, positions, start, mask, inv_freq, lora=lora, attn_impl=attn_impl)
+            return x, (k_c, v_c)
+
+        x, (k_new, v_new) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
+        n = token_valid.sum(axis=1).astype(jnp.int32)
+        new_cache = KVCache(k=k_new, v=v_new, valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)
+        h = self.norm(x)
+        if output == "hidden":
+            return h, new_cache
+        if output == "last":
+            h = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+        return self.logits(h), new_cache
