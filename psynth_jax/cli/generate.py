@@ -1,0 +1,35 @@
+"""`psynth generate "<question>"`: one chat completion from a backbone."""
+
+from __future__ import annotations
+
+import argparse
+
+from psynth_jax.cli.common import add_model_arguments, step
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question", help="the user message")
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from psynth_jax.inference.generator import Generator
+    from psynth_jax.inference.sampling import SamplingConfig
+    from psynth_jax.interop.loader import load_model
+
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+    with step(f"loading {args.model} ({args.dtype})"):
+        model = load_model(args.model, dtype=args.dtype)
+    gen = Generator(model, attn_impl=args.attn_impl)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.question}
+    ]
+    with step("generating (first call includes compilation)"):
+        (out,) = gen.complete([messages], max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    print(out.text)
+    return 0

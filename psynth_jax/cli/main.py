@@ -1,0 +1,38 @@
+"""`psynth` command line: one subcommand per module, imported only when it runs.
+
+Keeping imports lazy means `psynth generate` on an inference-only box never touches training,
+data or evaluation code (or their dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module under psynth_jax.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("generate", "generate a completion with a backbone (default: embedded SmolLM2-135M)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psynth", description="Parallel-Synthesis in JAX: synthesize from worker KV caches."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"psynth_jax.cli.{module}")
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Host-side generation API: chat templating, length checks, shape bucketing, batching.
+
+Prompts are right-padded to a bucket length (a multiple of `BUCKET`) so that the jitted
+`runtime.generate` compiles once per bucket rather than once per prompt length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psynth_jax.inference import runtime
+from psynth_jax.inference.sampling import SamplingConfig
+from psynth_jax.interop.loader import LoadedModel
+from psynth_jax.interop.tokenizer import stop_token_ids
+
+BUCKET = 64
+
+
+def bucket(n: int, multiple: int = BUCKET) -> int:
+    """Round n up to a multiple of `multiple` (at least one multiple)."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def check_length(cfg_max: int, prompt_len: int, new_tokens: int, what: str = "prompt") -> None:
+    if prompt_len == 0:
+        raise ValueError(f"{what} is empty")
+    if prompt_len + new_tokens > cfg_max:
+        raise ValueError(
+            f"{what} of {prompt_len} tokens + {new_tokens} new tokens = {prompt_len + new_tokens} exceeds "
+            f"the model's maximum length of {cfg_max} positions"
+        )
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to [B, width]; return (tokens, lengths)."""
+    out = np.full((len(seqs), width), pad_id, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, np.asarray([len(s) for s in seqs], np.int32)
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    stopped: bool
+
+
+class Generator:
+    """Batched text generation on a loaded backbone (LoRA on or off per call)."""
+
+    def __init__(self, model: LoadedModel, attn_impl: str = "xla"):
+        if model.tokenizer is None:
+            raise ValueError("Generator needs a model loaded with its tokenizer")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.attn_impl = attn_impl
+        self.stop_ids = stop_token_ids(self.tokenizer, model.cfg.eos_token_ids)
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the checkpoint's chat template with the assistant turn opened."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        lora: bool = False,
+    ) -> runtime.Generation:
+        """Run runtime.generate on a bucketed batch; returns device arrays (cache included)."""
+        if not prompts:
+            raise ValueError("no prompts given")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        for i, p in enumerate(prompts):
+            check_length(self.model.cfg.max_position_embeddings, len(p), max_new_tokens, f"prompt {i}")
+        width = bucket(longest)
+        tokens, lengths = pad_batch(prompts, width)
+        return runtime.generate(
+            self.model.graphdef, self.model.state, jnp.asarray(tokens), jnp.asarray(lengths),
+            jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
+            stop_ids=self.stop_ids, num_slots=bucket(width + max_new_tokens), lora=lora,
+            attn_impl=self.attn_impl,
+        )
+
+    def complete(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        lora: bool = False,
+    ) -> list[Completion]:
+        """Chat conversations -> decoded completions (stop token stripped from the text)."""
+        prompts = [self.chat_tokens(m) for m in conversations]
+        gen = self.generate_tokens(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, lora=lora)
+        toks, nums, stopped = jax.device_get((gen.tokens, gen.num_tokens, gen.stopped))
+        out = []
+        for row, n, s in zip(toks, nums, stopped):
+            ids = [int(t) for t in row[: int(n)]]
+            body = ids[:-1] if s else ids
+            out.append(Completion(tokens=ids, text=self.tokenizer.decode(body), stopped=bool(s)))
+        return out

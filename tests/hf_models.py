@@ -1,0 +1,44 @@
+"""Tiny random transformers checkpoints of every supported family, saved to local directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+)
+
+FAMILIES = {
+    "llama": lambda tie: transformers.LlamaConfig(**COMMON, tie_word_embeddings=tie, rope_theta=10000.0),
+    "llama3_rope": lambda tie: transformers.LlamaConfig(
+        **COMMON, tie_word_embeddings=tie, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    ),
+    "qwen2": lambda tie: transformers.Qwen2Config(**COMMON, tie_word_embeddings=tie, rope_theta=1000000.0),
+    "qwen3": lambda tie: transformers.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=tie, rope_theta=1000000.0),
+}
+MODEL_CLASSES = {
+    "llama": transformers.LlamaForCausalLM,
+    "llama3_rope": transformers.LlamaForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "qwen3": transformers.Qwen3ForCausalLM,
+}
+
+
+def make_tiny(family: str, tie: bool, directory: Path, seed: int = 0) -> transformers.PreTrainedModel:
+    """Save a randomly initialised tiny model of `family` to `directory`; return the torch model."""
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[family](FAMILIES[family](tie)).float().eval()
+    with torch.no_grad():  # non-trivial norms and biases so their loading is tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
