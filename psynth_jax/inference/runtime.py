@@ -181,3 +181,55 @@ def generate(
         model, logits, cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
         stop_ids=stop_ids, lora=lora, attn_impl=attn_impl,
     )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "lora", "attn_impl"), donate_argnames=("cache",)
+)
+def extend(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cache: KVCache,
+    *,
+    lora: bool = False,
+    attn_impl: str = "xla",
+) -> tuple[jax.Array, KVCache]:
+    """Prefill right-padded chunks [B, T] (true lengths [B]) after what `cache` holds.
+
+    Returns the logits of each row's last valid token [B, V] and the cache. This is the
+    synthesizer prefill of the cache path: the prompt follows the assembled branch caches.
+    """
+    model = _merge(graphdef, state)
+    valid = lengths_mask(lengths, tokens.shape[1])
+    return model(tokens, cache, valid, lora=lora, attn_impl=attn_impl, output="last")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_ids", "lora", "attn_impl"),
+    donate_argnames=("cache",),
+)
+def continue_generation(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    first_logits: jax.Array,
+    cache: KVCache,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_ids: tuple[int, ...] = (),
+    lora: bool = False,
+    attn_impl: str = "xla",
+) -> Generation:
+    """Decode from the logits a prefill/extend returned (the token loop inside jit)."""
+    model = _merge(graphdef, state)
+    return decode_loop(
+        model, first_logits, cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
+        stop_ids=stop_ids, lora=lora, attn_impl=attn_impl,
+    )
+
+
+first_token = jax.jit(sample, static_argnames=("cfg",))

@@ -1,0 +1,154 @@
+"""The cache handoff: extract branch caches, re-encode them to position 0, map, and assemble.
+
+Flow (METHOD.md sections 1-3), for B requests x K branches:
+1. `extract_branches`: from worker caches (one row per branch), keep only the KV of each
+   branch's output tokens (slots [start_i, start_i + L_i)); prompt KV is dropped.
+2. `reencode`: rotate kept keys by -P_i (exact RoPE shift) so every branch starts at position 0.
+3. the cache mapper (mapper.map_caches) rescales keys and values per (layer, branch).
+4. `assemble`: pack each request's branches contiguously in worker order into a synthesizer
+   `KVCache` whose valid slots are exactly the real branch tokens, with `next_pos = max_i L_i`
+   so the synthesizer prompt is prefilled at positions max_i L_i + j.
+
+`prepare_synth_cache` runs 2-4 as one jitted function (this is the "cache preparation" part of
+the cache path's TTFT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.kv_cache import KVCache
+from psynth_jax.model.rope import apply_rope, inverse_frequencies
+from psynth_jax.synthesis.mapper import map_caches
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BranchCaches:
+    """Output-token KV of K branches per request, padded to a common branch length Lb.
+
+    k, v: [layers, B, K, Lb, kv_heads, head_dim]; lengths L_i [B, K]; offsets [B, K]: the RoPE
+    position of each branch's first kept token (P_i; 0 once re-encoded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    offsets: jax.Array
+
+    @property
+    def num_requests(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_branches(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def branch_slots(self) -> int:
+        return self.k.shape[3]
+
+
+def check_branches(branches: BranchCaches, cfg: ModelConfig, max_branch_tokens: int | None = None) -> None:
+    """Host-side validation with errors that name the problem (call before jitted work)."""
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    got = (branches.k.shape[0], branches.k.shape[4], branches.k.shape[5])
+    if got != want:
+        raise ValueError(
+            f"branch caches have (layers, kv_heads, head_dim)={got} but the synthesizer model has {want}: "
+            "caches from a different model shape cannot be consumed"
+        )
+    if branches.num_branches == 0:
+        raise ValueError("K = 0: Parallel-Synthesis needs at least one branch")
+    lengths = jax.device_get(branches.lengths)
+    for b, row in enumerate(lengths):
+        for i, n in enumerate(row):
+            if n <= 0:
+                raise ValueError(f"branch {i} of request {b} is empty (0 output tokens)")
+            if max_branch_tokens is not None and n > max_branch_tokens:
+                raise ValueError(
+                    f"branch {i} of request {b} has {n} tokens, over the budget of {max_branch_tokens} per branch"
+                )
+
+
+@functools.partial(jax.jit, static_argnames=("num_requests", "branch_slots"))
+def extract_branches(
+    cache: KVCache, starts: jax.Array, lengths: jax.Array, *, num_requests: int, branch_slots: int
+) -> BranchCaches:
+    """Worker cache rows (B*K, request-major) -> BranchCaches with slots [starts, starts+lengths).
+
+    Assumes slot == position in the worker rows (true for prompts prefilled from slot 0), so
+    `offsets = starts`.
+    """
+    j = jnp.arange(branch_slots, dtype=jnp.int32)
+    idx = jnp.minimum(starts[:, None] + j[None, :], cache.num_slots - 1)  # [B*K, Lb]
+    keep = j[None, :] < lengths[:, None]
+
+    def take(x):  # [layers, B*K, S, H, D] -> [layers, B, K, Lb, H, D]
+        g = jnp.take_along_axis(x, idx[None, :, :, None, None], axis=2)
+        g = jnp.where(keep[None, :, :, None, None], g, jnp.zeros((), g.dtype))
+        return g.reshape((x.shape[0], num_requests, -1) + g.shape[2:])
+
+    shape = (num_requests, -1)
+    return BranchCaches(
+        k=take(cache.k), v=take(cache.v), lengths=lengths.reshape(shape).astype(jnp.int32),
+        offsets=starts.reshape(shape).astype(jnp.int32),
+    )
+
+
+def reencode(branches: BranchCaches, cfg: ModelConfig) -> BranchCaches:
+    """Exact RoPE shift of every branch's keys by -offsets: branch i then occupies [0, L_i)."""
+    inv_freq = jnp.asarray(inverse_frequencies(cfg))
+    delta = jnp.broadcast_to(-branches.offsets[None, :, :, None], branches.k.shape[:4])
+    k = apply_rope(branches.k, delta, inv_freq)
+    return dataclasses.replace(branches, k=k, offsets=jnp.zeros_like(branches.offsets))
+
+
+def assemble(branches: BranchCaches, extra_slots: int) -> KVCache:
+    """Pack each request's branches contiguously (worker order) into a synthesizer KVCache.
+
+    Slots [0, sum_i L_i) hold the branch tokens, then `extra_slots` + padding for the prompt and
+    decoding. `end = sum_i L_i` so the prompt follows the last branch token directly; its RoPE
+    positions start at `next_pos = max_i L_i`.
+    """
+    layers, b, k, lb = branches.k.shape[:4]
+    lengths = branches.lengths
+    cum_end = jnp.cumsum(lengths, axis=1)  # [B, K]
+    total = cum_end[:, -1]
+    s = jnp.arange(k * lb, dtype=jnp.int32)
+    branch = jax.vmap(lambda ce: jnp.searchsorted(ce, s, side="right"))(cum_end)  # [B, K*Lb]
+    branch = jnp.minimum(branch, k - 1)
+    start = jnp.take_along_axis(cum_end - lengths, branch, axis=1)
+    src = branch * lb + (s[None, :] - start)
+    valid = s[None, :] < total[:, None]
+    src = jnp.where(valid, src, 0)
+
+    def pack(x):  # [layers, B, K, Lb, H, D] -> [layers, B, K*Lb + extra, H, D]
+        flat = x.reshape((layers, b, k * lb) + x.shape[4:])
+        g = jnp.take_along_axis(flat, src[None, :, :, None, None], axis=2)
+        g = jnp.where(valid[None, :, :, None, None], g, jnp.zeros((), g.dtype))
+        return jnp.pad(g, ((0, 0), (0, 0), (0, extra_slots), (0, 0), (0, 0)))
+
+    return KVCache(
+        k=pack(branches.k), v=pack(branches.v),
+        valid=jnp.pad(valid, ((0, 0), (0, extra_slots))),
+        end=total.astype(jnp.int32), next_pos=jnp.max(lengths, axis=1).astype(jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mapper_def", "extra_slots"))
+def prepare_synth_cache(
+    branches: BranchCaches, mapper_def: nnx.GraphDef, mapper_state: nnx.State, *, cfg: ModelConfig,
+    extra_slots: int,
+) -> KVCache:
+    """Re-encode, map and assemble branch caches into the synthesizer's KVCache (one jit)."""
+    mapper = nnx.merge(mapper_def, mapper_state)
+    branches = reencode(branches, cfg)
+    k, v = map_caches(mapper, branches.k, branches.v, branches.lengths)
+    return assemble(dataclasses.replace(branches, k=k, v=v), extra_slots)
