@@ -3,7 +3,9 @@
 `AttentionMask` describes visibility by slots (see kv_cache.py): query t of row b sits at slot
 `q_slots[b, t]` and sees key slot s iff `kv_valid[b, s]` and `s <= q_slots[b, t]`. Causal
 prompts, right-padding, decode steps and the Parallel-Synthesis "all branch tokens + causal
-prompt" layout are all instances of this one rule.
+prompt" layout are all instances of this one rule. Layouts outside it (e.g. several branches
+with their worker prompts in one sequence, block-diagonal, used as the from-scratch reference
+of the cache handoff) pass an `explicit` boolean mask, which only the XLA path accepts.
 
 Implementations:
 - "xla": dense masked softmax in float32. Handles every mask; the reference in tests.
@@ -27,9 +29,12 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class AttentionMask:
     q_slots: jax.Array  # [B, T] int32
     kv_valid: jax.Array  # [B, S] bool
+    explicit: jax.Array | None = None  # [B, T, S] bool: replaces the slot rule (XLA only)
 
     def dense(self) -> jax.Array:
         """Boolean [B, T, S] visibility."""
+        if self.explicit is not None:
+            return self.explicit
         s = jnp.arange(self.kv_valid.shape[1], dtype=jnp.int32)
         return self.kv_valid[:, None, :] & (s[None, None, :] <= self.q_slots[:, :, None])
 

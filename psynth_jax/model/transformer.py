@@ -172,6 +172,7 @@ class Decoder(nnx.Module):
         lora: bool = False,
         attn_impl: str = "xla",
         output: Output = "all",
+        visibility: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Run `tokens` [B, T] after what `cache` holds; return (outputs, updated cache).
 
@@ -179,6 +180,8 @@ class Decoder(nnx.Module):
         row). positions [B, T]: RoPE positions, default `cache.next_pos + arange(T)`.
         output: "all" -> logits [B, T, V]; "last" -> logits of each row's last valid token
         [B, V]; "hidden" -> final-norm hidden states [B, T, D].
+        visibility [B, T, S]: an explicit attention mask replacing the slot rule (reference
+        layouts in tests; XLA attention only).
         """
         b, t = tokens.shape
         if token_valid is None:
@@ -188,7 +191,7 @@ class Decoder(nnx.Module):
             positions = cache.next_pos[:, None] + steps
         start = cache.end
         kv_valid = write_rows(cache.valid, token_valid, start)
-        mask = AttentionMask(q_slots=start[:, None] + steps, kv_valid=kv_valid)
+        mask = AttentionMask(q_slots=start[:, None] + steps, kv_valid=kv_valid, explicit=visibility)
         inv_freq = jnp.asarray(inverse_frequencies(self.cfg))
         x = jnp.take(self.embed[...], tokens, axis=0)
 

@@ -1,0 +1,136 @@
+"""`psynth bench <benchmark>`: performance sweeps with random weights of a named architecture.
+
+    psynth bench ttft --arch tiny-llama --ks 1,2,4 --ls 32,64 --prompt-tokens 32 --out runs/bench
+
+Benchmarks are subcommands of their own (`ttft` now; `decode`, `train` can join via BENCHMARKS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+# benchmark -> (function in this module adding its arguments, one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "ttft": ("_ttft_arguments", "time to first token: text path vs cache path over K branches x L tokens"),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (adder, help_text) in BENCHMARKS.items():
+        bp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        globals()[adder](bp)
+
+
+def _ttft_arguments(p: argparse.ArgumentParser) -> None:
+    from psynth_jax.model.presets import PRESETS
+
+    p.add_argument("--arch", default="tiny-llama",
+                   help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
+                        "weights are random (timing does not depend on them)")
+    p.add_argument("--ks", type=_int_list, default="1,2,4", help="branch counts K, comma-separated")
+    p.add_argument("--ls", type=_int_list, default="32,64,128", help="tokens per branch L, comma-separated")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="synthesizer prompt tokens (live in both paths)")
+    p.add_argument("--batch", type=int, default=1, help="requests per call")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="parameter/cache dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
+    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn"], help="attention kernel")
+    p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
+                   help="cache mapper kind")
+    p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank (on in the cache path)")
+    p.add_argument("--worker-prompt-tokens", type=int, default=64,
+                   help="RoPE offset P of every branch (its worker prompt), undone by the re-encoding")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode room left in both paths' caches")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench", help="output directory (ttft.json, ttft.png)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    p.set_defaults(_bench=run_ttft)
+
+
+def resolve_arch(arch: str):
+    """(ModelConfig, display name, hub id) for a preset name or a config.json path / model dir."""
+    from psynth_jax.model.config import ModelConfig
+    from psynth_jax.model.presets import hub_id, preset
+
+    path = Path(arch)
+    if path.exists():
+        return ModelConfig.from_hf(path), str(path), None
+    return preset(arch), arch.strip().lower(), hub_id(arch)
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+
+
+def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
+    """The canonical command line that reproduces this sweep (recorded in the JSON)."""
+    argv = ["psynth", "bench", "ttft", "--arch", arch, "--ks", ",".join(map(str, args.ks)),
+            "--ls", ",".join(map(str, args.ls)), "--prompt-tokens", str(args.prompt_tokens),
+            "--batch", str(args.batch), "--dtype", dtype, "--attn-impl", args.attn_impl, "--mapper", args.mapper,
+            "--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
+            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
+            "--out", str(args.out)]
+    return shlex.join(argv)
+
+
+def run_ttft(args: argparse.Namespace) -> int:
+    from psynth_jax.bench.plots import plot_ttft
+    from psynth_jax.bench.ttft import run_ttft_sweep, sweep_metadata, write_json
+
+    cfg, arch, hub = resolve_arch(args.arch)
+    dtype = resolve_dtype(args.dtype)
+    settings = dict(
+        ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch, dtype=dtype,
+        attn_impl=args.attn_impl, repeats=args.repeats, mapper_kind=args.mapper, lora_rank=args.lora_rank,
+        worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
+    )
+    meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), **settings)
+    dev = meta["device"]
+    print(f"[bench ttft] {arch}: {cfg.num_params() / 1e9:.3f}B params ({cfg.num_layers} layers, "
+          f"{cfg.num_kv_heads} KV heads x {cfg.head_dim}), RANDOM weights, {dtype}, attn={args.attn_impl}, "
+          f"on {dev['device_kind']} [{dev['platform']}]", file=sys.stderr, flush=True)
+    print(f"[bench ttft] times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
+          f"prompt {args.prompt_tokens} tokens", file=sys.stderr, flush=True)
+    rows = run_ttft_sweep(cfg, **settings)
+    out = Path(args.out)
+    json_path = write_json(out / "ttft.json", meta, rows)
+    print(f"[bench ttft] wrote {json_path}", file=sys.stderr)
+    if not args.no_plot:
+        png = plot_ttft(meta, rows, out / "ttft.png")
+        if png is not None:
+            print(f"[bench ttft] wrote {png}", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._bench(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m psynth_jax.cli.bench ttft ...`), same as `psynth bench`."""
+    parser = argparse.ArgumentParser(prog="psynth bench", description="performance benchmarks")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

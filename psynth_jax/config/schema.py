@@ -1,0 +1,140 @@
+"""The experiment schema: nested frozen dataclasses whose defaults are the release's recipe.
+
+Every field a YAML config or a `key=value` override may set lives here, typed, so the loader can
+parse values by type and name the exact dotted field when something is wrong. Fields without a
+default (`data.train`, `train.steps`, `checkpoint.dir`) are required: a run config must set them.
+Sequences are tuples so every config is immutable and hashable.
+
+The release (METHOD.md section 5): Qwen3-14B, LoRA rank 16 / alpha 32 on q, k, v, o, the
+length-aware affine mapper, AdamW lr 1e-4, weight decay 0, no schedule, no clipping, batch 1,
+seed 42, guards of 20k total / 1.8k live / 13k cache tokens, 3 branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+Dtype = Literal["float32", "bfloat16"]
+AttnImpl = Literal["xla", "cudnn", "splash"]
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+MapperKind = Literal["affine_length", "per_head_affine"]
+Builder = Literal["exposure", "aggregation", "distillation"]
+Decay = Literal["none", "cosine", "linear"]
+
+_frozen = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+@_frozen
+class ModelSourceConfig:
+    """Which backbone to load and how to run it."""
+
+    # "smollm2-135m" (the embedded GGUF), a local HF directory, a hub id, or a .gguf path.
+    source: str = "smollm2-135m"
+    dtype: Dtype = "bfloat16"  # parameter dtype of the frozen backbone
+    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), splash (TPU)
+
+
+@_frozen
+class LoraConfig:
+    """The synthesizer's LoRA adapter (scale = alpha / rank)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[LoraTarget, ...] = ("q", "k", "v", "o")
+
+
+@_frozen
+class MapperConfig:
+    """The cache mapper applied to re-encoded branch keys and values."""
+
+    kind: MapperKind = "affine_length"  # the release's mapper; "per_head_affine" is ours
+    hidden: int = 32
+
+
+@_frozen
+class DataSourceConfig:
+    """One training or evaluation source and the example builder that turns rows into examples."""
+
+    path: str  # local jsonl/json/parquet file (relative to the working directory) or a hub id
+    builder: Builder
+    limit: Optional[int] = None  # use at most this many rows (None: all)
+    split: str = "train"  # hub datasets only: which split to read
+    subset: Optional[str] = None  # hub datasets only: configuration name (e.g. "main" for gsm8k)
+
+
+@_frozen
+class DataConfig:
+    """Sources, guards that skip oversized examples, and static-shape bucketing."""
+
+    train: tuple[DataSourceConfig, ...]
+    eval: tuple[DataSourceConfig, ...] = ()
+    seed: int = 42
+    max_total_tokens: int = 20000  # guard: cache + live tokens of one example
+    max_live_tokens: int = 1800  # guard: synthesizer prompt + target tokens
+    max_cache_tokens: int = 13000  # guard: branch cache tokens, all branches together
+    num_branches: int = 3
+    # Padded token lengths examples are bucketed into: one compiled shape per bucket.
+    buckets: tuple[int, ...] = (2048, 4096, 8192, 12288, 16384, 20480)
+    batch_size: int = 1  # global batch: examples per micro-step across all devices
+
+
+@_frozen
+class LossConfig:
+    """Cross-entropy on target tokens, optionally plus a token KL to the text-synthesis teacher."""
+
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0  # the release has no KL term
+    kl_temperature: float = 1.0
+
+
+@_frozen
+class TrainConfig:
+    """Optimiser (AdamW), schedule and step-level options."""
+
+    steps: int
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay: Decay = "none"
+    clip_norm: Optional[float] = None  # global-norm gradient clipping; None: no clipping
+    grad_accum: int = 1
+    seed: int = 42
+    compute_dtype: Dtype = "bfloat16"
+    remat: bool = False  # rematerialise layer activations in the backward pass
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+
+
+@_frozen
+class MeshConfig:
+    """Device mesh axis sizes; one axis may be -1 to take all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@_frozen
+class CheckpointConfig:
+    """Where the run lives (local path or gs://) and how trainable state is saved."""
+
+    dir: str
+    every_steps: int = 500
+    keep: int = 3
+    async_save: bool = True  # `async` is a Python keyword, hence the name
+
+
+@_frozen
+class ExperimentConfig:
+    """Everything one training or evaluation run needs."""
+
+    model: ModelSourceConfig = dataclasses.field(default_factory=ModelSourceConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    mapper: MapperConfig = dataclasses.field(default_factory=MapperConfig)
+    data: DataConfig
+    train: TrainConfig
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig
+    eval_every: int = 0  # steps between evaluations on data.eval; 0: no periodic evaluation
+    log_every: int = 10
+    tensorboard: bool = True
