@@ -41,13 +41,19 @@ CODE = TaskPrompts(
 DIAGNOSIS = TaskPrompts(
     worker_system="You are a database expert. Diagnose the anomaly from your area of expertise.",
     synth_role="You are a task summarizer who combines the findings of several expert agents.",
-    instruction="Name the most likely root causes (at most 2), comma-separated, in \\boxed{}.",
+    instruction="Name the most likely root causes (no more than the task allows), comma-separated, in \\boxed{}.",
+)
+OPEN = TaskPrompts(
+    worker_system="You are a careful research assistant. Work out the answer step by step.",
+    synth_role="You are a task summarizer who combines the findings of several agents into one answer.",
+    instruction="Give the final answer, as short as possible, in \\boxed{}.",
 )
 TASK_PROMPTS: dict[str, TaskPrompts] = {
     "math": MATH,
     "multiple_choice": MULTIPLE_CHOICE,
     "code": CODE,
     "diagnosis": DIAGNOSIS,
+    "open": OPEN,
 }
 
 CACHE_NOTE = (

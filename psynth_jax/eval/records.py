@@ -1,0 +1,92 @@
+"""Where evaluation data comes from: the shipped `shared/data` folder, a local file, or the hub.
+
+Local JSON / JSON-lines files (optionally .gz) are read with the json module (fast, exact);
+parquet and CSV files, local dataset folders and hub ids all go through
+`datasets.load_dataset`, so a user with a downloaded copy and a user with hub access take the
+same path and get the same row dicts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+DATA_ENV = "PSYNTH_DATA_DIR"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_JSON_SUFFIXES = {".json", ".jsonl"}
+_DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+
+Row = dict[str, Any]
+
+
+def data_dir() -> Path:
+    """The shipped data folder: $PSYNTH_DATA_DIR, else `shared/data` beside the repository
+    checkout (or inside it, as on a machine that carries the checkout with its shared folder)."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{DATA_ENV}={env!r} is not a directory")
+        return path
+    candidates = [_REPO_ROOT.parent / "shared" / "data", _REPO_ROOT / "shared" / "data"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"shipped evaluation data not found at {' or '.join(map(str, candidates))}; "
+        f"set {DATA_ENV} to the folder, or pass the task a file path or hub id"
+    )
+
+
+def shipped_file(relative: str) -> Path:
+    """A file of the shipped data folder, with an error that says where it was looked for."""
+    path = data_dir() / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"missing data file {path} (data folder from {DATA_ENV} or shared/data)")
+    return path
+
+
+def _read_json_file(path: Path) -> list[Row]:
+    suffixes = path.suffixes
+    opener = gzip.open if suffixes[-1] == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if ".jsonl" in suffixes or not text.lstrip().startswith("["):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(json.loads(text))
+
+
+def _load_dataset(*args: Any, **kwargs: Any) -> list[Row]:
+    import datasets  # heavy import, only when needed
+
+    return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]
+
+
+def _looks_like_path(source: str) -> bool:
+    s = source.strip()
+    known = _JSON_SUFFIXES | set(_DATASETS_BUILDERS) | {".gz"}
+    return s.startswith(("/", ".", "~")) or Path(s).suffix in known or not _HUB_ID_RE.match(s)
+
+
+def read_records(source: str | os.PathLike[str], *, split: str = "train", config: str | None = None) -> list[Row]:
+    """Rows of a local file / dataset folder, or of a hub dataset (`config`, `split` apply to hub
+    ids and folders). A path that does not exist raises FileNotFoundError; only a name shaped like
+    "owner/name" (no file suffix) is treated as a hub id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        suffixes = [s for s in path.suffixes if s != ".gz"]
+        if suffixes and suffixes[-1] in _JSON_SUFFIXES:
+            return _read_json_file(path)
+        if path.suffix in _DATASETS_BUILDERS:
+            return _load_dataset(_DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
+        raise ValueError(f"unsupported file type {path}: use .json, .jsonl(.gz), .parquet or .csv")
+    if path.is_dir():
+        return _load_dataset(str(path), config, split=split)
+    if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
+        raise FileNotFoundError(f"no such data file or folder: {path}")
+    return _load_dataset(str(source), config, split=split)
