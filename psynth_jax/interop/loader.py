@@ -90,11 +90,10 @@ def _fetch(source: TensorSource, name: str, transpose: bool, want: tuple[int, ..
     if name not in source.names():
         raise CheckpointError(f"checkpoint has no tensor {name!r}")
     w = source.get(name)
-    if transpose:
-        w = w.T
-    if tuple(w.shape) != tuple(want):
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(w.shape)}, the config expects {tuple(want)}")
-    return w
+    expect = tuple(reversed(want)) if transpose else tuple(want)  # in the checkpoint's own layout
+    if tuple(w.shape) != expect:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(w.shape)}, the config expects {expect}")
+    return w.T if transpose else w
 
 
 def init_lora_leaves(pure: dict, seed: int, dtype: jnp.dtype) -> None:
@@ -130,7 +129,7 @@ def state_from_source(
         if progress is not None:
             progress(".".join(path))
     if lora is not None:
-        init_lora_leaves(pure, seed, dtype)
+        init_lora_leaves(pure, seed, jnp.float32)
     nnx.replace_by_pure_dict(abs_state, pure)
     return graphdef, abs_state
 

@@ -60,10 +60,10 @@ class Linear(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
-        if lora is not None:
+        if lora is not None:  # adapters stay float32 (optimizer precision); cast at use
             a_init = nnx.initializers.he_uniform()
-            self.lora_a = LoRAParam(a_init(rngs.params(), (d_in, lora.rank), dtype))
-            self.lora_b = LoRAParam(jnp.zeros((lora.rank, d_out), dtype))
+            self.lora_a = LoRAParam(a_init(rngs.params(), (d_in, lora.rank), jnp.float32))
+            self.lora_b = LoRAParam(jnp.zeros((lora.rank, d_out), jnp.float32))
             self.lora_scale = lora.scale
         else:
             self.lora_a = self.lora_b = None
@@ -73,7 +73,8 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         if lora and self.lora_a is not None:
-            y = y + ((x @ self.lora_a[...]) @ self.lora_b[...]) * jnp.asarray(self.lora_scale, x.dtype)
+            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+            y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
         return y
 
 
@@ -173,6 +174,7 @@ class Decoder(nnx.Module):
         attn_impl: str = "xla",
         output: Output = "all",
         visibility: jax.Array | None = None,
+        remat: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Run `tokens` [B, T] after what `cache` holds; return (outputs, updated cache).
 
@@ -181,7 +183,8 @@ class Decoder(nnx.Module):
         output: "all" -> logits [B, T, V]; "last" -> logits of each row's last valid token
         [B, V]; "hidden" -> final-norm hidden states [B, T, D].
         visibility [B, T, S]: an explicit attention mask replacing the slot rule (reference
-        layouts in tests; XLA attention only).
+        layouts in tests; XLA attention only). remat: recompute each layer's activations in
+        the backward pass instead of storing them (training memory).
         """
         b, t = tokens.shape
         if token_valid is None:
@@ -203,6 +206,8 @@ class Decoder(nnx.Module):
             x, k_c, v_c = block(x, k_c, v_c, positions, start, mask, inv_freq, lora=lora, attn_impl=attn_impl)
             return x, (k_c, v_c)
 
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         x, (k_new, v_new) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
         n = token_valid.sum(axis=1).astype(jnp.int32)
         new_cache = KVCache(k=k_new, v=v_new, valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)

@@ -51,10 +51,15 @@ class PathResult:
 
 
 def median_time(fn: Callable[[], jax.Array], repeats: int) -> float:
-    """Run fn once to compile, then `repeats` timed runs; median seconds until results are ready."""
+    """Run fn once to compile, then `repeats` timed runs; median seconds until results are ready.
+
+    repeats = 0 skips timing altogether (returns nan): for callers that only want the outputs.
+    """
+    if repeats <= 0:
+        return float("nan")
     jax.block_until_ready(fn())
     times = []
-    for _ in range(max(repeats, 1)):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)

@@ -1,0 +1,78 @@
+"""Optimizer and the jitted, sharded train step (only mapper + LoRA are differentiated)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, synthesis_loss
+from psynth_jax.train.sharding import backbone_shardings, batch_shardings, replicated
+
+
+def make_schedule(lr: float, steps: int, warmup_steps: int, decay: str) -> optax.Schedule:
+    """Linear warmup to `lr`, then constant ("none", the release), cosine or linear decay to 0."""
+    if decay == "none":
+        main = optax.constant_schedule(lr)
+    elif decay == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1))
+    elif decay == "linear":
+        main = optax.linear_schedule(lr, 0.0, max(steps - warmup_steps, 1))
+    else:
+        raise ValueError(f"unknown decay {decay!r}; choose none, cosine or linear")
+    if warmup_steps <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+
+
+def make_optimizer(
+    lr: float, steps: int, *, weight_decay: float = 0.0, warmup_steps: int = 0, decay: str = "none",
+    clip_norm: float | None = None, grad_accum: int = 1,
+) -> optax.GradientTransformation:
+    """AdamW (release defaults: lr 1e-4, no decay, no clipping) with the optional extras."""
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(make_schedule(lr, steps, warmup_steps, decay), weight_decay=weight_decay))
+    tx = optax.chain(*parts)
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def make_train_step(
+    graphdefs: tuple, tx: optax.GradientTransformation, opts: ObjectiveConfig, mesh: Mesh,
+    trainable: Any, opt_state: Any, frozen: Any, example_batch: dict[str, Any],
+) -> Callable:
+    """jit(step) with explicit in/out shardings over `mesh`; trainable + optimizer state donated.
+
+    step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)
+    """
+
+    def step(trainable, opt_state, frozen, batch):
+        def loss_fn(t):
+            model, mapper = merge_trainable(graphdefs, t, frozen)
+            return synthesis_loss(model, mapper, batch, opts)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        return trainable, opt_state, metrics
+
+    rep = NamedSharding(mesh, P())
+    t_sh, o_sh = replicated(trainable, mesh), replicated(opt_state, mesh)
+    return jax.jit(
+        step,
+        in_shardings=(t_sh, o_sh, backbone_shardings(frozen, mesh), batch_shardings(example_batch, mesh)),
+        out_shardings=(t_sh, o_sh, rep),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_eval_step(graphdefs: tuple, opts: ObjectiveConfig) -> Callable:
+    """jit(eval_loss)(trainable, frozen, batch) -> metrics (no gradient)."""
+
+    def eval_step(trainable, frozen, batch):
+        model, mapper = merge_trainable(graphdefs, trainable, frozen)
+        return synthesis_loss(model, mapper, batch, opts)[1]
+
+    return jax.jit(eval_step)

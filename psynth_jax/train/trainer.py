@@ -1,0 +1,248 @@
+"""The training loop: config -> mesh -> model + adapters -> data -> sharded steps -> checkpoints.
+
+Resumes automatically from the run directory (trainable state, optimizer, step and data
+iterator position), saves asynchronously every `checkpoint.every_steps`, saves and exits cleanly
+on SIGTERM (preemption), logs a progress bar, TensorBoard scalars and metrics.jsonl, evaluates
+held-out loss and cache/text greedy agreement every `eval_every` steps, and writes summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape, validate
+from psynth_jax.interop.loader import LoadedModel, load_model
+from psynth_jax.interop.tokenizer import stop_token_ids
+from psynth_jax.model.transformer import LoRAConfig
+from psynth_jax.synthesis.mapper import make_mapper
+from psynth_jax.train.agreement import agreement_rates, greedy_both_paths
+from psynth_jax.train.checkpointing import Checkpointer, abstract_like
+from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, split_trainable
+from psynth_jax.train.sharding import backbone_shardings, batch_shardings, make_mesh, replicated
+from psynth_jax.train.step import make_eval_step, make_optimizer, make_train_step
+
+AGREEMENT_TOKENS = 24
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() on multi-process launches (GPU env vars or a TPU pod)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
+        )
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+
+def _batch_dict(batch: Any) -> dict[str, np.ndarray]:
+    if dataclasses.is_dataclass(batch):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return dict(batch)
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, *, model: LoadedModel | None = None, examples=None,
+                 eval_examples=None, quiet: bool = False):
+        validate(cfg, num_devices=jax.device_count())
+        if cfg.train.compute_dtype != cfg.model.dtype:
+            raise ValueError(
+                f"train.compute_dtype={cfg.train.compute_dtype!r} must equal model.dtype={cfg.model.dtype!r}: "
+                "activations are computed in the backbone's parameter dtype"
+            )
+        self.cfg = cfg
+        self.quiet = quiet
+        self.run_dir = Path(cfg.checkpoint.dir)
+        self.mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
+        lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+        self.model = model or load_model(cfg.model.source, dtype=cfg.model.dtype, lora=lora, seed=cfg.train.seed)
+        if self.model.lora != lora:
+            raise ValueError(f"the given model's LoRA {self.model.lora} does not match the config's {lora}")
+        mapper = make_mapper(cfg.mapper.kind, self.model.cfg.num_kv_heads, cfg.mapper.hidden, seed=cfg.train.seed)
+        decoder = nnx.merge(self.model.graphdef, self.model.state)
+        self.graphdefs, trainable, frozen = split_trainable(decoder, mapper)
+        self.frozen = jax.device_put(frozen, backbone_shardings(frozen, self.mesh))
+        self.trainable = jax.device_put(trainable, replicated(trainable, self.mesh))
+        t = cfg.train
+        self.tx = make_optimizer(t.lr, t.steps, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+                                 decay=t.decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum)
+        opt_state = self.tx.init(self.trainable)
+        self.opt_state = jax.device_put(opt_state, replicated(opt_state, self.mesh))
+        self.opts = ObjectiveConfig(ce_weight=t.loss.ce_weight, kl_weight=t.loss.kl_weight,
+                                    kl_temperature=t.loss.kl_temperature, remat=t.remat,
+                                    attn_impl=cfg.model.attn_impl)
+        self.stop_ids = stop_token_ids(self.model.tokenizer, self.model.cfg.eos_token_ids)
+        self._data(examples, eval_examples)
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        self.step = 0
+        self._step_fn = None
+        self._eval_fn = make_eval_step(self.graphdefs, self.opts)
+
+    # ----------------------------------------------------------------- data
+    def _data(self, examples, eval_examples) -> None:
+        from psynth_jax.data.pipeline import load_examples, make_train_iterator
+
+        d = self.cfg.data
+        if examples is None:
+            examples = load_examples(d.train, d.num_branches, d.seed)
+        self.train_iter, self.data_stats = make_train_iterator(
+            d, self.model.tokenizer, examples=examples, shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+        if eval_examples is None and d.eval:
+            eval_examples = load_examples(d.eval, d.num_branches, d.seed)
+        self.eval_batches = []
+        if eval_examples:
+            it, self.eval_stats = make_train_iterator(d, self.model.tokenizer, examples=eval_examples, split="eval")
+            self.eval_batches = [_batch_dict(b) for b in it]
+
+    def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        shardings = batch_shardings(batch, self.mesh)
+        if jax.process_count() == 1:
+            return jax.device_put(batch, shardings)
+        return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+    # ----------------------------------------------------------- checkpoints
+    def _train_state(self) -> dict[str, Any]:
+        return {"trainable": self.trainable, "opt_state": self.opt_state}
+
+    def resume(self) -> bool:
+        """Restore the newest readable checkpoint of the run dir, if any."""
+        got = self.checkpointer.restore_latest(abstract_like(self._train_state()))
+        if got is None:
+            return False
+        self.step, state, data_state = got
+        self.trainable, self.opt_state = state["trainable"], state["opt_state"]
+        self.train_iter.set_state(data_state)
+        self._log(f"resumed from step {self.step} in {self.checkpointer.directory}")
+        return True
+
+    def save(self, force: bool = False) -> None:
+        self.checkpointer.save(self.step, self._train_state(), self.train_iter.get_state(), force=force)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and greedy cache/text agreement on data.eval."""
+        if not self.eval_batches:
+            return {}
+        ce, n, rates = 0.0, 0.0, []
+        for batch in self.eval_batches:
+            dev = jax.device_put(batch)
+            m = jax.device_get(self._eval_fn(self.trainable, self.frozen, dev))
+            ce += float(m["ce"]) * float(m["target_tokens"])
+            n += float(m["target_tokens"])
+            out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
+                                    max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids,
+                                    attn_impl=self.cfg.model.attn_impl)
+            rates += agreement_rates(*out, batch["example_valid"])
+        return {"eval_ce": ce / max(n, 1.0), "eval_agreement": statistics.fmean(rates) if rates else float("nan")}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.resume()
+        preempt = _Preemption()
+        writer = self._tensorboard()
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        summary: dict[str, Any] = {"start_step": self.step, "data": self.data_stats_dict()}
+        if self.step == 0 and self.eval_batches:
+            summary["eval_before"] = self.evaluate()
+            self._record(metrics_file, writer, 0, summary["eval_before"])
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.quiet or jax.process_index() != 0,
+                   dynamic_ncols=True)
+        tokens_seen, t0, losses = 0.0, time.perf_counter(), []
+        while self.step < t.steps:
+            batch = _batch_dict(next(self.train_iter))
+            dev = self._device_batch(batch)
+            if self._step_fn is None:
+                self._step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, self.trainable,
+                                                self.opt_state, self.frozen, batch)
+            self.trainable, self.opt_state, m = self._step_fn(self.trainable, self.opt_state, self.frozen, dev)
+            self.step += 1
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            losses.append(m["loss"])
+            tokens_seen += float(batch["synth_len"].sum() + batch["branch_len"].sum() + batch["branch_prefix_len"].sum())
+            tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:.0f}")
+            bar.update(1)
+            m["tokens_per_s"] = tok_s
+            self._record(metrics_file, writer, self.step, m)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < t.steps:
+                self._record(metrics_file, writer, self.step, self.evaluate())
+            if self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+            if preempt.requested:
+                self._log(f"SIGTERM: saving step {self.step} and exiting")
+                self.save(force=True)
+                self.checkpointer.close()
+                bar.close()
+                metrics_file.close()
+                sys.exit(143)
+        bar.close()
+        self.save(force=True)
+        summary["eval_after"] = self.evaluate()
+        self._record(metrics_file, writer, self.step, summary["eval_after"])
+        self.checkpointer.close()
+        metrics_file.close()
+        summary.update(final_step=self.step, last_losses=losses[-10:], train_tokens_per_s=tokens_seen / max(
+            time.perf_counter() - t0, 1e-9))
+        if jax.process_index() == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    # ------------------------------------------------------------- logging
+    def data_stats_dict(self) -> dict[str, Any]:
+        s = self.data_stats
+        return s if isinstance(s, dict) else dataclasses.asdict(s) if dataclasses.is_dataclass(s) else vars(s)
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard or jax.process_index() != 0:
+            return None
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _record(self, f, writer, step: int, metrics: dict[str, float]) -> None:
+        if not metrics or jax.process_index() != 0:
+            return
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+        f.flush()
+        if writer is not None and (step % self.cfg.log_every == 0 or any(k.startswith("eval") for k in metrics)):
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+
+    def _log(self, msg: str) -> None:
+        if not self.quiet and jax.process_index() == 0:
+            print(f"[psynth train] {msg}", file=sys.stderr, flush=True)
+
+    def trained_modules(self):
+        """(Decoder with trained LoRA, trained mapper) for inference/export."""
+        return merge_trainable(self.graphdefs, self.trainable, self.frozen)
