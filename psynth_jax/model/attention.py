@@ -9,8 +9,11 @@ of the cache handoff) pass an `explicit` boolean mask, which only the XLA path a
 
 Implementations:
 - "xla": dense masked softmax in float32. Handles every mask; the reference in tests.
-- "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on GPU (see
-  psynth_jax/model/attention_kernels.py); falls back to nothing silently.
+- "cudnn": cuDNN flash attention on GPU, with the layout given as sequence lengths and offsets
+  (attention_kernels.split_attention). Needs the chunk's own keys/values and the contiguous
+  cache invariant of kv_cache.py; refuses explicit masks rather than silently ignoring them.
+- "xla_split": the same split layout run by XLA's kernel: checks the cuDNN path's algebra on
+  any platform (CPU tests), and is a fallback where cuDNN refuses a shape.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "xla_split")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -40,18 +43,30 @@ class AttentionMask:
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, impl: str = "xla"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    impl: str = "xla",
+    chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q's dtype.
+    """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] (cache incl. the chunk) -> [B,T,Hq,D].
 
-    Query rows that see no key at all (padding) return zeros.
+    chunk = (k_chunk, v_chunk, start, chunk_len): the new tokens' own keys/values, where they
+    were written, and how many are valid; fused kernels use it instead of a dense mask. Query
+    rows that see no key at all (padding) return zeros in the XLA path.
     """
     if impl == "xla":
         return xla_attention(q, k, v, mask)
-    if impl == "cudnn":
-        from psynth_jax.model.attention_kernels import cudnn_attention
+    if impl in ("cudnn", "xla_split"):
+        if mask.explicit is not None or chunk is None:
+            raise ValueError(f"attention {impl!r} takes cache layouts only (no explicit mask); use impl='xla'")
+        from psynth_jax.model.attention_kernels import split_attention
 
-        return cudnn_attention(q, k, v, mask)
+        k_chunk, v_chunk, start, chunk_len = chunk
+        kernel = "cudnn" if impl == "cudnn" else "xla"
+        return split_attention(q, k, v, k_chunk, v_chunk, start, chunk_len, kernel=kernel)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 

@@ -9,7 +9,9 @@ branches that all start at position 0 side by side in slot space. Per row:
 - `end[b]`: the next slot a new token is written to.
 - `next_pos[b]`: the RoPE position the next token gets.
 
-A query written at slot s attends to every valid key at a slot <= s. For a plain prompt this is
+A query written at slot s attends to every valid key at a slot <= s. Invariant kept by every
+writer here: valid slots are contiguous, `valid[b, s] == (s < end[b])` (padding only ever ends
+a chunk, and the next write starts at `end`); fused attention kernels rely on it. For a plain prompt this is
 ordinary causal attention; for a synthesizer whose prompt is written after the branch region it
 means "every real branch token plus the earlier prompt tokens", the layout of METHOD.md section 3.
 """

@@ -116,7 +116,7 @@ class Block(nnx.Module):
         self.down = lin(cfg.intermediate_size, d, "down")
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, x, k_cache, v_cache, positions, write_start, mask: AttentionMask, inv_freq,
+    def __call__(self, x, k_cache, v_cache, positions, write_start, chunk_len, mask: AttentionMask, inv_freq,
                  *, lora: bool, attn_impl: str):
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -129,7 +129,7 @@ class Block(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         k_cache = write_rows(k_cache, k, write_start)
         v_cache = write_rows(v_cache, v, write_start)
-        a = attend(q, k_cache, v_cache, mask, impl=attn_impl)
+        a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len))
         x = x + self.o(a.reshape(b, t, -1), lora)
         h = self.mlp_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(h, lora)) * self.up(h, lora), lora)
@@ -199,17 +199,17 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
 
         layer_def, layer_state = nnx.split(self.layers)
+        n = token_valid.sum(axis=1).astype(jnp.int32)
 
         def body(x, xs):
             state, k_c, v_c = xs
             block = nnx.merge(layer_def, state)
-            x, k_c, v_c = block(x, k_c, v_c, positions, start, mask, inv_freq, lora=lora, attn_impl=attn_impl)
+            x, k_c, v_c = block(x, k_c, v_c, positions, start, n, mask, inv_freq, lora=lora, attn_impl=attn_impl)
             return x, (k_c, v_c)
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         x, (k_new, v_new) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
-        n = token_valid.sum(axis=1).astype(jnp.int32)
         new_cache = KVCache(k=k_new, v=v_new, valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)
         h = self.norm(x)
         if output == "hidden":
