@@ -42,3 +42,45 @@ def make_tiny(family: str, tie: bool, directory: Path, seed: int = 0) -> transfo
                 p.normal_(0.0, 0.1)
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def sharpen_attention(model: transformers.PreTrainedModel, gain: float) -> None:
+    """Scale q/k projections by `gain` so attention is far from uniform (RoPE and masking then
+    change the logits measurably; with the default 0.02 init every row attends almost evenly)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(gain)
+
+
+def make_tiny_sharp(family: str, tie: bool, directory: Path, seed: int = 0, gain: float = 6.0
+                    ) -> transformers.PreTrainedModel:
+    """`make_tiny` with attention sharpened by `gain` (see `sharpen_attention`), saved again."""
+    model = make_tiny(family, tie, directory, seed)
+    sharpen_attention(model, gain)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant")
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int = COMMON["vocab_size"]) -> None:
+    """A word-level tokenizer over `vocab_size` ids (specials and role words 0..5, then words
+    "w6".."wN") with a ChatML-like template, saved next to a tiny checkpoint so `load_model(dir)` finds it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(TINY_SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(TINY_SPECIALS), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(directory)
