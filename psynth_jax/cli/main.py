@@ -13,8 +13,9 @@ import sys
 # subcommand -> (module under psynth_jax.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate a completion with a backbone (default: embedded SmolLM2-135M)"),
-    "train": ("train", "train the cache mapper + synthesizer LoRA from a YAML config (resumes automatically)"),
     "demo": ("demo", "end-to-end Parallel-Synthesis on a GSM8K question: workers, cache/text/single paths, TTFT"),
+    "train": ("train", "train the cache mapper + synthesizer LoRA from a YAML config (resumes automatically)"),
+    "build-data": ("build_data", "build training examples (exposure | aggregation | distillation) as .jsonl/.parquet"),
 }
 
 

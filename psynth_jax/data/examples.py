@@ -1,0 +1,105 @@
+"""`SynthesisExample`: one training example of the synthesizer, and its on-disk row format.
+
+An example is a question, K worker branches and the synthesizer's target text. Each branch is
+`prefix` (text of the worker's prompt, whose KV is dropped after prefill; "" means the standard
+worker prompt for the question) and `output` (the worker's text, whose KV is handed over).
+Rows are plain JSON objects, so examples round-trip through jsonl and parquet files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One worker branch: prompt text (KV dropped) and output text (KV kept)."""
+
+    prefix: str
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisExample:
+    """A question, its K branches and the synthesizer target.
+
+    meta: JSON-able facts about how the example was made (builder, gold answer, which candidates
+    are correct, ...); never fed to the model.
+    """
+
+    id: str
+    family: str
+    question: str
+    branches: tuple[Branch, ...]
+    target: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "family": self.family,
+            "question": self.question,
+            "branches": [{"prefix": b.prefix, "output": b.output} for b in self.branches],
+            "target": self.target,
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> SynthesisExample:
+        """Inverse of to_dict; `meta` may also be a JSON string (the parquet layout)."""
+        missing = [k for k in ("id", "family", "question", "branches", "target") if k not in row]
+        if missing:
+            raise KeyError(f"example row lacks {missing} (has {sorted(row)})")
+        meta = row.get("meta") or {}
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        return cls(
+            id=str(row["id"]),
+            family=str(row["family"]),
+            question=str(row["question"]),
+            branches=tuple(Branch(str(b.get("prefix") or ""), str(b["output"])) for b in row["branches"]),
+            target=str(row["target"]),
+            meta=dict(meta),
+        )
+
+
+def is_example_row(row: dict[str, Any]) -> bool:
+    """Whether a record is an already-built example (rather than a raw dataset row)."""
+    return "branches" in row and "target" in row
+
+
+def to_json_line(example: SynthesisExample) -> str:
+    return json.dumps(example.to_dict(), ensure_ascii=False) + "\n"
+
+
+def write_examples(path: str | os.PathLike[str], examples: Iterable[SynthesisExample]) -> Path:
+    """Write examples to .jsonl (one object per line) or .parquet (via `datasets`; meta as JSON
+    text, so rows with different meta keys share one column type)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(to_json_line(e) for e in examples)
+    elif path.suffix == ".parquet":
+        import datasets  # heavy import, only when needed
+
+        rows = [{**e.to_dict(), "meta": json.dumps(e.meta, ensure_ascii=False)} for e in examples]
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        raise ValueError(f"unsupported output {path}: use .jsonl or .parquet")
+    return path
+
+
+def read_examples(source: str | os.PathLike[str]) -> list[SynthesisExample]:
+    """Examples from a .jsonl / .json / .parquet file written by write_examples (or a hub id)."""
+    from psynth_jax.eval.records import read_records
+
+    return [SynthesisExample.from_dict(r) for r in read_records(source)]
