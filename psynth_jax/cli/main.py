@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module under psynth_jax.cli, one-line help)
@@ -33,8 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Bad input (ValueError / FileNotFoundError) prints one clear line and
+    exits 2; set PSYNTH_DEBUG=1 for the traceback."""
     args = build_parser().parse_args(argv)
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("PSYNTH_DEBUG"):
+            raise
+        print(f"psynth {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ class Trainer:
         return True
 
     def save(self, force: bool = False) -> None:
+        if self.step in self.checkpointer.manager.all_steps():
+            return
         self.checkpointer.save(self.step, self._train_state(), self.train_iter.get_state(), force=force)
 
     # ------------------------------------------------------------ evaluation
@@ -180,6 +182,8 @@ class Trainer:
         tokens_seen, t0, losses = 0.0, time.perf_counter(), []
         while self.step < t.steps:
             batch = _batch_dict(next(self.train_iter))
+            if self.opts.kl_weight == 0:  # the text-path arrays only feed the KL teacher: fewer shapes
+                batch = {k: v for k, v in batch.items() if not k.startswith("text_")}
             dev = self._device_batch(batch)
             if self._step_fn is None:
                 self._step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, self.trainable,
@@ -240,7 +244,7 @@ class Trainer:
             writer.flush()
 
     def _log(self, msg: str) -> None:
-        if not self.quiet and jax.process_index() == 0:
+        if jax.process_index() == 0:
             print(f"[psynth train] {msg}", file=sys.stderr, flush=True)
 
     def trained_modules(self):

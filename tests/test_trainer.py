@@ -1,0 +1,144 @@
+"""`psynth train` end to end on a tiny model: resume after SIGKILL reproduces the uninterrupted
+run's later losses exactly; SIGTERM saves and exits; a damaged checkpoint is skipped with a
+warning; a bad config fails before any compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared/data/gsm8k/train.jsonl"
+pytestmark = pytest.mark.skipif(not GSM8K.is_file(), reason="../shared/data/gsm8k is not beside the checkout")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer (real chat template)."""
+    import torch
+    import transformers
+
+    from psynth_jax.interop.embedded import default_gguf_path
+    from psynth_jax.interop.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_smol")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                   tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    load_tokenizer(default_gguf_path()).save_pretrained(d)
+    return d
+
+
+def write_config(tmp: Path, model_dir: Path, steps: int, every: int) -> Path:
+    cfg = f"""
+base: {REPO / 'configs/base.yaml'}
+model: {{source: {model_dir}, dtype: float32}}
+lora: {{rank: 4, alpha: 8.0}}
+data:
+  train:
+    - {{path: {GSM8K}, builder: aggregation, limit: 24}}
+  buckets: [256, 512, 768]
+  max_total_tokens: 768
+  max_live_tokens: 256
+  max_cache_tokens: 512
+train: {{steps: {steps}, lr: 1.0e-2, compute_dtype: float32}}
+checkpoint: {{dir: {tmp / 'run'}, every_steps: {every}, async_save: true}}
+tensorboard: false
+"""
+    path = tmp / "cfg.yaml"
+    path.write_text(cfg)
+    return path
+
+
+def train_cmd(config: Path) -> list[str]:
+    return [sys.executable, "-m", "psynth_jax.cli.main", "train", "--config", str(config), "--quiet"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]  # a resumed run re-logs steps after its checkpoint: keep the last
+    return out
+
+
+def run_until_step(cmd: list[str], run: Path, step: int, sig: int) -> int:
+    """Start training, wait until `step` is logged, send `sig`; return the exit code."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and max(losses(run), default=0) >= step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.2)
+    return proc.wait(timeout=300)
+
+
+def test_sigkill_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir()
+    cut_dir.mkdir()
+    ref_cfg = write_config(ref_dir, tiny_model_dir, steps=8, every=2)
+    subprocess.run(train_cmd(ref_cfg), cwd=REPO, check=True, capture_output=True, timeout=900)
+    ref = losses(ref_dir / "run")
+    assert sorted(ref) == list(range(1, 9))
+
+    cut_cfg = write_config(cut_dir, tiny_model_dir, steps=8, every=2)
+    code = run_until_step(train_cmd(cut_cfg), cut_dir / "run", 5, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    out = subprocess.run(train_cmd(cut_cfg), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from step" in out.stderr
+    resumed = losses(cut_dir / "run")
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed[step], ref[step])
+    summary = json.loads((cut_dir / "run/summary.json").read_text())
+    assert summary["final_step"] == 8
+
+
+def test_sigterm_saves_and_damaged_checkpoint_is_skipped(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, steps=6, every=100)  # only SIGTERM / the end save
+    run = tmp_path / "run"
+    code = run_until_step(train_cmd(cfg), run, 2, signal.SIGTERM)
+    assert code == 143
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 2
+    # finish the run, then damage the newest checkpoint: a resume must warn and use the older one
+    out = subprocess.run(train_cmd(cfg), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6 and len(steps) >= 2
+    for f in (run / "checkpoints" / "6").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage")
+    longer = write_config(tmp_path, tiny_model_dir, steps=7, every=100)
+    out = subprocess.run(train_cmd(longer), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoint at step 6" in out.stderr and "unreadable" in out.stderr
+    assert f"resumed from step {steps[-2]}" in out.stderr
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.lrr=1", "train.lrr"),
+    ("mesh.data=3", "mesh"),
+    ("data.train[0].path=./no/such/file.jsonl", "data.train[0].path"),
+])
+def test_bad_config_fails_before_compute(tmp_path, tiny_model_dir, override, field):
+    cfg = write_config(tmp_path, tiny_model_dir, steps=2, every=1)
+    t0 = time.time()
+    out = subprocess.run(train_cmd(cfg) + [override], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert field in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing ran
+    assert time.time() - t0 < 120
