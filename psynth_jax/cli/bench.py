@@ -28,6 +28,18 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _arch(text: str) -> str:
+    """A preset name or an existing config.json / model dir (argparse reports anything else)."""
+    from psynth_jax.model.presets import preset
+
+    if not Path(text).exists():
+        try:
+            preset(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (adder, help_text) in BENCHMARKS.items():
@@ -39,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _ttft_arguments(p: argparse.ArgumentParser) -> None:
     from psynth_jax.model.presets import PRESETS
 
-    p.add_argument("--arch", default="tiny-llama",
+    p.add_argument("--arch", type=_arch, default="tiny-llama",
                    help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
                         "weights are random (timing does not depend on them)")
     p.add_argument("--ks", type=_int_list, default="1,2,4", help="branch counts K, comma-separated")
@@ -48,7 +60,8 @@ def _ttft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="requests per call")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="parameter/cache dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
-    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn"], help="attention kernel")
+    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split"],
+                   help="attention kernel (cudnn: GPU only)")
     p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
                    help="cache mapper kind")
     p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank (on in the cache path)")
@@ -58,6 +71,8 @@ def _ttft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench", help="output directory (ttft.json, ttft.png)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the discarded warm-up pass over the first point")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
     p.set_defaults(_bench=run_ttft)
 
@@ -88,13 +103,13 @@ def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
             "--batch", str(args.batch), "--dtype", dtype, "--attn-impl", args.attn_impl, "--mapper", args.mapper,
             "--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
-            "--out", str(args.out)]
+            "--out", str(args.out)] + (["--no-warmup"] if args.no_warmup else [])
     return shlex.join(argv)
 
 
 def run_ttft(args: argparse.Namespace) -> int:
     from psynth_jax.bench.plots import plot_ttft
-    from psynth_jax.bench.ttft import run_ttft_sweep, sweep_metadata, write_json
+    from psynth_jax.bench.ttft import load_average, run_ttft_sweep, sweep_metadata, write_json
 
     cfg, arch, hub = resolve_arch(args.arch)
     dtype = resolve_dtype(args.dtype)
@@ -102,6 +117,7 @@ def run_ttft(args: argparse.Namespace) -> int:
         ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch, dtype=dtype,
         attn_impl=args.attn_impl, repeats=args.repeats, mapper_kind=args.mapper, lora_rank=args.lora_rank,
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
+        warmup=not args.no_warmup,
     )
     meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), **settings)
     dev = meta["device"]
@@ -111,6 +127,7 @@ def run_ttft(args: argparse.Namespace) -> int:
     print(f"[bench ttft] times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
           f"prompt {args.prompt_tokens} tokens", file=sys.stderr, flush=True)
     rows = run_ttft_sweep(cfg, **settings)
+    meta["device"]["host_load_avg_1m_end"] = load_average()
     out = Path(args.out)
     json_path = write_json(out / "ttft.json", meta, rows)
     print(f"[bench ttft] wrote {json_path}", file=sys.stderr)

@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate a completion with a backbone (default: embedded SmolLM2-135M)"),
     "demo": ("demo", "end-to-end Parallel-Synthesis on a GSM8K question: workers, cache/text/single paths, TTFT"),
+    "bench": ("bench", "benchmarks with random weights of a named architecture (bench ttft: text vs cache path TTFT)"),
     "train": ("train", "train the cache mapper + synthesizer LoRA from a YAML config (resumes automatically)"),
     "build-data": ("build_data", "build training examples (exposure | aggregation | distillation) as .jsonl/.parquet"),
 }

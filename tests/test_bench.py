@@ -1,0 +1,154 @@
+"""`psynth bench ttft`: presets, the sweep's JSON and PNG, the CLI wiring. Timings are produced,
+never asserted (they depend on the machine); only their presence and consistency are checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from psynth_jax.bench import ttft
+from psynth_jax.bench.plots import plot_ttft
+from psynth_jax.cli import bench as bench_cli
+from psynth_jax.model.presets import PRESETS, hub_id, preset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TIME_KEYS = ("cache_reencode_assemble_ms", "cache_mapper_ms", "cache_prepare_ms", "cache_prefill_ms",
+             "cache_ttft_ms", "text_ttft_ms")
+
+
+# ----------------------------------------------------------------- presets
+@pytest.mark.parametrize("name, params", [("qwen3-8b", 8.19e9), ("llama-3.1-8b", 8.03e9),
+                                          ("qwen3-14b", 14.77e9), ("qwen2.5-7b", 7.62e9),
+                                          ("qwen3-0.6b", 0.596e9), ("smollm2-135m", 0.1345e9)])
+def test_preset_num_params_match_hf(name, params):
+    assert preset(name).num_params() == pytest.approx(params, rel=0.01)
+
+
+def test_preset_shapes_match_hf_configs():
+    q = preset("qwen3-8b")
+    assert (q.family, q.hidden_size, q.intermediate_size, q.num_layers, q.num_heads, q.num_kv_heads, q.head_dim,
+            q.vocab_size, q.qk_norm, q.attention_bias, q.tie_word_embeddings, q.rope_theta) == (
+        "qwen3", 4096, 12288, 36, 32, 8, 128, 151936, True, False, False, 1e6)
+    ll = preset("llama-3.1-8b")
+    assert (ll.family, ll.hidden_size, ll.intermediate_size, ll.num_layers, ll.num_heads, ll.num_kv_heads,
+            ll.head_dim, ll.vocab_size, ll.rope_theta, ll.rms_norm_eps) == (
+        "llama", 4096, 14336, 32, 32, 8, 128, 128256, 500000.0, 1e-5)
+    rs = ll.rope_scaling
+    assert (rs.rope_type, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
+            rs.original_max_position_embeddings) == ("llama3", 8.0, 1.0, 4.0, 8192)
+    q25 = preset("qwen2.5-7b")
+    assert (q25.family, q25.attention_bias, q25.num_kv_heads, q25.head_dim) == ("qwen2", True, 4, 128)
+    assert preset("Qwen3-8B") == q  # case-insensitive
+    assert hub_id("qwen3-14b") == "Qwen/Qwen3-14B" and hub_id("tiny-llama") is None
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        cfg = preset(name)
+        assert cfg.num_heads % cfg.num_kv_heads == 0
+        if name.startswith("tiny-"):
+            assert cfg.num_params() < 20e6  # sweepable on a small CPU
+
+
+def test_unknown_arch_lists_presets(capsys):
+    with pytest.raises(ValueError, match="unknown architecture 'gpt-5'.*qwen3-8b.*tiny-llama"):
+        preset("gpt-5")
+    with pytest.raises(SystemExit):
+        bench_cli.main(["ttft", "--arch", "gpt-5", "--out", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert "argument --arch: unknown architecture 'gpt-5'; known presets:" in err and "llama-3.1-8b" in err
+
+
+# ------------------------------------------------------------- sweep + CLI
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench_cli.main(["ttft", "--arch", "tiny-llama", "--ks", "1,2", "--ls", "8", "--prompt-tokens", "8",
+                         "--new-tokens", "8", "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "ttft.json").read_text())
+
+
+def test_sweep_json_has_metadata_and_rows(sweep):
+    _, data = sweep
+    meta, rows = data["metadata"], data["rows"]
+    assert meta["benchmark"] == "ttft" and meta["arch"] == "tiny-llama"
+    assert meta["weights"] == "random" and "random" in meta["weights_note"]
+    assert meta["dtype"] == "float32"  # auto on CPU
+    assert meta["device"]["platform"] and meta["device"]["device_kind"]
+    assert meta["versions"]["jax"]
+    assert meta["num_params"] == preset("tiny-llama").num_params()
+    assert meta["lora"]["rank"] == 16 and meta["mapper_kind"] == "affine_length"
+    assert meta["command"].startswith("psynth bench ttft --arch tiny-llama --ks 1,2 --ls 8")
+    assert [(r["K"], r["L"]) for r in rows] == [(1, 8), (2, 8)]
+
+
+def test_sweep_rows_have_positive_times_and_same_run_ratio(sweep):
+    _, data = sweep
+    for r in data["rows"]:
+        for key in TIME_KEYS:
+            assert r[key] > 0 and math.isfinite(r[key]), key
+        assert r["speedup"] == pytest.approx(r["text_ttft_ms"] / r["cache_ttft_ms"])
+        assert r["branch_tokens"] == r["K"] * r["L"]
+        assert r["text_tokens"] == r["K"] * r["L"] + r["prompt_tokens"]
+        assert r["cache_slots"] == r["text_slots"]  # same decode room: a fair attention width
+        assert set(r["first_call_ms"]) == set(r["times_ms"]) == {k[:-3] for k in TIME_KEYS}
+        assert all(len(v) == 1 for v in r["times_ms"].values())  # --repeats 1
+
+
+def test_sweep_writes_png(sweep):
+    out, _ = sweep
+    png = (out / "ttft.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 10_000
+
+
+def test_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path, sweep):
+    _, data = sweep
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert plot_ttft(data["metadata"], data["rows"], tmp_path / "x.png") is None
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_table_marks_out_of_memory_paths():
+    row = {"K": 4, "L": 4096, "branch_tokens": 16384, "cache_reencode_assemble_ms": 1.0, "cache_mapper_ms": 1.0,
+           "cache_prepare_ms": 1.5, "cache_prefill_ms": 10.0, "cache_ttft_ms": 12.0, "text_error": "out of memory"}
+    line = ttft.format_row(row)
+    assert "OOM" in line and "12.00" in line
+    assert len(line) == len(ttft.format_header())
+
+
+def test_oom_is_recognised():
+    def boom():
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB")
+
+    with pytest.raises(ttft._OutOfMemory):
+        ttft.time_call(boom, 1)
+    with pytest.raises(ValueError, match="plain"):
+        ttft.time_call(lambda: (_ for _ in ()).throw(ValueError("plain")), 1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ks=[], ls=[8]), "at least one K"),
+    (dict(ks=[0], ls=[8]), "positive"),
+    (dict(ks=[1], ls=[8], mapper_kind="nope"), "unknown mapper"),
+    (dict(ks=[64], ls=[1024]), "exceeds the model's 32768 positions"),
+])
+def test_sweep_rejects_bad_settings_before_building_a_model(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ttft.run_ttft_sweep(preset("tiny-llama"), verbose=False, **kwargs)
+
+
+def test_bench_plugs_into_psynth_main(monkeypatch):
+    from psynth_jax.cli import main as psynth_main
+
+    monkeypatch.setitem(psynth_main.COMMANDS, "bench", ("bench", "benchmarks"))
+    args = psynth_main.build_parser().parse_args(["bench", "ttft", "--arch", "qwen3-8b", "--ks", "1,4",
+                                                  "--ls", "512,1024"])
+    assert args._module is bench_cli and args._bench is bench_cli.run_ttft
+    assert args.ks == [1, 4] and args.ls == [512, 1024] and args.dtype == "auto"
+    with pytest.raises(SystemExit):
+        psynth_main.build_parser().parse_args(["bench", "ttft", "--ks", "1,x"])
