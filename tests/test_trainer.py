@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_smol import make_tiny_smol
+
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared/data/gsm8k/train.jsonl"
 pytestmark = pytest.mark.skipif(not GSM8K.is_file(), reason="../shared/data/gsm8k is not beside the checkout")
@@ -21,21 +23,7 @@ pytestmark = pytest.mark.skipif(not GSM8K.is_file(), reason="../shared/data/gsm8
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with SmolLM2's vocabulary and tokenizer (real chat template)."""
-    import torch
-    import transformers
-
-    from psynth_jax.interop.embedded import default_gguf_path
-    from psynth_jax.interop.tokenizer import load_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_smol")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                   tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    load_tokenizer(default_gguf_path()).save_pretrained(d)
-    return d
+    return make_tiny_smol(tmp_path_factory.mktemp("tiny_smol"))
 
 
 def write_config(tmp: Path, model_dir: Path, steps: int, every: int) -> Path:
