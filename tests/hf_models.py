@@ -21,12 +21,15 @@ FAMILIES = {
     ),
     "qwen2": lambda tie: transformers.Qwen2Config(**COMMON, tie_word_embeddings=tie, rope_theta=1000000.0),
     "qwen3": lambda tie: transformers.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=tie, rope_theta=1000000.0),
+    "qwen3_bias": lambda tie: transformers.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=tie,
+                                                       attention_bias=True),  # q/k/v AND o biases
 }
 MODEL_CLASSES = {
     "llama": transformers.LlamaForCausalLM,
     "llama3_rope": transformers.LlamaForCausalLM,
     "qwen2": transformers.Qwen2ForCausalLM,
     "qwen3": transformers.Qwen3ForCausalLM,
+    "qwen3_bias": transformers.Qwen3ForCausalLM,
 }
 
 

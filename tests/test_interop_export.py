@@ -150,7 +150,7 @@ def test_peft_adapter_loads_in_peft(case):
 @pytest.mark.parametrize("cfg", [
     ModelConfig(family="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8, rope_scaling=RopeScaling(rope_type="linear", factor=2.0),
-                attention_bias=True, bos_token_id=1, eos_token_ids=(2, 3)),
+                attention_bias=True, o_bias=True, bos_token_id=1, eos_token_ids=(2, 3)),
     ModelConfig(family="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                 num_kv_heads=1, head_dim=12, qk_norm=True, tie_word_embeddings=True, eos_token_ids=(7,),
                 rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, original_max_position_embeddings=64)),
@@ -167,16 +167,18 @@ def test_hf_config_round_trips(cfg):
     assert ModelConfig.from_hf(tc.to_dict()) == cfg
 
 
-def test_llama_attention_bias_export_has_zero_o_bias(tmp_path):
-    """transformers' Llama puts a bias on o_proj too when attention_bias is set: exported as zeros."""
+def test_llama_attention_bias_export_includes_o_bias(tmp_path):
+    """transformers' Llama puts a bias on o_proj too when attention_bias is set; so do we."""
     cfg = ModelConfig(family="llama", vocab_size=60, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True)
-    model = fake_model(cfg, lora=LORA, seed=3)  # q/k/v biases random too
+                      num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True, o_bias=True)
+    model = fake_model(cfg, lora=LORA, seed=3)  # q/k/v/o biases random too
     rng = np.random.default_rng(1)
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(export_merged(model, tmp_path),
                                                                  output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert float(hf.model.layers[0].self_attn.o_proj.bias.detach().abs().max()) == 0.0
+    ours = np.asarray(nnx.to_pure_dict(model.state)["layers"]["o"]["bias"][0])
+    np.testing.assert_array_equal(hf.model.layers[0].self_attn.o_proj.bias.detach().numpy(), ours)
+    assert np.abs(ours).max() > 0
     tokens = rng.integers(0, 60, (2, SEQ))
     assert np.abs(torch_logits(hf, tokens) - jax_logits(model, tokens, True)).max() <= TOL
 

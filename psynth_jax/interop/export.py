@@ -66,8 +66,7 @@ def hf_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
     """A transformers config.json dict for `cfg` (read by transformers 4.x and 5.x alike).
 
     RoPE is written both as transformers 5's `rope_parameters` and as the older `rope_theta` +
-    `rope_scaling` pair. Llama and Qwen3 put a bias on o_proj too when `attention_bias` is set
-    (our decoder has none; `merged_tensors` writes zeros there). Qwen2's q/k/v bias is implied.
+    `rope_scaling` pair. Qwen2's q/k/v bias is implied by its model_type.
     """
     s = cfg.rope_scaling
     if s.rope_type == "default":
@@ -136,10 +135,6 @@ def merged_tensors(model: LoadedModel) -> dict[str, np.ndarray]:
             w = (w.astype(np.float32) + delta).astype(w.dtype)
         for i in range(cfg.num_layers):
             out[f"model.layers.{i}.{hf_name}"] = _torch_layout(w[i], transpose)
-    if cfg.attention_bias and cfg.family != "qwen2":  # transformers expects an o_proj bias here
-        zeros = np.zeros((cfg.hidden_size,), np.asarray(layers["o"]["kernel"]).dtype)
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.self_attn.o_proj.bias"] = zeros
     for path, (hf_name, transpose) in GLOBAL_KEYS.items():
         node: Any = pure
         for key in path:

@@ -32,6 +32,7 @@ LAYER_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
     ("v", "kernel"): ("self_attn.v_proj.weight", True),
     ("v", "bias"): ("self_attn.v_proj.bias", False),
     ("o", "kernel"): ("self_attn.o_proj.weight", True),
+    ("o", "bias"): ("self_attn.o_proj.bias", False),
     ("q_norm", "scale"): ("self_attn.q_norm.weight", False),
     ("k_norm", "scale"): ("self_attn.k_norm.weight", False),
     ("mlp_norm", "scale"): ("post_attention_layernorm.weight", False),

@@ -53,7 +53,8 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q, k, v (Qwen2 always, Llama optionally)
+    attention_bias: bool = False  # bias on q, k, v (Qwen2 always, Llama/Qwen3 optionally)
+    o_bias: bool = False  # bias on o as well (Llama/Qwen3 with attention_bias; never Qwen2)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -74,6 +75,8 @@ class ModelConfig:
         attn = d * hd * (h + 2 * kv) + h * hd * d
         if self.attention_bias:
             attn += hd * (h + 2 * kv)
+        if self.o_bias:
+            attn += d
         if self.qk_norm:
             attn += 2 * hd
         layer = attn + 3 * d * f + 2 * d
@@ -134,6 +137,7 @@ class ModelConfig:
             max_position_embeddings=int(c.get("max_position_embeddings", 8192)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
+            o_bias=attention_bias and family != "qwen2",
             qk_norm=family == "qwen3",
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),

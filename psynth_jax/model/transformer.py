@@ -104,7 +104,7 @@ class Block(nnx.Module):
         self.q = lin(d, cfg.num_heads * hd, "q", cfg.attention_bias)
         self.k = lin(d, cfg.num_kv_heads * hd, "k", cfg.attention_bias)
         self.v = lin(d, cfg.num_kv_heads * hd, "v", cfg.attention_bias)
-        self.o = lin(cfg.num_heads * hd, d, "o")
+        self.o = lin(cfg.num_heads * hd, d, "o", cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)

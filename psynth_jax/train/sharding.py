@@ -45,6 +45,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers/q/bias": ("layers", "heads"),
     "layers/k/bias": ("layers", "kv_heads"),
     "layers/v/bias": ("layers", "kv_heads"),
+    "layers/o/bias": ("layers", "embed"),
     "layers/gate/kernel": ("layers", "embed", "mlp"),
     "layers/up/kernel": ("layers", "embed", "mlp"),
     "layers/down/kernel": ("layers", "mlp", "embed"),

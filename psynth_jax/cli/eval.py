@@ -1,0 +1,34 @@
+"""`psynth eval --config FILE [key=value ...]`: benchmarks x synthesis modes, accuracy and TTFT.
+
+Writes results.json, results.md and plots into the config's out_dir; rerunning the same command
+resumes an interrupted eval (finished answers and stored worker branches are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML eval config (configs/eval_*.yaml)")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted key=value overrides, e.g. out_dir=runs/x tasks[0].limit=10 modes=text,psynth")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from psynth_jax.config.eval_schema import load_eval_config
+    from psynth_jax.config.typed import ConfigError
+
+    try:
+        cfg = load_eval_config(args.config, args.overrides)  # every config problem, before data or model
+    except (ConfigError, FileNotFoundError) as err:
+        raise SystemExit(f"psynth eval: {err}") from None
+    from psynth_jax.eval.report import RESULTS_MD
+    from psynth_jax.eval.runner import run_eval
+
+    outcome = run_eval(cfg, quiet=args.quiet)
+    print((outcome.run_dir / RESULTS_MD).read_text())
+    print(f"wrote {outcome.run_dir}/ (results.json, results.md, plots)", file=sys.stderr)
+    return 0

@@ -1,0 +1,152 @@
+"""The `psynth eval` config: which backbone and trained weights, which benchmarks, which modes.
+
+Same machinery as the training config (typed.py: YAML with `base:` inheritance, `key=value`
+overrides, errors naming the dotted field), its own schema. `load_eval_config` type-checks and
+then runs `validate_eval_config`, so an unknown task, an unknown mode or an impossible number
+fails with a message naming the field before anything heavy (data, model) is loaded.
+
+Six modes, all answering from the SAME stored worker branches (METHOD.md sections 3-4):
+single agent, text-concatenation synthesis, naive cache concatenation (identity mapper, LoRA
+off), mapper only (trained mapper, LoRA off), LoRA only (identity mapper, LoRA on), and full
+Parallel-Synthesis (trained mapper + LoRA on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import yaml
+
+from psynth_jax.config.loader import _load_yaml_tree, apply_override
+from psynth_jax.config.schema import ModelSourceConfig
+from psynth_jax.config.typed import ConfigError, from_dict, to_dict
+
+ModeName = Literal["single", "text", "naive_cache", "mapper_only", "lora_only", "psynth"]
+MODES: tuple[str, ...] = typing.get_args(ModeName)
+
+# Fields that do not change any stored branch or record: a resumed run may change them freely.
+RESUMABLE_FIELDS = ("tasks", "modes", "out_dir", "score_workers")
+
+_frozen = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+@_frozen
+class EvalTaskConfig:
+    """One benchmark: a task registry name, an optional source, how many examples (first N)."""
+
+    name: str  # gsm8k, math500, humaneval, mbpp, arc_challenge, marble_db, aime2024, ... (eval/tasks.py)
+    path: Optional[str] = None  # local file / dataset folder / hub id; None: shipped data or default hub id
+    limit: Optional[int] = None  # first N examples in source order; None: all
+
+
+@_frozen
+class EvalConfig:
+    """Everything one evaluation run needs."""
+
+    model: ModelSourceConfig = dataclasses.field(default_factory=ModelSourceConfig)
+    # trained mapper + LoRA: a `psynth train` run dir or an exported adapter dir; None: untrained
+    # (identity mapper, LoRA B = 0), so mapper_only / lora_only / psynth behave as naive_cache.
+    adapter: Optional[str] = None
+    tasks: tuple[EvalTaskConfig, ...]
+    modes: tuple[ModeName, ...] = MODES
+    num_workers: int = 3  # K worker branches per example (marble_db: one per expert profile instead)
+    worker_tokens: int = 256  # max new tokens per worker branch
+    max_new_tokens: int = 256  # max new tokens of every synthesis / single-agent answer
+    worker_temperature: float = 0.7
+    worker_top_p: float = 0.95
+    synth_temperature: float = 0.0  # 0: greedy answers (every mode alike)
+    seed: int = 0
+    batch_size: int = 1  # requests per batched worker / answer call (throughput only: TTFT is always batch 1)
+    timing_repeats: int = 3  # timed batch-1 runs per (example, mode), median, after a compile run; 0: no TTFT
+    score_workers: int = 2  # code programs run in parallel by the scorer
+    code_timeout_s: float = 10.0  # per program, as in the paper
+    out_dir: str  # run directory: records, stored branches, results; an existing one is resumed
+
+
+def load_eval_config(path: str | Path, overrides: Iterable[str] = ()) -> EvalConfig:
+    """Load an eval YAML (following `base:`), apply `key=value` overrides, type-check, validate."""
+    raw = _load_yaml_tree(Path(path))
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = from_dict(EvalConfig, raw)
+    validate_eval_config(cfg)
+    return cfg
+
+
+def dump_eval_config(cfg: EvalConfig) -> str:
+    """The resolved config as YAML, loadable again by `load_eval_config`."""
+    body = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+    return "# psynth_jax eval config (resolved: base files and overrides applied)\n" + body
+
+
+def fingerprint(cfg: EvalConfig) -> dict[str, Any]:
+    """The fields that decide stored branches and records: a resumed run must agree on all of them."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FIELDS}
+
+
+def validate_eval_config(cfg: EvalConfig) -> None:
+    """Raise ConfigError listing every semantic problem, each starting with its dotted field."""
+    from psynth_jax.eval.tasks import TASKS  # pure Python; imported here to keep config free of eval code
+
+    errors = [*_task_errors(cfg, sorted(TASKS)), *_number_errors(cfg)]
+    if len(set(cfg.modes)) != len(cfg.modes):
+        errors.append(f"modes has duplicates: {list(cfg.modes)}")
+    if not cfg.modes:
+        errors.append(f"modes must name at least one of {', '.join(MODES)}")
+    if cfg.adapter is not None and "://" not in cfg.adapter and not Path(cfg.adapter).expanduser().exists():
+        errors.append(f"adapter: {cfg.adapter!r} does not exist (a `psynth train` run dir or an adapter dir)")
+    if not cfg.out_dir.strip() or "://" in cfg.out_dir:
+        errors.append(f"out_dir must be a local directory (records are appended line by line), got {cfg.out_dir!r}")
+    if errors:
+        raise ConfigError(errors)
+
+
+def _task_errors(cfg: EvalConfig, known: list[str]) -> list[str]:
+    errors = [] if cfg.tasks else ["tasks must list at least one benchmark"]
+    seen: set[str] = set()
+    for i, t in enumerate(cfg.tasks):
+        if t.name not in known:
+            close = difflib.get_close_matches(t.name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"tasks[{i}].name: unknown task {t.name!r}{hint}; known tasks: {', '.join(known)}")
+        if t.name in seen:
+            errors.append(f"tasks[{i}].name: task {t.name!r} is listed twice")
+        seen.add(t.name)
+        if t.limit is not None and t.limit < 1:
+            errors.append(f"tasks[{i}].limit must be >= 1 or null (all examples), got {t.limit}")
+        if t.path is not None and t.path.startswith((".", "/", "~")) and not Path(t.path).expanduser().exists():
+            errors.append(f"tasks[{i}].path: local path {t.path!r} does not exist")
+    return errors
+
+
+def _number_errors(cfg: EvalConfig) -> list[str]:
+    checks = [
+        (cfg.num_workers >= 1, f"num_workers must be >= 1, got {cfg.num_workers}"),
+        (cfg.worker_tokens >= 1, f"worker_tokens must be >= 1, got {cfg.worker_tokens}"),
+        (cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
+        (cfg.worker_temperature >= 0, f"worker_temperature must be >= 0, got {cfg.worker_temperature}"),
+        (0 < cfg.worker_top_p <= 1, f"worker_top_p must be in (0, 1], got {cfg.worker_top_p}"),
+        (cfg.synth_temperature >= 0, f"synth_temperature must be >= 0, got {cfg.synth_temperature}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.timing_repeats >= 0, f"timing_repeats must be >= 0 (0: no TTFT), got {cfg.timing_repeats}"),
+        (cfg.score_workers >= 1, f"score_workers must be >= 1, got {cfg.score_workers}"),
+        (cfg.code_timeout_s > 0, f"code_timeout_s must be > 0, got {cfg.code_timeout_s}"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+__all__ = [
+    "MODES",
+    "ConfigError",
+    "EvalConfig",
+    "EvalTaskConfig",
+    "ModeName",
+    "dump_eval_config",
+    "fingerprint",
+    "load_eval_config",
+    "validate_eval_config",
+]

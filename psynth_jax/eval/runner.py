@@ -1,0 +1,288 @@
+"""`run_eval(cfg)`: every benchmark of an EvalConfig through every configured mode, resumably.
+
+For each task, examples are cut into fixed chunks of `batch_size` (in source order, equal K per
+chunk). Per chunk:
+1. worker stage (once per example, ever): K branches decoded with the LoRA off and stored as
+   token ids + texts in the run dir, so every mode, and every later session, sees the same ones;
+2. each mode answers the chunk from those stored branches (one batched call), then times each
+   request alone: TTFT is always a batch-1 latency, independent of `batch_size`. The cache modes rebuild the branch
+   KV from the stored tokens (`branches_from_tokens`: prefill [worker prompt | output] with the
+   frozen backbone, keep the output KV, which is what a worker holds in memory) once per chunk and
+   share it; they differ only in mapper (identity / trained) and LoRA (off / on);
+3. answers are scored and appended to records.jsonl at once.
+
+A rerun of the same config skips every (task, id, mode) already recorded and reuses stored
+branches; with nothing left to do it does not even load the model, and only rewrites the report.
+Chunk boundaries and worker seeds depend only on the config and the example order, so a resumed
+run decodes exactly the branches an uninterrupted one would have (raising a task's `limit` later
+can only re-chunk its last, partial chunk: never at batch_size 1).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from psynth_jax.config.eval_schema import EvalConfig, dump_eval_config, fingerprint
+from psynth_jax.eval import report
+from psynth_jax.eval.example import EvalExample
+from psynth_jax.eval.modes import MODE_SPECS, ModeSpec, worker_conversations
+from psynth_jax.eval.scoring import extract_answer, score_many
+from psynth_jax.eval.store import BranchSet, ModeRecord, RunStore
+from psynth_jax.eval.tasks import load_task
+
+
+@dataclasses.dataclass
+class EvalOutcome:
+    """What a session did: the run dir, results.json's content, and how much it computed."""
+
+    run_dir: Path
+    results: dict[str, Any]
+    computed: dict[str, int]  # worker_examples, worker_calls, records, mode_calls (this session only)
+
+
+def load_examples(cfg: EvalConfig) -> dict[str, list[EvalExample]]:
+    """Every configured task's examples (first `limit` in source order), loaded before any model."""
+    return {t.name: load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed) for t in cfg.tasks}
+
+
+def num_branches(example: EvalExample, num_workers: int) -> int:
+    """K for this example: one per expert profile where the task has them, else `num_workers`."""
+    return len(example.extra.get("profiles") or ()) or num_workers
+
+
+def make_chunks(examples: Sequence[EvalExample], size: int, num_workers: int) -> list[list[EvalExample]]:
+    """Consecutive examples with equal K, cut into chunks of at most `size` (deterministic)."""
+    out: list[list[EvalExample]] = []
+    for ex in examples:
+        k = num_branches(ex, num_workers)
+        last = out[-1] if out else None
+        if last and len(last) < size and num_branches(last[0], num_workers) == k:
+            last.append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
+def worker_seed(seed: int, task: str, first_id: str) -> int:
+    """The sampling seed of a worker batch: a function of the config seed and the batch's first example."""
+    return (seed * 1_000_003 + zlib.crc32(f"{task}/{first_id}".encode())) % 2**31
+
+
+class EvalRunner:
+    """One evaluation session over a run directory (new or resumed)."""
+
+    def __init__(self, cfg: EvalConfig, *, model: Any = None, quiet: bool = False):
+        """model: an already loaded `LoadedModel` (tests, notebooks); None loads `cfg.model` when needed."""
+        self.cfg = cfg
+        self.quiet = quiet
+        self.examples = load_examples(cfg)
+        self.store = RunStore(cfg.out_dir, fingerprint(cfg), dump_eval_config(cfg))
+        self._model = model
+        self.synth: Any = None  # ParallelSynthesis, built on first need
+        self.trained_mapper: Any = None  # the adapter's mapper (the identity one without an adapter)
+        self.identity_mapper: Any = None
+        self.device = ""
+        self.computed: collections.Counter[str] = collections.Counter()
+        self._caches: dict[tuple[str, ...], Any] = {}
+
+    # ------------------------------------------------------------------------------ driver
+    def run(self) -> EvalOutcome:
+        t0 = time.perf_counter()
+        wanted = [(t, ex.id, m) for t, exs in self.examples.items() for ex in exs for m in self.cfg.modes]
+        done = sum(key in self.store.records for key in wanted)
+        with tqdm(total=len(wanted), initial=done, desc="eval", unit="answer", disable=self.quiet,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for task, exs in self.examples.items():
+                for chunk in make_chunks(exs, self.cfg.batch_size, self.cfg.num_workers):
+                    self._run_chunk(task, chunk, bar)
+        records = [self.store.records[key] for key in wanted if key in self.store.records]
+        results = report.build_results(
+            self.cfg, self.examples, records, self.store.weights(),
+            session={"wall_s": time.perf_counter() - t0, "computed": dict(self.computed)},
+        )
+        report.write_report(self.store.dir, results, records)
+        return EvalOutcome(self.store.dir, results, dict(self.computed))
+
+    def _run_chunk(self, task: str, chunk: list[EvalExample], bar: Any) -> None:
+        pending = {m: [ex for ex in chunk if (task, ex.id, m) not in self.store.records] for m in self.cfg.modes}
+        if not any(pending.values()):
+            return
+        self._ensure_synth()
+        self.synth.family = chunk[0].family  # prompt templates of this task (read per call)
+        if any(todo for m, todo in pending.items() if MODE_SPECS[m].path != "single"):
+            bar.set_postfix_str(f"{task} workers")
+            self._ensure_branches(task, chunk)
+        self._caches.clear()  # branch KV is shared by the cache modes of one chunk only
+        for mode, todo in pending.items():
+            if todo:
+                bar.set_postfix_str(f"{task} {mode}")
+                records = self._run_mode(mode, todo)
+                self.store.add_records(records)
+                self.computed["records"] += len(records)
+                bar.update(len(records))
+
+    # ------------------------------------------------------------------------------- model
+    def _ensure_synth(self) -> None:
+        """Load the backbone (LoRA attached, B = 0) and the adapter, on first need only."""
+        if self.synth is not None:
+            return
+        from psynth_jax.interop.loader import load_model
+        from psynth_jax.model.transformer import LoRAConfig
+        from psynth_jax.synthesis.mapper import make_mapper
+        from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+        m = self.cfg.model
+        model = self._model if self._model is not None else load_model(m.source, dtype=m.dtype, lora=LoRAConfig())
+        first = next(exs[0].family for exs in self.examples.values() if exs)
+        synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, timing_repeats=0)  # see _time
+        initial = synth.mapper
+        description = "untrained: identity mapper, LoRA B = 0"
+        if self.cfg.adapter is not None:
+            from psynth_jax.interop.adapter import load_adapter_into
+
+            description = load_adapter_into(synth, self.cfg.adapter)
+        self.trained_mapper = synth.mapper
+        self.identity_mapper = make_mapper("affine_length", model.cfg.num_kv_heads)  # last layer 0: identity
+        self.store.save_weights({
+            "adapter": self.cfg.adapter,
+            "description": description,
+            "mapper_trained": self.cfg.adapter is not None and synth.mapper is not initial,
+            "lora_trained": self.cfg.adapter is not None,
+            "model": {"source": model.source, "family": model.cfg.family, "num_layers": model.cfg.num_layers,
+                      "dtype": model.dtype_name, "attn_impl": m.attn_impl},
+        })
+        import jax
+
+        kind, backend = jax.devices()[0].device_kind, jax.default_backend()
+        self.device = kind if kind.lower() == backend else f"{kind} ({backend})"
+        self.synth = synth
+
+    # ------------------------------------------------------------------------ worker stage
+    def _ensure_branches(self, task: str, chunk: list[EvalExample]) -> None:
+        """Decode and store the branches of the chunk's examples that have none stored yet."""
+        missing = [ex for ex in chunk if (task, ex.id) not in self.store.branches]
+        if missing:
+            self.store.add_branches(self._decode_workers(task, missing))
+
+    def _decode_workers(self, task: str, exs: list[EvalExample]) -> list[BranchSet]:
+        from psynth_jax.inference.sampling import SamplingConfig
+
+        cfg = self.cfg
+        seed = worker_seed(cfg.seed, task, exs[0].id)
+        convs = [worker_conversations(ex, cfg.num_workers) for ex in exs]
+        sampling = SamplingConfig(temperature=cfg.worker_temperature, top_p=cfg.worker_top_p)
+        try:
+            out = self.synth.run_workers(convs, max_new_tokens=cfg.worker_tokens, sampling=sampling, seed=seed)
+        except ValueError as err:  # e.g. a prompt too long for the model: isolate the example(s)
+            if len(exs) > 1:
+                return [s for ex in exs for s in self._decode_workers(task, [ex])]
+            return [BranchSet(task, exs[0].id, seed, [], [], error=str(err))]
+        self.computed["worker_calls"] += 1
+        self.computed["worker_examples"] += len(exs)
+        return [BranchSet(task, ex.id, seed, toks, texts) for ex, toks, texts in zip(exs, out.tokens, out.texts)]
+
+    # ------------------------------------------------------------------------------ modes
+    def _run_mode(self, mode: str, exs: list[EvalExample]) -> list[ModeRecord]:
+        """Answer `exs` in `mode`: batched by usable branch count, failures isolated per example."""
+        spec = MODE_SPECS[mode]
+        if spec.path == "single":
+            return self._answer(mode, spec, exs)
+        groups: dict[int, list[EvalExample]] = collections.defaultdict(list)
+        for ex in exs:
+            groups[len(self._branch_set(ex).usable())].append(ex)
+        records = [self._error(mode, ex, self._branch_set(ex).error or "every worker branch is empty")
+                   for ex in groups.pop(0, [])]
+        for group in groups.values():
+            records += self._answer(mode, spec, group)
+        return records
+
+    def _answer(self, mode: str, spec: ModeSpec, exs: list[EvalExample]) -> list[ModeRecord]:
+        try:
+            result = self._call(spec, exs, self.cfg.max_new_tokens)
+            timings = [self._time(spec, ex) for ex in exs]
+        except ValueError as err:  # length checks etc.: retry alone, then record the error
+            if len(exs) > 1:
+                return [r for ex in exs for r in self._answer(mode, spec, [ex])]
+            return [self._error(mode, exs[0], str(err))]
+        self.computed["mode_calls"] += 1
+        correct = score_many(exs, result.texts, workers=self.cfg.score_workers, timeout_s=self.cfg.code_timeout_s)
+        records = []
+        for i, ex in enumerate(exs):
+            used = self._used_tokens(ex) if spec.path != "single" else []
+            ttft_s, breakdown = timings[i]
+            records.append(ModeRecord(
+                task=ex.task, id=ex.id, mode=mode, answer=extract_answer(ex, result.texts[i]), correct=correct[i],
+                text=result.texts[i], output_tokens=len(result.tokens[i]), prompt_tokens=result.prompt_tokens[i],
+                branch_tokens=sum(map(len, used)), num_branches=len(used), ttft_s=ttft_s, breakdown=breakdown,
+                device=self.device,
+            ))
+        return records
+
+    def _time(self, spec: ModeSpec, ex: EvalExample) -> tuple[float | None, dict[str, float]]:
+        """TTFT of one request alone (batch 1, a 1-token budget), whatever batch answered it.
+
+        The pipeline times the call: compile run first, then the median of `timing_repeats` runs
+        from its first device work to its first sampled token.
+        """
+        if self.cfg.timing_repeats == 0:
+            return None, {}
+        self.synth.timing_repeats = self.cfg.timing_repeats
+        try:
+            result = self._call(spec, [ex], 1)
+        finally:
+            self.synth.timing_repeats = 0
+        return result.ttft_s, dict(result.breakdown)
+
+    def _call(self, spec: ModeSpec, exs: list[EvalExample], max_new_tokens: int) -> Any:
+        """One batched call of the synthesizer path behind `spec` (a PathResult)."""
+        from psynth_jax.inference.sampling import SamplingConfig
+
+        cfg, synth = self.cfg, self.synth
+        questions = [ex.question for ex in exs]
+        kw = dict(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=cfg.synth_temperature),
+                  seed=cfg.seed)
+        if spec.path == "single":
+            return synth.single_agent(questions, **kw)
+        if spec.path == "text":
+            texts = [[self._branch_set(ex).texts[j] for j in self._branch_set(ex).usable()] for ex in exs]
+            return synth.text_path(questions, texts, **kw)
+        synth.set_mapper(self.trained_mapper if spec.trained_mapper else self.identity_mapper)
+        return synth.cache_path(questions, self._branch_caches(exs), lora=spec.lora, **kw)
+
+    def _branch_caches(self, exs: list[EvalExample]) -> Any:
+        """Branch KV of `exs` rebuilt from stored tokens, shared by the cache modes of the chunk."""
+        key = tuple(ex.id for ex in exs)
+        if key not in self._caches:
+            prefixes = []
+            for ex in exs:
+                convs = worker_conversations(ex, self.cfg.num_workers)
+                prefixes.append([self.synth.gen.chat_tokens(convs[j]) for j in self._branch_set(ex).usable()])
+            self._caches[key] = self.synth.branches_from_tokens(prefixes, [self._used_tokens(ex) for ex in exs])
+        return self._caches[key]
+
+    # ----------------------------------------------------------------------------- helpers
+    def _branch_set(self, ex: EvalExample) -> BranchSet:
+        return self.store.branches[(ex.task, ex.id)]
+
+    def _used_tokens(self, ex: EvalExample) -> list[list[int]]:
+        s = self._branch_set(ex)
+        return [s.tokens[j] for j in s.usable()]
+
+    def _error(self, mode: str, ex: EvalExample, message: str) -> ModeRecord:
+        """A record for an example this mode could not answer: counted, and counted wrong."""
+        return ModeRecord(task=ex.task, id=ex.id, mode=mode, answer="", correct=False, text="", output_tokens=0,
+                          prompt_tokens=0, branch_tokens=0, num_branches=0, ttft_s=None,
+                          breakdown={}, device=self.device, error=message)
+
+
+def run_eval(cfg: EvalConfig, *, model: Any = None, quiet: bool = False) -> EvalOutcome:
+    """Run (or resume) the evaluation `cfg` describes; write results.json / results.md / plots."""
+    return EvalRunner(cfg, model=model, quiet=quiet).run()

@@ -1,0 +1,206 @@
+"""`psynth eval` end to end, offline, on a tiny random backbone with the real SmolLM2 tokenizer.
+
+The backbone has SmolLM2's vocabulary, chat template and stop token but 2 small layers of random
+weights, so every mode runs through the real pipeline (worker decode, branch KV rebuilt from
+stored tokens, cache / text / single paths, scoring with the code sandbox) in seconds. Answers
+are gibberish; what is checked is the machinery: files written, numbers consistent, resume
+without recomputation, identical results after an interruption, config errors before any load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from psynth_jax.config.eval_schema import ConfigError, EvalConfig, dump_eval_config, load_eval_config
+from psynth_jax.eval import runner as runner_mod
+from psynth_jax.eval.store import RECORDS, JsonlLog
+from psynth_jax.interop import loader
+from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("humaneval", "marble_db")  # a code task (sandbox scoring) and MARBLE (K = expert profiles)
+CACHE_MODES = ("naive_cache", "mapper_only", "lora_only", "psynth")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """SmolLM2's tokenizer (vocabulary, chat template, stop token) around a 2-layer random decoder
+    with a LoRA attached (B = 0)."""
+    from psynth_jax.interop.embedded import default_gguf_path
+    from psynth_jax.interop.tokenizer import load_tokenizer
+    from psynth_jax.model.config import ModelConfig
+    from psynth_jax.model.transformer import LoRAConfig
+
+    tokenizer = load_tokenizer(default_gguf_path())
+    cfg = ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+                      eos_token_ids=(tokenizer.eos_token_id,))
+    model = loader.random_model(cfg, lora=LoRAConfig(rank=4, alpha=8.0), seed=0)
+    return dataclasses.replace(model, tokenizer=tokenizer)
+
+
+def make_config(out_dir: Path, **changes) -> EvalConfig:
+    text = "\n".join([
+        "tasks:", *(f"  - {{name: {t}, limit: 2}}" for t in TASKS),
+        "worker_tokens: 8", "max_new_tokens: 8", "timing_repeats: 1", "batch_size: 2", "num_workers: 3",
+        f"out_dir: {out_dir}",
+    ])
+    path = out_dir.parent / f"{out_dir.name}.yaml"
+    path.write_text(text)
+    return load_eval_config(path, [f"{k}={v}" for k, v in changes.items()])
+
+
+class Counter:
+    """Records every ParallelSynthesis call (monkeypatched in): (entry point, requests, max_new_tokens)."""
+
+    def __init__(self, monkeypatch, fail_on_cache_call: int | None = None):
+        self.calls: list[tuple[str, int, int | None]] = []
+        for name in ("run_workers", "single_agent", "text_path", "cache_path"):
+            original = getattr(ParallelSynthesis, name)
+            monkeypatch.setattr(ParallelSynthesis, name, self._wrap(name, original, fail_on_cache_call))
+
+    def _wrap(self, name, original, fail_on):
+        def wrapped(synth, *args, **kwargs):
+            self.calls.append((name, len(args[0]), kwargs.get("max_new_tokens")))
+            if name == "cache_path" and sum(c[0] == "cache_path" for c in self.calls) == fail_on:
+                raise KeyboardInterrupt("simulated interruption")
+            return original(synth, *args, **kwargs)
+
+        return wrapped
+
+    def requests(self, *names: str, max_new_tokens: int | None = None) -> int:
+        return sum(n for name, n, budget in self.calls
+                   if name in names and (max_new_tokens is None or budget == max_new_tokens))
+
+
+def stable(results: dict) -> dict:
+    """results.json without what legitimately changes between sessions (timings, wall time)."""
+    out = json.loads(json.dumps(results))
+    out.pop("session")
+    out["config"].pop("out_dir")
+    for scope in [*out["tasks"].values(), out["overall"]]:
+        for m in scope.values():
+            m.pop("ttft_ms")
+            m.pop("speedup_vs_text")
+    return out
+
+
+def answers(run_dir: Path) -> dict:
+    rows = JsonlLog(run_dir / RECORDS).rows
+    return {(r["task"], r["id"], r["mode"]): (r["text"], r["correct"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """One uninterrupted eval of 2 examples x 2 tasks x 6 modes, batched 2 requests per call."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True)
+
+
+def test_end_to_end_files_and_consistent_numbers(reference):
+    d, res = reference.run_dir, reference.results
+    for name in ("results.json", "results.md", "accuracy.png", "ttft_vs_branch_tokens.png", "branches.jsonl"):
+        assert (d / name).is_file(), name
+    assert json.loads((d / "results.json").read_text()) == res
+    assert res["complete"] and res["n_examples"] == {t: 2 for t in TASKS}
+    for task in TASKS:
+        for mode, m in res["tasks"][task].items():
+            assert m["n"] == 2 and m["accuracy"] == m["correct"] / m["n"]
+            lo, hi = m["ci95"]
+            assert 0 <= lo <= m["accuracy"] <= hi <= 1
+            if mode != "text":
+                assert 0 <= m["agreement_with_text"] <= 1
+            assert m["ttft_ms"]["n"] == 2 and 0 < m["ttft_ms"]["median"] <= m["ttft_ms"]["p90"]
+    assert res["overall"]["text"]["n"] == 4
+    # the K branches: 3 workers per example, one per expert profile (5) for MARBLE
+    branches = JsonlLog(d / "branches.jsonl").rows
+    assert sorted(len(b["tokens"]) for b in branches) == [3, 3, 5, 5]
+    # without an adapter the trained-weight modes are flagged, and really equal naive_cache
+    assert set(res["untrained"]) == {"mapper_only", "lora_only", "psynth"}
+    assert "UNTRAINED" in (d / "results.md").read_text()
+    got = answers(d)
+    for task, ex_id, mode in got:
+        if mode in CACHE_MODES:
+            assert got[(task, ex_id, mode)] == got[(task, ex_id, "naive_cache")]
+    # every mode saw the same branches; the text path prefills them, the cache path does not
+    recs = {(r["task"], r["id"], r["mode"]): r for r in JsonlLog(d / RECORDS).rows}
+    for b in branches:
+        total = sum(len(t) for t in b["tokens"])
+        for mode in ("text", *CACHE_MODES):
+            assert recs[(b["task"], b["id"], mode)]["branch_tokens"] == total
+        assert recs[(b["task"], b["id"], "text")]["prompt_tokens"] > recs[(b["task"], b["id"], "psynth")]["prompt_tokens"]
+    assert "batch size 1" in res["timing"]["method"]
+    assert reference.computed == {"worker_calls": 2, "worker_examples": 4, "mode_calls": 12, "records": 24}
+
+
+def test_resume_after_interruption_recomputes_nothing_finished(tiny_model, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = make_config(out)
+    first = Counter(monkeypatch, fail_on_cache_call=1)  # dies at the first cache mode (humaneval)
+    with pytest.raises(KeyboardInterrupt):
+        runner_mod.run_eval(cfg, model=tiny_model, quiet=True)
+    done_before = answers(out)
+    stored = len(JsonlLog(out / "branches.jsonl").rows)
+    assert len(done_before) == 4 and first.requests("run_workers") == stored == 2  # single + text done
+    with (out / RECORDS).open("a") as f:  # a line torn by the interruption
+        f.write('{"task": "humaneval", "id": "HumanEval/1", "mo')
+
+    monkeypatch.undo()
+    second = Counter(monkeypatch)
+    outcome = runner_mod.run_eval(cfg, model=tiny_model, quiet=True)
+    assert outcome.computed["records"] == 24 - len(done_before)
+    assert second.requests("run_workers") == 4 - stored  # stored branches reused, missing ones decoded
+    paths = ("single_agent", "text_path", "cache_path")
+    assert second.requests(*paths, max_new_tokens=8) == 24 - len(done_before)  # answers, batched by 2
+    assert second.requests(*paths, max_new_tokens=1) == 24 - len(done_before)  # TTFT, one request a call
+    assert {n for name, n, budget in second.calls if budget == 1} == {1}
+    assert {n for name, n, budget in second.calls if budget == 8} == {2}
+    rows = JsonlLog(out / RECORDS).rows
+    assert len(rows) == 24 and len({(r["task"], r["id"], r["mode"]) for r in rows}) == 24
+    assert all(answers(out)[k] == v for k, v in done_before.items())  # finished answers untouched
+    assert answers(out) == answers(reference.run_dir)  # same as never interrupted
+    assert stable(outcome.results) == stable(reference.results)
+    assert json.loads((out / "branches.jsonl").read_text().splitlines()[0]) == \
+        json.loads((reference.run_dir / "branches.jsonl").read_text().splitlines()[0])
+
+
+def test_finished_run_reports_without_loading_a_model(reference, monkeypatch):
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("model loaded for a finished run"))
+    cfg = make_config(reference.run_dir)
+    again = runner_mod.run_eval(cfg, quiet=True)
+    assert again.computed == {} and stable(again.results) == stable(reference.results)
+
+
+def test_changed_result_defining_config_is_refused(reference):
+    with pytest.raises(ValueError, match="worker_tokens: stored 8, now 9"):
+        runner_mod.run_eval(make_config(reference.run_dir, worker_tokens=9), quiet=True)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("tasks[1].name=humaneva", "tasks[1].name"),
+    ("modes=[text, psynth, cache]", "modes[2]"),
+    ("batch_size=0", "batch_size"),
+])
+def test_bad_config_names_the_field_before_any_load(tmp_path, monkeypatch, override, field):
+    from psynth_jax.cli import eval as eval_cli
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("model loaded for a bad config"))
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
+        make_config(tmp_path / "run", **dict([override.split("=", 1)]))
+    args = argparse.Namespace(config=str(ROOT / "configs/eval_smoke.yaml"), overrides=[override], quiet=True)
+    with pytest.raises(SystemExit, match=field.replace("[", r"\[")):
+        eval_cli.run(args)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("eval_*.yaml")), ids=lambda p: p.name)
+def test_shipped_eval_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_eval_config(path)
+    assert {t.name for t in cfg.tasks} == {"gsm8k", "math500", "humaneval", "mbpp", "arc_challenge", "marble_db"}
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(dump_eval_config(cfg))
+    assert load_eval_config(dumped) == cfg
