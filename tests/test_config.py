@@ -113,7 +113,7 @@ def test_overrides_are_parsed_by_field_type():
     assert cfg.train.clip_norm == 1.0 and isinstance(cfg.train.clip_norm, float)
     assert cfg.lora.alpha == 16.0 and cfg.lora.targets == ("q", "v")
     assert cfg.data.buckets == (128, 256)
-    assert cfg.data.train[0].limit == 7 and cfg.data.train[1].limit == 300  # only the indexed item changes
+    assert cfg.data.train[0].limit == 7 and cfg.data.train[1].limit == 150  # only the indexed item changes
     assert cfg.data.train[1].subset is None
     assert cfg.model.source == "123"
     assert load_config(CPU, ["train.clip_norm=1.0", "train.clip_norm=null"]).train.clip_norm is None  # last wins
@@ -198,7 +198,7 @@ def test_malformed_override(override):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.train[5].limit=3", "'data.train' has 2 entries, no [5]"),
+        ("data.train[5].limit=3", "'data.train' has 3 entries, no [5]"),
         ("data.train.limit=3", "'data.train' is a list; address an item as data.train[i]"),
         ("train.lr.x=3", "'train.lr' is a value, not a section"),
     ],

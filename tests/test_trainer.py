@@ -39,7 +39,7 @@ data:
   max_live_tokens: 256
   max_cache_tokens: 512
 train: {{steps: {steps}, lr: 1.0e-2, compute_dtype: float32}}
-checkpoint: {{dir: {tmp / 'run'}, every_steps: {every}, async_save: true}}
+checkpoint: {{dir: {os.path.relpath(tmp / 'run', REPO)}, every_steps: {every}, async_save: true}}
 tensorboard: false
 """
     path = tmp / "cfg.yaml"

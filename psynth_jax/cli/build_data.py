@@ -44,27 +44,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def done_ids(path: Path) -> set[str]:
-    """Ids already written to a jsonl output. A torn last line (the run was killed mid-write) is
-    cut off; a torn line anywhere else is an error."""
-    if not path.exists():
-        return set()
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    ids, good = set(), []
-    for i, line in enumerate(lines):
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1} is not an example row; fix or remove the file") from None
-            print(f"[psynth] dropping an incomplete last line of {path}", file=sys.stderr)
-            break
-        good.append(line if line.endswith("\n") else line + "\n")
-    if good != lines:
-        path.write_text("".join(good), encoding="utf-8")
-    return ids
-
-
 def run(args: argparse.Namespace) -> int:
     from psynth_jax.data.builders import build_examples
     from psynth_jax.data.sources import parse_problems, read_rows, source_label
@@ -94,10 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace, problems: list, out: Path) -> int:
-    from tqdm import tqdm
-
-    from psynth_jax.data.distill import distill_batches
-    from psynth_jax.data.examples import read_examples, to_json_line, write_examples
+    from psynth_jax.data.distill import distill_to_jsonl, done_ids
+    from psynth_jax.data.examples import read_examples, write_examples
     from psynth_jax.inference.sampling import SamplingConfig
     from psynth_jax.interop.loader import load_model
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
@@ -113,17 +90,11 @@ def _distill(args: argparse.Namespace, problems: list, out: Path) -> int:
             model = load_model(args.model, dtype=args.dtype)
         # timing_repeats=0: no TTFT measurement, each path's prefill runs once
         synth = ParallelSynthesis(model, family="math", attn_impl=args.attn_impl, timing_repeats=0)
-        batches = distill_batches(
-            pending, synth, k=args.k, batch_size=args.batch_size, worker_tokens=args.worker_tokens,
+        distill_to_jsonl(
+            pending, synth, work, k=args.k, batch_size=args.batch_size, worker_tokens=args.worker_tokens,
             max_new_tokens=args.max_new_tokens, seed=args.seed,
             worker_sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p),
         )
-        work.parent.mkdir(parents=True, exist_ok=True)
-        with open(work, "a", encoding="utf-8") as f, tqdm(total=len(pending), desc="distill", unit="ex") as bar:
-            for examples in batches:
-                f.writelines(to_json_line(e) for e in examples)
-                f.flush()
-                bar.update(len(examples))
     if work != out:
         write_examples(out, read_examples(work))
         work.unlink()

@@ -77,6 +77,11 @@ class DataConfig:
     # Padded token lengths examples are bucketed into: one compiled shape per bucket.
     buckets: tuple[int, ...] = (2048, 4096, 8192, 12288, 16384, 20480)
     batch_size: int = 1  # global batch: examples per micro-step across all devices
+    # distillation sources given as raw rows are generated once by the backbone (K sampled
+    # workers, then the greedy text path writes the target) and cached in the run directory
+    distill_worker_tokens: int = 256
+    distill_max_new_tokens: int = 512
+    distill_batch_size: int = 8
 
 
 @_frozen

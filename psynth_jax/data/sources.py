@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from psynth_jax.config.schema import DataSourceConfig
 from psynth_jax.data.builders import build_examples
@@ -49,17 +49,28 @@ def parse_problems(rows: Sequence[dict[str, Any]], label: str) -> tuple[list[Pro
     return problems, missing
 
 
-def load_source(src: DataSourceConfig, num_branches: int, seed: int) -> list[SynthesisExample]:
-    """Examples of one configured source (prebuilt rows read as is, raw rows built)."""
+Distiller = Callable[[DataSourceConfig, list[Problem]], list[SynthesisExample]]
+
+
+def load_source(
+    src: DataSourceConfig, num_branches: int, seed: int, distiller: Distiller | None = None
+) -> list[SynthesisExample]:
+    """Examples of one configured source (prebuilt rows read as is, raw rows built).
+
+    Raw rows of a distillation source need the backbone: `distiller` generates them (the trainer
+    passes one that caches them in the run directory); without it they are an error.
+    """
     rows = read_rows(src.path, split=src.split, subset=src.subset, limit=src.limit)
     if rows and is_example_row(rows[0]):
         return [SynthesisExample.from_dict(r) for r in rows]
-    if src.builder == "distillation":
-        raise ValueError(
-            f"{src.path}: distillation sources must be example files made by "
-            "`psynth build-data --builder distillation` (they hold `branches` and `target`)"
-        )
     problems, missing = parse_problems(rows, source_label(src.path, src.split))
+    if src.builder == "distillation":
+        if distiller is None:
+            raise ValueError(
+                f"{src.path}: distillation sources must be example files made by "
+                "`psynth build-data --builder distillation` (they hold `branches` and `target`)"
+            )
+        return distiller(src, problems)
     result = build_examples(problems, src.builder, num_branches, seed)
     skipped = collections.Counter(result.skipped)
     if missing:
@@ -69,6 +80,8 @@ def load_source(src: DataSourceConfig, num_branches: int, seed: int) -> list[Syn
     return result.examples
 
 
-def load_examples(sources: Sequence[DataSourceConfig], num_branches: int, seed: int) -> list[SynthesisExample]:
+def load_examples(
+    sources: Sequence[DataSourceConfig], num_branches: int, seed: int, distiller: Distiller | None = None
+) -> list[SynthesisExample]:
     """All sources' examples, in source order (the pipeline shuffles)."""
-    return [e for src in sources for e in load_source(src, num_branches, seed)]
+    return [e for src in sources for e in load_source(src, num_branches, seed, distiller)]

@@ -19,7 +19,9 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(run_dir) / "checkpoints" if "://" not in str(run_dir) else f"{run_dir}/checkpoints"
+        # Orbax needs absolute local paths; remote ones (gs://...) pass through unchanged
+        remote = "://" in str(run_dir)
+        self.directory = f"{run_dir}/checkpoints" if remote else Path(run_dir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),

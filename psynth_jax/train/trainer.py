@@ -97,6 +97,7 @@ class Trainer:
                                     kl_temperature=t.loss.kl_temperature, remat=t.remat,
                                     attn_impl=cfg.model.attn_impl)
         self.stop_ids = stop_token_ids(self.model.tokenizer, self.model.cfg.eos_token_ids)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._data(examples, eval_examples)
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.step = 0
@@ -104,18 +105,39 @@ class Trainer:
         self._eval_fn = make_eval_step(self.graphdefs, self.opts)
 
     # ----------------------------------------------------------------- data
+    def _distill(self, src, problems) -> list:
+        """Distillation targets for raw rows, generated once by this backbone (LoRA off) and
+        cached (resumably) under the run directory."""
+        import hashlib
+
+        from psynth_jax.data.distill import distill_to_jsonl
+        from psynth_jax.data.examples import read_examples
+        from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+        d = self.cfg.data
+        key = hashlib.sha1(repr((src, d.num_branches, d.seed, d.distill_worker_tokens,
+                                 d.distill_max_new_tokens, self.cfg.model.source)).encode()).hexdigest()[:12]
+        path = self.run_dir / "distill" / f"{Path(src.path).stem}-{key}.jsonl"
+        synth = ParallelSynthesis(self.model, family="math", attn_impl=self.cfg.model.attn_impl, timing_repeats=0)
+        added = distill_to_jsonl(problems, synth, path, k=d.num_branches, batch_size=d.distill_batch_size,
+                                 worker_tokens=d.distill_worker_tokens, max_new_tokens=d.distill_max_new_tokens,
+                                 seed=d.seed)
+        self._log(f"distillation data for {src.path}: {added} generated now, cached in {path}")
+        wanted = {f"distillation/{p.id}" for p in problems}
+        return [e for e in read_examples(path) if e.id in wanted]
+
     def _data(self, examples, eval_examples) -> None:
         from psynth_jax.data.pipeline import load_examples, make_train_iterator
 
         d = self.cfg.data
         if examples is None:
-            examples = load_examples(d.train, d.num_branches, d.seed)
+            examples = load_examples(d.train, d.num_branches, d.seed, self._distill)
         self.train_iter, self.data_stats = make_train_iterator(
             d, self.model.tokenizer, examples=examples, shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
         if eval_examples is None and d.eval:
-            eval_examples = load_examples(d.eval, d.num_branches, d.seed)
+            eval_examples = load_examples(d.eval, d.num_branches, d.seed, self._distill)
         self.eval_batches = []
         if eval_examples:
             it, self.eval_stats = make_train_iterator(d, self.model.tokenizer, examples=eval_examples, split="eval")
