@@ -68,9 +68,12 @@ check_config() {
 }
 
 # psynth_args COMMAND: argv of the psynth invocation (CONFIG, RUN_DIR, then OVERRIDES).
+# For train, RUN_DIR is where the run lives (checkpoint.dir); for eval, the trained run to load.
 psynth_args() {
   PSYNTH_ARGS=("$1" --config "$CONFIG")
-  if [[ -n "${RUN_DIR:-}" ]]; then PSYNTH_ARGS+=("checkpoint.dir=$RUN_DIR"); fi
+  if [[ -n "${RUN_DIR:-}" ]]; then
+    if [[ "$1" == eval ]]; then PSYNTH_ARGS+=("adapter=$RUN_DIR"); else PSYNTH_ARGS+=("checkpoint.dir=$RUN_DIR"); fi
+  fi
   PSYNTH_ARGS+=("${OVERRIDES[@]}")
 }
 

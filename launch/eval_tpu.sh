@@ -12,7 +12,9 @@
 #
 # Environment: as for train_tpu.sh (TPU_NAME, ZONE, PROJECT, CONFIG, QUEUED, ACCELERATOR_TYPE,
 # RUNTIME_VERSION, QR_NAME, SPOT, MAX_RESTARTS, POLL_SECONDS, PYTHON_VERSION, DELETE, DRY_RUN),
-# except that RUN_DIR is optional: when set, it is the trained run to evaluate (checkpoint.dir).
+# except that RUN_DIR is optional: when set, it is the trained run to evaluate (passed as
+# adapter=RUN_DIR; it must be readable on the workers, e.g. copied locally), and CONFIG is an
+# eval config (configs/eval_*.yaml).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

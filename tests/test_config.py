@@ -21,7 +21,7 @@ from psynth_jax.config import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 CPU = CONFIGS / "smollm2_135m_cpu.yaml"
-RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml" and not p.name.startswith("eval_"))
 
 
 @pytest.fixture(autouse=True)

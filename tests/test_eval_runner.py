@@ -131,9 +131,9 @@ def test_end_to_end_files_and_consistent_numbers(reference):
     recs = {(r["task"], r["id"], r["mode"]): r for r in JsonlLog(d / RECORDS).rows}
     for b in branches:
         total = sum(len(t) for t in b["tokens"])
-        for mode in ("text", *CACHE_MODES):
-            assert recs[(b["task"], b["id"], mode)]["branch_tokens"] == total
-        assert recs[(b["task"], b["id"], "text")]["prompt_tokens"] > recs[(b["task"], b["id"], "psynth")]["prompt_tokens"]
+        rec = {mode: recs[(b["task"], b["id"], mode)] for mode in ("text", *CACHE_MODES)}
+        assert all(r["branch_tokens"] == total for r in rec.values())
+        assert rec["text"]["prompt_tokens"] > rec["psynth"]["prompt_tokens"]
     assert "batch size 1" in res["timing"]["method"]
     assert reference.computed == {"worker_calls": 2, "worker_examples": 4, "mode_calls": 12, "records": 24}
 
@@ -204,3 +204,13 @@ def test_shipped_eval_configs_load_and_round_trip(path, tmp_path):
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(dump_eval_config(cfg))
     assert load_eval_config(dumped) == cfg
+
+
+def test_eval_plugs_into_psynth_main(monkeypatch):
+    from psynth_jax.cli import eval as eval_cli
+    from psynth_jax.cli import main as psynth_main
+
+    monkeypatch.setitem(psynth_main.COMMANDS, "eval", ("eval", "evaluate"))
+    args = psynth_main.build_parser().parse_args(["eval", "--config", "c.yaml", "tasks[0].limit=5", "out_dir=x"])
+    assert args._module is eval_cli and args.config == "c.yaml"
+    assert args.overrides == ["tasks[0].limit=5", "out_dir=x"] and not args.quiet

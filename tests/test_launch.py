@@ -166,6 +166,15 @@ def test_eval_tpu_runs_psynth_eval():
     assert_contains_run(run, ["eval", "--config", "configs/qwen3_14b_tpu_v5p.yaml", "eval.x=1"])
 
 
+def test_eval_tpu_passes_the_trained_run_as_adapter():
+    env = {**TPU_ENV, "CONFIG": "configs/eval_smollm2_cpu.yaml"}
+    proc, commands = run_script("eval_tpu.sh", env, "run")
+    assert proc.returncode == 0, proc.stderr
+    run = shell_words(ssh_commands(commands)[-1])
+    assert_contains_run(run, ["eval", "--config", "configs/eval_smollm2_cpu.yaml", f"adapter={TPU_ENV['RUN_DIR']}"])
+    assert not any(w.startswith("checkpoint.dir=") for w in run)
+
+
 @pytest.mark.parametrize(
     ("script", "subcommand", "missing"),
     [

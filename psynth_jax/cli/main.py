@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "end-to-end Parallel-Synthesis on a GSM8K question: workers, cache/text/single paths, TTFT"),
     "bench": ("bench", "benchmarks with random weights of a named architecture (bench ttft: text vs cache path TTFT)"),
     "train": ("train", "train the cache mapper + synthesizer LoRA from a YAML config (resumes automatically)"),
+    "eval": ("eval", "benchmarks x synthesis modes (single, text, naive/mapper-only/LoRA-only cache, psynth): accuracy + TTFT"),
     "export": ("export", "export a trained synthesizer for PyTorch: merged transformers checkpoint and/or PEFT adapter + mapper"),
     "build-data": ("build_data", "build training examples (exposure | aggregation | distillation) as .jsonl/.parquet"),
 }

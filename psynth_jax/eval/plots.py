@@ -29,7 +29,7 @@ def accuracy_plot(results: dict[str, Any], path: Path) -> bool:
         return False
     modes = list(results["modes"])
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(tasks) * len(modes) / 3), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 1.3 * len(tasks)), 4.0))
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
         accs, lo, hi = [], [], []

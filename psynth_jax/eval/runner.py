@@ -4,11 +4,11 @@ For each task, examples are cut into fixed chunks of `batch_size` (in source ord
 chunk). Per chunk:
 1. worker stage (once per example, ever): K branches decoded with the LoRA off and stored as
    token ids + texts in the run dir, so every mode, and every later session, sees the same ones;
-2. each mode answers the chunk from those stored branches (one batched call), then times each
-   request alone: TTFT is always a batch-1 latency, independent of `batch_size`. The cache modes rebuild the branch
-   KV from the stored tokens (`branches_from_tokens`: prefill [worker prompt | output] with the
-   frozen backbone, keep the output KV, which is what a worker holds in memory) once per chunk and
-   share it; they differ only in mapper (identity / trained) and LoRA (off / on);
+2. each mode answers the chunk from those stored branches in one batched call, then times each
+   request alone: TTFT is always a batch-1 latency, whatever `batch_size`. The cache modes
+   rebuild the branch KV from the stored tokens (`branches_from_tokens`: prefill [worker prompt |
+   output] with the frozen backbone, keep the output KV, which is what a worker holds in memory)
+   once per chunk and share it; they differ only in mapper (identity / trained) and LoRA (off / on);
 3. answers are scored and appended to records.jsonl at once.
 
 A rerun of the same config skips every (task, id, mode) already recorded and reuses stored
