@@ -117,6 +117,16 @@ def test_sigterm_saves_and_damaged_checkpoint_is_skipped(tmp_path, tiny_model_di
     assert f"resumed from step {steps[-2]}" in out.stderr
 
 
+def test_resuming_with_another_config_is_refused(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, steps=2, every=1)
+    subprocess.run(train_cmd(cfg), cwd=REPO, check=True, capture_output=True, timeout=900)
+    out = subprocess.run(train_cmd(cfg) + ["train.steps=3", "train.lr=0.5"], cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 2
+    assert "train.lr" in out.stderr and "train.steps" not in out.stderr.split("(")[1].split(")")[0]
+    assert max(losses(tmp_path / "run")) == 2  # nothing trained, nothing lost
+
+
 @pytest.mark.parametrize("override,field", [
     ("train.lrr=1", "train.lrr"),
     ("mesh.data=3", "mesh"),

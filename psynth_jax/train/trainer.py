@@ -60,6 +60,16 @@ class _Preemption:
         self.requested = True
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists kept whole)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def _batch_dict(batch: Any) -> dict[str, np.ndarray]:
     if dataclasses.is_dataclass(batch):
         return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
@@ -153,8 +163,27 @@ class Trainer:
     def _train_state(self) -> dict[str, Any]:
         return {"trainable": self.trainable, "opt_state": self.opt_state}
 
+    def check_same_run(self) -> None:
+        """Refuse to resume a run directory that was started with a different experiment: only
+        the step budget and logging/eval/checkpoint cadence may change between sessions."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file() or not self.checkpointer.manager.all_steps():
+            return
+        import yaml
+
+        free = {"train.steps", "eval_every", "log_every", "tensorboard", "checkpoint.every_steps",
+                "checkpoint.keep", "checkpoint.async_save"}
+        old, new = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(dump_config(self.cfg)))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in free)
+        if changed:
+            raise ValueError(
+                f"{self.run_dir} holds a run started with another config ({', '.join(changed)} differ); "
+                "resume it with its own config.yaml or choose a new checkpoint.dir"
+            )
+
     def resume(self) -> bool:
         """Restore the newest readable checkpoint of the run dir, if any."""
+        self.check_same_run()
         got = self.checkpointer.restore_latest(abstract_like(self._train_state()))
         if got is None:
             return False
@@ -189,9 +218,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.resume()
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         preempt = _Preemption()
         writer = self._tensorboard()
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
