@@ -123,6 +123,11 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(str(self.path))
         except Exception as e:
             raise CheckpointError(f"cannot read GGUF file {self.path} (truncated or corrupt?): {e}") from e
+        if any(t.name == "rope_freqs.weight" for t in self._reader.tensors):
+            raise CheckpointError(
+                f"{self.path} stores RoPE scaling as a rope_freqs tensor (llama.cpp's Llama 3.1+ "
+                "format), which psynth_jax does not read; load the transformers checkpoint instead"
+            )
         self._tensors = {}
         for t in self._reader.tensors:
             hf = self._hf_name(t.name)
