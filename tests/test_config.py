@@ -21,6 +21,24 @@ from psynth_jax.config import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 CPU = CONFIGS / "smollm2_135m_cpu.yaml"
+
+
+
+@pytest.fixture
+def multi(tmp_path) -> Path:
+    """The CPU config with three training sources (index-based overrides address them)."""
+    path = tmp_path / "multi.yaml"
+    src = "../shared/data/gsm8k/train.jsonl"
+    path.write_text(f"""base: {CPU}
+data:
+  train:
+    - {{path: {src}, builder: distillation, limit: 40}}
+    - {{path: {src}, builder: aggregation, limit: 150}}
+    - {{path: {src}, builder: exposure, limit: 150}}
+""")
+    return path
+
+
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml" and not p.name.startswith("eval_"))
 
 
@@ -89,9 +107,9 @@ def test_defaults_are_the_release_recipe():
     assert cfg == schema_defaults
 
 
-def test_overrides_are_parsed_by_field_type():
+def test_overrides_are_parsed_by_field_type(multi):
     cfg = load_config(
-        CPU,
+        multi,
         [
             "train.lr=3e-4",  # PyYAML would read this as a string
             "mesh.fsdp=4",
@@ -203,9 +221,9 @@ def test_malformed_override(override):
         ("train.lr.x=3", "'train.lr' is a value, not a section"),
     ],
 )
-def test_override_into_wrong_shape(override, message):
+def test_override_into_wrong_shape(override, message, multi):
     with pytest.raises(ValueError) as err:
-        load_config(CPU, [override])
+        load_config(multi, [override])
     assert message in str(err.value)
 
 
@@ -237,14 +255,14 @@ def test_missing_local_data_path_names_field():
         validate(cfg)
     with pytest.raises(ValueError, match=r"data.eval\[0\].path"):
         validate(load_config(CPU, ["data.eval[0].path=/nowhere/test.jsonl"]))
-    with pytest.raises(ValueError, match=r"data.train\[1\].path"):
-        validate(load_config(CPU, ["data.train[1].path=data/local.parquet"]))  # a file suffix is local
+    with pytest.raises(ValueError, match=r"data.train\[0\].path: local path 'data/local.parquet'"):
+        validate(load_config(CPU, ["data.train[0].path=data/local.parquet"]))  # a file suffix is local
     with pytest.raises(ValueError, match="model.source: local path './no_model' does not exist"):
         validate(load_config(CPU, ["model.source=./no_model"]))
 
 
-def test_hub_ids_and_remote_paths_are_not_checked():
-    validate(load_config(CPU, ["data.train[0].path=openai/gsm8k", "data.train[1].path=gs://b/x.jsonl",
+def test_hub_ids_and_remote_paths_are_not_checked(multi):
+    validate(load_config(multi, ["data.train[0].path=openai/gsm8k", "data.train[1].path=gs://b/x.jsonl",
                                "model.source=Qwen/Qwen3-0.6B"]))
 
 
