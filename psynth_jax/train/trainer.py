@@ -224,6 +224,7 @@ class Trainer:
         writer = self._tensorboard()
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         summary: dict[str, Any] = {"start_step": self.step, "data": self.data_stats_dict()}
+        self._log(f"data: {self.data_stats.summary()}")
         if self.step == 0 and self.eval_batches:
             summary["eval_before"] = self.evaluate()
             self._record(metrics_file, writer, 0, summary["eval_before"])
@@ -273,8 +274,8 @@ class Trainer:
 
     # ------------------------------------------------------------- logging
     def data_stats_dict(self) -> dict[str, Any]:
-        s = self.data_stats
-        return s if isinstance(s, dict) else dataclasses.asdict(s) if dataclasses.is_dataclass(s) else vars(s)
+        """The pipeline's DataStats (kept / skipped by reason / buckets) as JSON-able data."""
+        return dataclasses.asdict(self.data_stats)
 
     def _tensorboard(self):
         if not self.cfg.tensorboard or jax.process_index() != 0:
