@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psynth_jax.inference.runtime import decode_loop
+from psynth_jax.inference.runtime import decode_loop, lengths_mask
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.train.objective import branch_caches, merge_trainable, synth_cache
@@ -34,8 +34,7 @@ def greedy_both_paths(graphdefs, trainable, frozen, batch, *, max_new_tokens: in
     key = jax.random.key(0)
 
     def decode(tokens, lengths, cache, lora):
-        valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        logits, cache = model(tokens, cache, valid, lora=lora, attn_impl=attn_impl, output="last")
+        logits, cache = model(tokens, cache, lengths_mask(lengths, tokens.shape[1]), lora=lora, attn_impl=attn_impl, output="last")
         return decode_loop(model, logits, cache, key, max_new_tokens=max_new_tokens, sampling=greedy,
                            stop_ids=stop_ids, lora=lora, attn_impl=attn_impl)
 

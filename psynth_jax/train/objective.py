@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psynth_jax.inference.runtime import lengths_mask
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.transformer import Decoder, LoRAParam
 from psynth_jax.synthesis.handoff import BranchCaches, assemble, extract_branches, reencode
@@ -33,10 +34,6 @@ class ObjectiveConfig:
     attn_impl: str = "xla"
 
 
-def _valid(lengths: jax.Array, width: int) -> jax.Array:
-    return jnp.arange(width, dtype=jnp.int32)[None, :] < lengths[:, None]
-
-
 def branch_caches(model: Decoder, batch: dict[str, jax.Array], attn_impl: str = "xla") -> BranchCaches:
     """Prefill each branch's [prefix | output] with the frozen backbone; keep the output KV."""
     b, k, tb = batch["branch_tokens"].shape
@@ -44,7 +41,7 @@ def branch_caches(model: Decoder, batch: dict[str, jax.Array], attn_impl: str = 
     starts = batch["branch_prefix_len"].reshape(-1)
     lengths = batch["branch_len"].reshape(-1)
     cache = KVCache.zeros(model.cfg, b * k, tb, model.dtype)
-    _, cache = model(rows, cache, _valid(starts + lengths, tb), lora=False, attn_impl=attn_impl, output="hidden")
+    _, cache = model(rows, cache, lengths_mask(starts + lengths, tb), lora=False, attn_impl=attn_impl, output="hidden")
     cache = jax.lax.stop_gradient(cache)
     return extract_branches(cache, starts, lengths, num_requests=b, branch_slots=tb)
 
@@ -83,7 +80,7 @@ def synthesis_loss(
     tokens = batch["synth_tokens"]
     ts = tokens.shape[1]
     cache = synth_cache(mapper, branches, model.cfg, ts)
-    h, _ = model(tokens, cache, _valid(batch["synth_len"], ts), lora=True, attn_impl=opts.attn_impl,
+    h, _ = model(tokens, cache, lengths_mask(batch["synth_len"], ts), lora=True, attn_impl=opts.attn_impl,
                  output="hidden", remat=opts.remat)
     logits = model.logits(h)
     mask = batch["loss_mask"] * batch["example_valid"][:, None].astype(jnp.float32)
@@ -94,7 +91,7 @@ def synthesis_loss(
     if opts.kl_weight > 0:
         text = batch["text_tokens"]
         th, _ = model(text, KVCache.zeros(model.cfg, text.shape[0], text.shape[1], model.dtype),
-                      _valid(batch["text_len"], text.shape[1]), lora=False, attn_impl=opts.attn_impl,
+                      lengths_mask(batch["text_len"], text.shape[1]), lora=False, attn_impl=opts.attn_impl,
                       output="hidden", remat=opts.remat)
         teacher = jax.lax.stop_gradient(model.logits(th))
         teacher = _aligned_teacher_logits(teacher, batch["text_loss_mask"], mask)
