@@ -169,6 +169,18 @@ def test_resume_after_interruption_recomputes_nothing_finished(tiny_model, refer
         json.loads((reference.run_dir / "branches.jsonl").read_text().splitlines()[0])
 
 
+def test_timing_examples_times_only_each_tasks_first_examples(tiny_model, tmp_path, monkeypatch):
+    calls = Counter(monkeypatch)
+    outcome = runner_mod.run_eval(make_config(tmp_path / "run", timing_examples=1), model=tiny_model, quiet=True)
+    rows = JsonlLog(tmp_path / "run" / RECORDS).rows
+    first = {t: next(r["id"] for r in rows if r["task"] == t) for t in TASKS}  # records follow source order
+    assert calls.requests("single_agent", "text_path", "cache_path", max_new_tokens=1) == len(TASKS) * 6
+    for r in rows:
+        assert (r["ttft_s"] is not None) == (r["id"] == first[r["task"]]), (r["task"], r["id"], r["mode"])
+    assert all(m["ttft_ms"]["n"] == 1 for scope in outcome.results["tasks"].values() for m in scope.values())
+    assert "first 1 examples" in outcome.results["timing"]["method"]
+
+
 def test_finished_run_reports_without_loading_a_model(reference, monkeypatch):
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("model loaded for a finished run"))
     cfg = make_config(reference.run_dir)

@@ -62,6 +62,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 1  # requests per batched worker / answer call (throughput only: TTFT is always batch 1)
     timing_repeats: int = 3  # timed batch-1 runs per (example, mode), median, after a compile run; 0: no TTFT
+    timing_examples: Optional[int] = None  # time only each task's first N examples (None: all); accuracy uses all
     score_workers: int = 2  # code programs run in parallel by the scorer
     code_timeout_s: float = 10.0  # per program, as in the paper
     out_dir: str  # run directory: records, stored branches, results; an existing one is resumed
@@ -133,6 +134,8 @@ def _number_errors(cfg: EvalConfig) -> list[str]:
         (cfg.synth_temperature >= 0, f"synth_temperature must be >= 0, got {cfg.synth_temperature}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.timing_repeats >= 0, f"timing_repeats must be >= 0 (0: no TTFT), got {cfg.timing_repeats}"),
+        (cfg.timing_examples is None or cfg.timing_examples >= 1,
+         f"timing_examples must be >= 1 or null (time every example), got {cfg.timing_examples}"),
         (cfg.score_workers >= 1, f"score_workers must be >= 1, got {cfg.score_workers}"),
         (cfg.code_timeout_s > 0, f"code_timeout_s must be > 0, got {cfg.code_timeout_s}"),
     ]

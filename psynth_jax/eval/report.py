@@ -29,7 +29,8 @@ def timing_method(cfg: EvalConfig) -> str:
     """One sentence on how TTFT was measured, for the report."""
     if cfg.timing_repeats == 0:
         return "TTFT not measured (timing_repeats = 0)."
-    return (f"TTFT per request at batch size 1 (each example re-run alone with a 1-token budget, whatever "
+    which = "" if cfg.timing_examples is None else f" on each task's first {cfg.timing_examples} examples"
+    return (f"TTFT{which} per request at batch size 1 (each example re-run alone with a 1-token budget, whatever "
             f"batch of {cfg.batch_size} decoded its answer): median of {cfg.timing_repeats} timed runs after "
             "one compile run, from the path's first device work to its first sampled token (worker decoding "
             "excluded).")
@@ -53,7 +54,8 @@ def build_results(
         "modes": {m: MODE_SPECS[m].description for m in cfg.modes},
         "untrained": {m: parts for m, parts in untrained.items() if parts},
         "devices": sorted({r.device for r in records}),
-        "timing": {"method": timing_method(cfg), "repeats": cfg.timing_repeats, "batch_size": cfg.batch_size},
+        "timing": {"method": timing_method(cfg), "repeats": cfg.timing_repeats, "examples": cfg.timing_examples,
+                   "batch_size": cfg.batch_size},
         "n_examples": n_examples,
         "complete": len(records) == sum(n_examples.values()) * len(cfg.modes),
         **summarize(records, list(examples), list(cfg.modes)),

@@ -92,6 +92,8 @@ class EvalRunner:
         self.device = ""
         self.computed: collections.Counter[str] = collections.Counter()
         self._caches: dict[tuple[str, ...], Any] = {}
+        n = cfg.timing_examples
+        self.timed = {(t, ex.id) for t, exs in self.examples.items() for ex in (exs if n is None else exs[:n])}
 
     # ------------------------------------------------------------------------------ driver
     def run(self) -> EvalOutcome:
@@ -229,10 +231,12 @@ class EvalRunner:
     def _time(self, spec: ModeSpec, ex: EvalExample) -> tuple[float | None, dict[str, float]]:
         """TTFT of one request alone (batch 1, a 1-token budget), whatever batch answered it.
 
+        Only the first `timing_examples` examples of each task are timed (all when None).
+
         The pipeline times the call: compile run first, then the median of `timing_repeats` runs
         from its first device work to its first sampled token.
         """
-        if self.cfg.timing_repeats == 0:
+        if self.cfg.timing_repeats == 0 or (ex.task, ex.id) not in self.timed:
             return None, {}
         self.synth.timing_repeats = self.cfg.timing_repeats
         try:
