@@ -15,7 +15,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint: {DEFAULT_MODEL!r} (embedded), a .gguf file, a transformers dir or a hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
-    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split"], help="attention kernel")
+    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split", "splash"],
+                   help="attention kernel (cudnn: GPU; splash: TPU, Pallas interpret mode elsewhere)")
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import dataclasses
 from typing import Literal, Optional
 
 Dtype = Literal["float32", "bfloat16"]
-AttnImpl = Literal["xla", "cudnn", "xla_split"]
+AttnImpl = Literal["xla", "cudnn", "xla_split", "splash"]
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 MapperKind = Literal["affine_length", "per_head_affine"]
 Builder = Literal["exposure", "aggregation", "distillation"]
@@ -32,7 +32,7 @@ class ModelSourceConfig:
     # "smollm2-135m" (the embedded GGUF), a local HF directory, a hub id, or a .gguf path.
     source: str = "smollm2-135m"
     dtype: Dtype = "bfloat16"  # parameter dtype of the frozen backbone
-    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA)
+    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA), splash (TPU Pallas, single device)
 
 
 @_frozen

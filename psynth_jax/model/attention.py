@@ -14,6 +14,12 @@ Implementations:
   cache invariant of kv_cache.py; refuses explicit masks rather than silently ignoring them.
 - "xla_split": the same split layout run by XLA's kernel: checks the cuDNN path's algebra on
   any platform (CPU tests), and is a fallback where cuDNN refuses a shape.
+- "splash": jax's TPU splash-attention Pallas kernel over [cache prefix | causal chunk] in one
+  call, the per-row prefix and chunk lengths given as segment ids (splash.py). Same cache
+  layouts and the same refusal of explicit masks as "cudnn"; off TPU it runs in Pallas
+  interpret mode (a slow correctness check). Imported lazily: pallas is only loaded when chosen.
+  Single-device: a Mosaic kernel inside a jit over several devices must be wrapped in a
+  shard_map, which this entry point does not do.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn", "xla_split")
+IMPLEMENTATIONS = ("xla", "cudnn", "xla_split", "splash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -55,16 +61,21 @@ def attend(
 
     chunk = (k_chunk, v_chunk, start, chunk_len): the new tokens' own keys/values, where they
     were written, and how many are valid; fused kernels use it instead of a dense mask. Query
-    rows that see no key at all (padding) return zeros in the XLA path.
+    rows that see no key at all (padding) return zeros in the XLA path, and finite values
+    without meaning in "splash".
     """
     if impl == "xla":
         return xla_attention(q, k, v, mask)
-    if impl in ("cudnn", "xla_split"):
+    if impl in ("cudnn", "xla_split", "splash"):
         if mask.explicit is not None or chunk is None:
             raise ValueError(f"attention {impl!r} takes cache layouts only (no explicit mask); use impl='xla'")
+        k_chunk, v_chunk, start, chunk_len = chunk
+        if impl == "splash":
+            from psynth_jax.model.splash import splash_attention
+
+            return splash_attention(q, k, v, k_chunk, v_chunk, start, chunk_len)
         from psynth_jax.model.attention_kernels import split_attention
 
-        k_chunk, v_chunk, start, chunk_len = chunk
         kernel = "cudnn" if impl == "cudnn" else "xla"
         return split_attention(q, k, v, k_chunk, v_chunk, start, chunk_len, kernel=kernel)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
