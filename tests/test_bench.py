@@ -17,6 +17,7 @@ from psynth_jax.model.presets import PRESETS, hub_id, preset
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIME_KEYS = ("cache_reencode_assemble_ms", "cache_mapper_ms", "cache_prepare_ms", "cache_prefill_ms",
              "cache_ttft_ms", "text_ttft_ms")
+PEER_KEYS = ("peer_text_ttft_ms", "peer_cache_ttft_ms")
 
 
 # ----------------------------------------------------------------- presets
@@ -65,9 +66,10 @@ def test_unknown_arch_lists_presets(capsys):
 # ------------------------------------------------------------- sweep + CLI
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    """One CLI run: roofline measured, PyTorch peer in its child process, both plots."""
     out = tmp_path_factory.mktemp("bench")
     rc = bench_cli.main(["ttft", "--arch", "tiny-llama", "--ks", "1,2", "--ls", "8", "--prompt-tokens", "8",
-                         "--new-tokens", "8", "--repeats", "1", "--out", str(out)])
+                         "--new-tokens", "8", "--repeats", "1", "--torch-peer", "--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "ttft.json").read_text())
 
@@ -83,7 +85,18 @@ def test_sweep_json_has_metadata_and_rows(sweep):
     assert meta["num_params"] == preset("tiny-llama").num_params()
     assert meta["lora"]["rank"] == 16 and meta["mapper_kind"] == "affine_length"
     assert meta["command"].startswith("psynth bench ttft --arch tiny-llama --ks 1,2 --ls 8")
+    assert meta["command"].endswith("--torch-peer")
     assert [(r["K"], r["L"]) for r in rows] == [(1, 8), (2, 8)]
+    assert meta["schema_version"] == 2
+    roof = meta["roofline"]
+    assert roof["dtype"] == "float32" and roof["platform"] == meta["device"]["platform"]
+    assert roof["matmul_flops_per_s"] > 0 and roof["bandwidth_bytes_per_s"] > 0
+    peer = meta["peer"]
+    assert peer["dtype"] == "float32" and peer["device"] == "cpu" and peer["attn_implementation"] == "sdpa"
+    assert peer["torch"] and peer["transformers"]
+    for key in ("cache_floor_ms", "cache_floor_ratio", "text_floor_ms", "text_floor_ratio", "text_mfu",
+                "prepare_share", "peer_text_ttft_ms", "peer_cache_ttft_ms", "text_vs_peer"):
+        assert key in meta["definitions"], key
 
 
 def test_sweep_rows_have_positive_times_and_same_run_ratio(sweep):
@@ -99,10 +112,48 @@ def test_sweep_rows_have_positive_times_and_same_run_ratio(sweep):
         assert all(len(v) == 1 for v in r["times_ms"].values())  # --repeats 1
 
 
+def test_sweep_rows_roofline_fields_are_quotients_of_stored_fields(sweep):
+    from psynth_jax.bench.roofline import Roofline, cache_path_cost, text_path_cost
+
+    _, data = sweep
+    roof = Roofline.from_dict(data["metadata"]["roofline"])
+    cfg = preset("tiny-llama")
+    for r in data["rows"]:
+        text = text_path_cost(cfg, r["K"], r["L"], r["prompt_tokens"], nbytes=4)
+        cache = cache_path_cost(cfg, r["K"], r["L"], r["prompt_tokens"], nbytes=4, lora_rank=16)
+        assert (r["text_flops"], r["text_bytes"], r["cache_flops"], r["cache_bytes"]) == (
+            text.flops, text.bytes, cache.flops, cache.bytes)
+        assert r["cache_floor_ms"] == pytest.approx(1e3 * max(r["cache_bytes"] / roof.bandwidth_bytes_per_s,
+                                                              r["cache_flops"] / roof.matmul_flops_per_s))
+        assert r["text_floor_ms"] == pytest.approx(1e3 * max(r["text_bytes"] / roof.bandwidth_bytes_per_s,
+                                                             r["text_flops"] / roof.matmul_flops_per_s))
+        assert r["cache_floor_ratio"] == pytest.approx(r["cache_ttft_ms"] / r["cache_floor_ms"])
+        assert r["text_floor_ratio"] == pytest.approx(r["text_ttft_ms"] / r["text_floor_ms"])
+        assert r["text_mfu"] == pytest.approx(r["text_flops"] / (r["text_ttft_ms"] / 1e3) / roof.matmul_flops_per_s)
+        assert r["prepare_share"] == pytest.approx(r["cache_prepare_ms"] / r["cache_ttft_ms"])
+        assert r["cache_prepare_floor_ms"] > 0
+        for key in ("cache_floor_ratio", "text_floor_ratio", "text_mfu", "prepare_share"):
+            assert r[key] > 0 and math.isfinite(r[key]), key
+
+
+def test_sweep_rows_have_the_torch_peer(sweep):
+    out, data = sweep
+    for r in data["rows"]:
+        for key in PEER_KEYS:
+            assert r[key] > 0 and math.isfinite(r[key]), key
+        assert r["text_vs_peer"] == pytest.approx(r["text_ttft_ms"] / r["peer_text_ttft_ms"])
+        assert r["cache_vs_peer"] == pytest.approx(r["cache_ttft_ms"] / r["peer_cache_ttft_ms"])
+        assert set(r["peer_times_ms"]) == {k[:-3] for k in PEER_KEYS}
+        assert all(len(v) == 1 for v in r["peer_times_ms"].values())
+    raw = json.loads((out / "ttft_peer.json").read_text())  # the peer's own JSON is kept
+    assert [(r["K"], r["L"]) for r in raw["rows"]] == [(1, 8), (2, 8)]
+
+
 def test_sweep_writes_png(sweep):
     out, _ = sweep
-    png = (out / "ttft.png").read_bytes()
-    assert png[:8] == PNG_MAGIC and len(png) > 10_000
+    for name in ("ttft.png", "ttft_floor.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == PNG_MAGIC and len(png) > 10_000, name
 
 
 def test_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path, sweep):
@@ -119,6 +170,11 @@ def test_table_marks_out_of_memory_paths():
     line = ttft.format_row(row)
     assert "OOM" in line and "12.00" in line
     assert len(line) == len(ttft.format_header())
+    wide = ttft.table_columns(roofline=True, peer=True)
+    row.update(peer_text_error="out of memory", peer_cache_ttft_ms=30.0, cache_floor_ratio=1.25)
+    line = ttft.format_row(row, wide)
+    assert len(line) == len(ttft.format_header(wide))
+    assert line.count("OOM") == 5 and "1.25x" in line and "30.00" in line  # text columns + torch text
 
 
 def test_oom_is_recognised():

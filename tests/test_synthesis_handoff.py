@@ -10,7 +10,6 @@ inside each block, so this is exactly what the workers computed, re-encoded.
 from __future__ import annotations
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 

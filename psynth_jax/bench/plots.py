@@ -119,3 +119,99 @@ def plot_ttft(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# path key -> (label, colour); floors use the path's colour, dashed
+_PATHS = (
+    ("text_ttft_ms", "JAX text", "tab:blue"),
+    ("cache_ttft_ms", "JAX cache", "tab:orange"),
+    ("peer_text_ttft_ms", "PyTorch text", "tab:green"),
+    ("peer_cache_ttft_ms", "PyTorch cache", "tab:red"),
+)
+_FLOORS = (("text_floor_ms", "text floor", "tab:blue"), ("cache_floor_ms", "cache floor", "tab:orange"))
+_MARKERS = "osD^v<>ph*"
+
+
+def plot_ttft_floor(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Two panels against total branch tokens K*L (log-log): TTFT of the JAX text and cache paths and,
+    when present, the PyTorch peer's, one marker per K, with each path's roofline floor dashed; and
+    measured / floor per path (with the 1.5x target) plus JAX / PyTorch where the peer ran. Returns
+    the PNG path, or None (with a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping the TTFT floor plot (pip install matplotlib)")
+        return None
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ks = sorted({r["K"] for r in rows})
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(14, 5.4))
+
+    for key, label, color in _PATHS:
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        for i, k in enumerate(ks):
+            pts = sorted(((r["branch_tokens"], r[key]) for r in rows if r["K"] == k and r.get(key) is not None))
+            if pts:
+                ax_t.plot([x for x, _ in pts], [y for _, y in pts], "-", marker=_MARKERS[i % len(_MARKERS)],
+                          color=color, markersize=5, lw=1.2, label=f"{label}" if i == 0 else None)
+    for key, label, color in _FLOORS:  # a floor depends on K*L only (and the prompt): one line
+        pts = sorted({(r["branch_tokens"], r[key]) for r in rows if r.get(key) is not None})
+        if pts:
+            ax_t.plot([x for x, _ in pts], [y for _, y in pts], "--", color=color, lw=1.5, alpha=0.8, label=label)
+    for i, k in enumerate(ks):  # marker legend for K
+        ax_t.plot([], [], _MARKERS[i % len(_MARKERS)], color="grey", label=f"K={k}")
+
+    ratios = (("cache_floor_ratio", "JAX cache / floor", "tab:orange", "-"),
+              ("text_floor_ratio", "JAX text / floor", "tab:blue", "-"),
+              ("text_vs_peer", "JAX text / PyTorch text", "tab:green", ":"),
+              ("cache_vs_peer", "JAX cache / PyTorch cache", "tab:red", ":"))
+    for key, label, color, ls in ratios:
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        for i, k in enumerate(ks):
+            pts = sorted(((r["branch_tokens"], r[key]) for r in rows if r["K"] == k and r.get(key) is not None))
+            if pts:
+                ax_r.plot([x for x, _ in pts], [y for _, y in pts], ls, marker=_MARKERS[i % len(_MARKERS)],
+                          color=color, markersize=5, label=label if i == 0 else None)
+    if any(r.get("cache_floor_ratio") is not None for r in rows):
+        ax_r.axhline(1.5, color="tab:orange", lw=1, ls="--", alpha=0.7, label="cache target: 1.5x floor")
+    ax_r.axhline(1.0, color="grey", lw=1, ls=":")
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax in (ax_t, ax_r):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.set_xlabel("total branch tokens K*L (per request)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(x=0.08, y=0.12)
+    ax_t.set_ylabel("TTFT (ms, median)")
+    ax_t.set_title("TTFT vs K*L (dashed: roofline floor of each path)", fontsize=10)
+    ax_t.legend(fontsize=7, ncol=2)
+    ax_r.set_ylabel("ratio")
+    ax_r.set_title("measured / floor, and JAX / PyTorch (same run)", fontsize=10)
+    if ax_r.lines:
+        ax_r.legend(fontsize=7)
+
+    roof = meta.get("roofline") or {}
+    peer = meta.get("peer") or {}
+    extra = []
+    if roof:
+        extra.append(f"roofline: {roof.get('matmul_flops_per_s', 0) / 1e12:.3g} TFLOP/s {roof.get('dtype', '')}, "
+                     f"{roof.get('bandwidth_bytes_per_s', 0) / 1e9:.4g} GB/s (measured)")
+    if peer:
+        extra.append(f"peer: torch {peer.get('torch', '?')}, transformers {peer.get('transformers', '?')}, "
+                     f"{peer.get('dtype', '?')}, sdpa")
+    fig.suptitle(_title(meta) + ("\n" + " | ".join(extra) if extra else ""), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -14,6 +14,11 @@ random: the work done (shapes, FLOPs, memory traffic) does not depend on their v
 timings are those of the real model of that shape. Every timed function runs once to compile
 (that first call is recorded as `first_call_ms`), then `repeats` times; the median is reported.
 Inputs a timed call consumes (the donated cache of `extend`) are rebuilt outside the timer.
+
+With a measured `Roofline` (psynth_jax/bench/roofline.py) every row also gets each path's
+floor, max(bytes / bandwidth, FLOPs / matmul peak) from an analytic cost model, the measured/floor
+ratios and the text path's MFU; with PyTorch peer rows (psynth_jax/bench/peer.py, measured before
+the sweep) the transformers + SDPA times of both paths and the JAX/peer ratios.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psynth_jax.bench.roofline import ROOFLINE_DEFINITIONS, Roofline, roofline_fields
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.interop.loader import parse_dtype, random_model
@@ -45,7 +51,7 @@ from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.handoff import BranchCaches, assemble, prepare_synth_cache, reencode
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper, map_caches
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields
 WEIGHTS_NOTE = "random weights, branch KV and tokens: timing does not depend on their values"
 
 # (column title, row key, format) of the printed table
@@ -60,7 +66,24 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cache TTFT", "cache_ttft_ms", "{:>10.2f}"),
     ("text TTFT", "text_ttft_ms", "{:>10.2f}"),
     ("text/cache", "speedup", "{:>9.2f}x"),
+    ("prep%", "prepare_share", "{:>6.1%}"),
 )
+# appended when the run measured a roofline / ran the PyTorch peer
+ROOFLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("cache floor", "cache_floor_ms", "{:>10.2f}"),
+    ("cache/floor", "cache_floor_ratio", "{:>10.2f}x"),
+    ("text/floor", "text_floor_ratio", "{:>9.2f}x"),
+    ("text MFU", "text_mfu", "{:>7.1%}"),
+)
+PEER_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("torch text", "peer_text_ttft_ms", "{:>10.2f}"),
+    ("torch cache", "peer_cache_ttft_ms", "{:>10.2f}"),
+    ("text/torch", "text_vs_peer", "{:>9.2f}x"),
+)
+
+
+def table_columns(roofline: bool = False, peer: bool = False) -> tuple[tuple[str, str, str], ...]:
+    return TABLE_COLUMNS + (ROOFLINE_COLUMNS if roofline else ()) + (PEER_COLUMNS if peer else ())
 
 
 class _OutOfMemory(Exception):
@@ -178,6 +201,8 @@ def run_ttft_sweep(
     seed: int = 0,
     warmup: bool = True,
     verbose: bool = True,
+    roofline: Roofline | None = None,
+    peer_rows: Sequence[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -187,6 +212,8 @@ def run_ttft_sweep(
     slot count changes attention cost, so both paths get the same room). The backbone has a
     LoRA of rank `lora_rank` attached (on for the cache path, off for the text path).
     warmup: measure the first point once more before the sweep and discard it.
+    roofline: adds the cost-model floors, floor ratios and text MFU to every row.
+    peer_rows: rows of a PyTorch peer sweep (psynth_jax.bench.peer, same points), merged by (K, L).
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
     _check_sweep(cfg, ks, ls, prompt_tokens, batch, new_tokens, worker_prompt_tokens, mapper_kind)
@@ -208,6 +235,18 @@ def run_ttft_sweep(
             worker_prompt_tokens=worker_prompt_tokens, new_tokens=new_tokens, key=jax.random.fold_in(key, i),
         )
 
+    peers = {(int(r["K"]), int(r["L"])): r for r in (peer_rows or ())}
+    columns = table_columns(roofline is not None, bool(peers))
+    lora_targets = LoRAConfig().targets
+
+    def finish(row: dict[str, Any]) -> dict[str, Any]:
+        peer = peers.get((row["K"], row["L"]))
+        if peer is not None:
+            row.update({k: v for k, v in peer.items() if k not in ("K", "L")})
+            row.update(peer_ratios(row))
+        row.update(roofline_fields(row, cfg, roofline, dtype=dtype, lora_rank=lora_rank, lora_targets=lora_targets))
+        return row
+
     rows = []
     with warnings.catch_warnings():
         # donation is a no-op on some backends; its warning would only clutter the table
@@ -217,7 +256,7 @@ def run_ttft_sweep(
                 print("[bench ttft] warm-up pass on the first point (discarded)", file=sys.stderr, flush=True)
             warm_first = measure(0, *points[0], 1)["first_call_ms"]
             gc.collect()
-        say(format_header())
+        say(format_header(columns))
         for i, (k, l) in enumerate(points):
             if verbose:
                 print(f"[bench ttft] point {i + 1}/{len(points)}: K={k} L={l} (compiling + timing)",
@@ -225,8 +264,8 @@ def run_ttft_sweep(
             row = measure(i, k, l, repeats)
             if warmup and i == 0:  # keep the compile-inclusive first calls of the warm-up pass
                 row["first_call_ms"] = warm_first
-            rows.append(row)
-            say(format_row(row))
+            rows.append(finish(row))
+            say(format_row(row, columns))
             gc.collect()  # drop this point's caches before the next one allocates
     return rows
 
@@ -308,18 +347,28 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
     return row
 
 
+def peer_ratios(row: dict[str, Any]) -> dict[str, float]:
+    """JAX time / PyTorch peer time of each path, where both were measured."""
+    out = {}
+    for path in ("text", "cache"):
+        ours, theirs = row.get(f"{path}_ttft_ms"), row.get(f"peer_{path}_ttft_ms")
+        if ours is not None and theirs:
+            out[f"{path}_vs_peer"] = ours / theirs
+    return out
+
+
 # ------------------------------------------------------------------ reporting
-def format_header() -> str:
+def format_header(columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
     cells = []
-    for title, _, fmt in TABLE_COLUMNS:
+    for title, _, fmt in columns:
         width = len(fmt.format(0 if "d}" in fmt else 0.0))
         cells.append(title.rjust(max(width, len(title))))
     return "  ".join(cells)
 
 
-def format_row(row: dict[str, Any]) -> str:
+def format_row(row: dict[str, Any], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
     cells = []
-    for title, key, fmt in TABLE_COLUMNS:
+    for title, key, fmt in columns:
         width = max(len(fmt.format(0 if "d}" in fmt else 0.0)), len(title))
         value = row.get(key)
         text = fmt.format(value) if value is not None else ("OOM" if _path_oom(row, key) else "-")
@@ -327,8 +376,15 @@ def format_row(row: dict[str, Any]) -> str:
     return "  ".join(cells)
 
 
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
+    return "\n".join([format_header(columns)] + [format_row(r, columns) for r in rows])
+
+
 def _path_oom(row: dict[str, Any], key: str) -> bool:
-    return (key.startswith("cache") and "cache_error" in row) or (key.startswith("text") and "text_error" in row)
+    for prefix in ("peer_cache", "peer_text", "cache", "text"):
+        if key.startswith(prefix):
+            return f"{prefix}_error" in row
+    return False
 
 
 def device_info() -> dict[str, Any]:
@@ -377,9 +433,32 @@ def sweep_metadata(
     cfg: ModelConfig, *, arch: str, hub: str | None = None, ks: Sequence[int], ls: Sequence[int],
     prompt_tokens: int, batch: int, dtype: str, attn_impl: str, repeats: int, mapper_kind: str,
     lora_rank: int = 16, worker_prompt_tokens: int = 64, new_tokens: int = 64, seed: int = 0,
-    warmup: bool = True, command: str | None = None,
+    warmup: bool = True, command: str | None = None, roofline: Roofline | None = None,
+    peer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to read (and reproduce) a sweep's rows."""
+    """Everything needed to read (and reproduce) a sweep's rows.
+
+    roofline: the measured Roofline (stored as `roofline`; None: not measured, no floor fields).
+    peer: the PyTorch peer's metadata (psynth_jax.bench.peer.peer_metadata) when it ran.
+    """
+    definitions = {
+        "cache_reencode_assemble_ms": "RoPE re-encoding by -P + packing, no mapper (own jit)",
+        "cache_mapper_ms": "cache mapper alone on the branch K/V (own jit)",
+        "cache_prepare_ms": "prepare_synth_cache: re-encode + mapper + assemble, one jit (as the pipeline)",
+        "cache_prefill_ms": "runtime.extend of the prompt over the prepared cache, LoRA on",
+        "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
+        "text_ttft_ms": "runtime.prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
+        "speedup": "text_ttft_ms / cache_ttft_ms, same run",
+        "first_call_ms": "each function's first call at that point: includes compilation unless an earlier "
+                         "point of the same shape compiled it",
+        "text_note": "the real text prompt also prefills per-branch headings ('[Sub-agent i]:'); not counted, "
+                     "which slightly favours the text path",
+        **ROOFLINE_DEFINITIONS,
+    }
+    if peer is not None:
+        definitions.update(peer.get("definitions", {}))
+        definitions["peer_first_call_ms"] = "the peer's first call per function at that point (cuBLAS/SDPA warm-up)"
+        definitions["peer_times_ms"] = "the peer's timed calls, ms"
     return {
         "benchmark": "ttft",
         "schema_version": SCHEMA_VERSION,
@@ -406,19 +485,9 @@ def sweep_metadata(
         "seed": seed,
         "warmup": warmup,
         "statistic": "median over `repeats` timed calls after one compile call; ms",
-        "definitions": {
-            "cache_reencode_assemble_ms": "RoPE re-encoding by -P + packing, no mapper (own jit)",
-            "cache_mapper_ms": "cache mapper alone on the branch K/V (own jit)",
-            "cache_prepare_ms": "prepare_synth_cache: re-encode + mapper + assemble, one jit (as the pipeline)",
-            "cache_prefill_ms": "runtime.extend of the prompt over the prepared cache, LoRA on",
-            "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
-            "text_ttft_ms": "runtime.prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
-            "speedup": "text_ttft_ms / cache_ttft_ms, same run",
-            "first_call_ms": "each function's first call at that point: includes compilation unless an earlier "
-                             "point of the same shape compiled it",
-            "text_note": "the real text path also prefills per-branch headings ('[Sub-agent i]:'); not counted, "
-                         "which slightly favours the text path",
-        },
+        "definitions": definitions,
+        "roofline": roofline.to_dict() if roofline is not None else None,
+        "peer": peer,
         "device": device_info(),
         "versions": versions(),
     }

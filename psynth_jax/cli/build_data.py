@@ -10,7 +10,6 @@ it, which is what resumes).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

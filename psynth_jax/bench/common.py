@@ -1,0 +1,135 @@
+"""Helpers shared by `psynth bench batch`, `decode` and `train`: common options, the
+reproducing command line, JSON metadata, the printed table and matplotlib access."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import shlex
+import sys
+import warnings
+from typing import Any, Sequence
+
+from psynth_jax.bench.ttft import device_info, versions
+from psynth_jax.cli.bench import _arch
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.transformer import LoRAConfig
+
+SCHEMA_VERSION = 1
+WEIGHTS_NOTE = "random weights, KV and tokens: timing does not depend on their values"
+
+Column = tuple[str, str, str]  # (title, row key, format)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, name: str, repeats: int = 3) -> None:
+    """--arch, --dtype, --attn-impl, --repeats, --seed, --out, --no-plot (same meaning in every benchmark)."""
+    from psynth_jax.model.presets import PRESETS
+
+    p.add_argument("--arch", type=_arch, default="tiny-llama",
+                   help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
+                        "weights are random (timing does not depend on them)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="parameter/cache/activation dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
+    p.add_argument("--attn-impl", default="xla", choices=attn_impls(),
+                   help="attention kernel (cudnn: GPU only; splash: TPU only)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed calls per measurement (median reported)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--out", default="runs/bench", help=f"output directory ({name}.json, {name}.png)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+
+
+def attn_impls() -> list[str]:
+    """The attention kernels the experiment config accepts (psynth_jax.config.schema.AttnImpl)."""
+    import typing
+
+    from psynth_jax.config.schema import AttnImpl
+
+    return list(typing.get_args(AttnImpl))
+
+
+def command_line(benchmark: str, args: argparse.Namespace, options: Sequence[str], switches: Sequence[str] = (),
+                 **resolved: Any) -> str:
+    """The canonical `psynth bench <benchmark> ...` line reproducing a run (recorded in the JSON).
+
+    options: argparse dests written as `--dest value` (lists comma-joined, None skipped);
+    switches: store_true dests written as a bare flag when set; resolved: dest -> value overriding
+    args (e.g. the dtype "auto" resolved to).
+    """
+    argv = ["psynth", "bench", benchmark]
+    for dest in options:
+        value = resolved.get(dest, getattr(args, dest, None))
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv += ["--" + dest.replace("_", "-"), str(value)]
+    argv += ["--" + d.replace("_", "-") for d in switches if getattr(args, d, False)]
+    return shlex.join(argv)
+
+
+def base_metadata(benchmark: str, cfg: ModelConfig, *, arch: str, hub: str | None, dtype: str, attn_impl: str,
+                  command: str, repeats: int, seed: int) -> dict[str, Any]:
+    """The metadata every benchmark JSON starts with (what ran, where, how to reproduce it)."""
+    return {
+        "benchmark": benchmark,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "arch": arch,
+        "hub_id": hub,
+        "model_config": dataclasses.asdict(cfg),
+        "num_params": cfg.num_params(),
+        "weights": "random",
+        "weights_note": WEIGHTS_NOTE,
+        "dtype": dtype,
+        "attn_impl": attn_impl,
+        "repeats": repeats,
+        "seed": seed,
+        "device": device_info(),
+        "versions": versions(),
+    }
+
+
+def say(tag: str, msg: str) -> None:
+    print(f"[bench {tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """Header + one line per row; missing values print as '-' (or the row's error marker)."""
+
+    def width(title: str, fmt: str) -> int:
+        sample: Any = "" if "s}" in fmt else (0 if "d}" in fmt else 0.0)
+        return max(len(fmt.format(sample)), len(title))
+
+    lines = ["  ".join(t.rjust(width(t, f)) for t, _, f in columns)]
+    for row in rows:
+        cells = []
+        for title, key, fmt in columns:
+            v = row.get(key)
+            text = fmt.format(v) if v is not None else ("ERR" if row.get("error") else "-")
+            cells.append(text.rjust(width(title, fmt)))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def lora_rank_of(lora: LoRAConfig | None) -> int:
+    return 0 if lora is None else lora.rank
+
+
+def pyplot_or_none():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plain_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")

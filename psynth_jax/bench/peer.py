@@ -1,0 +1,299 @@
+"""PyTorch peer of the TTFT sweep: the same architecture in transformers (SDPA attention), same shapes.
+
+Two timings per (K, L), each to the first token (argmax of the last position's logits):
+
+- `peer_text_ttft_ms`: one forward over K*L + prompt random tokens from an empty cache
+  (`use_cache=True`, `logits_to_keep=1`), as the text-concatenation path does.
+- `peer_cache_ttft_ms`: the same stack consuming pre-built branch caches: a `DynamicCache` of K*L
+  tokens is built once outside the timer (a forward over K*L random tokens); every timed call
+  gets a deep copy of it (made outside the timer) and runs the prompt tokens over it. There is no
+  re-encoding or mapper here (transformers has none): it is the attention/MLP work of the cache
+  path's prefill, i.e. the peer of `cache_prefill_ms` + first token.
+
+Weights are random (transformers' own init, `seed`) unless a state dict is given; bfloat16 on
+CUDA, float32 on CPU (dtype="auto"); `attn_implementation="sdpa"`, eval mode,
+`torch.inference_mode()`, `torch.cuda.synchronize()` around every timed call on CUDA.
+
+torch and transformers are imported inside functions only: importing this module (and the
+whole inference path) never imports torch. `psynth bench ttft --torch-peer` runs the peer in a
+child process (`python -m psynth_jax.bench.peer SPEC OUT`) BEFORE the JAX sweep starts: JAX
+reserves most of the GPU's memory when its backend starts (XLA_PYTHON_CLIENT_PREALLOCATE), so
+the peer could not fit after it in one process, and the child's exit returns every byte of
+torch's memory (weights, caches, allocator pool) before JAX loads its own copy of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from psynth_jax.model.config import ModelConfig, RopeScaling
+
+INSTALL_HINT = "pip install torch transformers (or: pip install -e '.[test]')"
+
+
+class PeerUnavailable(ValueError):
+    """torch or transformers is not installed (a ValueError: `psynth` prints it as one clear line)."""
+
+
+def require_torch() -> None:
+    """Raise PeerUnavailable unless torch and transformers can be imported (without importing them)."""
+    missing = []
+    for name in ("torch", "transformers"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise PeerUnavailable(f"--torch-peer needs PyTorch and transformers; not installed here: "
+                              f"{', '.join(missing)} ({INSTALL_HINT})")
+
+
+def _import_torch():
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        raise PeerUnavailable(f"--torch-peer needs PyTorch and transformers: {err} ({INSTALL_HINT})") from None
+    return torch, transformers
+
+
+def torch_device(device: str | None = None) -> str:
+    torch, _ = _import_torch()
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto -> bfloat16 on CUDA, float32 on CPU (as the JAX sweep's auto)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def build_torch_model(cfg: ModelConfig, *, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                      state_dict: dict[str, np.ndarray] | None = None):
+    """A transformers *ForCausalLM of `cfg`'s shape (config via psynth_jax.interop.export.hf_config),
+    SDPA attention, eval mode; random weights, or `state_dict` (transformers names and layout, as
+    `psynth_jax.interop.export.merged_tensors` gives) loaded strictly."""
+    torch, transformers = _import_torch()
+    from psynth_jax.interop.export import hf_config
+
+    c = hf_config(cfg, dtype)
+    c.pop("architectures", None)
+    model_type = c.pop("model_type")
+    conf = transformers.AutoConfig.for_model(model_type, **c)
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise directly on the device (no host copy of an 8B model)
+        model = transformers.AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa", dtype=torch_dtype)
+    if state_dict is not None:
+        tensors = {k: torch.from_numpy(np.array(v, np.float32)).to(device=device, dtype=torch_dtype)
+                   for k, v in state_dict.items()}
+        model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+@dataclasses.dataclass
+class PeerTiming:
+    first_s: float
+    times_s: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.times_s)
+
+
+def _timer(device: str) -> Callable[..., PeerTiming]:
+    torch, _ = _import_torch()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def time_call(fn: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None) -> PeerTiming:
+        def once() -> float:
+            arg = setup() if setup is not None else None
+            sync()
+            t0 = time.perf_counter()
+            fn(arg) if setup is not None else fn()
+            sync()  # as the JAX timer's block_until_ready: the token is on the device, not copied to the host
+            return time.perf_counter() - t0
+
+        first = once()
+        return PeerTiming(first, [once() for _ in range(max(int(repeats), 1))])
+
+    return time_call
+
+
+def text_first_token(model, tokens):
+    """argmax of the last position's logits after a forward over `tokens` [B, T] (cache built)."""
+    out = model(input_ids=tokens, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1)
+
+
+def cache_first_token(model, prompt, past):
+    """argmax of the last prompt position's logits, the prompt run over `past` (consumed)."""
+    out = model(input_ids=prompt, past_key_values=past, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1)
+
+
+def _is_oom(torch, err: BaseException) -> bool:
+    return isinstance(err, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(err).lower()
+
+
+def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int, batch: int = 1,
+                       repeats: int = 3, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """One (K, L) point: peer_text_ttft_ms and peer_cache_ttft_ms (medians) with their raw times."""
+    torch, _ = _import_torch()
+    time_call = _timer(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed * 100003 + k * 1009 + l)
+
+    def randint(t: int):
+        return torch.randint(0, cfg.vocab_size, (batch, t), generator=gen).to(device)
+
+    row: dict[str, Any] = {"K": k, "L": l}
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+
+    def record(name: str, t: PeerTiming) -> float:
+        first[name] = round(1e3 * t.first_s, 4)
+        times[name] = [round(1e3 * x, 4) for x in t.times_s]
+        return t.median_ms
+
+    with torch.inference_mode():
+        try:
+            tokens = randint(k * l + prompt_tokens)
+            row["peer_text_ttft_ms"] = record("peer_text_ttft", time_call(lambda: text_first_token(model, tokens),
+                                                                          repeats))
+        except Exception as err:  # noqa: BLE001 - OOM is a result, anything else is re-raised
+            if not _is_oom(torch, err):
+                raise
+            row["peer_text_error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
+        finally:
+            tokens = None
+            _free(torch, device)
+        try:
+            branches = model(input_ids=randint(k * l), use_cache=True, logits_to_keep=1).past_key_values
+            prompt = randint(prompt_tokens)
+            row["peer_cache_ttft_ms"] = record("peer_cache_ttft", time_call(
+                lambda past: cache_first_token(model, prompt, past), repeats, setup=lambda: copy.deepcopy(branches)))
+        except Exception as err:  # noqa: BLE001
+            if not _is_oom(torch, err):
+                raise
+            row["peer_cache_error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
+        finally:
+            branches = prompt = None
+            _free(torch, device)
+    row["peer_first_call_ms"] = first
+    row["peer_times_ms"] = times
+    return row
+
+
+def _free(torch, device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def peer_metadata(device: str, dtype: str) -> dict[str, Any]:
+    torch, transformers = _import_torch()
+    kind = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    return {
+        "framework": "pytorch + transformers", "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": device, "device_kind": kind, "dtype": dtype, "attn_implementation": "sdpa",
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "weights": "random (transformers init)",
+        "order": "run in a child process before the JAX sweep (JAX preallocates GPU memory when it starts)",
+        "definitions": {
+            "peer_text_ttft_ms": "transformers forward over K*L + prompt tokens (use_cache, logits_to_keep=1) + argmax",
+            "peer_cache_ttft_ms": "transformers forward of the prompt over a deep copy (made outside the timer) "
+                                  "of a DynamicCache of K*L tokens built outside the timer, + argmax",
+            "text_vs_peer": "text_ttft_ms / peer_text_ttft_ms (<= 1: JAX text path no slower than PyTorch)",
+            "cache_vs_peer": "cache_ttft_ms / peer_cache_ttft_ms (JAX includes the cache preparation, the peer has none)",
+        },
+    }
+
+
+def run_peer_sweep(cfg: ModelConfig, *, ks: Sequence[int], ls: Sequence[int], prompt_tokens: int, batch: int = 1,
+                   dtype: str = "auto", repeats: int = 3, seed: int = 0, warmup: bool = True, device: str | None = None,
+                   verbose: bool = True, state_dict: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Every (K, L) point of the peer in this process: {"metadata": ..., "rows": [...]}."""
+    device = torch_device(device)
+    dtype = resolve_dtype(dtype, device)
+    say = (lambda m: print(f"[bench peer] {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+    say(f"building the transformers model ({cfg.family}, {dtype}, sdpa) on {device}")
+    model = build_torch_model(cfg, dtype=dtype, device=device, seed=seed, state_dict=state_dict)
+    points = [(int(k), int(l)) for k in ks for l in ls]
+    rows = []
+    if warmup:
+        say("warm-up pass on the first point (discarded)")
+        measure_peer_point(model, cfg, *points[0], prompt_tokens=prompt_tokens, batch=batch, repeats=1, seed=seed,
+                           device=device)
+    for i, (k, l) in enumerate(points):
+        say(f"point {i + 1}/{len(points)}: K={k} L={l}")
+        rows.append(measure_peer_point(model, cfg, k, l, prompt_tokens=prompt_tokens, batch=batch, repeats=repeats,
+                                       seed=seed, device=device))
+    meta = peer_metadata(device, dtype)
+    del model
+    _free(_import_torch()[0], device)
+    return {"metadata": meta, "rows": rows}
+
+
+# ------------------------------------------------------------------ child process
+def _cfg_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _cfg_from_dict(d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+    return ModelConfig(**d)
+
+
+def run_peer_subprocess(cfg: ModelConfig, out_path: str | Path, **settings: Any) -> dict[str, Any]:
+    """run_peer_sweep(cfg, **settings) in a fresh interpreter; its result is also kept at `out_path`.
+
+    The child sees JAX_PLATFORMS=cpu and no JAX preallocation, so nothing there reserves GPU
+    memory besides torch; its progress goes to this process's stderr. OMP_WAIT_POLICY defaults to
+    PASSIVE there: torch's OpenMP threads otherwise spin at every barrier, and on a shared CPU
+    whose cores are busy that turns a 15 ms forward into 100-600 ms (measured on the 2-core VM).
+    """
+    require_torch()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path = out_path.with_suffix(".spec.json")
+    spec_path.write_text(json.dumps({"model_config": _cfg_to_dict(cfg), "settings": settings}, indent=2))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run([sys.executable, "-m", "psynth_jax.bench.peer", str(spec_path), str(out_path)], env=env)
+    spec_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the PyTorch peer failed (exit code {proc.returncode}); see its output above")
+    return json.loads(out_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m psynth_jax.bench.peer SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    result = run_peer_sweep(_cfg_from_dict(spec["model_config"]), **spec["settings"])
+    Path(argv[1]).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
