@@ -232,3 +232,22 @@ def test_scripts_are_shellcheck_clean():
     scripts = sorted(str(p.relative_to(ROOT)) for p in LAUNCH.glob("*.sh"))
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_bench_gpu_runs_every_issue7_step_with_flags_psynth_accepts():
+    from psynth_jax.cli import main as psynth_main
+
+    proc, commands = run_script("bench_gpu.sh", {"OUT": "/tmp/out", "PSYNTH_BIN": "psynth"})
+    assert proc.returncode == 0, proc.stderr
+    assert [c[2] for c in commands] == ["roofline", "ttft", "ttft", "batch", "decode", "train"]
+    parser = psynth_main.build_parser()
+    for argv in commands:
+        assert argv[:2] == ["psynth", "bench"]
+        args = parser.parse_args(argv[1:])  # argparse exits (SystemExit) on any flag the CLI does not know
+        assert args.out.startswith("/tmp/out/")
+        if argv[2] not in ("roofline", "batch"):
+            assert args.roofline_json == "/tmp/out/roofline/roofline.json"
+    proc, commands = run_script("bench_gpu.sh", {"OUT": "/tmp/out"}, "decode", "train")
+    assert proc.returncode == 0 and [c[2] for c in commands] == ["decode", "train"]
+    proc, commands = run_script("bench_gpu.sh", {}, "ttft")
+    assert proc.returncode != 0 and "unknown step 'ttft'" in proc.stderr and not commands
