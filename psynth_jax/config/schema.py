@@ -32,7 +32,7 @@ class ModelSourceConfig:
     # "smollm2-135m" (the embedded GGUF), a local HF directory, a hub id, or a .gguf path.
     source: str = "smollm2-135m"
     dtype: Dtype = "bfloat16"  # parameter dtype of the frozen backbone
-    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA), splash (TPU Pallas, single device)
+    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA), splash (TPU Pallas; shard_map under a mesh)
 
 
 @_frozen

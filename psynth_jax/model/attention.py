@@ -18,8 +18,10 @@ Implementations:
   call, the per-row prefix and chunk lengths given as segment ids (splash.py). Same cache
   layouts and the same refusal of explicit masks as "cudnn"; off TPU it runs in Pallas
   interpret mode (a slow correctness check). Imported lazily: pallas is only loaded when chosen.
-  Single-device: a Mosaic kernel inside a jit over several devices must be wrapped in a
-  shard_map, which this entry point does not do.
+  Under a multi-device context mesh (`jax.set_mesh`, or the train/eval steps, which trace with
+  their mesh in context) the kernel runs inside a shard_map over it, batch over (data, fsdp) and
+  heads over tensor, since jit cannot partition a Mosaic kernel; checked in interpret mode on
+  fake CPU devices only, never on a TPU.
 """
 
 from __future__ import annotations

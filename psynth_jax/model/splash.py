@@ -35,8 +35,21 @@ not a fast path. The tests check it only that way; it has not been run on TPU ha
 
 Sharding: a Mosaic (TPU) kernel inside a jit whose arrays span several devices is refused at
 lowering ("Mosaic kernels cannot be automatically partitioned. Please wrap the call in a
-shard_map"), and this function adds no shard_map, so on TPU it serves single-device jits
-(inference on one chip); the multi-chip train step keeps attn_impl="xla" (see the TPU configs).
+shard_map"). So when a mesh is in context at trace time (`jax.sharding.get_abstract_mesh()`,
+set by `jax.set_mesh(mesh)` or `jax.sharding.use_abstract_mesh`; the train and eval steps of
+train/step.py enter it while tracing) and it has more than one device on its non-manual axes,
+the call runs inside `jax.shard_map` with specs from `shard_specs`: batch over the data-parallel
+axes `BATCH_AXES` = (data, fsdp) and heads over `HEAD_AXIS` = tensor (the names of
+train/sharding.py's LOGICAL_RULES for "batch" and "heads"/"kv_heads", restated here because the
+model package must not import the training package; a test checks they agree), sequence and
+head_dim whole. Each shard then runs the kernel on its own rows and heads, which needs nothing
+from other shards: a query head and the kv head it reads land on the same shard when Hkv is a
+multiple of the tensor size (a ValueError otherwise). A batch the data-parallel axes do not
+divide is split over fewer of them (see `shard_specs`). No mesh in context (single-device
+inference) or a one-device mesh: the kernel is called directly; so a caller that jits over
+several devices itself must enter its mesh (`with jax.set_mesh(mesh):`) or a TPU refuses it as
+before. This has been checked only in Pallas interpret mode on 8 fake CPU devices
+(tests/test_splash_attention.py: the sharded train step equals the XLA one), never on a TPU.
 """
 
 from __future__ import annotations
@@ -46,12 +59,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 LANES = 128  # TPU lane width: splash needs kv blocks (and, in its dkv backward, q blocks) in multiples of it
 MAX_BLOCK_Q = 512  # tile caps: 512 x 512 tiles are the usual choice for long sequences on TPU v5
 MAX_BLOCK_KV = 512
+
+# Mesh axes q/k/v are sharded over in the train step (train/sharding.py LOGICAL_RULES["batch"] and
+# ["heads"] / ["kv_heads"]); axes of these names that a mesh lacks are skipped.
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
 
 
 def _round_up(x: int, m: int) -> int:
@@ -120,6 +139,45 @@ def default_interpret() -> bool:
     return jax.default_backend() != "tpu"
 
 
+def shard_specs(mesh, batch: int, q_heads: int, kv_heads: int) -> tuple[jax.sharding.PartitionSpec, ...]:
+    """(rows, per-row) PartitionSpecs for splash under `shard_map` over `mesh`.
+
+    rows: for q/k/v/out [B, n, H, D] -> P(batch axes, None, HEAD_AXIS, None); per-row: for
+    start/chunk_len [B] -> P(batch axes). Only axes present in `mesh` and not already manual are
+    named. Batch axes: the longest prefix of BATCH_AXES whose size product divides `batch`
+    (rows are then replicated over the rest, computed redundantly, as train/sharding.py leaves
+    a dimension a mesh axis does not divide unsharded). Heads: sharded over HEAD_AXIS when its
+    size is > 1, which needs kv_heads (hence q_heads) divisible by it; ValueError otherwise.
+    """
+    free = {n: int(sz) for n, sz, t in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if t != jax.sharding.AxisType.Manual}
+    present = [a for a in BATCH_AXES if a in free]
+    while present and batch % int(np.prod([free[a] for a in present])):
+        present.pop()
+    batch_axes = tuple(present) or None
+    head_axis = None
+    if free.get(HEAD_AXIS, 1) > 1:
+        n = free[HEAD_AXIS]
+        if kv_heads % n:
+            raise ValueError(
+                f"splash attention under a mesh shards heads over {HEAD_AXIS!r} (size {n}): "
+                f"kv heads ({kv_heads}) must be divisible by it (query heads: {q_heads}); "
+                f"use attn_impl='xla' or a {HEAD_AXIS} size dividing {kv_heads}"
+            )
+        head_axis = HEAD_AXIS
+    P = jax.sharding.PartitionSpec
+    return P(batch_axes, None, head_axis, None), P(batch_axes)
+
+
+def _context_mesh():
+    """The mesh in context at trace time if it spans several devices on non-manual axes, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    free = [sz for sz, t in zip(mesh.axis_sizes, mesh.axis_types) if t != jax.sharding.AxisType.Manual]
+    return mesh if int(np.prod(free)) > 1 else None
+
+
 def splash_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -138,15 +196,34 @@ def splash_attention(
     Returns [B,T,Hq,D] in q's dtype. The kernel multiplies in the cache's dtype (q is cast to
     it; the chunk keys are cast to it exactly as writing them into the cache does), with
     float32 softmax statistics and accumulation. interpret=None: see `default_interpret`.
+    Under a multi-device mesh in context the call is wrapped in `shard_map` (module docstring).
     """
-    b, t, hq, d = q.shape
-    s, hkv = k_cache.shape[1], k_cache.shape[2]
+    hq, hkv = q.shape[2], k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
     if interpret is None:
         interpret = default_interpret()
+    local = functools.partial(_splash_local, interpret=bool(interpret))
+    mesh = _context_mesh()
+    if mesh is None:
+        return local(q, k_cache, v_cache, k_chunk, v_chunk, start, chunk_len)
+    rows, per_row = shard_specs(mesh, q.shape[0], hq, hkv)
+    free = frozenset(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual)
+    # check_vma=False: splash's pallas_calls declare their outputs without the varying-axes
+    # type check_vma=True requires (jax refuses them); out_specs are the in_specs of q anyway.
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows,) * 5 + (per_row,) * 2, out_specs=rows, axis_names=free,
+        check_vma=False,
+    )
+    return sharded(q, k_cache, v_cache, k_chunk, v_chunk, start, chunk_len)
+
+
+def _splash_local(q, k_cache, v_cache, k_chunk, v_chunk, start, chunk_len, *, interpret: bool) -> jax.Array:
+    """The kernel call on (this shard's) rows and heads; see `splash_attention`."""
+    b, t, hq, d = q.shape
+    s = k_cache.shape[1]
     plan = SplashPlan.make(t, s)
-    kernel = _kernel(plan, hq, bool(interpret))
+    kernel = _kernel(plan, hq, interpret)
     dtype = k_cache.dtype
 
     def head_major(x: jax.Array, length: int) -> jax.Array:  # [B, n, H, D] -> [B, H, length, D]

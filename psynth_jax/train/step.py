@@ -45,9 +45,18 @@ def make_train_step(
     """jit(step) with explicit in/out shardings over `mesh`; trainable + optimizer state donated.
 
     step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)
+
+    The step is traced with `mesh` as the context mesh (`use_abstract_mesh`), so code that must
+    know the mesh finds it with `jax.sharding.get_abstract_mesh()`: attn_impl="splash" wraps its
+    Pallas kernel in a shard_map over it (model/splash.py), which jit could not partition.
+    Done inside the traced function, so it holds however the jitted step is called or lowered.
     """
 
     def step(trainable, opt_state, frozen, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _step(trainable, opt_state, frozen, batch)
+
+    def _step(trainable, opt_state, frozen, batch):
         def loss_fn(t):
             model, mapper = merge_trainable(graphdefs, t, frozen)
             return synthesis_loss(model, mapper, batch, opts)
@@ -68,11 +77,17 @@ def make_train_step(
     )
 
 
-def make_eval_step(graphdefs: tuple, opts: ObjectiveConfig) -> Callable:
-    """jit(eval_loss)(trainable, frozen, batch) -> metrics (no gradient)."""
+def make_eval_step(graphdefs: tuple, opts: ObjectiveConfig, mesh: Mesh | None = None) -> Callable:
+    """jit(eval_loss)(trainable, frozen, batch) -> metrics (no gradient).
+
+    mesh: traced with it as the context mesh, as the train step is (for attn_impl="splash").
+    """
 
     def eval_step(trainable, frozen, batch):
         model, mapper = merge_trainable(graphdefs, trainable, frozen)
-        return synthesis_loss(model, mapper, batch, opts)[1]
+        if mesh is None:
+            return synthesis_loss(model, mapper, batch, opts)[1]
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return synthesis_loss(model, mapper, batch, opts)[1]
 
     return jax.jit(eval_step)

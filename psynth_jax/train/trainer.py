@@ -112,7 +112,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.step = 0
         self._step_fn = None
-        self._eval_fn = make_eval_step(self.graphdefs, self.opts)
+        self._eval_fn = make_eval_step(self.graphdefs, self.opts, self.mesh)
 
     # ----------------------------------------------------------------- data
     def _distill(self, src, problems) -> list:
@@ -209,9 +209,10 @@ class Trainer:
             m = jax.device_get(self._eval_fn(self.trainable, self.frozen, dev))
             ce += float(m["ce"]) * float(m["target_tokens"])
             n += float(m["target_tokens"])
-            out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
-                                    max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids,
-                                    attn_impl=self.cfg.model.attn_impl)
+            with jax.set_mesh(self.mesh):  # the context mesh splash attention shards over
+                out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
+                                        max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids,
+                                        attn_impl=self.cfg.model.attn_impl)
             rates += agreement_rates(*out, batch["example_valid"])
         return {"eval_ce": ce / max(n, 1.0), "eval_agreement": statistics.fmean(rates) if rates else float("nan")}
 
