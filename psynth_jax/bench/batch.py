@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     plain_formatter, pyplot_or_none, say)
-from psynth_jax.bench.ttft import _OutOfMemory, _random_branches, load_average, time_call, write_json
+                                     save_results, plain_formatter, pyplot_or_none, say)
+from psynth_jax.bench.ttft import _OutOfMemory, _random_branches, time_call
 from psynth_jax.cli.bench import _int_list, resolve_arch, resolve_dtype
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
@@ -271,13 +271,7 @@ def run(args: argparse.Namespace) -> int:
                            worker_prompt_tokens=args.worker_prompt_tokens, paths=paths, seed=args.seed,
                            warmup=not args.no_warmup)
     print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
-    meta["device"]["host_load_avg_1m_end"] = load_average()
-    out = Path(args.out)
-    say("batch", f"wrote {write_json(out / 'batch.json', meta, rows)}")
-    if not args.no_plot:
-        png = plot_batch(meta, rows, out / "batch.png")
-        if png is not None:
-            say("batch", f"wrote {png}")
+    save_results("batch", meta, rows, args.out, plot=None if args.no_plot else plot_batch)
     return 0
 
 

@@ -9,9 +9,10 @@ import datetime
 import shlex
 import sys
 import warnings
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from psynth_jax.bench.ttft import device_info, versions
+from psynth_jax.bench.ttft import device_info, load_average, versions, write_json
 from psynth_jax.cli.bench import _arch
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
@@ -133,3 +134,14 @@ def plain_formatter():
     from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def save_results(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out: str | Path, *,
+                 plot: Callable[[dict[str, Any], list[dict[str, Any]], Path], Path | None] | None) -> None:
+    """Stamp the end-of-run host load, write `<out>/<name>.json` and, unless plot is None, `<name>.png`."""
+    meta["device"]["host_load_avg_1m_end"] = load_average()
+    out = Path(out)
+    say(name, f"wrote {write_json(out / f'{name}.json', meta, rows)}")
+    png = plot(meta, rows, out / f"{name}.png") if plot is not None else None
+    if png is not None:
+        say(name, f"wrote {png}")

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     lora_rank_of, plain_formatter, pyplot_or_none, say)
+                                     save_results, lora_rank_of, plain_formatter, pyplot_or_none, say)
 from psynth_jax.bench.roofline import dtype_bytes, kv_bytes, load_roofline, measure_bandwidth, weight_bytes
-from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory, load_average, time_call, write_json
+from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory, time_call
 from psynth_jax.cli.bench import _int_list, resolve_arch, resolve_dtype
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
@@ -275,13 +275,7 @@ def run(args: argparse.Namespace) -> int:
                       attn_impl=args.attn_impl, lora_rank=args.lora_rank, use_lora=use_lora, repeats=args.repeats,
                       bandwidth=bw, seed=args.seed)
     print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
-    meta["device"]["host_load_avg_1m_end"] = load_average()
-    out = Path(args.out)
-    say("decode", f"wrote {write_json(out / 'decode.json', meta, rows)}")
-    if not args.no_plot:
-        png = plot_decode(meta, rows, out / "decode.png")
-        if png is not None:
-            say("decode", f"wrote {png}")
+    save_results("decode", meta, rows, args.out, plot=None if args.no_plot else plot_decode)
     return 0
 
 

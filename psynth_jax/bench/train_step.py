@@ -60,10 +60,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psynth_jax.bench.common import Column, add_common_arguments, base_metadata, command_line, format_table, say
+from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
+                                     save_results, say)
 from psynth_jax.bench.roofline import (attention_pairs, block_matmul_params, load_roofline, lora_params,
                                        measure_matmul_peak)
-from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory, load_average, write_json
+from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory
 from psynth_jax.cli.bench import resolve_arch, resolve_dtype
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
@@ -426,13 +427,7 @@ def run(args: argparse.Namespace) -> int:
             if r.get("tokens_per_s"):
                 say("train", f"remat {r['remat_str']}: {r['tokens_per_s']:.0f} tokens/s = {r['vs_reference']:.2f}x "
                              f"the PEFT reference {REFERENCE['tokens_per_s']:.0f}")
-    meta["device"]["host_load_avg_1m_end"] = load_average()
-    out = Path(args.out)
-    say("train", f"wrote {write_json(out / 'train.json', meta, rows)}")
-    if not args.no_plot:
-        png = plot_train(meta, rows, out / "train.png")
-        if png is not None:
-            say("train", f"wrote {png}")
+    save_results("train", meta, rows, args.out, plot=None if args.no_plot else plot_train)
     return 0
 
 
