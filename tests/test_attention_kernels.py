@@ -11,10 +11,10 @@ import pytest
 
 from psynth_jax.inference import runtime
 from psynth_jax.interop.loader import random_model
-from psynth_jax.model.attention import AttentionMask, attend, xla_attention
+from psynth_jax.model.attention import AttentionMask, attend, dense_attention, xla_attention
 from psynth_jax.model.attention_kernels import split_attention
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import write_rows
+from psynth_jax.model.kv_cache import write_layers, write_rows
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.handoff import extract_branches, prepare_synth_cache
 from psynth_jax.synthesis.mapper import make_mapper
@@ -40,10 +40,47 @@ def test_split_equals_dense_reference(starts, lens, t):
     k_cache, v_cache = write_rows(k_cache, k_new, start), write_rows(v_cache, v_new, start)
     valid = jnp.arange(s)[None, :] < (start + n)[:, None]
     mask = AttentionMask(q_slots=start[:, None] + jnp.arange(t)[None, :], kv_valid=valid)
-    ref = xla_attention(q, k_cache, v_cache, mask)
+    ref = dense_attention(q, k_cache, v_cache, mask)
     got = split_attention(q, k_cache, v_cache, k_new, v_new, start, n, kernel="xla")
     rows = (jnp.arange(t)[None, :] < n[:, None])[..., None, None]  # compare valid queries only
     assert float(jnp.abs(jnp.where(rows, got - ref, 0)).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("starts,lens,t,explicit", [
+    ([20, 9], [1, 1], 1, False),  # decode step over a long and a short cache
+    ([20, 9], [1, 0], 1, False),  # a finished row (its token is padding)
+    ([0, 31], [1, 1], 1, False),  # first token of an empty cache; the last free slot
+    ([12, 3], [1, 1], 1, True),  # an explicit mask keeps its meaning over [old cache | own key]
+    ([13, 5], [6, 4], 6, False),  # a prefill chunk (written first, then the dense reference)
+    ([4, 0], [5, 5], 5, True),
+])
+def test_xla_path_equals_dense_over_written_cache(starts, lens, t, explicit):
+    """attend() reads the cache as it was before the chunk; it must equal dense attention over
+    the cache with the chunk written in (what the model computed before), junk slots included."""
+    b, s, hq, hkv, d = 2, 32, 6, 2, 16
+    q = jnp.asarray(RNG.randn(b, t, hq, d), jnp.float32)
+    k_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
+    v_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
+    start, n = jnp.asarray(starts, jnp.int32), jnp.asarray(lens, jnp.int32)
+    k_old = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)  # junk beyond `start` must not leak
+    v_old = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)
+    valid = jnp.arange(s)[None, :] < (start + n)[:, None]
+    vis = jnp.asarray(RNG.rand(b, t, s) < 0.6) if explicit else None
+    mask = AttentionMask(q_slots=start[:, None] + jnp.arange(t)[None, :], kv_valid=valid, explicit=vis)
+    ref = dense_attention(q, write_rows(k_old, k_new, start), write_rows(v_old, v_new, start), mask)
+    got = jax.jit(xla_attention)(q, k_old, v_old, mask, (k_new, v_new, start, n))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6, rtol=1e-5)
+    via_attend = attend(q, k_old, v_old, mask, impl="xla", chunk=(k_new, v_new, start, n))
+    np.testing.assert_allclose(np.asarray(via_attend), np.asarray(ref), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("starts,t", [([3, 0, 9], 1), ([0, 5, 2], 4), ([30, 1, 29], 4)])  # last: clamped
+def test_write_layers_places_like_write_rows_per_layer(starts, t):
+    buf = jnp.asarray(RNG.randn(3, 3, 32, 2, 4), jnp.float32)  # [L, B, S, H, D]
+    new = jnp.asarray(RNG.randn(3, 3, t, 2, 4), jnp.float32)
+    start = jnp.asarray(starts, jnp.int32)
+    want = jnp.stack([write_rows(buf[i], new[i], start) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(jax.jit(write_layers)(buf, new, start)), np.asarray(want))
 
 
 def test_fused_layout_refuses_explicit_masks():

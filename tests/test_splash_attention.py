@@ -18,7 +18,7 @@ from flax import nnx
 
 from psynth_jax.inference import runtime
 from psynth_jax.model import splash
-from psynth_jax.model.attention import IMPLEMENTATIONS, AttentionMask, attend, xla_attention
+from psynth_jax.model.attention import IMPLEMENTATIONS, AttentionMask, attend, dense_attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import write_rows
 from psynth_jax.model.transformer import Decoder, LoRAConfig
@@ -61,7 +61,7 @@ CASES = {  # name: (starts, chunk lens, T, S, Hq, Hkv, D)
 def test_splash_equals_dense_reference_float32(name):
     starts, lens, t, s, hq, hkv, d = CASES[name]
     q, kc, vc, kn, vn, start, n, mask = _layout(starts, lens, t, s, hq, hkv, d, jnp.float32)
-    ref = xla_attention(q, kc, vc, mask)
+    ref = dense_attention(q, kc, vc, mask)
     got = jax.jit(lambda *a: attend(*a[:3], mask, impl="splash", chunk=a[3:]))(q, kc, vc, kn, vn, start, n)
     assert got.shape == ref.shape and got.dtype == ref.dtype
     assert bool(jnp.isfinite(got).all())  # also rows that see no key
@@ -73,7 +73,7 @@ def test_splash_equals_dense_reference_float32(name):
 def test_splash_equals_dense_reference_bfloat16():
     starts, lens, t, s, hq, hkv, d = CASES["ps_prefix_causal_prompt"]
     q, kc, vc, kn, vn, start, n, mask = _layout(starts, lens, t, s, hq, hkv, d, jnp.bfloat16)
-    ref = xla_attention(q, kc, vc, mask).astype(jnp.float32)
+    ref = dense_attention(q, kc, vc, mask).astype(jnp.float32)
     got = jax.jit(splash.splash_attention)(q, kc, vc, kn, vn, start, n)
     assert got.dtype == jnp.bfloat16
     diff = float(np.abs(np.where(_valid_rows(n, t), np.asarray(got.astype(jnp.float32) - ref), 0)).max())
@@ -90,7 +90,7 @@ def test_splash_several_query_and_key_blocks(monkeypatch):
     plan = splash.SplashPlan.make(t, s)
     assert (plan.block_q, plan.t_pad, plan.block_kv, plan.kv_len) == (128, 256, 128, 640)
     q, kc, vc, kn, vn, start, n, mask = _layout(starts, lens, t, s, hq, hkv, d, jnp.float32)
-    ref = xla_attention(q, kc, vc, mask)
+    ref = dense_attention(q, kc, vc, mask)
     got = jax.jit(splash.splash_attention)(q, kc, vc, kn, vn, start, n)
     diff = float(np.abs(np.where(_valid_rows(n, t), np.asarray(got - ref), 0)).max())
     print(f"multi-block: max|diff| {diff:.2e}")

@@ -8,7 +8,9 @@ with their worker prompts in one sequence, block-diagonal, used as the from-scra
 of the cache handoff) pass an `explicit` boolean mask, which only the XLA path accepts.
 
 Implementations:
-- "xla": dense masked softmax in float32. Handles every mask; the reference in tests.
+- "xla": masked softmax in float32. Handles every mask. `dense_attention` (over a cache that
+  already holds the chunk) is the reference in tests; a decode step reads the cache as it was
+  plus its own key instead, which keeps XLA from copying the layer cache (`xla_attention`).
 - "cudnn": cuDNN flash attention on GPU, with the layout given as sequence lengths and offsets
   (attention_kernels.split_attention). Needs the chunk's own keys/values and the contiguous
   cache invariant of kv_cache.py; refuses explicit masks rather than silently ignoring them.
@@ -30,6 +32,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from psynth_jax.model.kv_cache import write_rows
 
 IMPLEMENTATIONS = ("xla", "cudnn", "xla_split", "splash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -59,15 +63,20 @@ def attend(
     impl: str = "xla",
     chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] (cache incl. the chunk) -> [B,T,Hq,D].
+    """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D].
 
-    chunk = (k_chunk, v_chunk, start, chunk_len): the new tokens' own keys/values, where they
-    were written, and how many are valid; fused kernels use it instead of a dense mask. Query
-    rows that see no key at all (padding) return zeros in the XLA path, and finite values
-    without meaning in "splash".
+    k/v are the layer's cache *before* the chunk is written; chunk = (k_chunk, v_chunk, start,
+    chunk_len): the new tokens' own keys/values [B,T,Hkv,D], the slot each row's chunk is
+    written at (kv_cache.write_rows) and how many of its tokens are valid. `mask` describes the
+    slot space *after* the write. Reading the cache as it was, rather than a written copy, is
+    what keeps a decode step from copying a whole layer cache (see `xla_attention`). Query rows
+    that see no key at all (padding) return zeros in the XLA path, and finite values without
+    meaning in "splash". chunk=None: k/v already hold the chunk (the dense reference, XLA only).
     """
     if impl == "xla":
-        return xla_attention(q, k, v, mask)
+        if chunk is None:
+            return dense_attention(q, k, v, mask)
+        return xla_attention(q, k, v, mask, chunk)
     if impl in ("cudnn", "xla_split", "splash"):
         if mask.explicit is not None or chunk is None:
             raise ValueError(f"attention {impl!r} takes cache layouts only (no explicit mask); use impl='xla'")
@@ -83,7 +92,65 @@ def attend(
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+def xla_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    mask: AttentionMask,
+    chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+) -> jax.Array:
+    """The XLA path: the chunk's attention over the cache as it was plus the chunk itself.
+
+    A decode step (T == 1) attends over [cache | own key] without writing the key into the
+    layer cache first: writing into a slice of the stacked [L,B,S,...] cache inside the layer
+    scan makes XLA copy the layer's whole cache several times per step (slice, scatter,
+    write-back), which dominated decode time. Its mask is the post-write rule split in two
+    (`split_mask`), so explicit masks keep their meaning. A longer chunk (prefill) writes itself
+    into a copy of the layer cache and runs the dense reference: the copy is small next to
+    prefill compute, and attending over S + T keys would add T x T work per layer.
+    """
+    k_chunk, v_chunk, start, _ = chunk
+    if q.shape[1] > 1:
+        k = write_rows(k_cache, k_chunk, start)
+        v = write_rows(v_cache, v_chunk, start)
+        return dense_attention(q, k, v, mask)
+    vis_cache, vis_chunk = split_mask(mask.dense(), start, k_cache.shape[1], k_chunk.shape[1])
+    b, _, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    qg = q[:, 0].reshape(b, 1, hkv, hq // hkv, d).astype(jnp.float32) * (d**-0.5)  # [B,1,K,G,D]
+    # multiply-reduce, not einsum: reads the cache in its [B,S,K,D] layout (a dot would first
+    # copy it into a transposed one)
+    la = jnp.sum(qg * k_cache[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,S,K,G]
+    lb = jnp.sum(qg * k_chunk[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,1,K,G]
+    va = vis_cache[:, 0, :, None, None]
+    vb = vis_chunk[:, 0, :, None, None]
+    la = jnp.where(va, la, _MASK_VALUE)
+    lb = jnp.where(vb, lb, _MASK_VALUE)
+    m = jnp.maximum(la.max(axis=1, keepdims=True), lb.max(axis=1, keepdims=True))
+    pa = jnp.where(va, jnp.exp(la - m), 0.0)
+    pb = jnp.where(vb, jnp.exp(lb - m), 0.0)
+    denom = pa.sum(axis=1) + pb.sum(axis=1)  # [B,K,G]
+    oa = jnp.sum(pa[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B,K,G,D]
+    ob = jnp.sum(pb[..., None] * v_chunk[:, :, :, None, :].astype(jnp.float32), axis=1)
+    out = jnp.where(denom[..., None] > 0, (oa + ob) / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+    return out.reshape(b, 1, hq, d).astype(q.dtype)
+
+
+def split_mask(full: jax.Array, start: jax.Array, num_slots: int, t: int) -> tuple[jax.Array, jax.Array]:
+    """A post-write visibility [B,T,S] -> (over the cache as it was [B,T,S], over the chunk [B,T,T]).
+
+    The chunk lands at slots [w, w + T), w = clip(start, 0, S - T) (dynamic_update_slice's
+    clamp): those slots show the chunk's keys, not what the cache held there before.
+    """
+    w = jnp.clip(start.astype(jnp.int32), 0, num_slots - t)[:, None]  # [B, 1]
+    s = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
+    outside = (s < w) | (s >= w + t)  # [B, S]
+    chunk_slots = jnp.broadcast_to((w + jnp.arange(t, dtype=jnp.int32)[None, :])[:, None, :], full.shape[:2] + (t,))
+    return full & outside[:, None, :], jnp.take_along_axis(full, chunk_slots, axis=2)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+    """Masked softmax attention over k/v as given, in float32: the reference every path is tested against."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv

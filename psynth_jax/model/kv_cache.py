@@ -75,6 +75,20 @@ def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(one)(buf, new.astype(buf.dtype), start)
 
 
+def write_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [L, B, T, ...] into a stacked cache buf [L, B, S, ...] at per-row slots start [B].
+
+    Same placement as `write_rows` per layer (a start past S - T is clamped to it, as
+    dynamic_update_slice does), written as one scatter in the cache's own layout: a vmapped
+    update_slice over the batch axis makes XLA relayout (copy) the whole cache around it.
+    """
+    b, s, t = buf.shape[1], buf.shape[2], new.shape[2]
+    first = jnp.clip(start.astype(jnp.int32), 0, s - t)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    slots = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return buf.at[:, rows, slots].set(new.astype(buf.dtype), unique_indices=True)
+
+
 def chunk_slots(cache: KVCache, num_tokens: int) -> jax.Array:
     """Slots [B, T] the next `num_tokens` tokens of each row will be written to."""
     return cache.end[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]

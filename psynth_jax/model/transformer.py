@@ -21,7 +21,7 @@ from flax import nnx
 
 from psynth_jax.model.attention import AttentionMask, attend
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import KVCache, write_rows
+from psynth_jax.model.kv_cache import KVCache, write_layers, write_rows
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -127,13 +127,11 @@ class Block(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_cache = write_rows(k_cache, k, write_start)
-        v_cache = write_rows(v_cache, v, write_start)
         a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len))
         x = x + self.o(a.reshape(b, t, -1), lora)
         h = self.mlp_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(h, lora)) * self.up(h, lora), lora)
-        return x, k_cache, v_cache
+        return x, k, v
 
 
 class Decoder(nnx.Module):
@@ -204,13 +202,17 @@ class Decoder(nnx.Module):
         def body(x, xs):
             state, k_c, v_c = xs
             block = nnx.merge(layer_def, state)
-            x, k_c, v_c = block(x, k_c, v_c, positions, start, n, mask, inv_freq, lora=lora, attn_impl=attn_impl)
-            return x, (k_c, v_c)
+            x, k, v = block(x, k_c, v_c, positions, start, n, mask, inv_freq, lora=lora, attn_impl=attn_impl)
+            return x, (k, v)
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, (k_new, v_new) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
-        new_cache = KVCache(k=k_new, v=v_new, valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)
+        # The layers read the cache as it was and return only the chunk's keys/values, which are
+        # written into every layer at once afterwards (in place when the cache is donated or a
+        # loop carry): no layer's cache is copied, so a decode step moves O(new tokens) bytes.
+        x, (k_chunk, v_chunk) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
+        new_cache = KVCache(k=write_layers(cache.k, k_chunk, start), v=write_layers(cache.v, v_chunk, start),
+                            valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)
         h = self.norm(x)
         if output == "hidden":
             return h, new_cache
