@@ -123,6 +123,8 @@ def test_end_to_end_files_and_consistent_numbers(reference):
     # without an adapter the trained-weight modes are flagged, and really equal naive_cache
     assert set(res["untrained"]) == {"mapper_only", "lora_only", "psynth"}
     assert "UNTRAINED" in (d / "results.md").read_text()
+    model = json.loads((d / "weights.json").read_text())["model"]  # names, not this machine's paths
+    assert "/" not in model["source"] and "/" not in model["checkpoint"] and model["family"] == "llama"
     got = answers(d)
     for task, ex_id, mode in got:
         if mode in CACHE_MODES:

@@ -13,7 +13,7 @@ import pytest
 import hf_models
 from psynth_jax.inference import runtime
 from psynth_jax.inference.generator import Generator
-from psynth_jax.inference.sampling import SamplingConfig, sample
+from psynth_jax.inference.sampling import SamplingConfig, nucleus, sample
 from psynth_jax.interop.loader import load_model
 
 SHORT, LONG = 7, 19
@@ -153,6 +153,36 @@ def test_sampling_distribution():
         draws = np.asarray(sample(logits, jax.random.key(0), cfg))
         freq = np.bincount(draws, minlength=5) / n
         np.testing.assert_allclose(freq, expect, atol=0.01, err_msg=str(cfg))
+
+
+def _nucleus_by_sorting(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The textbook definition: sort descending, keep the shortest prefix whose mass reaches top_p,
+    and every token tied with its last one."""
+    srt = np.sort(logits, axis=-1)[:, ::-1].astype(np.float64)
+    probs = np.exp(srt - srt[:, :1])
+    cum = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+    idx = np.minimum((cum < top_p).sum(-1, keepdims=True), srt.shape[1] - 1)
+    return logits >= np.take_along_axis(srt, idx, axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.75, 0.9, 0.95, 0.999])
+def test_nucleus_equals_the_sorting_definition(top_p):
+    """The bisection over float bit patterns keeps exactly the sorted-prefix set, ties and
+    negative/positive/zero logits included, on a real vocabulary size."""
+    rs = np.random.RandomState(int(top_p * 1000))
+    logits = (rs.randn(6, 49152) * rs.choice([0.5, 3.0, 12.0], size=(6, 1))).astype(np.float32)
+    logits[0, :200] = np.round(logits[0, :200])  # heavy ties (incl. -0.0 and 0.0)
+    logits[1] = -np.abs(logits[1])  # all negative
+    got = np.asarray(jax.jit(nucleus, static_argnums=1)(jnp.asarray(logits), top_p))
+    want = _nucleus_by_sorting(logits, top_p)
+    assert got.any(axis=-1).all()
+    rows, cols = np.nonzero(got != want)
+    assert len(rows) <= 2  # float32 sums vs the float64 reference may only disagree at the very edge:
+    for r, c in zip(rows, cols):  # the mass above that token's logit is top_p up to rounding
+        p = np.exp(logits[r].astype(np.float64) - logits[r].max())
+        p /= p.sum()
+        above = p[logits[r] > logits[r, c]].sum()
+        assert abs(above - top_p) < 1e-5 or abs(above + p[logits[r] == logits[r, c]].sum() - top_p) < 1e-5
 
 
 def test_generator_complete_with_tokenizer(model):

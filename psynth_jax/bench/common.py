@@ -1,18 +1,24 @@
-"""Helpers shared by `psynth bench batch`, `decode` and `train`: common options, the
-reproducing command line, JSON metadata, the printed table and matplotlib access."""
+"""Helpers shared by the benchmarks (`psynth bench ttft`, `batch`, `decode`, `train`): common
+options, the reproducing command line, JSON metadata (device, versions), the printed table and
+matplotlib access."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import json
+import os
+import platform
 import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from psynth_jax.bench.ttft import device_info, load_average, versions, write_json
+import jax
+import numpy as np
+
 from psynth_jax.cli.bench import _arch
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
@@ -70,11 +76,12 @@ def command_line(benchmark: str, args: argparse.Namespace, options: Sequence[str
 
 
 def base_metadata(benchmark: str, cfg: ModelConfig, *, arch: str, hub: str | None, dtype: str, attn_impl: str,
-                  command: str, repeats: int, seed: int) -> dict[str, Any]:
+                  command: str | None, repeats: int, seed: int, schema_version: int = SCHEMA_VERSION,
+                  weights_note: str = WEIGHTS_NOTE) -> dict[str, Any]:
     """The metadata every benchmark JSON starts with (what ran, where, how to reproduce it)."""
     return {
         "benchmark": benchmark,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "arch": arch,
@@ -82,7 +89,7 @@ def base_metadata(benchmark: str, cfg: ModelConfig, *, arch: str, hub: str | Non
         "model_config": dataclasses.asdict(cfg),
         "num_params": cfg.num_params(),
         "weights": "random",
-        "weights_note": WEIGHTS_NOTE,
+        "weights_note": weights_note,
         "dtype": dtype,
         "attn_impl": attn_impl,
         "repeats": repeats,
@@ -145,3 +152,55 @@ def save_results(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], ou
     png = plot(meta, rows, out / f"{name}.png") if plot is not None else None
     if png is not None:
         say(name, f"wrote {png}")
+
+
+def device_info() -> dict[str, Any]:
+    """The device timed (the first of jax.devices()) and the host: what every result names."""
+    devices = jax.devices()
+    d = devices[0]
+    return {
+        "platform": d.platform,
+        "device_kind": getattr(d, "device_kind", d.platform),
+        "num_devices": len(devices),
+        "used_devices": 1,
+        "host_cpu": _cpu_model(),
+        "host_cpu_count": os.cpu_count(),
+        "host_load_avg_1m": load_average(),
+    }
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (other jobs on a shared machine skew CPU timings)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a timing depends on."""
+    import flax
+    import jaxlib
+
+    return {
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+        "numpy": np.__version__, "python": platform.python_version(),
+    }
+
+
+def write_json(path: str | Path, metadata: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """Write {"metadata", "rows"} as strict JSON (NaN refused), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=2, allow_nan=False) + "\n")
+    return path

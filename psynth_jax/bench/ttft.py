@@ -24,24 +24,19 @@ the sweep) the transformers + SDPA times of both paths and the JAX/peer ratios.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from psynth_jax.bench.common import base_metadata
 from psynth_jax.bench.roofline import ROOFLINE_DEFINITIONS, Roofline, roofline_fields
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
@@ -387,48 +382,6 @@ def _path_oom(row: dict[str, Any], key: str) -> bool:
     return False
 
 
-def device_info() -> dict[str, Any]:
-    devices = jax.devices()
-    d = devices[0]
-    return {
-        "platform": d.platform,
-        "device_kind": getattr(d, "device_kind", d.platform),
-        "num_devices": len(devices),
-        "used_devices": 1,
-        "host_cpu": _cpu_model(),
-        "host_cpu_count": os.cpu_count(),
-        "host_load_avg_1m": load_average(),
-    }
-
-
-def load_average() -> float | None:
-    """The host's 1-minute load average (other jobs on a shared machine skew CPU timings)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str]:
-    import flax
-    import jaxlib
-
-    return {
-        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-        "numpy": np.__version__, "python": platform.python_version(),
-    }
-
-
 def sweep_metadata(
     cfg: ModelConfig, *, arch: str, hub: str | None = None, ks: Sequence[int], ls: Sequence[int],
     prompt_tokens: int, batch: int, dtype: str, attn_impl: str, repeats: int, mapper_kind: str,
@@ -459,19 +412,10 @@ def sweep_metadata(
         definitions.update(peer.get("definitions", {}))
         definitions["peer_first_call_ms"] = "the peer's first call per function at that point (cuBLAS/SDPA warm-up)"
         definitions["peer_times_ms"] = "the peer's timed calls, ms"
+    meta = base_metadata("ttft", cfg, arch=arch, hub=hub, dtype=dtype, attn_impl=attn_impl, command=command,
+                         repeats=repeats, seed=seed, schema_version=SCHEMA_VERSION, weights_note=WEIGHTS_NOTE)
     return {
-        "benchmark": "ttft",
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "arch": arch,
-        "hub_id": hub,
-        "model_config": dataclasses.asdict(cfg),
-        "num_params": cfg.num_params(),
-        "weights": "random",
-        "weights_note": WEIGHTS_NOTE,
-        "dtype": dtype,
-        "attn_impl": attn_impl,
+        **meta,
         "mapper_kind": mapper_kind,
         "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "targets": list(LoRAConfig().targets),
                  "cache_path": "on", "text_path": "off"},
@@ -481,20 +425,9 @@ def sweep_metadata(
         "prompt_tokens": prompt_tokens,
         "worker_prompt_tokens": worker_prompt_tokens,
         "new_tokens_room": new_tokens,
-        "repeats": repeats,
-        "seed": seed,
         "warmup": warmup,
         "statistic": "median over `repeats` timed calls after one compile call; ms",
         "definitions": definitions,
         "roofline": roofline.to_dict() if roofline is not None else None,
         "peer": peer,
-        "device": device_info(),
-        "versions": versions(),
     }
-
-
-def write_json(path: str | Path, metadata: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=2, allow_nan=False) + "\n")
-    return path

@@ -160,7 +160,8 @@ def run_ttft(args: argparse.Namespace) -> int:
     merges the peer's rows and derives the floor fields; (4) JSON, table, plot."""
     from psynth_jax.bench.plots import plot_ttft, plot_ttft_floor
     from psynth_jax.bench.roofline import format_roofline, load_roofline, measure_roofline
-    from psynth_jax.bench.ttft import load_average, run_ttft_sweep, sweep_metadata, write_json
+    from psynth_jax.bench.common import load_average, write_json
+    from psynth_jax.bench.ttft import run_ttft_sweep, sweep_metadata
 
     cfg, arch, hub = resolve_arch(args.arch)
     out = Path(args.out)

@@ -158,8 +158,10 @@ class EvalRunner:
             "description": description,
             "mapper_trained": self.cfg.adapter is not None and synth.mapper is not initial,
             "lora_trained": self.cfg.adapter is not None,
-            "model": {"source": model.source, "family": model.cfg.family, "num_layers": model.cfg.num_layers,
-                      "dtype": model.dtype_name, "attn_impl": m.attn_impl},
+            # the configured name ("smollm2-135m", a hub id), not a machine's resolved file path
+            "model": {"source": m.source if self._model is None else Path(model.source).name,
+                      "checkpoint": Path(model.source).name, "family": model.cfg.family,
+                      "num_layers": model.cfg.num_layers, "dtype": model.dtype_name, "attn_impl": m.attn_impl},
         })
         import jax
 
