@@ -84,9 +84,9 @@ def _num(x: float | None, fmt: str = "{:.1f}") -> str:
 
 def _table(by_mode: dict[str, dict[str, Any]], untrained: dict[str, list[str]]) -> list[str]:
     lines = [
-        "| mode | n | accuracy % (95% CI) | TTFT median / p90 ms | speedup vs text | agreement w/ text % "
-        "| branch tokens | live prompt tokens | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | n | accuracy % (95% CI) | vs text: +/- (p) | TTFT median / p90 ms | speedup vs text "
+        "| agreement w/ text % | branch tokens | live prompt tokens | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, m in by_mode.items():
         name = f"{mode} †" if mode in untrained else mode
@@ -96,8 +96,10 @@ def _table(by_mode: dict[str, dict[str, Any]], untrained: dict[str, list[str]]) 
         ttft = f"{_num(t['median'])} / {_num(t['p90'])}" if t["median"] is not None else "-"
         speed = "-" if mode == "text" else _num(m["speedup_vs_text"], "{:.2f}x")
         agree = "-" if mode == "text" else _pct(m["agreement_with_text"])
+        v = m.get("vs_text")
+        paired = "-" if mode == "text" or not v or not v["n"] else f"+{v['wins']}/-{v['losses']} ({v['p_mcnemar']:.2g})"
         branch = "-" if mode == "single" else _num(m["branch_tokens_mean"], "{:.0f}")
-        lines.append(f"| {name} | {m['n']} | {acc} | {ttft} | {speed} | {agree} | {branch} | "
+        lines.append(f"| {name} | {m['n']} | {acc} | {paired} | {ttft} | {speed} | {agree} | {branch} | "
                      f"{_num(m['prompt_tokens_mean'], '{:.0f}')} | {m['errors']} |")
     return lines
 
@@ -116,7 +118,9 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"tokens, temperature {cfg['worker_temperature']}, top-p {cfg['worker_top_p']}; answers: up to "
         f"{cfg['max_new_tokens']} tokens, temperature {cfg['synth_temperature']}; seed {cfg['seed']}",
         f"- every mode answers from the same stored worker branches; {results['timing']['method']}",
-        "- accuracy: correct / n with a Wilson 95% interval; speedup: text's median TTFT / the mode's; agreement: "
+        "- accuracy: correct / n with a Wilson 95% interval; vs text: examples only this mode got right (+) and "
+        "only the text path got right (-), with the exact McNemar test's two-sided p on those pairs; "
+        "speedup: text's median TTFT / the mode's; agreement: "
         "extracted answers equal to the text path's; tokens: means per example (branch tokens = worker outputs "
         "handed over; live prompt tokens = tokens the mode prefilled)",
     ]

@@ -1,5 +1,6 @@
 """Per-dataset, per-mode metrics from mode records: accuracy with a Wilson 95% interval, TTFT
-median / p90, speedup over text synthesis, agreement with text synthesis, token counts.
+median / p90, speedup over text synthesis, agreement with text synthesis, the paired comparison
+with text synthesis (exact McNemar test), token counts.
 
 Pure Python over `ModeRecord`s, so the numbers can be recomputed from records.jsonl alone.
 """
@@ -26,6 +27,15 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of `wins` vs `losses` discordant pairs
+    (examples only one of two modes answered correctly) against a fair coin."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100), linear interpolation between order statistics (numpy's default)."""
     s = sorted(values)
@@ -44,8 +54,10 @@ def mode_metrics(records: Sequence[ModeRecord], text: dict[tuple[str, str], Mode
     n = len(records)
     correct = sum(r.correct for r in records)
     ttfts = [r.ttft_s * 1e3 for r in records if r.ttft_s is not None]
-    paired = [(r, text[(r.task, r.id)]) for r in records if (r.task, r.id) in text]
-    paired = [(r, t) for r, t in paired if r.error is None and t.error is None]
+    same = [(r, text[(r.task, r.id)]) for r in records if (r.task, r.id) in text]
+    paired = [(r, t) for r, t in same if r.error is None and t.error is None]
+    wins = sum(r.correct and not t.correct for r, t in same)  # errors count as wrong, as in accuracy
+    losses = sum(t.correct and not r.correct for r, t in same)
     ci = wilson_interval(correct, n)
     return {
         "n": n,
@@ -60,6 +72,7 @@ def mode_metrics(records: Sequence[ModeRecord], text: dict[tuple[str, str], Mode
         },
         "agreement_with_text": (sum(r.answer == t.answer for r, t in paired) / len(paired)) if paired else None,
         "agreement_n": len(paired),
+        "vs_text": {"n": len(same), "wins": wins, "losses": losses, "p_mcnemar": mcnemar_exact(wins, losses)},
         "branch_tokens_mean": _mean(r.branch_tokens for r in records if r.error is None),
         "prompt_tokens_mean": _mean(r.prompt_tokens for r in records if r.error is None),
         "output_tokens_mean": _mean(r.output_tokens for r in records if r.error is None),
