@@ -92,7 +92,11 @@ class RMSNorm(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder layer: GQA attention with RoPE, then a SwiGLU MLP."""
+    """One pre-norm decoder layer: GQA attention with RoPE, then a SwiGLU MLP.
+
+    Reads its layer of the cache as it was before this chunk and returns (x, the chunk's keys,
+    its values); the Decoder writes them into the cache after the layer scan.
+    """
 
     def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         def lin(d_in, d_out, name, bias=False):
@@ -209,7 +213,7 @@ class Decoder(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         # The layers read the cache as it was and return only the chunk's keys/values, which are
         # written into every layer at once afterwards (in place when the cache is donated or a
-        # loop carry): no layer's cache is copied, so a decode step moves O(new tokens) bytes.
+        # loop carry): no layer's cache is copied; a decode step writes O(new tokens) bytes.
         x, (k_chunk, v_chunk) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
         new_cache = KVCache(k=write_layers(cache.k, k_chunk, start), v=write_layers(cache.v, v_chunk, start),
                             valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)
