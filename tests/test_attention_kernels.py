@@ -23,6 +23,23 @@ from flax import nnx
 RNG = np.random.RandomState(0)
 
 
+def _chunk_layout(starts, lens, t, explicit=False):
+    """Random q and chunk K/V [2, t, ...], a junk-filled cache of 32 slots before the chunk is
+    written (junk beyond `start` must not leak), and the post-write mask (random explicit
+    visibility when asked)."""
+    b, s, hq, hkv, d = 2, 32, 6, 2, 16
+    q = jnp.asarray(RNG.randn(b, t, hq, d), jnp.float32)
+    k_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
+    v_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
+    start, n = jnp.asarray(starts, jnp.int32), jnp.asarray(lens, jnp.int32)
+    k_old = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)
+    v_old = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)
+    valid = jnp.arange(s)[None, :] < (start + n)[:, None]
+    vis = jnp.asarray(RNG.rand(b, t, s) < 0.6) if explicit else None
+    mask = AttentionMask(q_slots=start[:, None] + jnp.arange(t)[None, :], kv_valid=valid, explicit=vis)
+    return q, k_new, v_new, start, n, k_old, v_old, mask
+
+
 @pytest.mark.parametrize("starts,lens,t", [
     ([0, 0], [7, 4], 7),  # plain prefill of ragged prompts
     ([13, 5], [6, 6], 6),  # synthesizer prompt after packed branch caches of different sizes
@@ -30,16 +47,8 @@ RNG = np.random.RandomState(0)
     ([11, 0], [3, 5], 5),  # one row with, one without a prefix
 ])
 def test_split_equals_dense_reference(starts, lens, t):
-    b, s, hq, hkv, d = 2, 32, 6, 2, 16
-    q = jnp.asarray(RNG.randn(b, t, hq, d), jnp.float32)
-    k_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
-    v_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
-    start, n = jnp.asarray(starts, jnp.int32), jnp.asarray(lens, jnp.int32)
-    k_cache = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)  # junk beyond `start` must not leak
-    v_cache = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)
-    k_cache, v_cache = write_rows(k_cache, k_new, start), write_rows(v_cache, v_new, start)
-    valid = jnp.arange(s)[None, :] < (start + n)[:, None]
-    mask = AttentionMask(q_slots=start[:, None] + jnp.arange(t)[None, :], kv_valid=valid)
+    q, k_new, v_new, start, n, k_old, v_old, mask = _chunk_layout(starts, lens, t)
+    k_cache, v_cache = write_rows(k_old, k_new, start), write_rows(v_old, v_new, start)
     ref = dense_attention(q, k_cache, v_cache, mask)
     got = split_attention(q, k_cache, v_cache, k_new, v_new, start, n, kernel="xla")
     rows = (jnp.arange(t)[None, :] < n[:, None])[..., None, None]  # compare valid queries only
@@ -57,16 +66,7 @@ def test_split_equals_dense_reference(starts, lens, t):
 def test_xla_path_equals_dense_over_written_cache(starts, lens, t, explicit):
     """attend() reads the cache as it was before the chunk; it must equal dense attention over
     the cache with the chunk written in (what the model computed before), junk slots included."""
-    b, s, hq, hkv, d = 2, 32, 6, 2, 16
-    q = jnp.asarray(RNG.randn(b, t, hq, d), jnp.float32)
-    k_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
-    v_new = jnp.asarray(RNG.randn(b, t, hkv, d), jnp.float32)
-    start, n = jnp.asarray(starts, jnp.int32), jnp.asarray(lens, jnp.int32)
-    k_old = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)  # junk beyond `start` must not leak
-    v_old = jnp.asarray(RNG.randn(b, s, hkv, d), jnp.float32)
-    valid = jnp.arange(s)[None, :] < (start + n)[:, None]
-    vis = jnp.asarray(RNG.rand(b, t, s) < 0.6) if explicit else None
-    mask = AttentionMask(q_slots=start[:, None] + jnp.arange(t)[None, :], kv_valid=valid, explicit=vis)
+    q, k_new, v_new, start, n, k_old, v_old, mask = _chunk_layout(starts, lens, t, explicit)
     ref = dense_attention(q, write_rows(k_old, k_new, start), write_rows(v_old, v_new, start), mask)
     got = jax.jit(xla_attention)(q, k_old, v_old, mask, (k_new, v_new, start, n))
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6, rtol=1e-5)
