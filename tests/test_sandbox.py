@@ -90,3 +90,24 @@ def test_run_many_keeps_order_and_runs_in_parallel():
     assert all(r.passed for r in run_many(["import time; time.sleep(0.5)"] * 6, workers=3))
     elapsed = time.monotonic() - start
     assert elapsed < 2.2, f"6 x 0.5 s on 3 workers took {elapsed:.2f}s (3 s if run one by one)"
+
+
+def test_child_runs_under_its_limits():
+    code = (
+        "import resource as r\n"
+        "assert r.getrlimit(r.RLIMIT_AS) == (256 * 1024**2,) * 2, r.getrlimit(r.RLIMIT_AS)\n"
+        "assert r.getrlimit(r.RLIMIT_CPU) == (4, 5), r.getrlimit(r.RLIMIT_CPU)\n"
+        "assert r.getrlimit(r.RLIMIT_CORE) == (0, 0)\n"
+        "assert r.getrlimit(r.RLIMIT_FSIZE)[0] == 64 * 1024**2\n"
+    )
+    result = run_code(code, timeout_s=3.0, memory_mb=256)
+    assert result.passed, result.stderr_tail
+
+
+def test_spawning_does_not_fork_the_calling_interpreter():
+    # os.fork() in a multi-threaded process (JAX's) runs Python at-fork hooks and makes JAX warn.
+    # The sandbox sets limits inside the child, so subprocess never needs a Python-level fork.
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    assert run_code("pass").passed and run_many(["pass"] * 2)[1].passed
+    assert forks == []

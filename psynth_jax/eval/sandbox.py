@@ -2,12 +2,14 @@
 
 Generated code is never exec'd in the evaluating process. Each program runs as
 `python -I` (isolated: no user site, no PYTHON* variables) in a fresh temporary directory, with
-stdin closed, a minimal environment, and rlimits set in the child before exec (address space,
-CPU seconds, file size, no core files). The child leads its own process group, so a timeout kills
-everything it spawned. Output goes to files, not pipes, so a chatty program cannot deadlock us.
+stdin closed and a minimal environment. The child's bootstrap sets its rlimits (address space,
+CPU seconds, file size, no core files) before it reads the program. The child leads its own
+process group, so a timeout kills everything it spawned. Output goes to files, not pipes, so a
+chatty program cannot deadlock us.
 
-Call it from one thread (preexec_fn is not thread-safe); `run_many` gives parallelism by keeping
-several children alive from that thread.
+The limits are set by the child itself, not by a `preexec_fn`: with no Python code to run between
+fork and exec, `subprocess` spawns without `os.fork()` in the evaluating (multi-threaded JAX)
+process. `run_many` gives parallelism by keeping several children alive from one thread.
 
 Limits worth knowing: rlimits are not a security boundary against a hostile process (no network,
 filesystem or process-count isolation beyond the above; a root child could raise its limits).
@@ -19,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -34,8 +35,17 @@ Status = Literal["passed", "failed", "timeout", "memory", "error"]
 _STDERR_TAIL_CHARS = 2000
 _MAX_FILE_BYTES = 64 * 1024 * 1024
 _POLL_S = 0.005
-# Runs the program under `run_name`; "__main__" gives plain script semantics.
-_BOOTSTRAP = "import runpy, sys; runpy.run_path(sys.argv[1], run_name=sys.argv[2])"
+# argv: program, run_name, memory bytes, CPU seconds. Sets the limits, then runs the program under
+# `run_name` ("__main__" gives plain script semantics). RLIMIT_CPU counts the interpreter's
+# start-up too (CPU time is cumulative).
+_BOOTSTRAP = (
+    "import resource as r, runpy, sys\n"
+    "m, c, f = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])\n"
+    "r.setrlimit(r.RLIMIT_AS, (m, m)); r.setrlimit(r.RLIMIT_CPU, (c, c + 1))\n"
+    "r.setrlimit(r.RLIMIT_CORE, (0, 0)); r.setrlimit(r.RLIMIT_FSIZE, (f, f))\n"
+    "del m, c, f, r\n"
+    "runpy.run_path(sys.argv[1], run_name=sys.argv[2])"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +70,6 @@ class _Running:
     deadline: float
 
 
-def _limits(memory_mb: int, cpu_s: int) -> None:
-    """preexec_fn: applied in the child between fork and exec (so interpreter start-up counts)."""
-    mem = memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (_MAX_FILE_BYTES, _MAX_FILE_BYTES))
-
-
 def _child_env(workdir: Path) -> dict[str, str]:
     """A small environment: single-threaded BLAS (keeps virtual memory under RLIMIT_AS)."""
     return {
@@ -91,13 +92,15 @@ def _launch(code: str, timeout_s: float, memory_mb: int, as_main: bool) -> _Runn
         program.write_text(code, encoding="utf-8", errors="replace")
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOTSTRAP, str(program), "__main__" if as_main else "__sandbox__"],
+                [
+                    sys.executable, "-I", "-c", _BOOTSTRAP, str(program), "__main__" if as_main else "__sandbox__",
+                    str(memory_mb * 1024 * 1024), str(cpu_s), str(_MAX_FILE_BYTES),
+                ],
                 cwd=workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 env=_child_env(workdir),
-                preexec_fn=lambda: _limits(memory_mb, cpu_s),
                 start_new_session=True,
                 close_fds=True,
             )
@@ -179,8 +182,8 @@ def run_many(
 ) -> list[SandboxResult]:
     """`run_code` over many programs, at most `workers` children at once; results in input order.
 
-    Children are started and reaped from this thread (no thread pool), which keeps the
-    preexec_fn rlimit setup safe.
+    Children are started and polled from this thread: no thread pool is needed to keep several
+    alive.
     """
     results: list[SandboxResult | None] = [None] * len(codes)
     pending = list(range(len(codes)))[::-1]
