@@ -12,6 +12,7 @@
 #   batch      batched synthesis, B 1,8,32 (Qwen2.5-7B, K 4 x L 1024): TTFT and output tokens/s
 #   decode     synthesizer decode over a 16k-token cache against the bandwidth floor
 #   train      the trainer's step at Qwen3-14B, 3 x 1024 branch + 512 live tokens, remat on and off
+#   sampling   one sampled token over Qwen2.5's 152k vocabulary: top-p by bisection vs by sorting
 #
 # Environment:
 #   OUT        results folder (default benchmarks/results/<GPU name from nvidia-smi, lower-case>)
@@ -22,7 +23,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-ALL_STEPS=(roofline ttft7b ttft14b batch decode train)
+ALL_STEPS=(roofline ttft7b ttft14b batch decode train sampling)
 
 gpu_slug() {
   local name
@@ -68,6 +69,7 @@ for step in "${STEPS[@]}"; do
               --cache-tokens 4096,16384 --steps 64 "${ROOF[@]}" --out "$OUT/$step" ;;
     train) run_cmd "$BIN" bench train --arch qwen3-14b --dtype bfloat16 --attn-impl "$ATTN" --branches 3 \
              --branch-tokens 1024 --live-tokens 512 --remat both "${ROOF[@]}" --out "$OUT/$step" ;;
+    sampling) run_cmd "$BIN" bench sampling --arch qwen2.5-7b --batch 1,8,32 --out "$OUT/$step" ;;
   esac
 done
 log "done: $OUT"

@@ -10,12 +10,14 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from psynth_jax.bench import batch as batch_bench
 from psynth_jax.bench import decode as decode_bench
 from psynth_jax.bench import roofline
+from psynth_jax.bench import sampling as sampling_bench
 from psynth_jax.bench import train_step as train_bench
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.presets import preset
@@ -203,6 +205,31 @@ def test_train_flops_by_hand():
     assert g["hardware_flops_per_step"] - g["model_flops_per_step"] == dense + lo + att  # LM head not recomputed
 
 
+# ---------------------------------------------------------------- sampling
+def test_sampling_run_times_every_strategy_and_compares_the_nuclei(tmp_path):
+    argv = ["--arch", "tiny-llama", "--batch", "1,3", "--repeats", "2", "--top-p", "0.8", "--out", str(tmp_path)]
+    assert _run(sampling_bench, argv) == 0
+    meta, rows = _load(tmp_path / "sampling.json")
+    _check_meta(meta, "sampling")
+    vocab = preset("tiny-llama").vocab_size
+    assert meta["vocab"] == vocab and meta["top_p"] == 0.8 and "--top-p 0.8" in meta["command"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        for name in sampling_bench.STRATEGIES:
+            assert _pos(r[f"{name}_ms"]) and len(r["times_ms"][name]) == 2, name
+        assert r["sort_over_top_p"] == pytest.approx(r["top_p_sort_ms"] / r["top_p_ms"], rel=1e-9)
+        assert r["mask_mismatch"] == 0  # same nucleus on these logits (differences only at rounding edges)
+        assert 1 <= r["nucleus_tokens_mean"] < vocab
+    assert (tmp_path / "sampling.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sorted_nucleus_is_the_textbook_prefix():
+    logits = jnp.log(jnp.asarray([[0.5, 0.1, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]]))
+    got = sampling_bench.sorted_nucleus(logits, 0.7)
+    # row 0: 0.5 + 0.3 reaches 0.7; row 1: ties at the cutoff are all kept
+    assert got.tolist() == [[True, False, True, False], [True, True, True, True]]
+
+
 # -------------------------------------------------------------- bad input
 @pytest.mark.parametrize("module, argv, match", [
     (batch_bench, ["--bs", "1", "--k", "0"], "--k must be >= 1"),
@@ -212,6 +239,8 @@ def test_train_flops_by_hand():
     (decode_bench, ["--batch", "0"], "--batch must be >= 1"),
     (decode_bench, ["--steps", "0"], "--steps must be >= 1"),
     (decode_bench, ["--cache-tokens", "8", "--bandwidth-gbs", "-1"], "--bandwidth-gbs must be positive"),
+    (sampling_bench, ["--top-p", "1.0"], "--top-p must be in"),
+    (sampling_bench, ["--temperature", "0"], "--temperature must be > 0"),
     (train_bench, ["--live-tokens", "1"], "--live-tokens must be >= 2"),
     (train_bench, ["--branch-tokens", "40000"], "max_position_embeddings"),
     (train_bench, ["--batch", "0"], "--batch must be >= 1"),

@@ -239,13 +239,13 @@ def test_bench_gpu_runs_every_issue7_step_with_flags_psynth_accepts():
 
     proc, commands = run_script("bench_gpu.sh", {"OUT": "/tmp/out", "PSYNTH_BIN": "psynth"})
     assert proc.returncode == 0, proc.stderr
-    assert [c[2] for c in commands] == ["roofline", "ttft", "ttft", "batch", "decode", "train"]
+    assert [c[2] for c in commands] == ["roofline", "ttft", "ttft", "batch", "decode", "train", "sampling"]
     parser = psynth_main.build_parser()
     for argv in commands:
         assert argv[:2] == ["psynth", "bench"]
         args = parser.parse_args(argv[1:])  # argparse exits (SystemExit) on any flag the CLI does not know
         assert args.out.startswith("/tmp/out/")
-        if argv[2] not in ("roofline", "batch"):
+        if argv[2] not in ("roofline", "batch", "sampling"):
             assert args.roofline_json == "/tmp/out/roofline/roofline.json"
     proc, commands = run_script("bench_gpu.sh", {"OUT": "/tmp/out"}, "decode", "train")
     assert proc.returncode == 0 and [c[2] for c in commands] == ["decode", "train"]

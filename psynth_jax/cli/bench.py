@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "batch": ("psynth_jax.bench.batch", "batched synthesis: TTFT and output tokens/s per batch size, cache vs text path"),
     "decode": ("psynth_jax.bench.decode", "synthesizer decode over a long cache: tokens/s against the bandwidth floor"),
     "train": ("psynth_jax.bench.train_step", "the trainer's step (mapper + LoRA): tokens/s and model FLOPs utilization"),
+    "sampling": ("psynth_jax.bench.sampling", "one sampled token over the vocabulary: greedy, temperature, top-p "
+                                              "(bisection) vs top-p by sorting"),
 }
 
 
