@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     save_results, plain_formatter, pyplot_or_none, say)
+                                     save_results, say)
+from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
 from psynth_jax.bench.ttft import _OutOfMemory, _random_branches, time_call
 from psynth_jax.cli.bench import _int_list, resolve_arch, resolve_dtype
 from psynth_jax.inference import runtime
@@ -281,8 +282,6 @@ def plot_batch(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Pat
     plt = pyplot_or_none()
     if plt is None:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
     styles = {"cache": ("-o", "tab:blue", "cache path (LoRA on)"), "text": ("--s", "tab:orange", "text path")}
     for name in meta["paths"]:
@@ -303,7 +302,4 @@ def plot_batch(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Pat
     fig.suptitle(f"batched synthesis: {meta['arch']}, {meta['dtype']}, K={meta['K']} x L={meta['L']}, prompt "
                  f"{meta['prompt_tokens']}, {meta['new_tokens']} new tokens, {dev['device_kind']} [{dev['platform']}], "
                  "random weights", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, top=0.94)

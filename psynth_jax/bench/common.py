@@ -1,6 +1,6 @@
-"""Helpers shared by the benchmarks (`psynth bench ttft`, `batch`, `decode`, `train`): common
-options, the reproducing command line, JSON metadata (device, versions), the printed table and
-matplotlib access."""
+"""Helpers shared by the benchmarks (`psynth bench ttft`, `batch`, `decode`, `train`, `sampling`):
+common options, the reproducing command line, JSON metadata (device, versions), the printed table
+and the saved results (plotting helpers live in plots.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import platform
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -123,24 +122,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
 
 def lora_rank_of(lora: LoRAConfig | None) -> int:
     return 0 if lora is None else lora.rank
-
-
-def pyplot_or_none():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: skipping the plot (pip install matplotlib)")
-        return None
-    return plt
-
-
-def plain_formatter():
-    from matplotlib.ticker import FuncFormatter
-
-    return FuncFormatter(lambda v, _: f"{v:g}")
 
 
 def save_results(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out: str | Path, *,

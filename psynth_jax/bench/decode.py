@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     save_results, lora_rank_of, plain_formatter, pyplot_or_none, say)
+                                     save_results, lora_rank_of, say)
+from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
 from psynth_jax.bench.roofline import dtype_bytes, kv_bytes, load_roofline, measure_bandwidth, weight_bytes
 from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory, time_call
 from psynth_jax.cli.bench import _int_list, resolve_arch, resolve_dtype
@@ -286,8 +287,6 @@ def plot_decode(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Pa
     if plt is None:
         return None
     done = [r for r in rows if r.get("step_ms") is not None]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [r["cache_tokens"] for r in done]
     ax.plot(x, [r["step_ms"] for r in done], "-o", label="jitted loop (continue_generation)")
@@ -306,7 +305,4 @@ def plot_decode(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Pa
                  f"{dev['device_kind']} [{dev['platform']}], random weights", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)

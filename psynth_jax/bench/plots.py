@@ -7,12 +7,34 @@ from pathlib import Path
 from typing import Any
 
 
-def matplotlib_available() -> bool:
+def pyplot_or_none(what: str = "the plot"):
+    """matplotlib.pyplot on the Agg backend, or None with a warning when matplotlib is missing."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    return True
+        warnings.warn(f"matplotlib is not installed: skipping {what} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plain_formatter():
+    """Tick labels as plain numbers (1024, not 2^10 or 1e3)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def save_figure(plt, fig, path: str | Path, *, top: float = 1.0) -> Path:
+    """Lay out (keeping the top `1 - top` of the figure for a suptitle), write the PNG, close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _title(meta: dict[str, Any]) -> str:
@@ -35,18 +57,11 @@ def plot_ttft(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path
     """Three panels: TTFT vs total branch tokens K*L (text dashed, cache solid, one colour per K),
     the text/cache speedup (log scale), and the cache path's parts per point. Returns the PNG path, or None (with a
     warning) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
-    except ImportError:
-        warnings.warn("matplotlib is not installed: skipping the TTFT plot (pip install matplotlib)")
+    plt = pyplot_or_none("the TTFT plot")
+    if plt is None:
         return None
+    from matplotlib.ticker import FuncFormatter
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ks = sorted({r["K"] for r in rows})
     colors = plt.get_cmap("viridis")(
         [0.1 + 0.75 * i / max(len(ks) - 1, 1) for i in range(len(ks))]
@@ -71,7 +86,7 @@ def plot_ttft(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path
             ax_s.annotate(f"{y[-1]:.1f}x", (x[-1], y[-1]), textcoords="offset points", xytext=(-4, 7),
                           ha="right", fontsize=8, color=color)
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = plain_formatter()
     for ax in (ax_t, ax_s):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(plain)
@@ -115,10 +130,7 @@ def plot_ttft(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path
     ax_b.grid(True, axis="y", alpha=0.3)
 
     fig.suptitle(_title(meta), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, top=0.95)
 
 
 # path key -> (label, colour); floors use the path's colour, dashed
@@ -137,18 +149,11 @@ def plot_ttft_floor(meta: dict[str, Any], rows: list[dict[str, Any]], path: str 
     when present, the PyTorch peer's, one marker per K, with each path's roofline floor dashed; and
     measured / floor per path (with the 1.5x target) plus JAX / PyTorch where the peer ran. Returns
     the PNG path, or None (with a warning) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
-    except ImportError:
-        warnings.warn("matplotlib is not installed: skipping the TTFT floor plot (pip install matplotlib)")
+    plt = pyplot_or_none("the TTFT floor plot")
+    if plt is None:
         return None
+    from matplotlib.ticker import FuncFormatter
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ks = sorted({r["K"] for r in rows})
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(14, 5.4))
 
@@ -183,7 +188,7 @@ def plot_ttft_floor(meta: dict[str, Any], rows: list[dict[str, Any]], path: str 
         ax_r.axhline(1.5, color="tab:orange", lw=1, ls="--", alpha=0.7, label="cache target: 1.5x floor")
     ax_r.axhline(1.0, color="grey", lw=1, ls=":")
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = plain_formatter()
     for ax in (ax_t, ax_r):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -211,7 +216,4 @@ def plot_ttft_floor(meta: dict[str, Any], rows: list[dict[str, Any]], path: str 
         extra.append(f"peer: torch {peer.get('torch', '?')}, transformers {peer.get('transformers', '?')}, "
                      f"{peer.get('dtype', '?')}, sdpa")
     fig.suptitle(_title(meta) + ("\n" + " | ".join(extra) if extra else ""), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, top=0.95)

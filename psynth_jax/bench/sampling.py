@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from psynth_jax.bench.common import (Column, base_metadata, command_line, format_table, plain_formatter,
-                                     pyplot_or_none, save_results, say)
+from psynth_jax.bench.common import Column, base_metadata, command_line, format_table, save_results, say
+from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
 from psynth_jax.bench.ttft import time_call
 from psynth_jax.cli.bench import _arch, _int_list, resolve_arch
 from psynth_jax.inference.sampling import SamplingConfig, nucleus, sample
@@ -173,8 +173,6 @@ def plot_sampling(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | 
     plt = pyplot_or_none()
     if plt is None:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [r["batch"] for r in rows]
     styles = {"greedy": "-o", "temperature": "-s", "top_p": "-^", "top_p_sort": "--v"}
@@ -192,7 +190,4 @@ def plot_sampling(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | 
                  f"{dev['device_kind']} [{dev['platform']}]", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)

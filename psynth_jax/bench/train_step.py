@@ -440,14 +440,12 @@ FLOP_PARTS = (("branch_forward", "branch prefill (fwd only)", "tab:grey"),
 
 def plot_train(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
     """Tokens/s per remat setting (with the PEFT reference at its shape) and the FLOPs per step by part."""
-    from psynth_jax.bench.common import pyplot_or_none
+    from psynth_jax.bench.plots import pyplot_or_none, save_figure
 
     plt = pyplot_or_none()
     if plt is None:
         return None
     done = [r for r in rows if r.get("tokens_per_s") is not None]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(10, 4.5))
     labels = [f"remat {r['remat_str']}" for r in done]
     idx = list(range(len(done)))
@@ -480,7 +478,4 @@ def plot_train(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Pat
     fig.suptitle(f"train step: {meta['arch']}, {meta['dtype']}, batch {meta['batch']} x ({meta['branches']} x "
                  f"{meta['branch_tokens']} + {meta['live_tokens']} live), {dev['device_kind']} [{dev['platform']}], "
                  "random weights", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, top=0.93)
