@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,43 @@ def test_eval_plugs_into_psynth_main(monkeypatch):
     args = psynth_main.build_parser().parse_args(["eval", "--config", "c.yaml", "tasks[0].limit=5", "out_dir=x"])
     assert args._module is eval_cli and args.config == "c.yaml"
     assert args.overrides == ["tasks[0].limit=5", "out_dir=x"] and not args.quiet
+
+
+def test_retime_measures_again_without_answering(tiny_model, reference, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference.run_dir, out)
+    before = _records(out)
+    calls = Counter(monkeypatch)
+    outcome = runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True, retime=["marble_db"])
+    # one batch-1, one-token call per (marble example, mode); no worker decoding, no answering
+    assert calls.requests("run_workers") == 0
+    assert calls.requests("single_agent", "text_path", "cache_path", max_new_tokens=1) == 2 * 6
+    assert calls.requests("single_agent", "text_path", "cache_path", max_new_tokens=8) == 0
+    assert outcome.computed == {"retimed": 12}
+    after = _records(out)
+    assert len(JsonlLog(out / RECORDS).rows) == 24 + 12  # appended, nothing rewritten
+    for key, old in before.items():
+        new = after[key]
+        assert (new["text"], new["correct"], new["answer"]) == (old["text"], old["correct"], old["answer"])
+        retimed = key[0] == "marble_db"
+        assert (new["ttft_s"] != old["ttft_s"]) == retimed, key  # a fresh measurement, only where asked
+        assert new["ttft_s"] > 0
+    assert stable(outcome.results) == stable(reference.results)  # accuracy etc. unchanged
+    new_ttfts = [r["ttft_s"] for k, r in after.items() if k[0] == "marble_db" and k[2] == "psynth"]
+    assert outcome.results["tasks"]["marble_db"]["psynth"]["ttft_ms"]["median"] == \
+        pytest.approx(1e3 * statistics.median(new_ttfts), rel=1e-9)  # the report reads the new timings
+
+
+def test_retime_refuses_unknown_tasks_and_unfinished_runs(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"cannot retime \['gsm8k'\]"):
+        runner_mod.run_eval(make_config(tmp_path / "run"), model=tiny_model, quiet=True, retime=["gsm8k"])
+    with pytest.raises(ValueError, match="not recorded yet"):
+        runner_mod.run_eval(make_config(tmp_path / "run"), model=tiny_model, quiet=True, retime=[])
+    assert not (tmp_path / "run" / RECORDS).exists() or not JsonlLog(tmp_path / "run" / RECORDS).rows
+
+
+def _records(run_dir: Path) -> dict:
+    """The current record per key (a later line supersedes an earlier one)."""
+    return {(r["task"], r["id"], r["mode"]): r for r in JsonlLog(run_dir / RECORDS).rows}

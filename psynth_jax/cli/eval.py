@@ -2,6 +2,8 @@
 
 Writes results.json, results.md and plots into the config's out_dir; rerunning the same command
 resumes an interrupted eval (finished answers and stored worker branches are reused).
+`--retime [TASKS]` measures the TTFT of a finished run's timed answers again on this machine
+(after timings taken under load, or to time on an accelerator answers computed elsewhere).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*",
                    help="dotted key=value overrides, e.g. out_dir=runs/x tasks[0].limit=10 modes=text,psynth")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--retime", nargs="?", const="", default=None, metavar="TASKS",
+                   help="do not answer: measure the TTFT of the recorded, timed answers again on this machine, "
+                        "for these comma-separated tasks (none given: every task); the report is rewritten")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.eval.report import RESULTS_MD
     from psynth_jax.eval.runner import run_eval
 
-    outcome = run_eval(cfg, quiet=args.quiet)
+    retime = None if args.retime is None else [t for t in args.retime.split(",") if t]
+    outcome = run_eval(cfg, quiet=args.quiet, retime=retime)
     print((outcome.run_dir / RESULTS_MD).read_text())
     print(f"wrote {outcome.run_dir}/ (results.json, results.md, plots)", file=sys.stderr)
     return 0

@@ -16,6 +16,9 @@ branches; with nothing left to do it does not even load the model, and only rewr
 Chunk boundaries and worker seeds depend only on the config and the example order, so a resumed
 run decodes exactly the branches an uninterrupted one would have (raising a task's `limit` later
 can only re-chunk its last, partial chunk: never at batch_size 1).
+
+`psynth eval --retime` measures the TTFT of finished answers again on the machine it runs on,
+from the stored branches, without answering again (`EvalRunner.retime`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class EvalOutcome:
 
     run_dir: Path
     results: dict[str, Any]
-    computed: dict[str, int]  # worker_examples, worker_calls, records, mode_calls (this session only)
+    computed: dict[str, int]  # worker_examples, worker_calls, records, mode_calls, retimed (this session only)
 
 
 def load_examples(cfg: EvalConfig) -> dict[str, list[EvalExample]]:
@@ -105,6 +108,49 @@ class EvalRunner:
             for task, exs in self.examples.items():
                 for chunk in make_chunks(exs, self.cfg.batch_size, self.cfg.num_workers):
                     self._run_chunk(task, chunk, bar)
+        return self._report(t0)
+
+    def retime(self, tasks: Sequence[str] | None = None) -> EvalOutcome:
+        """Measure again, on this device, the TTFT of every recorded answer that is timed; answers untouched.
+
+        For timings taken while other work shared the machine, or to time on another device
+        (an accelerator) answers computed elsewhere. Only the examples `timing_examples` selects,
+        of `tasks` (default: every configured task), and only records without an error. Each new
+        timing is appended as a record superseding the old one (records.jsonl keeps both lines;
+        the later one counts), so an interruption loses nothing: a rerun times what is left.
+        """
+        t0 = time.perf_counter()
+        names = list(self.examples) if not tasks else list(tasks)
+        unknown = [t for t in names if t not in self.examples]
+        if unknown:
+            raise ValueError(f"cannot retime {unknown}: not among this config's tasks {list(self.examples)}")
+        if self.cfg.timing_repeats == 0:
+            raise ValueError("timing_repeats is 0: set timing_repeats >= 1 to retime")
+        todo = [(t, ex) for t in names for ex in self.examples[t] if (t, ex.id) in self.timed]
+        missing = [(t, ex.id, m) for t, ex in todo for m in self.cfg.modes if (t, ex.id, m) not in self.store.records]
+        if missing:
+            raise ValueError(f"{len(missing)} timed answers are not recorded yet (first: {missing[0]}): "
+                             "finish the eval (run it without --retime) before retiming")
+        with tqdm(total=len(todo) * len(self.cfg.modes), desc="retime", unit="answer", disable=self.quiet,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for task, ex in todo:
+                self._ensure_synth()
+                self.synth.family = ex.family
+                self._caches.clear()
+                for mode in self.cfg.modes:
+                    old = self.store.records[(task, ex.id, mode)]
+                    if old.error is None:
+                        ttft_s, breakdown = self._time(MODE_SPECS[mode], ex)
+                        self.store.add_records([dataclasses.replace(old, ttft_s=ttft_s, breakdown=breakdown,
+                                                                    device=self.device)])
+                        self.computed["retimed"] += 1
+                    bar.update(1)
+        self._caches.clear()
+        return self._report(t0)
+
+    def _report(self, t0: float) -> EvalOutcome:
+        """Build and write results.json / results.md / plots from every configured record stored."""
+        wanted = [(t, ex.id, m) for t, exs in self.examples.items() for ex in exs for m in self.cfg.modes]
         records = [self.store.records[key] for key in wanted if key in self.store.records]
         results = report.build_results(
             self.cfg, self.examples, records, self.store.weights(),
@@ -289,6 +335,12 @@ class EvalRunner:
                           breakdown={}, device=self.device, error=message)
 
 
-def run_eval(cfg: EvalConfig, *, model: Any = None, quiet: bool = False) -> EvalOutcome:
-    """Run (or resume) the evaluation `cfg` describes; write results.json / results.md / plots."""
-    return EvalRunner(cfg, model=model, quiet=quiet).run()
+def run_eval(cfg: EvalConfig, *, model: Any = None, quiet: bool = False,
+             retime: Sequence[str] | None = None) -> EvalOutcome:
+    """Run (or resume) the evaluation `cfg` describes; write results.json / results.md / plots.
+
+    retime: instead, measure the TTFT of these tasks' recorded answers again (`EvalRunner.retime`;
+    an empty list: every task).
+    """
+    runner = EvalRunner(cfg, model=model, quiet=quiet)
+    return runner.run() if retime is None else runner.retime(retime)

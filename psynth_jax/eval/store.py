@@ -5,7 +5,8 @@
       config.yaml     the resolved config of the latest session
       weights.json    which trained weights (mapper, LoRA) the synthesizer held
       branches.jsonl  one line per example: its worker branches (token ids + texts)
-      records.jsonl   one line per (task, example id, mode): answer, correctness, TTFT, tokens
+      records.jsonl   one line per (task, example id, mode): answer, correctness, TTFT, tokens;
+                      a later line for the same key supersedes an earlier one (--retime appends)
       results.json, results.md, *.png   written by the report at the end of every session
 
 Lines are appended and flushed as soon as their work finishes. A line cut short by an
