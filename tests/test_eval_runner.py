@@ -228,7 +228,10 @@ def test_eval_plugs_into_psynth_main(monkeypatch):
     monkeypatch.setitem(psynth_main.COMMANDS, "eval", ("eval", "evaluate"))
     args = psynth_main.build_parser().parse_args(["eval", "--config", "c.yaml", "tasks[0].limit=5", "out_dir=x"])
     assert args._module is eval_cli and args.config == "c.yaml"
-    assert args.overrides == ["tasks[0].limit=5", "out_dir=x"] and not args.quiet
+    assert args.overrides == ["tasks[0].limit=5", "out_dir=x"] and not args.quiet and args.retime is None
+    args = psynth_main.build_parser().parse_args(["eval", "--config", "c.yaml", "--retime", "gsm8k,mbpp"])
+    assert args.retime == "gsm8k,mbpp"
+    assert psynth_main.build_parser().parse_args(["eval", "--config", "c.yaml", "--retime"]).retime == ""
 
 
 def test_retime_measures_again_without_answering(tiny_model, reference, tmp_path, monkeypatch):
