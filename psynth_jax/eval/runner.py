@@ -101,7 +101,7 @@ class EvalRunner:
     # ------------------------------------------------------------------------------ driver
     def run(self) -> EvalOutcome:
         t0 = time.perf_counter()
-        wanted = [(t, ex.id, m) for t, exs in self.examples.items() for ex in exs for m in self.cfg.modes]
+        wanted = self._wanted()
         done = sum(key in self.store.records for key in wanted)
         with tqdm(total=len(wanted), initial=done, desc="eval", unit="answer", disable=self.quiet,
                   file=sys.stderr, dynamic_ncols=True) as bar:
@@ -148,10 +148,13 @@ class EvalRunner:
         self._caches.clear()
         return self._report(t0)
 
+    def _wanted(self) -> list[tuple[str, str, str]]:
+        """Every configured (task, example id, mode), in source order."""
+        return [(t, ex.id, m) for t, exs in self.examples.items() for ex in exs for m in self.cfg.modes]
+
     def _report(self, t0: float) -> EvalOutcome:
         """Build and write results.json / results.md / plots from every configured record stored."""
-        wanted = [(t, ex.id, m) for t, exs in self.examples.items() for ex in exs for m in self.cfg.modes]
-        records = [self.store.records[key] for key in wanted if key in self.store.records]
+        records = [self.store.records[key] for key in self._wanted() if key in self.store.records]
         results = report.build_results(
             self.cfg, self.examples, records, self.store.weights(),
             session={"wall_s": time.perf_counter() - t0, "computed": dict(self.computed)},
