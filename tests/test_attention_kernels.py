@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from psynth_jax.inference import runtime
-from psynth_jax.interop.loader import random_model
+from psynth_jax.model.loaded import random_model
 from psynth_jax.model.attention import AttentionMask, attend, dense_attention, xla_attention
 from psynth_jax.model.attention_kernels import split_attention
 from psynth_jax.model.config import ModelConfig

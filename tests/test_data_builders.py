@@ -14,7 +14,7 @@ from psynth_jax.data.chunking import normalize_space, split_contiguous
 from psynth_jax.data.examples import SynthesisExample, read_examples, write_examples
 from psynth_jax.data.problems import parse_problem
 from psynth_jax.data.sources import load_examples, parse_problems, read_rows
-from psynth_jax.eval.extract import last_boxed
+from psynth_jax.formats.boxed import last_boxed
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k" / "train.jsonl"

@@ -21,6 +21,7 @@ from psynth_jax.config.eval_schema import ConfigError, EvalConfig, dump_eval_con
 from psynth_jax.eval import runner as runner_mod
 from psynth_jax.eval.store import RECORDS, JsonlLog
 from psynth_jax.interop import loader
+from psynth_jax.model.loaded import random_model
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def tiny_model():
     cfg = ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
                       eos_token_ids=(tokenizer.eos_token_id,))
-    model = loader.random_model(cfg, lora=LoRAConfig(rank=4, alpha=8.0), seed=0)
+    model = random_model(cfg, lora=LoRAConfig(rank=4, alpha=8.0), seed=0)
     return dataclasses.replace(model, tokenizer=tokenizer)
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from psynth_jax.eval import records
+from psynth_jax.formats import records
 from psynth_jax.eval.example import EvalExample
 from psynth_jax.eval.scoring import extract_answer, free_form_equal, math_equal, score, score_many
 from psynth_jax.eval.tasks import load_task

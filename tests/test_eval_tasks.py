@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from psynth_jax.eval import records
+from psynth_jax.formats import records
 from psynth_jax.eval.scoring import score
 from psynth_jax.eval.tasks import DATA_ENV, TASKS, load_task
 

@@ -93,7 +93,8 @@ SECTIONS = textwrap.dedent("""
         import psynth_jax.inference.generator
         import psynth_jax.interop.loader
         from psynth_jax.inference import runtime
-        from psynth_jax.interop.loader import load_model, random_model
+        from psynth_jax.interop.loader import load_model
+        from psynth_jax.model.loaded import random_model
         from psynth_jax.model.config import ModelConfig
 
         cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,

@@ -27,7 +27,8 @@ from safetensors import safe_open
 import hf_models
 from psynth_jax.inference import runtime
 from psynth_jax.interop.export import export_adapter, export_merged, hf_config
-from psynth_jax.interop.loader import LoadedModel, abstract_decoder, load_model
+from psynth_jax.interop.loader import load_model
+from psynth_jax.model.loaded import LoadedModel, abstract_decoder
 from psynth_jax.model.config import ModelConfig, RopeScaling
 from psynth_jax.model.transformer import LORA_TARGETS, LoRAConfig
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from psynth_jax.inference import runtime
-from psynth_jax.interop.loader import random_model
+from psynth_jax.model.loaded import random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig, LoRAParam
 from psynth_jax.synthesis.mapper import MapperParam, make_mapper, map_caches, mapper_features

@@ -21,7 +21,8 @@ from safetensors import safe_open
 import hf_models
 from psynth_jax.inference.generator import Generator
 from psynth_jax.interop.embedded import default_gguf_path
-from psynth_jax.interop.loader import load_model, random_model
+from psynth_jax.interop.loader import load_model
+from psynth_jax.model.loaded import random_model
 from psynth_jax.interop.sources import CheckpointError
 from psynth_jax.model.config import ModelConfig, UnsupportedModelError
 from psynth_jax.model.kv_cache import KVCache

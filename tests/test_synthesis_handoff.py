@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from psynth_jax.inference import runtime
-from psynth_jax.interop.loader import random_model
+from psynth_jax.model.loaded import random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies, shift_keys

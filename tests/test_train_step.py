@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from psynth_jax.interop.loader import random_model
+from psynth_jax.model.loaded import random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable, synthesis_loss, merge_trainable
@@ -99,7 +99,7 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 from flax import nnx
-from psynth_jax.interop.loader import random_model
+from psynth_jax.model.loaded import random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable

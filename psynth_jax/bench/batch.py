@@ -36,11 +36,12 @@ from flax import nnx
 from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
                                      save_results, say)
 from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
-from psynth_jax.bench.ttft import _OutOfMemory, _random_branches, time_call
-from psynth_jax.cli.bench import _int_list, resolve_arch, resolve_dtype
+from psynth_jax.bench.ttft import _random_branches
+from psynth_jax.inference.timing import OutOfMemory, time_calls
+from psynth_jax.bench.common import int_list, resolve_arch, resolve_dtype
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.interop.loader import parse_dtype, random_model
+from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.handoff import prepare_synth_cache
@@ -191,9 +192,9 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
             prefill, lora = path_parts(name)
             dec = decode(lora)
             timed = {
-                "ttft": time_call(lambda: runtime.first_token(prefill()[0], jax.random.key(0), greedy), repeats),
-                "decode": time_call(dec, repeats, setup=prefill),
-                "latency": time_call(lambda: dec(prefill()), repeats),
+                "ttft": time_calls(lambda: runtime.first_token(prefill()[0], jax.random.key(0), greedy), repeats),
+                "decode": time_calls(dec, repeats, setup=prefill),
+                "latency": time_calls(lambda: dec(prefill()), repeats),
             }
             for part, t in timed.items():
                 first[f"{name}_{part}"] = round(1e3 * t.first_s, 4)
@@ -202,7 +203,7 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
             row[f"{name}_output_tokens"] = batch * new_tokens
             row[f"{name}_tokens_per_s"] = batch * new_tokens / (row[f"{name}_decode_ms"] / 1e3)
             row[f"{name}_ms_per_token"] = row[f"{name}_decode_ms"] / new_tokens
-        except _OutOfMemory as err:
+        except OutOfMemory as err:
             row[f"{name}_error"] = f"out of memory: {err}"
         finally:
             prefill = dec = None
@@ -219,7 +220,7 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
 
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bs", type=_int_list, default="1,8,32", help="batch sizes B (requests per call), comma-separated")
+    p.add_argument("--bs", type=int_list, default="1,8,32", help="batch sizes B (requests per call), comma-separated")
     p.add_argument("--k", type=int, default=4, help="branches K per request")
     p.add_argument("--l", type=int, default=1024, help="tokens L per branch")
     p.add_argument("--prompt-tokens", type=int, default=128, help="synthesizer prompt tokens per request")

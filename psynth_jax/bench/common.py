@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from psynth_jax.cli.bench import _arch
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
 
@@ -32,7 +31,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, name: str, repeats: int 
     """--arch, --dtype, --attn-impl, --repeats, --seed, --out, --no-plot (same meaning in every benchmark)."""
     from psynth_jax.model.presets import PRESETS
 
-    p.add_argument("--arch", type=_arch, default="tiny-llama",
+    p.add_argument("--arch", type=arch_type, default="tiny-llama",
                    help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
                         "weights are random (timing does not depend on them)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -43,6 +42,46 @@ def add_common_arguments(p: argparse.ArgumentParser, *, name: str, repeats: int 
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--out", default="runs/bench", help=f"output directory ({name}.json, {name}.png)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def arch_type(text: str) -> str:
+    """argparse type: a preset name or an existing config.json / model dir (anything else is reported)."""
+    from psynth_jax.model.presets import preset
+
+    if not Path(text).exists():
+        try:
+            preset(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def resolve_arch(arch: str) -> tuple[ModelConfig, str, str | None]:
+    """(ModelConfig, display name, hub id) for a preset name or a config.json path / model dir."""
+    from psynth_jax.model.presets import hub_id, preset
+
+    path = Path(arch)
+    if path.exists():
+        return ModelConfig.from_hf(path), str(path), None
+    return preset(arch), arch.strip().lower(), hub_id(arch)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """"auto" -> float32 on CPU, bfloat16 on GPU/TPU; any other name as given."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
 
 
 def attn_impls() -> list[str]:

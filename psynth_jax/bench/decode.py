@@ -34,7 +34,6 @@ import argparse
 import functools
 import gc
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,11 +45,11 @@ from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata
                                      save_results, lora_rank_of, say)
 from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
 from psynth_jax.bench.roofline import dtype_bytes, kv_bytes, load_roofline, measure_bandwidth, weight_bytes
-from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory, time_call
-from psynth_jax.cli.bench import _int_list, resolve_arch, resolve_dtype
+from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
+from psynth_jax.bench.common import int_list, resolve_arch, resolve_dtype
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.interop.loader import parse_dtype, random_model
+from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.transformer import LoRAConfig
@@ -169,7 +168,7 @@ def measure_decode_point(gd, st, cfg: ModelConfig, *, cache_tokens: int, batch: 
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {}
     try:
-        t = time_call(loop, repeats, setup=fresh_cache)
+        t = time_calls(loop, repeats, setup=fresh_cache)
         first["loop"], times["loop"] = round(1e3 * t.first_s, 4), [round(1e3 * x, 4) for x in t.times_s]
         row["loop_ms"] = t.median_ms
         row["step_ms"] = t.median_ms / steps
@@ -181,7 +180,7 @@ def measure_decode_point(gd, st, cfg: ModelConfig, *, cache_tokens: int, batch: 
         first["host_step"], times["host_step"] = round(1e3 * h.first_s, 4), [round(1e3 * x, 4) for x in h.times_s]
         row["host_step_ms"] = h.median_ms
         row["host_ratio"] = h.median_ms / row["floor_ms"]
-    except _OutOfMemory as err:
+    except OutOfMemory as err:
         row["error"] = f"out of memory: {err}"
     row["first_call_ms"] = first
     row["times_ms"] = times
@@ -191,24 +190,13 @@ def measure_decode_point(gd, st, cfg: ModelConfig, *, cache_tokens: int, batch: 
 def time_host_steps(gd, st, cache: KVCache, steps: int, *, lora: bool, attn_impl: str) -> Timing:
     """One compile call, then `steps` single decode steps, each timed until ready (cache chained)."""
     tokens = jnp.zeros((cache.batch,), jnp.int32)
+    state = {"cache": cache}
 
-    def once(cache: KVCache) -> tuple[float, KVCache]:
-        t0 = time.perf_counter()
-        logits, cache = runtime.decode_step(gd, st, tokens, cache, lora=lora, attn_impl=attn_impl)
-        jax.block_until_ready((logits, cache))
-        return time.perf_counter() - t0, cache
+    def step() -> tuple[jax.Array, KVCache]:
+        logits, state["cache"] = runtime.decode_step(gd, st, tokens, state["cache"], lora=lora, attn_impl=attn_impl)
+        return logits, state["cache"]
 
-    try:
-        first, cache = once(cache)
-        times = []
-        for _ in range(steps):
-            dt, cache = once(cache)
-            times.append(dt)
-    except Exception as err:
-        if _is_oom(err):
-            raise _OutOfMemory(str(err).splitlines()[0][:300]) from err
-        raise
-    return Timing(first, times)
+    return time_calls(step, steps)
 
 
 def run_decode(cfg: ModelConfig, *, cache_tokens: Sequence[int], batch: int = 1, steps: int = 64,
@@ -236,7 +224,7 @@ def run_decode(cfg: ModelConfig, *, cache_tokens: Sequence[int], batch: int = 1,
 
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-tokens", type=_int_list, default="16384",
+    p.add_argument("--cache-tokens", type=int_list, default="16384",
                    help="tokens already cached per request (branch caches + prompt), comma-separated")
     p.add_argument("--batch", type=int, default=1, help="requests decoded together")
     p.add_argument("--steps", type=int, default=64, help="tokens decoded per timed call")

@@ -30,15 +30,14 @@ import gc
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from psynth_jax.inference.timing import Timing, is_oom, time_calls
 from psynth_jax.model.config import ModelConfig, RopeScaling
 
 INSTALL_HINT = "pip install torch transformers (or: pip install -e '.[test]')"
@@ -107,31 +106,14 @@ def build_torch_model(cfg: ModelConfig, *, dtype: str = "float32", device: str =
     return model.eval()
 
 
-@dataclasses.dataclass
-class PeerTiming:
-    first_s: float
-    times_s: list[float]
-
-    @property
-    def median_ms(self) -> float:
-        return 1e3 * statistics.median(self.times_s)
-
-
-def _timer(device: str) -> Callable[..., PeerTiming]:
+def _timer(device: str) -> Callable[..., Timing]:
+    """`time_calls` waiting on the torch device (CUDA synchronize; nothing to wait for on CPU), as
+    the JAX timer's block_until_ready: the token is on the device, not copied to the host."""
     torch, _ = _import_torch()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def time_call(fn: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None) -> PeerTiming:
-        def once() -> float:
-            arg = setup() if setup is not None else None
-            sync()
-            t0 = time.perf_counter()
-            fn(arg) if setup is not None else fn()
-            sync()  # as the JAX timer's block_until_ready: the token is on the device, not copied to the host
-            return time.perf_counter() - t0
-
-        first = once()
-        return PeerTiming(first, [once() for _ in range(max(int(repeats), 1))])
+    def time_call(fn: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None) -> Timing:
+        return time_calls(fn, repeats, setup=setup, wait=lambda _: sync())
 
     return time_call
 
@@ -148,10 +130,6 @@ def cache_first_token(model, prompt, past):
     return out.logits[:, -1].argmax(-1)
 
 
-def _is_oom(torch, err: BaseException) -> bool:
-    return isinstance(err, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(err).lower()
-
-
 def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int, batch: int = 1,
                        repeats: int = 3, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """One (K, L) point: peer_text_ttft_ms and peer_cache_ttft_ms (medians) with their raw times."""
@@ -166,7 +144,7 @@ def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {}
 
-    def record(name: str, t: PeerTiming) -> float:
+    def record(name: str, t: Timing) -> float:
         first[name] = round(1e3 * t.first_s, 4)
         times[name] = [round(1e3 * x, 4) for x in t.times_s]
         return t.median_ms
@@ -177,7 +155,7 @@ def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens
             row["peer_text_ttft_ms"] = record("peer_text_ttft", time_call(lambda: text_first_token(model, tokens),
                                                                           repeats))
         except Exception as err:  # noqa: BLE001 - OOM is a result, anything else is re-raised
-            if not _is_oom(torch, err):
+            if not is_oom(err):
                 raise
             row["peer_text_error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
         finally:
@@ -189,7 +167,7 @@ def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens
             row["peer_cache_ttft_ms"] = record("peer_cache_ttft", time_call(
                 lambda past: cache_first_token(model, prompt, past), repeats, setup=lambda: copy.deepcopy(branches)))
         except Exception as err:  # noqa: BLE001
-            if not _is_oom(torch, err):
+            if not is_oom(err):
                 raise
             row["peer_cache_error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
         finally:

@@ -40,9 +40,7 @@ import datetime
 import functools
 import json
 import math
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -103,15 +101,9 @@ def default_dtype() -> str:
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     """Call fn once (compile), then `repeats` times, each until ready; median seconds."""
-    import jax
+    from psynth_jax.inference.timing import time_calls
 
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(max(int(repeats), 1)):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_calls(fn, repeats).median_s
 
 
 def measure_matmul_peak(sizes: Sequence[int] | None = None, *, dtype: str | None = None,

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from psynth_jax.bench.common import Column, base_metadata, command_line, format_table, save_results, say
 from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
-from psynth_jax.bench.ttft import time_call
-from psynth_jax.cli.bench import _arch, _int_list, resolve_arch
+from psynth_jax.inference.timing import time_calls
+from psynth_jax.bench.common import arch_type, int_list, resolve_arch
 from psynth_jax.inference.sampling import SamplingConfig, nucleus, sample
 
 STRATEGIES = ("greedy", "temperature", "top_p", "top_p_sort")
@@ -101,7 +101,7 @@ def measure_sampling_point(batch: int, vocab: int, *, temperature: float, top_p:
     row: dict[str, Any] = {"batch": batch, "vocab": vocab}
     first, times = {}, {}
     for name, fn in fns.items():
-        t = time_call(lambda fn=fn: fn(logits, ks), repeats)
+        t = time_calls(lambda fn=fn: fn(logits, ks), repeats)
         row[f"{name}_ms"] = t.median_ms
         first[name] = round(1e3 * t.first_s, 4)
         times[name] = [round(1e3 * x, 4) for x in t.times_s]
@@ -133,10 +133,10 @@ def run_sampling(vocab: int, *, batches: Sequence[int], temperature: float = 0.7
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from psynth_jax.model.presets import PRESETS
 
-    p.add_argument("--arch", type=_arch, default="smollm2-135m",
+    p.add_argument("--arch", type=arch_type, default="smollm2-135m",
                    help=f"architecture whose vocabulary size is used ({', '.join(PRESETS)}) or a config.json / "
                         "model dir; logits are random")
-    p.add_argument("--batch", type=_int_list, default="1,16,48", help="rows sampled together, comma-separated")
+    p.add_argument("--batch", type=int_list, default="1,16,48", help="rows sampled together, comma-separated")
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled strategies")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass of the top-p strategies")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per strategy (median reported)")

@@ -51,7 +51,6 @@ import argparse
 import gc
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,8 +63,8 @@ from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata
                                      save_results, say)
 from psynth_jax.bench.roofline import (attention_pairs, block_matmul_params, load_roofline, lora_params,
                                        measure_matmul_peak)
-from psynth_jax.bench.ttft import Timing, _is_oom, _OutOfMemory
-from psynth_jax.cli.bench import resolve_arch, resolve_dtype
+from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
+from psynth_jax.bench.common import resolve_arch, resolve_dtype
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
 
@@ -221,7 +220,7 @@ class TrainSetup:
                  mapper_kind: str, lr: float, batch: dict[str, np.ndarray], seed: int):
         from flax import nnx
 
-        from psynth_jax.interop.loader import random_model
+        from psynth_jax.model.loaded import random_model
         from psynth_jax.synthesis.mapper import make_mapper
         from psynth_jax.train.objective import ObjectiveConfig, split_trainable
         from psynth_jax.train.sharding import backbone_shardings, batch_shardings, make_mesh, replicated
@@ -273,30 +272,23 @@ def time_train_steps(setup: TrainSetup, repeats: int) -> tuple[Timing, list[floa
     """(timing, losses of every step, trainable change after the first step, backbone unchanged)."""
     before_frozen = jax.device_get(_checksums(setup.frozen))
     before = jax.tree.map(jnp.copy, setup.trainable)  # the step donates the trainable tree
+    losses: list[jax.Array] = []
+    delta: list[float] = []
 
-    def once() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        metrics = jax.block_until_ready(setup.step())
-        jax.block_until_ready((setup.trainable, setup.opt_state))
-        dt = time.perf_counter() - t0
-        return dt, float(metrics["loss"])
+    def step() -> Any:
+        metrics = setup.step()
+        losses.append(metrics["loss"])
+        return metrics, setup.trainable, setup.opt_state
 
-    try:
-        first, loss0 = once()
-        delta = _delta_norm(before, setup.trainable)
-        del before
-        times, losses = [], [loss0]
-        for _ in range(repeats):
-            dt, loss = once()
-            times.append(dt)
-            losses.append(loss)
-    except Exception as err:
-        if _is_oom(err):
-            raise _OutOfMemory(str(err).splitlines()[0][:300]) from err
-        raise
+    def wait(out: Any) -> None:
+        jax.block_until_ready(out)
+        if not delta:  # after the first (compiling) step: how far it moved the trainable state
+            delta.append(_delta_norm(before, setup.trainable))
+
+    t = time_calls(step, repeats, wait=wait)
     after_frozen = jax.device_get(_checksums(setup.frozen))
     unchanged = all(np.array_equal(x, y) for x, y in zip(before_frozen, after_frozen))
-    return Timing(first, times), losses, delta, unchanged
+    return t, [float(x) for x in losses], delta[0], unchanged
 
 
 def measure_train(cfg: ModelConfig, *, remat: bool, dtype: str, attn_impl: str, batch: int, branches: int,
@@ -322,7 +314,7 @@ def measure_train(cfg: ModelConfig, *, remat: bool, dtype: str, attn_impl: str, 
                            lr=lr, batch=data, seed=seed)
         row["trainable_params"], row["frozen_params"] = setup.num_trainable, setup.num_frozen
         t, losses, delta, unchanged = time_train_steps(setup, repeats)
-    except _OutOfMemory as err:
+    except OutOfMemory as err:
         row["error"] = f"out of memory: {err}"
         return row
     finally:

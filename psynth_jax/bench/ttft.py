@@ -23,24 +23,26 @@ the sweep) the transformers + SDPA times of both paths and the JAX/peer ratios.
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import functools
 import gc
-import statistics
+import shlex
 import sys
-import time
 import warnings
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psynth_jax.bench.common import base_metadata
+from psynth_jax.bench.common import (arch_type, base_metadata, int_list, load_average, resolve_arch, resolve_dtype,
+                                      write_json)
 from psynth_jax.bench.roofline import ROOFLINE_DEFINITIONS, Roofline, roofline_fields
 from psynth_jax.inference import runtime
+from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.interop.loader import parse_dtype, random_model
+from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.handoff import BranchCaches, assemble, prepare_synth_cache, reencode
@@ -79,58 +81,6 @@ PEER_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 def table_columns(roofline: bool = False, peer: bool = False) -> tuple[tuple[str, str, str], ...]:
     return TABLE_COLUMNS + (ROOFLINE_COLUMNS if roofline else ()) + (PEER_COLUMNS if peer else ())
-
-
-class _OutOfMemory(Exception):
-    pass
-
-
-def _is_oom(err: BaseException) -> bool:
-    text = str(err)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-@dataclasses.dataclass
-class Timing:
-    """One timed function: the first call (compilation included) and the timed repeats, seconds."""
-
-    first_s: float
-    times_s: list[float]
-
-    @property
-    def median_ms(self) -> float:
-        return 1e3 * statistics.median(self.times_s)
-
-    @property
-    def min_ms(self) -> float:
-        return 1e3 * min(self.times_s)
-
-
-def time_call(fn: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None) -> Timing:
-    """Call fn once to compile, then `repeats` times, each until its results are ready.
-
-    With `setup`, each call gets a fresh `setup()` result as its argument, built (and waited
-    for) before the clock starts: for functions that consume (donate) their input.
-    """
-
-    def once() -> float:
-        if setup is None:
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-        else:
-            arg = jax.block_until_ready(setup())
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(arg))
-        return time.perf_counter() - t0
-
-    try:
-        first = once()
-        times = [once() for _ in range(max(int(repeats), 1))]
-    except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
-        if _is_oom(err):
-            raise _OutOfMemory(str(err).splitlines()[0][:300]) from err
-        raise
-    return Timing(first, times)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "extra_slots"))
@@ -301,16 +251,16 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         def cache_ttft():
             return runtime.first_token(prefill(prepare()), jax.random.key(0), sampling)
 
-        row["cache_reencode_assemble_ms"] = record("cache_reencode_assemble", time_call(
+        row["cache_reencode_assemble_ms"] = record("cache_reencode_assemble", time_calls(
             lambda: _reencode_assemble(branches, cfg=cfg, extra_slots=extra), repeats))
-        row["cache_mapper_ms"] = record("cache_mapper", time_call(
+        row["cache_mapper_ms"] = record("cache_mapper", time_calls(
             lambda: _mapper_only(branches, mapper_def, mapper_state), repeats))
-        row["cache_prepare_ms"] = record("cache_prepare", time_call(prepare, repeats))
-        row["cache_prefill_ms"] = record("cache_prefill", time_call(prefill, repeats, setup=prepare))
-        t = time_call(cache_ttft, repeats)
+        row["cache_prepare_ms"] = record("cache_prepare", time_calls(prepare, repeats))
+        row["cache_prefill_ms"] = record("cache_prefill", time_calls(prefill, repeats, setup=prepare))
+        t = time_calls(cache_ttft, repeats)
         row["cache_ttft_ms"] = record("cache_ttft", t)
         row["cache_ttft_min_ms"] = t.min_ms
-    except _OutOfMemory as err:
+    except OutOfMemory as err:
         row["cache_error"] = f"out of memory: {err}"
     finally:
         branches = prompt = None
@@ -326,10 +276,10 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
             logits, _ = runtime.prefill(gd, st, tokens, lengths, num_slots=slots, attn_impl=attn_impl)
             return runtime.first_token(logits, jax.random.key(0), sampling)
 
-        t = time_call(text_ttft, repeats)
+        t = time_calls(text_ttft, repeats)
         row["text_ttft_ms"] = record("text_ttft", t)
         row["text_ttft_min_ms"] = t.min_ms
-    except _OutOfMemory as err:
+    except OutOfMemory as err:
         row["text_error"] = f"out of memory: {err}"
     finally:
         tokens = None
@@ -431,3 +381,119 @@ def sweep_metadata(
         "roofline": roofline.to_dict() if roofline is not None else None,
         "peer": peer,
     }
+
+
+# ------------------------------------------------------------------ command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `psynth bench ttft` options."""
+    from psynth_jax.model.presets import PRESETS
+
+    p.add_argument("--arch", type=arch_type, default="tiny-llama",
+                   help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
+                        "weights are random (timing does not depend on them)")
+    p.add_argument("--ks", type=int_list, default="1,2,4", help="branch counts K, comma-separated")
+    p.add_argument("--ls", type=int_list, default="32,64,128", help="tokens per branch L, comma-separated")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="synthesizer prompt tokens (live in both paths)")
+    p.add_argument("--batch", type=int, default=1, help="requests per call")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="parameter/cache dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
+    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split", "splash"],
+                   help="attention kernel (cudnn: GPU only)")
+    p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
+                   help="cache mapper kind")
+    p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank (on in the cache path)")
+    p.add_argument("--worker-prompt-tokens", type=int, default=64,
+                   help="RoPE offset P of every branch (its worker prompt), undone by the re-encoding")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode room left in both paths' caches")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench", help="output directory (ttft.json, ttft.png)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the discarded warm-up pass over the first point")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    roof = p.add_mutually_exclusive_group()
+    roof.add_argument("--no-roofline", action="store_true",
+                      help="skip the roofline measurement (no floor / MFU fields)")
+    roof.add_argument("--roofline-json", default=None, metavar="PATH",
+                      help="reuse a measured roofline (a roofline.json of `psynth bench roofline`, or a ttft.json) "
+                           "instead of measuring it before the sweep")
+    p.add_argument("--torch-peer", action="store_true",
+                   help="also time the same architecture in PyTorch + transformers (SDPA): text prefill and prompt "
+                        "over pre-built branch caches; runs in a child process before the JAX sweep")
+
+
+def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
+    """The canonical command line that reproduces this sweep (recorded in the JSON)."""
+    argv = ["psynth", "bench", "ttft", "--arch", arch, "--ks", ",".join(map(str, args.ks)),
+            "--ls", ",".join(map(str, args.ls)), "--prompt-tokens", str(args.prompt_tokens),
+            "--batch", str(args.batch), "--dtype", dtype, "--attn-impl", args.attn_impl, "--mapper", args.mapper,
+            "--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
+            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
+            "--out", str(args.out)] + (["--no-warmup"] if args.no_warmup else [])
+    if getattr(args, "no_roofline", False):
+        argv.append("--no-roofline")
+    elif getattr(args, "roofline_json", None):
+        argv += ["--roofline-json", str(args.roofline_json)]
+    if getattr(args, "torch_peer", False):
+        argv.append("--torch-peer")
+    return shlex.join(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Order: (1) the PyTorch peer, in a child process, before this process starts JAX's backend
+    (JAX reserves most GPU memory when it starts); (2) the roofline; (3) the JAX sweep, which
+    merges the peer's rows and derives the floor fields; (4) JSON, table, plot."""
+    from psynth_jax.bench.plots import plot_ttft, plot_ttft_floor
+    from psynth_jax.bench.roofline import format_roofline, load_roofline, measure_roofline
+
+    cfg, arch, hub = resolve_arch(args.arch)
+    out = Path(args.out)
+    peer = None
+    if getattr(args, "torch_peer", False):
+        from psynth_jax.bench.peer import require_torch, run_peer_subprocess
+
+        require_torch()
+        print("[bench ttft] PyTorch peer first, in a child process (frees its memory before JAX starts)",
+              file=sys.stderr, flush=True)
+        peer = run_peer_subprocess(
+            cfg, out / "ttft_peer.json", ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch,
+            dtype=args.dtype, repeats=args.repeats, seed=args.seed, warmup=not args.no_warmup)
+    dtype = resolve_dtype(args.dtype)
+    roofline = None
+    if getattr(args, "roofline_json", None):
+        roofline = load_roofline(args.roofline_json)
+        print(f"[bench ttft] roofline from {args.roofline_json}:\n{format_roofline(roofline)}", file=sys.stderr)
+    elif not getattr(args, "no_roofline", False):
+        print("[bench ttft] measuring the roofline (matmul peak, memory bandwidth)", file=sys.stderr, flush=True)
+        roofline = measure_roofline(dtype=dtype)
+        print(format_roofline(roofline), file=sys.stderr, flush=True)
+    if roofline is not None and roofline.dtype != dtype:
+        print(f"[bench ttft] warning: the roofline was measured in {roofline.dtype}, the sweep runs {dtype}",
+              file=sys.stderr)
+    settings = dict(
+        ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch, dtype=dtype,
+        attn_impl=args.attn_impl, repeats=args.repeats, mapper_kind=args.mapper, lora_rank=args.lora_rank,
+        worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
+        warmup=not args.no_warmup,
+    )
+    meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), roofline=roofline,
+                          peer=peer["metadata"] if peer else None, **settings)
+    dev = meta["device"]
+    print(f"[bench ttft] {arch}: {cfg.num_params() / 1e9:.3f}B params ({cfg.num_layers} layers, "
+          f"{cfg.num_kv_heads} KV heads x {cfg.head_dim}), RANDOM weights, {dtype}, attn={args.attn_impl}, "
+          f"on {dev['device_kind']} [{dev['platform']}]", file=sys.stderr, flush=True)
+    print(f"[bench ttft] times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
+          f"prompt {args.prompt_tokens} tokens", file=sys.stderr, flush=True)
+    rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, **settings)
+    meta["device"]["host_load_avg_1m_end"] = load_average()
+    json_path = write_json(out / "ttft.json", meta, rows)
+    print(f"[bench ttft] wrote {json_path}", file=sys.stderr)
+    if not args.no_plot:
+        png = plot_ttft(meta, rows, out / "ttft.png")
+        if png is not None:
+            print(f"[bench ttft] wrote {png}", file=sys.stderr)
+        if roofline is not None or peer:
+            png = plot_ttft_floor(meta, rows, out / "ttft_floor.png")
+            if png is not None:
+                print(f"[bench ttft] wrote {png}", file=sys.stderr)
+    return 0

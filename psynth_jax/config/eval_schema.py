@@ -22,7 +22,7 @@ from typing import Any, Iterable, Literal, Optional
 import yaml
 
 from psynth_jax.config.loader import _load_yaml_tree, apply_override
-from psynth_jax.config.schema import ModelSourceConfig
+from psynth_jax.config.schema import HandoffConfig, ModelSourceConfig
 from psynth_jax.config.typed import ConfigError, from_dict, to_dict
 
 ModeName = Literal["single", "text", "naive_cache", "mapper_only", "lora_only", "psynth"]
@@ -51,6 +51,7 @@ class EvalConfig:
     # trained mapper + LoRA: a `psynth train` run dir or an exported adapter dir; None: untrained
     # (identity mapper, LoRA B = 0), so mapper_only / lora_only / psynth behave as naive_cache.
     adapter: Optional[str] = None
+    handoff: HandoffConfig = dataclasses.field(default_factory=HandoffConfig)
     tasks: tuple[EvalTaskConfig, ...]
     modes: tuple[ModeName, ...] = MODES
     num_workers: int = 3  # K worker branches per example (marble_db: one per expert profile instead)

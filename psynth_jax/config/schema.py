@@ -21,6 +21,8 @@ LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 MapperKind = Literal["affine_length", "per_head_affine"]
 Builder = Literal["exposure", "aggregation", "distillation"]
 Decay = Literal["none", "cosine", "linear"]
+HandoffConvention = Literal["output_tokens", "release"]  # synthesis/convention.py
+WorkerStopTokens = Literal["chat", "eos_only"]
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
@@ -50,6 +52,14 @@ class MapperConfig:
 
     kind: MapperKind = "affine_length"  # the release's mapper; "per_head_affine" is ours
     hidden: int = 32
+
+
+@_frozen
+class HandoffConfig:
+    """Which worker KV the synthesizer receives and when workers stop (synthesis/convention.py)."""
+
+    convention: HandoffConvention = "output_tokens"  # "release": the reference release's [P-1, P+G-1) window
+    stop_tokens: WorkerStopTokens = "chat"  # "eos_only": stop on tokenizer.eos_token_id only, as the release
 
 
 @_frozen
@@ -136,6 +146,7 @@ class ExperimentConfig:
     model: ModelSourceConfig = dataclasses.field(default_factory=ModelSourceConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     mapper: MapperConfig = dataclasses.field(default_factory=MapperConfig)
+    handoff: HandoffConfig = dataclasses.field(default_factory=HandoffConfig)
     data: DataConfig
     train: TrainConfig
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

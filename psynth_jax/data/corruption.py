@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 import re
 
+from psynth_jax.formats.boxed import last_boxed_span
+
 _INT_RE = re.compile(r"\d+")
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _DELTAS = (1, 2, 3, 4, 5, 10)
 
 
@@ -30,17 +31,6 @@ def perturb_one_number(text: str, rng: random.Random) -> str | None:
         return None
     m = rng.choice(runs)
     return text[: m.start()] + _perturb_int(m.group(), rng) + text[m.end() :]
-
-
-def last_boxed_span(text: str) -> tuple[int, int] | None:
-    """(start, end) of the content of the last \\boxed{...} with balanced braces, or None."""
-    for m in reversed(list(_BOXED_RE.finditer(text))):
-        depth = 1
-        for i in range(m.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return m.end(), i
-    return None
 
 
 def wrong_answers(answer: str, count: int, rng: random.Random, tries: int = 50) -> list[str] | None:

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Any
 
-from psynth_jax.eval.extract import last_boxed
+from psynth_jax.formats.boxed import last_boxed
 
 _CALC_RE = re.compile(r"<<[^>]*>>")
 

@@ -16,7 +16,7 @@ from psynth_jax.config.schema import DataSourceConfig
 from psynth_jax.data.builders import build_examples
 from psynth_jax.data.examples import SynthesisExample, is_example_row
 from psynth_jax.data.problems import Problem, parse_problem
-from psynth_jax.eval.records import read_records
+from psynth_jax.formats.records import read_records
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BOXED_BARE_RE = re.compile(r"\\boxed\s+([^\s$]+)")
+from psynth_jax.formats.boxed import last_boxed
+
 _HASHES_RE = re.compile(r"####\s*([^\n]+)")
 _NUMBER_RE = re.compile(r"-?\d(?:[\d,]*\d)?(?:\.\d+)?|-?\.\d+")
 _TEXT_WRAP_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\s*\{(.*)\}$", re.DOTALL)
@@ -27,22 +27,6 @@ def after_thinking(text: str) -> str:
     """The text after the last "</think>" tag (the whole text when there is none)."""
     idx = text.rfind("</think>")
     return text if idx < 0 else text[idx + len("</think>") :]
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces), or of `\\boxed x`."""
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for k in range(start, len(text)):
-            if text[k] == "{":
-                depth += 1
-            elif text[k] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:k].strip()
-    bare = _BOXED_BARE_RE.findall(text)
-    return bare[-1].strip() if bare else None
 
 
 def _strip_number_commas(s: str) -> str:

@@ -14,7 +14,7 @@ import os
 
 from psynth_jax.eval import converters as conv
 from psynth_jax.eval.example import EvalExample
-from psynth_jax.eval.records import DATA_ENV, data_dir, read_records, shipped_file
+from psynth_jax.formats.records import DATA_ENV, data_dir, read_records, shipped_file
 
 __all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "data_dir", "load_task"]
 

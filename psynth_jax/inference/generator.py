@@ -15,7 +15,7 @@ import numpy as np
 
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.interop.loader import LoadedModel
+from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.interop.tokenizer import stop_token_ids
 
 BUCKET = 64

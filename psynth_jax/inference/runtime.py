@@ -20,11 +20,6 @@ from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.transformer import Decoder, Output
 
 
-def split(model: Decoder) -> tuple[nnx.GraphDef, nnx.State]:
-    """Split an NNX Decoder into its static graphdef and its array state."""
-    return nnx.split(model)
-
-
 def _merge(graphdef: nnx.GraphDef, state: nnx.State) -> Decoder:
     return nnx.merge(graphdef, state)
 

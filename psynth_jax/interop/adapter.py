@@ -33,7 +33,7 @@ from psynth_jax.interop.export import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILY_METADATA, MAPPER_CONFIG, MAPPER_KEYS, MAPPER_WEIGHTS, peft_key,
     peft_target,
 )
-from psynth_jax.interop.loader import LoadedModel, parse_dtype
+from psynth_jax.model.loaded import LoadedModel, parse_dtype
 from psynth_jax.model.transformer import LORA_TARGETS, Decoder, LoRAConfig, LoRAParam
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
 

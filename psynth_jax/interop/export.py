@@ -23,7 +23,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from psynth_jax.interop.loader import GLOBAL_KEYS, LAYER_KEYS, LoadedModel
+from psynth_jax.interop.loader import GLOBAL_KEYS, LAYER_KEYS
+
+from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.synthesis.mapper import Mapper
 

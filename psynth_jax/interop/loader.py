@@ -6,7 +6,6 @@ are checked against the config while loading, and a mismatch names the tensor.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,9 +17,8 @@ from flax import nnx
 from psynth_jax.interop.embedded import DEFAULT_MODEL, default_gguf_path
 from psynth_jax.interop.sources import CheckpointError, TensorSource, open_source
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.transformer import Decoder, LoRAConfig
-
-DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from psynth_jax.model.loaded import LoadedModel, abstract_decoder, parse_dtype
+from psynth_jax.model.transformer import LoRAConfig
 
 # NNX path inside `layers` -> (HF name inside model.layers.{i}, transpose to [in, out])
 LAYER_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
@@ -45,32 +43,6 @@ GLOBAL_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
     ("norm", "scale"): ("model.norm.weight", False),
     ("lm_head",): ("lm_head.weight", True),
 }
-
-
-def parse_dtype(name: str) -> jnp.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A backbone ready for the jitted runtime: static graphdef + array state (+ tokenizer)."""
-
-    cfg: ModelConfig
-    graphdef: nnx.GraphDef
-    state: nnx.State
-    dtype_name: str
-    source: str
-    lora: LoRAConfig | None = None
-    tokenizer: Any = None
-
-
-def abstract_decoder(cfg: ModelConfig, dtype: jnp.dtype, lora: LoRAConfig | None) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graphdef and shape-only state of a Decoder, without allocating weights."""
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora=lora, dtype=dtype, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)
 
 
 def _walk(tree: dict, prefix: tuple[str, ...] = ()):
@@ -155,12 +127,3 @@ def load_model(
 
         tokenizer = load_tokenizer(path)
     return LoadedModel(cfg, graphdef, state, dtype, str(path), lora, tokenizer)
-
-
-def random_model(
-    cfg: ModelConfig, *, dtype: str = "float32", lora: LoRAConfig | None = None, seed: int = 0
-) -> LoadedModel:
-    """A Decoder with random weights (for benchmarks, where timing does not depend on values)."""
-    model = Decoder(cfg, lora=lora, dtype=parse_dtype(dtype), rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-    return LoadedModel(cfg, graphdef, state, dtype, "random", lora)

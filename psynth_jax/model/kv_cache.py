@@ -87,8 +87,3 @@ def write_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     slots = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     return buf.at[:, rows, slots].set(new.astype(buf.dtype), unique_indices=True)
-
-
-def chunk_slots(cache: KVCache, num_tokens: int) -> jax.Array:
-    """Slots [B, T] the next `num_tokens` tokens of each row will be written to."""
-    return cache.end[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]

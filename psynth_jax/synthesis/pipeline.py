@@ -9,8 +9,6 @@ closure runs once to compile first). Worker generation is excluded, as in the pa
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -21,7 +19,8 @@ from flax import nnx
 from psynth_jax.inference import runtime
 from psynth_jax.inference.generator import Generator, bucket, check_length, pad_batch
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.interop.loader import LoadedModel
+from psynth_jax.inference.timing import time_calls
+from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.synthesis import prompts
 from psynth_jax.synthesis.handoff import BranchCaches, check_branches, extract_branches, prepare_synth_cache
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
@@ -51,19 +50,11 @@ class PathResult:
 
 
 def median_time(fn: Callable[[], jax.Array], repeats: int) -> float:
-    """Run fn once to compile, then `repeats` timed runs; median seconds until results are ready.
-
-    repeats = 0 skips timing altogether (returns nan): for callers that only want the outputs.
-    """
+    """Median seconds of `repeats` calls after a compile call (`timing.time_calls`); repeats = 0
+    skips timing altogether (returns nan), for callers that only want the outputs."""
     if repeats <= 0:
         return float("nan")
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_calls(fn, repeats).median_s
 
 
 class ParallelSynthesis:

@@ -24,13 +24,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape, validate
-from psynth_jax.interop.loader import LoadedModel, load_model
+from psynth_jax.interop.loader import load_model
+from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.interop.tokenizer import stop_token_ids
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.agreement import agreement_rates, greedy_both_paths
 from psynth_jax.train.checkpointing import Checkpointer, abstract_like
-from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, split_trainable
+from psynth_jax.train.objective import ObjectiveConfig, split_trainable
 from psynth_jax.train.sharding import backbone_shardings, batch_shardings, make_mesh, replicated
 from psynth_jax.train.step import make_eval_step, make_optimizer, make_train_step
 
@@ -298,7 +299,3 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if jax.process_index() == 0:
             print(f"[psynth train] {msg}", file=sys.stderr, flush=True)
-
-    def trained_modules(self):
-        """(Decoder with trained LoRA, trained mapper) for inference/export."""
-        return merge_trainable(self.graphdefs, self.trainable, self.frozen)
