@@ -16,7 +16,7 @@ from psynth_jax.model.attention_kernels import split_attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import write_layers, write_rows
 from psynth_jax.model.transformer import LoRAConfig
-from psynth_jax.synthesis.handoff import extract_branches, prepare_synth_cache
+from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import make_mapper
 from flax import nnx
 
@@ -103,9 +103,9 @@ def test_whole_model_split_layout_matches_reference():
     for impl in ("xla", "xla_split"):
         g = runtime.generate(m.graphdef, m.state, toks, lens, jax.random.key(0), max_new_tokens=6,
                              num_slots=24, attn_impl=impl)
-        br = extract_branches(g.cache, lens, g.num_tokens, num_requests=1, branch_slots=8)
+        br = core.jit_extract(g.cache, lens, g.num_tokens, lens, num_requests=1, branch_slots=8)
         mdef, mstate = nnx.split(make_mapper("affine_length", 2))
-        cache = prepare_synth_cache(br, mdef, mstate, cfg=cfg, extra_slots=8)
+        cache = core.jit_prepare(br, mdef, mstate, cfg=cfg, extra_slots=8)
         logits, _ = runtime.extend(m.graphdef, m.state, toks[:1, :5], jnp.asarray([5]), cache, lora=True,
                                    attn_impl=impl)
         outs[impl] = (np.asarray(g.tokens), np.asarray(logits))

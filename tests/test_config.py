@@ -150,7 +150,7 @@ def test_whole_section_override():
         ("trian.lr=3e-4", "unknown config key 'trian' (did you mean 'train'?)"),
         ("train.loss.kl_wieght=1", "unknown config key 'train.loss.kl_wieght' (did you mean 'train.loss.kl_weight'?)"),
         ("data.train[0].pth=x", "unknown config key 'data.train[0].pth' (did you mean 'data.train[0].path'?)"),
-        ("mesh.zzz=1", "unknown config key 'mesh.zzz' (valid keys under 'mesh': data, fsdp, tensor)"),
+        ("mesh.zzz=1", "unknown config key 'mesh.zzz' (valid keys under 'mesh': data, fsdp, tensor, rules)"),
     ],
 )
 def test_unknown_override_key_names_field_and_suggests(override, message):

@@ -112,12 +112,12 @@ def test_run_saved_on_a_multi_device_mesh_restores_on_one_device(run_dir, tmp_pa
         from psynth_jax.synthesis.mapper import make_mapper
         from psynth_jax.train.checkpointing import Checkpointer
         from psynth_jax.train.objective import split_trainable
-        from psynth_jax.train.sharding import make_mesh, replicated
+        from psynth_jax.model.sharding import Rules, make_mesh, state_shardings
         from psynth_jax.train.step import make_optimizer
         assert jax.device_count() == 4
         m = load_model({str(base)!r}, lora=LoRAConfig(rank=4, alpha=8.0), with_tokenizer=False, seed=11)
         _, tr, _ = split_trainable(nnx.merge(m.graphdef, m.state), make_mapper("per_head_affine", 2))
-        tr = jax.device_put(tr, replicated(tr, make_mesh((2, 2, 1))))
+        tr = jax.device_put(tr, state_shardings(tr, make_mesh((2, 2, 1)), Rules()))
         tx = make_optimizer(1e-4, 10, clip_norm=1.0, grad_accum=2)
         ckpt = Checkpointer({str(tmp_path)!r}, async_save=False)
         ckpt.save(3, {{"trainable": tr, "opt_state": tx.init(tr)}}, {{}}, force=True)

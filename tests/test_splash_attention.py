@@ -22,7 +22,7 @@ from psynth_jax.model.attention import IMPLEMENTATIONS, AttentionMask, attend, d
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import write_rows
 from psynth_jax.model.transformer import Decoder, LoRAConfig
-from psynth_jax.synthesis.handoff import extract_branches, prepare_synth_cache
+from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import make_mapper
 
 RNG = np.random.RandomState(0)
@@ -168,8 +168,8 @@ def test_whole_model_splash_matches_xla():
                                             jnp.asarray([True, i != 1]), attn_impl=impl)
             logs.append(lg)
         # both rows as the branches of one request: their tokens after the prompt
-        br = extract_branches(cache, lens, cache.end - lens, num_requests=1, branch_slots=12)
-        synth = prepare_synth_cache(br, mdef, mstate, cfg=CFG, extra_slots=8)
+        br = core.jit_extract(cache, lens, cache.end - lens, lens, num_requests=1, branch_slots=12)
+        synth = core.jit_prepare(br, mdef, mstate, cfg=CFG, extra_slots=8)
         lg, _ = runtime.extend(gd, st, toks[:1, :5], jnp.asarray([5]), synth, lora=True, attn_impl=impl)
         logs.append(lg)
         out[impl] = [np.asarray(x) for x in logs]
@@ -210,15 +210,16 @@ def test_training_objective_gradients_match_xla():
 
 
 def test_shard_specs_follow_the_sharding_rules():
-    """The axis names splash shards over are the train step's (train/sharding.py), restated in the
-    model package (which must not import training code); batch falls back to fewer axes when they
-    do not divide it; kv heads that the tensor axis does not divide are refused by name."""
+    """The axis names splash shards over are the sharding rules' (model/sharding.py); batch falls
+    back to fewer axes when they do not divide it; kv heads that the tensor axis does not divide
+    are refused by name."""
     from jax.sharding import AbstractMesh, PartitionSpec as P
 
-    from psynth_jax.train.sharding import LOGICAL_RULES, MESH_AXES
+    from psynth_jax.model.sharding import DEFAULT_RULES, MESH_AXES
 
-    assert splash.BATCH_AXES == LOGICAL_RULES["batch"]
-    assert splash.HEAD_AXIS == LOGICAL_RULES["heads"] == LOGICAL_RULES["kv_heads"]
+    rules = dict(DEFAULT_RULES)
+    assert splash.BATCH_AXES == rules["batch"]
+    assert (splash.HEAD_AXIS,) == rules["heads"] == rules["kv_heads"]
     mesh = AbstractMesh((2, 2, 2), MESH_AXES)
     assert splash.shard_specs(mesh, 8, 4, 2) == (P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp")))
     assert splash.shard_specs(mesh, 6, 4, 2)[1] == P(("data",))  # 6 rows: data only
@@ -236,8 +237,8 @@ from flax import nnx
 from psynth_jax.model.transformer import Decoder, LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-from psynth_jax.train.sharding import make_mesh
-from psynth_jax.train.step import make_train_step
+from psynth_jax.model.sharding import Rules, make_mesh
+from psynth_jax.train.step import make_train_step, place_train_state
 from train_fixtures import TINY, synthetic_batch
 
 assert jax.device_count() == 8, jax.devices()
@@ -256,7 +257,9 @@ def run(impl):
     opt_state = tx.init(trainable)
     batch = synthetic_batch(b=4, k=2, tb=12, ts=12, tt=24)
     opts = ObjectiveConfig(kl_weight=0.5, remat=True, attn_impl=impl)
-    step = make_train_step(graphdefs, tx, opts, make_mesh((2, 2, 2)), trainable, opt_state, frozen, batch)
+    mesh, rules = make_mesh((2, 2, 2)), Rules()
+    trainable, opt_state, frozen = place_train_state(trainable, opt_state, frozen, mesh, rules)
+    step = make_train_step(graphdefs, tx, opts, mesh, rules, trainable, opt_state, frozen, batch)
     new, _, m = step(trainable, opt_state, frozen, batch)
     return float(m["loss"]), [np.asarray(x) for x in jax.tree.leaves(new)]
 

@@ -2,9 +2,11 @@
 
 Reference: ONE forward over [prefix_1 out_1 | prefix_2 out_2 | ... | prompt] with an explicit
 block mask (each branch sees only its own worker prompt and earlier own tokens; the prompt sees
-every branch *output* token and itself causally) at the re-encoded positions (prefix_i at
-[-P_i, 0), out_i at [0, L_i), prompt at max_i L_i + t). RoPE depends only on relative positions
-inside each block, so this is exactly what the workers computed, re-encoded.
+every *kept* branch token and itself causally) at the re-encoded positions (prefix_i at
+[-P_i, 0), out_i at [0, L_i), prompt at max_i G_i + t, G_i = kept tokens). RoPE depends only on
+relative positions inside each block, so this is exactly what the workers computed, re-encoded.
+Kept tokens: the outputs ("output_tokens"), or the release's window ("release": the last prompt
+token, then every output of a stopped branch / all but the last of a capped one).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies, shift_keys
 from psynth_jax.model.transformer import LoRAConfig
-from psynth_jax.synthesis.handoff import check_branches, extract_branches, prepare_synth_cache
+from psynth_jax.synthesis import core
+from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import check_branches, extract_branches
 from psynth_jax.synthesis.mapper import make_mapper
 from flax import nnx
 
@@ -42,59 +46,67 @@ def make_request(prefix_lens, out_lens, prompt_len, rng=RNG):
     return pre, out, prompt
 
 
-def branch_caches(m, requests, branch_slots=None):
-    """Prefill [prefix | output] per branch (LoRA off) and keep the output KV."""
+def branch_caches(m, requests, branch_slots=None, handoff=Handoff(), stopped=None):
+    """Prefill [prefix | output] per branch (LoRA off) and keep the span the convention hands over."""
     rows = [p + o for pre, out, _ in requests for p, o in zip(pre, out)]
-    starts = np.asarray([len(p) for pre, _, _ in requests for p in pre], np.int32)
-    lengths = np.asarray([len(o) for _, out, _ in requests for o in out], np.int32)
+    prefix = np.asarray([len(p) for pre, _, _ in requests for p in pre], np.int32)
+    out_len = np.asarray([len(o) for _, out, _ in requests for o in out], np.int32)
+    stopped = np.ones_like(out_len, bool) if stopped is None else np.asarray(stopped, bool).reshape(-1)
+    start, kept = handoff.kept_span(prefix, out_len, stopped)
     width = max(len(r) for r in rows) + 3
     tokens = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
-    _, cache = runtime.prefill(m.graphdef, m.state, jnp.asarray(tokens),
-                               jnp.asarray([len(r) for r in rows]), num_slots=width)
-    return extract_branches(cache, jnp.asarray(starts), jnp.asarray(lengths), num_requests=len(requests),
-                            branch_slots=branch_slots or int(lengths.max()) + 2)
+    return core.jit_branch_kv(m.graphdef, m.state, jnp.asarray(tokens), jnp.asarray([len(r) for r in rows]),
+                              jnp.asarray(start), jnp.asarray(kept), jnp.asarray(prefix), num_requests=len(requests),
+                              branch_slots=branch_slots or int(kept.max()) + 2)
 
 
-def cache_path_logits(m, requests, mapper=None, lora=True, branch_slots=None):
-    """All prompt-token logits [B, T, V] of the cache path (prompts right-padded)."""
+def cache_path_logits(m, requests, mapper=None, lora=True, branch_slots=None, handoff=Handoff(), stopped=None):
+    """All prompt-token logits [B, T, V] of the cache path (prompts right-padded), through the core."""
     mapper = mapper or make_mapper("affine_length", CFG.num_kv_heads)
-    br = branch_caches(m, requests, branch_slots)
+    br = branch_caches(m, requests, branch_slots, handoff, stopped)
     mdef, mstate = nnx.split(mapper)
     width = max(len(r[2]) for r in requests)
-    cache = prepare_synth_cache(br, mdef, mstate, cfg=CFG, extra_slots=width + 4)
+    cache = core.jit_prepare(br, mdef, mstate, cfg=CFG, extra_slots=width + 4)
     toks = np.zeros((len(requests), width), np.int32)
-    valid = np.zeros((len(requests), width), bool)
     for i, (_, _, p) in enumerate(requests):
         toks[i, : len(p)] = p
-        valid[i, : len(p)] = True
-    logits, _ = runtime.forward(m.graphdef, m.state, jnp.asarray(toks), cache, jnp.asarray(valid), lora=lora)
+    logits, _ = core.jit_cache_prefill(m.graphdef, m.state, jnp.asarray(toks),
+                                       jnp.asarray([len(r[2]) for r in requests]), cache, lora=lora, output="all")
     return np.asarray(logits)
 
 
-def reference_logits(m, request):
+def reference_logits(m, request, convention="output_tokens", stopped=None):
     """One masked forward from scratch over [prefix_i out_i]_i + prompt (see module docstring)."""
     pre, out, prompt = request
-    toks, pos, block, is_out = [], [], [], []
+    stopped = [True] * len(out) if stopped is None else stopped
+    toks, pos, block, kept = [], [], [], []
+    starts = []
     for i, (p, o) in enumerate(zip(pre, out)):
         toks += p + o
         pos += list(range(-len(p), len(o)))
         block += [i] * (len(p) + len(o))
-        is_out += [False] * len(p) + [True] * len(o)
-    start = max(len(o) for o in out)
+        if convention == "output_tokens":
+            keep = [False] * len(p) + [True] * len(o)
+        else:  # the release: last prompt token + outputs (all but the last one of a capped branch)
+            n = len(o) if stopped[i] else len(o) - 1
+            keep = [False] * (len(p) - 1) + [True] + [True] * n + [False] * (len(o) - n)
+        kept += keep
+        starts.append(sum(keep))
+    start = max(starts)
     n_branch = len(toks)
     toks += prompt
     pos += list(range(start, start + len(prompt)))
     block += [-1] * len(prompt)
-    is_out += [False] * len(prompt)
+    kept += [False] * len(prompt)
     n = len(toks)
-    block, is_out = np.asarray(block), np.asarray(is_out)
+    block, kept = np.asarray(block), np.asarray(kept)
     idx = np.arange(n)
     causal = idx[None, :] <= idx[:, None]
     same_block = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
     prompt_q = block[:, None] < 0
-    vis = causal & (same_block | (prompt_q & (is_out[None, :] | (block[None, :] < 0))))
+    vis = causal & (same_block | (prompt_q & (kept[None, :] | (block[None, :] < 0))))
     decoder = nnx.merge(m.graphdef, m.state)
     logits, _ = decoder(jnp.asarray([toks]), KVCache.zeros(CFG, 1, n, jnp.float32), None, jnp.asarray([pos]),
                         lora=True, visibility=jnp.asarray(vis)[None])
@@ -111,6 +123,23 @@ def test_cache_path_equals_masked_reference_forward(model):
         worst = max(worst, float(diff))
     print(f"cache path vs masked reference forward: max abs diff {worst:.2e}")
     assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("stopped", [[True, True, True], [False, True, False]])
+def test_release_convention_equals_its_masked_reference_forward(model, stopped):
+    """Under the release's window: the last prompt token's KV joins each branch, a capped branch's
+    last output is not handed over, and the prompt starts at max_i G_i; the cache path computes
+    exactly that layout, and it differs from the output-tokens layout."""
+    requests = [make_request([5, 9, 3], [7, 4, 11], 6), make_request([12, 2, 6], [3, 10, 5], 9)]
+    flags = [stopped, stopped[::-1]]
+    release = Handoff(convention="release")
+    got = cache_path_logits(model, requests, handoff=release, stopped=flags)
+    ours = cache_path_logits(model, requests)
+    worst = max(float(np.abs(got[b, : len(r[2])] - reference_logits(model, r, "release", flags[b])).max())
+                for b, r in enumerate(requests))
+    print(f"release convention vs its masked reference forward: max abs diff {worst:.2e}")
+    assert worst <= 1e-4
+    assert np.abs(got - ours).max() > 1e-3  # the two conventions are different layouts
 
 
 def test_reference_is_sensitive_to_the_handoff(model):
@@ -179,6 +208,6 @@ def test_bad_inputs(model):
     with pytest.raises(ValueError, match="different model shape"):
         check_branches(br, other)
     zero_k = extract_branches(KVCache.zeros(CFG, 0, 4, jnp.float32), jnp.zeros((0,), jnp.int32),
-                              jnp.zeros((0,), jnp.int32), num_requests=1, branch_slots=2)
+                              jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32), num_requests=1, branch_slots=2)
     with pytest.raises(ValueError, match="K = 0"):
         check_branches(zero_k, CFG)

@@ -18,7 +18,7 @@ from psynth_jax.model.loaded import random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable, synthesis_loss, merge_trainable
-from psynth_jax.train.sharding import make_mesh
+from psynth_jax.model.sharding import Rules, make_mesh
 from psynth_jax.train.step import make_optimizer, make_schedule, make_train_step
 from train_fixtures import TINY, synthetic_batch
 
@@ -56,7 +56,8 @@ def test_gradients_reach_only_mapper_and_lora():
 
     tx = make_optimizer(1e-2, 10)
     opt_state = tx.init(trainable)
-    step = make_train_step(graphdefs, tx, opts, make_mesh((1, 1, 1)), trainable, opt_state, frozen, synthetic_batch())
+    step = make_train_step(graphdefs, tx, opts, make_mesh((1, 1, 1)), Rules(), trainable, opt_state, frozen,
+                           synthetic_batch())
     before = jax.tree.map(np.asarray, frozen)
     new_trainable, _, metrics = step(trainable, opt_state, frozen, synthetic_batch())
     after = jax.tree.map(np.asarray, frozen)
@@ -86,7 +87,7 @@ def test_loss_decreases_on_a_fixed_batch():
     tx = make_optimizer(3e-2, 20)
     opt_state = tx.init(trainable)
     batch = synthetic_batch(seed=3)
-    step = make_train_step(graphdefs, tx, opts, make_mesh((1, 1, 1)), trainable, opt_state, frozen, batch)
+    step = make_train_step(graphdefs, tx, opts, make_mesh((1, 1, 1)), Rules(), trainable, opt_state, frozen, batch)
     losses = []
     for _ in range(8):
         trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
@@ -103,8 +104,8 @@ from psynth_jax.model.loaded import random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-from psynth_jax.train.sharding import backbone_shardings, make_mesh
-from psynth_jax.train.step import make_optimizer, make_train_step
+from psynth_jax.model.sharding import Rules, make_mesh, state_shardings
+from psynth_jax.train.step import make_optimizer, make_train_step, place_train_state
 from train_fixtures import TINY, synthetic_batch
 
 assert jax.device_count() == 8, jax.devices()
@@ -115,14 +116,15 @@ def run(shape, devices):
     tx = make_optimizer(1e-2, 10)
     opt_state = tx.init(trainable)
     batch = synthetic_batch(b=4)
-    mesh = make_mesh(shape, devices)
-    step = make_train_step(graphdefs, tx, ObjectiveConfig(kl_weight=0.5), mesh, trainable, opt_state, frozen, batch)
+    mesh, rules = make_mesh(shape, devices), Rules()
+    trainable, opt_state, frozen = place_train_state(trainable, opt_state, frozen, mesh, rules)
+    step = make_train_step(graphdefs, tx, ObjectiveConfig(kl_weight=0.5), mesh, rules, trainable, opt_state, frozen,
+                           batch)
     losses = []
     for _ in range(2):
         trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
         losses.append(float(m["loss"]))
-    frozen_placed = jax.device_put(frozen, backbone_shardings(frozen, mesh))
-    q_spec = str(frozen_placed["layers"]["q"]["kernel"].value.sharding.spec)
+    q_spec = str(frozen["layers"]["q"]["kernel"][...].sharding.spec)
     return losses, [np.asarray(x) for x in jax.tree.leaves(trainable)], q_spec
 single_losses, single_params, _ = run((1, 1, 1), jax.devices()[:1])
 sharded_losses, sharded_params, q_spec = run((2, 2, 2), jax.devices())

@@ -1,26 +1,38 @@
-"""A tiny random Llama with SmolLM2's vocabulary and tokenizer: real chat template, fast model."""
+"""Tiny random models of every family with SmolLM2's vocabulary and tokenizer: real chat template,
+fast model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def make_tiny_smol(directory: Path, *, layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_smol(directory: Path, *, layers: int = 2, seed: int = 0, family: str = "llama") -> Path:
+    """A tiny random `family` (llama | qwen2 | qwen3) checkpoint + SmolLM2's tokenizer in `directory`.
+
+    The Llama one ties its embeddings (as SmolLM2 does); Qwen2 has q/k/v biases, Qwen3 q/k norms
+    and a free head_dim. Attention is sharpened (q/k x 6) so cache layouts change the logits.
+    """
     import torch
     import transformers
 
     from psynth_jax.interop.embedded import default_gguf_path
     from psynth_jax.interop.tokenizer import load_tokenizer
 
+    common = dict(vocab_size=49152, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=2, bos_token_id=1)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common, hidden_size=32, tie_word_embeddings=True),
+        "qwen2": lambda: transformers.Qwen2Config(**common, hidden_size=64, tie_word_embeddings=False),
+        "qwen3": lambda: transformers.Qwen3Config(**common, hidden_size=64, head_dim=32, tie_word_embeddings=False),
+    }[family]()
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                   tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # sharper attention than the 0.02 init, so layouts matter to the logits
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
+            if "q_proj.weight" in name or "k_proj.weight" in name:
                 p.mul_(6.0)
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
     model.save_pretrained(directory)
     load_tokenizer(default_gguf_path()).save_pretrained(directory)
     return directory

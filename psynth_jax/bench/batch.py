@@ -4,10 +4,10 @@
 of `prompt_tokens` tokens) in one batch, for every B of --bs, through both synthesis paths, and
 decodes `new_tokens` output tokens per request after the first:
 
-- cache path (METHOD.md section 3): `prepare_synth_cache` (re-encode + mapper + assemble) ->
-  `runtime.extend` of the prompt over the prepared cache, LoRA on -> first token; then
+- cache path (METHOD.md section 3): `core.prepare` (re-encode + mapper + assemble) ->
+  `core.jit_cache_prefill` of the prompt over the prepared cache, LoRA on -> first token; then
   `runtime.continue_generation` (the jitted token loop of generation) for `new_tokens` tokens.
-- text path (METHOD.md section 4): `runtime.prefill` of K*L + prompt tokens, LoRA off -> first
+- text path (METHOD.md section 4): `core.jit_text_prefill` of K*L + prompt tokens, LoRA off -> first
   token; then the same decode loop over the text cache, LoRA off.
 
 Per path and B, three timed functions (each compiled first, then `repeats` timed calls, median):
@@ -44,7 +44,7 @@ from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
-from psynth_jax.synthesis.handoff import prepare_synth_cache
+from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper
 
 PATHS = ("cache", "text")
@@ -63,7 +63,7 @@ TABLE_COLUMNS: tuple[Column, ...] = (
 DEFINITIONS: dict[str, str] = {
     "batch": "B, requests served together in one call",
     "branch_tokens": "K*L branch tokens per request",
-    "{path}_ttft_ms": "cache: prepare_synth_cache + extend (LoRA on) + first token; text: prefill of K*L + "
+    "{path}_ttft_ms": "cache: core.prepare + extend (LoRA on) + first token; text: prefill of K*L + "
                       "prompt tokens (LoRA off) + first token; median",
     "{path}_decode_ms": "runtime.continue_generation of new_tokens tokens per request after the prefill "
                         "(the first token sampled from the prefill logits, then new_tokens model calls; "
@@ -177,14 +177,14 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
             plen = jnp.full((batch,), prompt_tokens, jnp.int32)
 
             def prefill():
-                cache = prepare_synth_cache(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
-                return runtime.extend(gd, st, prompt, plen, cache, lora=True, attn_impl=attn_impl)
+                cache = core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
+                return core.jit_cache_prefill(gd, st, prompt, plen, cache, lora=True, attn_impl=attn_impl)
             return prefill, True
         tokens = jax.random.randint(kt, (batch, text_len), 0, cfg.vocab_size, jnp.int32)
         lens = jnp.full((batch,), text_len, jnp.int32)
 
         def prefill():
-            return runtime.prefill(gd, st, tokens, lens, num_slots=text_len + new_tokens, attn_impl=attn_impl)
+            return core.jit_text_prefill(gd, st, tokens, lens, num_slots=text_len + new_tokens, attn_impl=attn_impl)
         return prefill, False
 
     for name in paths:

@@ -223,23 +223,21 @@ class TrainSetup:
         from psynth_jax.model.loaded import random_model
         from psynth_jax.synthesis.mapper import make_mapper
         from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-        from psynth_jax.train.sharding import backbone_shardings, batch_shardings, make_mesh, replicated
-        from psynth_jax.train.step import make_optimizer, make_train_step
+        from psynth_jax.model.sharding import Rules, make_mesh
+        from psynth_jax.train.step import batch_shardings, make_optimizer, make_train_step, place_train_state
 
         model = random_model(cfg, dtype=dtype, lora=lora, seed=seed)
         decoder = nnx.merge(model.graphdef, model.state)
         mapper = make_mapper(mapper_kind, cfg.num_kv_heads, seed=seed)
         self.graphdefs, trainable, frozen = split_trainable(decoder, mapper)
         del model, decoder
-        self.mesh = make_mesh((1, 1, 1), [jax.devices()[0]])
-        self.frozen = jax.device_put(frozen, backbone_shardings(frozen, self.mesh))
-        self.trainable = jax.device_put(trainable, replicated(trainable, self.mesh))
+        self.mesh, rules = make_mesh((1, 1, 1), [jax.devices()[0]]), Rules()
         self.tx = make_optimizer(lr, 1000)  # AdamW, constant lr, no clipping: the release defaults
-        opt_state = self.tx.init(self.trainable)
-        self.opt_state = jax.device_put(opt_state, replicated(opt_state, self.mesh))
+        self.trainable, self.opt_state, self.frozen = place_train_state(
+            trainable, self.tx.init(trainable), frozen, self.mesh, rules)
         self.opts = ObjectiveConfig(remat=remat, attn_impl=attn_impl)
-        self.batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
-        self.step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, self.trainable,
+        self.batch = jax.device_put(batch, batch_shardings(batch, self.mesh, rules))
+        self.step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, rules, self.trainable,
                                        self.opt_state, self.frozen, batch)
 
     def step(self) -> dict[str, jax.Array]:

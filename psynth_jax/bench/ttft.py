@@ -2,11 +2,11 @@
 
 For each point (K, L) both synthesis paths are timed in the same run, on the same backbone:
 
-- cache path (METHOD.md section 3): `prepare_synth_cache` (RoPE re-encoding + cache mapper +
-  assembly, one jit) -> `runtime.extend` of the synthesizer prompt over the prepared cache with
+- cache path (METHOD.md section 3): `core.prepare` (RoPE re-encoding + cache mapper +
+  assembly, one jit) -> `core.jit_cache_prefill` of the synthesizer prompt over the prepared cache with
   the LoRA on -> first sampled token. Its parts are also timed alone: re-encode + assemble without
   the mapper, the mapper alone, the whole preparation, and the prompt prefill alone.
-- text path (METHOD.md section 4): `runtime.prefill` of K*L branch tokens + the prompt, LoRA
+- text path (METHOD.md section 4): `core.jit_text_prefill` of K*L branch tokens + the prompt, LoRA
   off -> first sampled token.
 
 Worker generation is excluded from both, as in the paper. Weights, branch KV and tokens are
@@ -45,7 +45,8 @@ from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
-from psynth_jax.synthesis.handoff import BranchCaches, assemble, prepare_synth_cache, reencode
+from psynth_jax.synthesis import core
+from psynth_jax.synthesis.handoff import BranchCaches, assemble, reencode
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper, map_caches
 
 SCHEMA_VERSION = 2  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields
@@ -243,10 +244,10 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         prompt_len = jnp.full((batch,), prompt_tokens, jnp.int32)
 
         def prepare():
-            return prepare_synth_cache(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
+            return core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
 
         def prefill(cache):
-            return runtime.extend(gd, st, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl)[0]
+            return core.jit_cache_prefill(gd, st, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl)[0]
 
         def cache_ttft():
             return runtime.first_token(prefill(prepare()), jax.random.key(0), sampling)
@@ -273,7 +274,7 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         slots = text_len + new_tokens
 
         def text_ttft():
-            logits, _ = runtime.prefill(gd, st, tokens, lengths, num_slots=slots, attn_impl=attn_impl)
+            logits, _ = core.jit_text_prefill(gd, st, tokens, lengths, num_slots=slots, attn_impl=attn_impl)
             return runtime.first_token(logits, jax.random.key(0), sampling)
 
         t = time_calls(text_ttft, repeats)
@@ -347,10 +348,10 @@ def sweep_metadata(
     definitions = {
         "cache_reencode_assemble_ms": "RoPE re-encoding by -P + packing, no mapper (own jit)",
         "cache_mapper_ms": "cache mapper alone on the branch K/V (own jit)",
-        "cache_prepare_ms": "prepare_synth_cache: re-encode + mapper + assemble, one jit (as the pipeline)",
-        "cache_prefill_ms": "runtime.extend of the prompt over the prepared cache, LoRA on",
+        "cache_prepare_ms": "core.prepare: re-encode + mapper + assemble, one jit (as the pipeline)",
+        "cache_prefill_ms": "core.jit_cache_prefill of the prompt over the prepared cache, LoRA on",
         "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
-        "text_ttft_ms": "runtime.prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
+        "text_ttft_ms": "core.jit_text_prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
         "speedup": "text_ttft_ms / cache_ttft_ms, same run",
         "first_call_ms": "each function's first call at that point: includes compilation unless an earlier "
                          "point of the same shape compiled it",

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from psynth_jax.cli.common import add_model_arguments, step
+from psynth_jax.cli.common import add_model_arguments, make_cli_mesh, step
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     ex = examples[args.index]
 
     with step(f"loading {args.model} ({args.dtype})"):
-        model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig())
+        model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=make_cli_mesh(args.mesh))
     synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
     weights = "untrained: identity mapper (affine_length), LoRA r16/a32 with B = 0"
     if args.adapter:
@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         with step(f"loading trained mapper + LoRA from {args.adapter}"):
             weights = load_adapter_into(synth, args.adapter)
 
+    mesh = ", ".join(f"{k}={v}" for k, v in model.mesh.shape.items())
     print(f"model: {model.source} ({model.cfg.family}, {model.cfg.num_layers} layers, {args.dtype}, "
-          f"attention={args.attn_impl})")
+          f"attention={args.attn_impl}, mesh {mesh})")
     print(f"synthesizer weights: {weights}")
     _show(f"GSM8K test #{args.index} (gold: {ex.gold})", ex.question)
 

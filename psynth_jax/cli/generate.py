@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from psynth_jax.cli.common import add_model_arguments, step
+from psynth_jax.cli.common import add_model_arguments, make_cli_mesh, step
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     with step(f"loading {args.model} ({args.dtype})"):
-        model = load_model(args.model, dtype=args.dtype)
+        model = load_model(args.model, dtype=args.dtype, mesh=make_cli_mesh(args.mesh))
     gen = Generator(model, attn_impl=args.attn_impl)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.question}

@@ -10,6 +10,7 @@ Pure Python (PyYAML only): importing it pulls in no JAX, data or training code.
 
 from psynth_jax.config.loader import apply_override, dump_config, load_config
 from psynth_jax.config.schema import (
+    AxisRule,
     CheckpointConfig,
     DataConfig,
     DataSourceConfig,
@@ -26,6 +27,7 @@ from psynth_jax.config.typed import ConfigError, from_dict, to_dict
 from psynth_jax.config.validate import MESH_AXES, resolve_mesh_shape, validate
 
 __all__ = [
+    "AxisRule",
     "MESH_AXES",
     "CheckpointConfig",
     "ConfigError",

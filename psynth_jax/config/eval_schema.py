@@ -22,14 +22,14 @@ from typing import Any, Iterable, Literal, Optional
 import yaml
 
 from psynth_jax.config.loader import _load_yaml_tree, apply_override
-from psynth_jax.config.schema import HandoffConfig, ModelSourceConfig
+from psynth_jax.config.schema import HandoffConfig, MeshConfig, ModelSourceConfig
 from psynth_jax.config.typed import ConfigError, from_dict, to_dict
 
 ModeName = Literal["single", "text", "naive_cache", "mapper_only", "lora_only", "psynth"]
 MODES: tuple[str, ...] = typing.get_args(ModeName)
 
 # Fields that do not change any stored branch or record: a resumed run may change them freely.
-RESUMABLE_FIELDS = ("tasks", "modes", "out_dir", "score_workers")
+RESUMABLE_FIELDS = ("tasks", "modes", "out_dir", "score_workers", "mesh")
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
@@ -52,6 +52,8 @@ class EvalConfig:
     # (identity mapper, LoRA B = 0), so mapper_only / lora_only / psynth behave as naive_cache.
     adapter: Optional[str] = None
     handoff: HandoffConfig = dataclasses.field(default_factory=HandoffConfig)
+    # devices: requests data-parallel over data (x fsdp), the backbone split over fsdp / tensor
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tasks: tuple[EvalTaskConfig, ...]
     modes: tuple[ModeName, ...] = MODES
     num_workers: int = 3  # K worker branches per example (marble_db: one per expert profile instead)
@@ -86,8 +88,14 @@ def dump_eval_config(cfg: EvalConfig) -> str:
 
 
 def fingerprint(cfg: EvalConfig) -> dict[str, Any]:
-    """The fields that decide stored branches and records: a resumed run must agree on all of them."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FIELDS}
+    """The fields that decide stored branches and records: a resumed run must agree on all of them.
+
+    The default handoff is left out, so runs made before the setting existed (which used it) resume.
+    """
+    out = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FIELDS}
+    if cfg.handoff == HandoffConfig():
+        del out["handoff"]
+    return out
 
 
 def validate_eval_config(cfg: EvalConfig) -> None:

@@ -121,12 +121,25 @@ class TrainConfig:
 
 
 @_frozen
+class AxisRule:
+    """One logical axis -> the mesh axes it is split over ([] = replicated); model/sharding.py."""
+
+    name: str
+    axes: tuple[Literal["data", "fsdp", "tensor"], ...] = ()
+
+
+@_frozen
 class MeshConfig:
-    """Device mesh axis sizes; one axis may be -1 to take all remaining devices."""
+    """Device mesh axis sizes; one axis may be -1 to take all remaining devices.
+
+    rules: overrides of the logical-axis sharding rules (model/sharding.py DEFAULT_RULES), as
+    MaxText's logical_axis_rules, e.g. [{name: vocab, axes: []}] to replicate the vocabulary.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    rules: tuple[AxisRule, ...] = ()
 
 
 @_frozen

@@ -40,6 +40,7 @@ from psynth_jax.eval.modes import MODE_SPECS, ModeSpec, worker_conversations
 from psynth_jax.eval.scoring import extract_answer, score_many
 from psynth_jax.eval.store import BranchSet, ModeRecord, RunStore
 from psynth_jax.eval.tasks import load_task
+from psynth_jax.synthesis.convention import Handoff
 
 
 @dataclasses.dataclass
@@ -191,9 +192,13 @@ class EvalRunner:
         from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
         m = self.cfg.model
-        model = self._model if self._model is not None else load_model(m.source, dtype=m.dtype, lora=LoRAConfig())
+        mesh, rules = self._mesh()
+        model = self._model if self._model is not None else load_model(m.source, dtype=m.dtype, lora=LoRAConfig(),
+                                                                        mesh=mesh, rules=rules)
         first = next(exs[0].family for exs in self.examples.values() if exs)
-        synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, timing_repeats=0)  # see _time
+        handoff = Handoff(self.cfg.handoff.convention, self.cfg.handoff.stop_tokens)
+        synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, timing_repeats=0,  # see _time
+                                  handoff=handoff, mesh=mesh)
         initial = synth.mapper
         description = "untrained: identity mapper, LoRA B = 0"
         if self.cfg.adapter is not None:
@@ -217,6 +222,17 @@ class EvalRunner:
         kind, backend = jax.devices()[0].device_kind, jax.default_backend()
         self.device = kind if kind.lower() == backend else f"{kind} ({backend})"
         self.synth = synth
+
+    def _mesh(self) -> tuple[Any, Any]:
+        """(mesh, sharding rules) of the eval config: requests data-parallel, the model split over
+        fsdp x tensor; a given model keeps the mesh it was loaded on."""
+        from psynth_jax.model.sharding import Rules, mesh_of
+
+        rules = Rules((r.name, r.axes) for r in self.cfg.mesh.rules)
+        if self._model is not None and self._model.mesh is not None:
+            return self._model.mesh, self._model.rules
+        m = self.cfg.mesh
+        return mesh_of((m.data, m.fsdp, m.tensor)), rules
 
     # ------------------------------------------------------------------------ worker stage
     def _ensure_branches(self, task: str, chunk: list[EvalExample]) -> None:
@@ -320,7 +336,11 @@ class EvalRunner:
             for ex in exs:
                 convs = worker_conversations(ex, self.cfg.num_workers)
                 prefixes.append([self.synth.gen.chat_tokens(convs[j]) for j in self._branch_set(ex).usable()])
-            self._caches[key] = self.synth.branches_from_tokens(prefixes, [self._used_tokens(ex) for ex in exs])
+            outputs = [self._used_tokens(ex) for ex in exs]
+            # a worker stopped on a stop token iff it produced fewer tokens than its budget (a
+            # stop token that is the budget's last leaves worker_tokens - 1 output tokens)
+            stopped = [[len(t) < self.cfg.worker_tokens for t in row] for row in outputs]
+            self._caches[key] = self.synth.branches_from_tokens(prefixes, outputs, stopped)
         return self._caches[key]
 
     # ----------------------------------------------------------------------------- helpers

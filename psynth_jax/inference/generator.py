@@ -1,21 +1,27 @@
-"""Host-side generation API: chat templating, length checks, shape bucketing, batching.
+"""Host-side generation API: chat templating, length checks, shape bucketing, batching, placement.
 
 Prompts are right-padded to a bucket length (a multiple of `BUCKET`) so that the jitted
-`runtime.generate` compiles once per bucket rather than once per prompt length.
+`runtime.generate` compiles once per bucket rather than once per prompt length. On a mesh
+(the model's, or one passed in) request arrays are split over the mesh's batch axes and the
+jitted calls run with the mesh in context, so the KV cache follows the model's sharding rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import LoadedModel
+from psynth_jax.model.sharding import batch_sharding
 from psynth_jax.interop.tokenizer import stop_token_ids
 
 BUCKET = 64
@@ -54,13 +60,26 @@ class Completion:
 class Generator:
     """Batched text generation on a loaded backbone (LoRA on or off per call)."""
 
-    def __init__(self, model: LoadedModel, attn_impl: str = "xla"):
+    def __init__(self, model: LoadedModel, attn_impl: str = "xla", mesh: Mesh | None = None):
         if model.tokenizer is None:
             raise ValueError("Generator needs a model loaded with its tokenizer")
         self.model = model
+        self.mesh = mesh if mesh is not None else model.mesh
         self.tokenizer = model.tokenizer
         self.attn_impl = attn_impl
         self.stop_ids = stop_token_ids(self.tokenizer, model.cfg.eos_token_ids)
+
+    def mesh_context(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh(mesh)` on a multi-device mesh (jitted calls lay out caches by it), else nothing."""
+        if self.mesh is None or math.prod(self.mesh.shape.values()) == 1:
+            return contextlib.nullcontext()
+        return jax.set_mesh(self.mesh)
+
+    def put_batch(self, x: np.ndarray) -> jax.Array:
+        """A host array whose leading axis is requests (or branch rows), split over the batch axes."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, batch_sharding(np.shape(x), self.mesh, self.model.rules))
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Apply the checkpoint's chat template with the assistant turn opened."""
@@ -75,8 +94,12 @@ class Generator:
         sampling: SamplingConfig = SamplingConfig(),
         seed: int = 0,
         lora: bool = False,
+        stop_ids: tuple[int, ...] | None = None,
     ) -> runtime.Generation:
-        """Run runtime.generate on a bucketed batch; returns device arrays (cache included)."""
+        """Run runtime.generate on a bucketed batch; returns device arrays (cache included).
+
+        stop_ids: the tokens that end a row (default: the chat stop tokens of `self.stop_ids`).
+        """
         if not prompts:
             raise ValueError("no prompts given")
         if max_new_tokens <= 0:
@@ -86,12 +109,13 @@ class Generator:
             check_length(self.model.cfg.max_position_embeddings, len(p), max_new_tokens, f"prompt {i}")
         width = bucket(longest)
         tokens, lengths = pad_batch(prompts, width)
-        return runtime.generate(
-            self.model.graphdef, self.model.state, jnp.asarray(tokens), jnp.asarray(lengths),
-            jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
-            stop_ids=self.stop_ids, num_slots=bucket(width + max_new_tokens), lora=lora,
-            attn_impl=self.attn_impl,
-        )
+        with self.mesh_context():
+            return runtime.generate(
+                self.model.graphdef, self.model.state, self.put_batch(tokens), self.put_batch(lengths),
+                jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
+                stop_ids=self.stop_ids if stop_ids is None else tuple(stop_ids),
+                num_slots=bucket(width + max_new_tokens), lora=lora, attn_impl=self.attn_impl,
+            )
 
     def complete(
         self,

@@ -47,6 +47,31 @@ def lengths_mask(lengths: jax.Array, width: int) -> jax.Array:
     return jnp.arange(width, dtype=jnp.int32)[None, :] < lengths[:, None]
 
 
+def extend_fn(model: Decoder, cache: KVCache, tokens: jax.Array, lengths: jax.Array, *, lora: bool = False,
+              attn_impl: str = "xla", remat: bool = False) -> tuple[jax.Array, KVCache]:
+    """Right-padded chunks [B, T] (true lengths [B]) after what `cache` holds: final-norm hidden
+    states [B, T, D] and the cache with the chunk written (pure: callable inside any jit)."""
+    return model(tokens, model.shard_cache(cache), lengths_mask(lengths, tokens.shape[1]), lora=lora,
+                 attn_impl=attn_impl, output="hidden", remat=remat)
+
+
+def prefill_fn(model: Decoder, tokens: jax.Array, lengths: jax.Array, *, num_slots: int, lora: bool = False,
+               attn_impl: str = "xla", remat: bool = False) -> tuple[jax.Array, KVCache]:
+    """Prompts [B, T] from an empty cache of `num_slots` (>= T) slots: hidden states and the cache."""
+    return extend_fn(model, model.empty_cache(tokens.shape[0], num_slots), tokens, lengths, lora=lora,
+                     attn_impl=attn_impl, remat=remat)
+
+
+def select_outputs(model: Decoder, hidden: jax.Array, lengths: jax.Array, output: Output) -> jax.Array:
+    """A prefill's outputs: "last" -> float32 logits of each row's last valid token [B, V] (the LM
+    head sees one position per row), "all" -> logits [B, T, V], "hidden" -> the hidden states."""
+    if output == "hidden":
+        return hidden
+    if output == "last":
+        hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    return model.logits(hidden)
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "num_slots", "lora", "attn_impl", "output")
 )
@@ -61,14 +86,11 @@ def prefill(
     attn_impl: str = "xla",
     output: Output = "last",
 ) -> tuple[jax.Array, KVCache]:
-    """Prompts [B, T] right-padded to T with true lengths [B] -> (logits, fresh cache).
-
-    The cache has `num_slots` slots (>= T), room for the tokens decoded afterwards.
-    """
+    """`prefill_fn` + `select_outputs`, compiled once per shape: prompts [B, T] right-padded, true
+    lengths [B] -> (outputs, a fresh cache of `num_slots` slots with room to decode)."""
     model = _merge(graphdef, state)
-    cache = KVCache.zeros(model.cfg, tokens.shape[0], num_slots, model.dtype)
-    valid = lengths_mask(lengths, tokens.shape[1])
-    return model(tokens, cache, valid, lora=lora, attn_impl=attn_impl, output=output)
+    h, cache = prefill_fn(model, tokens, lengths, num_slots=num_slots, lora=lora, attn_impl=attn_impl)
+    return select_outputs(model, h, lengths, output), cache
 
 
 @functools.partial(
@@ -169,17 +191,15 @@ def generate(
 ) -> Generation:
     """Batched generation from right-padded prompts [B, T] with true lengths [B]."""
     model = _merge(graphdef, state)
-    cache = KVCache.zeros(model.cfg, tokens.shape[0], num_slots, model.dtype)
-    valid = lengths_mask(lengths, tokens.shape[1])
-    logits, cache = model(tokens, cache, valid, lora=lora, attn_impl=attn_impl, output="last")
+    h, cache = prefill_fn(model, tokens, lengths, num_slots=num_slots, lora=lora, attn_impl=attn_impl)
     return decode_loop(
-        model, logits, cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
+        model, select_outputs(model, h, lengths, "last"), cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
         stop_ids=stop_ids, lora=lora, attn_impl=attn_impl,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "lora", "attn_impl"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "lora", "attn_impl", "output"), donate_argnames=("cache",)
 )
 def extend(
     graphdef: nnx.GraphDef,
@@ -190,15 +210,15 @@ def extend(
     *,
     lora: bool = False,
     attn_impl: str = "xla",
+    output: Output = "last",
 ) -> tuple[jax.Array, KVCache]:
-    """Prefill right-padded chunks [B, T] (true lengths [B]) after what `cache` holds.
+    """`extend_fn` + `select_outputs`, compiled once per shape; the cache is donated.
 
-    Returns the logits of each row's last valid token [B, V] and the cache. This is the
-    synthesizer prefill of the cache path: the prompt follows the assembled branch caches.
+    The synthesizer prefill of the cache path: the prompt follows the assembled branch caches.
     """
     model = _merge(graphdef, state)
-    valid = lengths_mask(lengths, tokens.shape[1])
-    return model(tokens, cache, valid, lora=lora, attn_impl=attn_impl, output="last")
+    h, cache = extend_fn(model, cache, tokens, lengths, lora=lora, attn_impl=attn_impl)
+    return select_outputs(model, h, lengths, output), cache
 
 
 @functools.partial(

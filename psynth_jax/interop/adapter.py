@@ -34,6 +34,7 @@ from psynth_jax.interop.export import (
     peft_target,
 )
 from psynth_jax.model.loaded import LoadedModel, parse_dtype
+from psynth_jax.model.sharding import state_shardings
 from psynth_jax.model.transformer import LORA_TARGETS, Decoder, LoRAConfig, LoRAParam
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
 
@@ -59,10 +60,12 @@ def with_lora(model: LoadedModel, lora: LoRAConfig, weights: dict[str, Any]) -> 
 
     `weights` is the pure dict of the LoRA state, {"layers": {target: {"lora_a": [L, in, r],
     "lora_b": [L, r, out]}}}. The model's own LoRA (any rank/targets, or none) is replaced; the
-    backbone arrays are shared, not copied.
+    backbone arrays are shared, not copied. On a mesh the LoRA is placed by the model's sharding
+    rules (replicated by default), beside the backbone.
     """
     dtype = parse_dtype(model.dtype_name)
-    abstract = nnx.eval_shape(lambda: Decoder(model.cfg, lora=lora, dtype=dtype, rngs=nnx.Rngs(0)))
+    rules = model.rules
+    abstract = nnx.eval_shape(lambda: Decoder(model.cfg, lora=lora, dtype=dtype, rules=rules, rngs=nnx.Rngs(0)))
     graphdef, lora_state, _ = nnx.split(abstract, LoRAParam, ...)
     _, _, frozen = nnx.split(nnx.merge(model.graphdef, model.state), LoRAParam, ...)
     want = nnx.to_pure_dict(lora_state)["layers"]
@@ -75,7 +78,11 @@ def with_lora(model: LoadedModel, lora: LoRAConfig, weights: dict[str, Any]) -> 
             if shape != tuple(spec.shape):
                 raise AdapterError(f"LoRA {t}.{leaf} has shape {shape}, the model expects {tuple(spec.shape)}")
     nnx.replace_by_pure_dict(lora_state, {"layers": {
-        t: {leaf: jnp.asarray(got[t][leaf], jnp.float32) for leaf in leaves} for t, leaves in want.items()}})
+        t: {leaf: np.asarray(got[t][leaf], np.float32) for leaf in leaves} for t, leaves in want.items()}})
+    if model.mesh is not None:
+        lora_state = jax.device_put(lora_state, state_shardings(lora_state, model.mesh, rules))
+    else:
+        lora_state = jax.tree.map(jnp.asarray, lora_state)
     graphdef, state = nnx.split(nnx.merge(graphdef, lora_state, frozen))
     return dataclasses.replace(model, graphdef=graphdef, state=state, lora=lora)
 

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from psynth_jax.interop.embedded import DEFAULT_MODEL, default_gguf_path
 from psynth_jax.interop.sources import CheckpointError, TensorSource, open_source
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.loaded import LoadedModel, abstract_decoder, parse_dtype
+from psynth_jax.model.sharding import Rules, single_device_mesh, state_shardings
 from psynth_jax.model.transformer import LoRAConfig
 
 # NNX path inside `layers` -> (HF name inside model.layers.{i}, transpose to [in, out])
@@ -45,66 +47,86 @@ GLOBAL_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
 }
 
 
-def _walk(tree: dict, prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _walk(v, prefix + (str(k),))
-        else:
-            yield prefix + (str(k),), v
+def _leaf_name(path: tuple[str, ...]) -> tuple[str, bool, bool]:
+    """(transformers name, with "{i}" for the layer, transpose, stacked over layers) of an NNX leaf."""
+    if path[0] == "layers":
+        hf_name, transpose = LAYER_KEYS[path[1:]]
+        return f"model.layers.{{i}}.{hf_name}", transpose, True
+    hf_name, transpose = GLOBAL_KEYS[path]
+    return hf_name, transpose, False
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree[k]
-    tree[path[-1]] = value
-
-
-def _fetch(source: TensorSource, name: str, transpose: bool, want: tuple[int, ...]) -> np.ndarray:
+def _check_shape(source: TensorSource, name: str, want: tuple[int, ...]) -> None:
+    """The checkpoint's own layout of `name` must be `want` (error names the tensor otherwise)."""
     if name not in source.names():
         raise CheckpointError(f"checkpoint has no tensor {name!r}")
-    w = source.get(name)
-    expect = tuple(reversed(want)) if transpose else tuple(want)  # in the checkpoint's own layout
-    if tuple(w.shape) != expect:
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(w.shape)}, the config expects {expect}")
-    return w.T if transpose else w
+    got = tuple(source.shape(name))
+    if got != tuple(want):
+        raise CheckpointError(f"tensor {name!r} has shape {got}, the config expects {tuple(want)}")
 
 
-def init_lora_leaves(pure: dict, seed: int, dtype: jnp.dtype) -> None:
-    """Fill LoRA leaves in place: A ~ he_uniform (per layer), B = 0 (adapter starts as a no-op)."""
-    key = jax.random.key(seed)
-    for path, leaf in _walk(pure):
-        if path[-1] == "lora_b":
-            _set(pure, path, jnp.zeros(leaf.shape, dtype))
-        elif path[-1] == "lora_a":
-            key, sub = jax.random.split(key)
-            fan_in = leaf.shape[-2]
-            bound = float(np.sqrt(6.0 / fan_in))
-            _set(pure, path, jax.random.uniform(sub, leaf.shape, dtype, -bound, bound))
+def read_leaf(source: TensorSource, path: tuple[str, ...], shape: tuple[int, ...], index: tuple[slice, ...],
+              dtype: Any) -> np.ndarray:
+    """The part `index` (in our layout: [layers,] in, out) of the leaf at `path`, read from `source`.
+
+    Each transformers tensor is read only where `index` selects it: per layer, the transposed
+    slice of its [out, in] layout.
+    """
+    name, transpose, stacked = _leaf_name(path)
+    np_dtype = np.dtype(dtype)
+
+    def one(hf_name: str, idx: tuple[slice, ...], want: tuple[int, ...]) -> np.ndarray:
+        if transpose:
+            _check_shape(source, hf_name, tuple(reversed(want)))
+            return source.read(hf_name, tuple(reversed(idx))).T.astype(np_dtype)
+        _check_shape(source, hf_name, want)
+        return source.read(hf_name, idx).astype(np_dtype)
+
+    if not stacked:
+        return one(name, index, shape)
+    layers = range(shape[0])[index[0]]
+    return np.stack([one(name.format(i=i), index[1:], shape[1:]) for i in layers])
+
+
+def init_lora(shape: tuple[int, ...], which: str, key: jax.Array) -> jax.Array:
+    """A fresh LoRA factor: A ~ he_uniform (fan-in = its input dim), B = 0 (the adapter starts as a no-op)."""
+    if which == "lora_b":
+        return jnp.zeros(shape, jnp.float32)
+    bound = float(np.sqrt(6.0 / shape[-2]))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def state_from_source(
-    cfg: ModelConfig, source: TensorSource, dtype: jnp.dtype, lora: LoRAConfig | None, seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    cfg: ModelConfig, source: TensorSource, dtype: jnp.dtype, lora: LoRAConfig | None, seed: int = 0, *,
+    mesh: Mesh | None = None, rules: Rules | None = None, progress: Callable[[str], None] | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    graphdef, abs_state = abstract_decoder(cfg, dtype, lora)
-    pure = nnx.to_pure_dict(abs_state)
-    for path, leaf in _walk(pure):
-        if path[0] == "layers" and path[-1] not in ("lora_a", "lora_b"):
-            hf_name, transpose = LAYER_KEYS[path[1:]]
-            per_layer = tuple(leaf.shape[1:])
-            stacked = np.stack(
-                [_fetch(source, f"model.layers.{i}.{hf_name}", transpose, per_layer) for i in range(cfg.num_layers)]
-            )
-            _set(pure, path, jnp.asarray(stacked, dtype))
-        elif path[0] != "layers":
-            hf_name, transpose = GLOBAL_KEYS[path]
-            _set(pure, path, jnp.asarray(_fetch(source, hf_name, transpose, tuple(leaf.shape)), dtype))
+    """The Decoder's graphdef and state, every parameter created directly in its NamedSharding.
+
+    `jax.make_array_from_callback` asks for each device's shard; the callback reads just that
+    slice from the source (`read_leaf`), so no device ever holds, and no process ever reads, more
+    of a tensor than its shards. mesh: default the first local device alone; rules: the sharding
+    rules (model/sharding.py), stored in the graphdef.
+    """
+    mesh = mesh if mesh is not None else single_device_mesh()
+    rules = rules if rules is not None else Rules()
+    graphdef, abs_state = abstract_decoder(cfg, dtype, lora, rules)
+    shardings = state_shardings(abs_state, mesh, rules)
+    key = jax.random.key(seed)
+    flat = nnx.to_flat_state(abs_state)
+    placed = []
+    for (path, variable), (_, sharding) in zip(flat, nnx.to_flat_state(shardings)):
+        path = tuple(str(k) for k in path)
+        spec, target = variable.get_value(), sharding.get_value()
+        if path[-1] in ("lora_a", "lora_b"):
+            key, sub = jax.random.split(key)
+            value = jax.device_put(init_lora(spec.shape, path[-1], sub), target)
+        else:
+            value = jax.make_array_from_callback(
+                spec.shape, target, lambda index, p=path, shape=spec.shape: read_leaf(source, p, shape, index, dtype))
+        placed.append((path, variable.replace(value)))
         if progress is not None:
             progress(".".join(path))
-    if lora is not None:
-        init_lora_leaves(pure, seed, jnp.float32)
-    nnx.replace_by_pure_dict(abs_state, pure)
-    return graphdef, abs_state
+    return graphdef, nnx.from_flat_state(placed)
 
 
 def load_model(
@@ -114,16 +136,23 @@ def load_model(
     lora: LoRAConfig | None = None,
     with_tokenizer: bool = True,
     seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> LoadedModel:
-    """Load a backbone from `source`: "smollm2-135m" (embedded), a .gguf, a local dir or a hub id."""
+    """Load a backbone from `source`: "smollm2-135m" (embedded), a .gguf, a local dir or a hub id.
+
+    mesh: where the parameters live, each created in its sharding (default: one device); rules:
+    the logical-axis sharding rules (default model/sharding.py's table).
+    """
     jdtype = parse_dtype(dtype)
     path = default_gguf_path() if str(source) == DEFAULT_MODEL else source
     src = open_source(path)
     cfg = ModelConfig.from_hf(src.config_dict())
-    graphdef, state = state_from_source(cfg, src, jdtype, lora, seed)
+    mesh = mesh if mesh is not None else single_device_mesh()
+    graphdef, state = state_from_source(cfg, src, jdtype, lora, seed, mesh=mesh, rules=rules)
     tokenizer = None
     if with_tokenizer:
         from psynth_jax.interop.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path)
-    return LoadedModel(cfg, graphdef, state, dtype, str(path), lora, tokenizer)
+    return LoadedModel(cfg, graphdef, state, dtype, str(path), lora, tokenizer, mesh)

@@ -1,17 +1,26 @@
 """Tensor sources: read checkpoint tensors by transformers name, from safetensors or GGUF.
 
-A `TensorSource` exposes an HF-style config dict and `get(hf_name) -> np.ndarray` in
-transformers' layout ([out, in] for linear weights), whatever the file format. The model
-loader (loader.py) maps those names onto the NNX state, so each format only has to speak
-transformers' names.
+A `TensorSource` exposes an HF-style config dict, each tensor's shape, and
+`read(hf_name, index) -> np.ndarray`: the part of the tensor that `index` (a tuple of slices, in
+transformers' layout, [out, in] for linear weights) selects, whatever the file format. The
+model loader (loader.py) maps those names onto the NNX state and reads exactly the slice each
+device shard needs, so a process never holds a whole tensor it only shares:
+
+- safetensors: the file is memory-mapped and the tensor viewed in place from its header's
+  offsets (numpy; bfloat16 through ml_dtypes), so a slice reads only the pages it touches;
+- GGUF: a quantized matrix is stored by rows (llama.cpp's ne1 = transformers' out dimension),
+  so only the selected rows are dequantized.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import struct
 from pathlib import Path
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 
 
@@ -19,12 +28,36 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or does not fit the model."""
 
 
+Index = tuple[slice, ...]
+
+
 class TensorSource(Protocol):
     def config_dict(self) -> dict[str, Any]: ...
 
     def names(self) -> set[str]: ...
 
-    def get(self, name: str) -> np.ndarray: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, index: Index | None = None) -> np.ndarray: ...
+
+
+def full_index(shape: tuple[int, ...]) -> Index:
+    return tuple(slice(0, n) for n in shape)
+
+
+# safetensors dtype names -> numpy dtypes (bfloat16 from ml_dtypes, which jax uses too)
+_SAFETENSORS_DTYPES: dict[str, Any] = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: Any
+    shape: tuple[int, ...]
+    start: int  # byte offset of the tensor's data in the file
 
 
 class SafetensorsSource:
@@ -37,49 +70,87 @@ class SafetensorsSource:
         config = self.dir / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {self.dir}")
-        self._config = json.loads(config.read_text())
+        self._config = _read_json(config)
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._where = {name: self.dir / shard for name, shard in weight_map.items()}
+            weight_map = _read_json(index)["weight_map"]
+            files = sorted({self.dir / shard for shard in weight_map.values()})
+            missing = [str(p) for p in files if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(f"checkpoint shard(s) listed in the index are missing: {missing}")
         elif single.is_file():
-            self._where = {name: single for name in self._keys_of(single)}
+            weight_map, files = None, [single]
         else:
-            raise FileNotFoundError(
-                f"no model.safetensors or model.safetensors.index.json in {self.dir}"
-            )
-        missing = sorted({str(p) for p in self._where.values() if not p.is_file()})
-        if missing:
-            raise FileNotFoundError(f"checkpoint shard(s) listed in the index are missing: {missing}")
-        self._handles: dict[Path, Any] = {}
-
-    @staticmethod
-    def _keys_of(path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises several error types for damaged files
-            raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
+        self._entries: dict[str, _Entry] = {}
+        for path in files:
+            self._entries.update(read_safetensors_header(path))
+        if weight_map is not None:
+            lost = sorted(set(weight_map) - set(self._entries))
+            if lost:
+                raise CheckpointError(f"tensors listed in {index} are in none of its shards: {lost[:5]}")
+        self._maps: dict[Path, np.memmap] = {}
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self._config)
 
     def names(self) -> set[str]:
-        return set(self._where)
+        return set(self._entries)
 
-    def get(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
 
-        path = self._where[name]
+    def read(self, name: str, index: Index | None = None) -> np.ndarray:
+        """The slice `index` of tensor `name`, read from the memory-mapped file (a copy)."""
+        e = self._entries[name]
+        if e.path not in self._maps:
+            self._maps[e.path] = np.memmap(e.path, dtype=np.uint8, mode="r")
+        count = int(np.prod(e.shape, dtype=np.int64))
         try:
-            if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            return self._handles[path].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {path} (truncated or corrupt?): {e}") from e
+            raw = self._maps[e.path][e.start : e.start + count * np.dtype(e.dtype).itemsize]
+            view = raw.view(e.dtype).reshape(e.shape)
+        except ValueError as err:
+            raise CheckpointError(f"cannot read tensor {name!r} from {e.path} (truncated or corrupt?): {err}") from err
+        return np.array(view[index if index is not None else ...])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    """Every tensor's dtype, shape and data offset in one .safetensors file (its JSON header).
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON, then the data; each
+    tensor's `data_offsets` are relative to the end of the header.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {err}") from err
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        shape = tuple(int(d) for d in info["shape"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize or 8 + n + end > size:
+            raise CheckpointError(f"cannot read tensor {name!r} from {path} (truncated or corrupt?): its data "
+                                  f"[{begin}, {end}) does not fit the file of {size} bytes")
+        out[name] = _Entry(path, dtype, shape, 8 + n + begin)
+    return out
 
 
 def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -185,20 +256,35 @@ class GGUFSource:
     def names(self) -> set[str]:
         return set(self._tensors)
 
-    def get(self, name: str) -> np.ndarray:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+
+    def _row_order(self, name: str, rows: int) -> np.ndarray | None:
+        """Stored row of each transformers row, where llama.cpp permuted them (llama q/k), else None."""
+        if self._config["model_type"] != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+            return None
+        n = self._config["num_attention_heads"] if "q_proj" in name else self._config["num_key_value_heads"]
+        return _reverse_permute(np.arange(rows), n)
+
+    def read(self, name: str, index: Index | None = None) -> np.ndarray:
+        """Dequantize only the rows `index` selects (a matrix is stored row by row), then its columns."""
         from gguf.quants import dequantize
 
         t = self._tensors[name]
+        shape = self.shape(name)
+        index = index if index is not None else full_index(shape)
+        rows = np.arange(shape[0])[index[0]]
+        order = self._row_order(name, shape[0])
+        stored = rows if order is None else order[rows]
         try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            data = np.asarray(t.data)
+            part = data[stored] if len(shape) > 1 else data
+            w = np.asarray(dequantize(part, t.tensor_type), dtype=np.float32)
         except Exception as e:
             raise CheckpointError(f"cannot dequantize {t.name} in {self.path}: {e}") from e
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = w.reshape(shape) if len(shape) > 1 else w.reshape(-1)
-        if self._config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            n = self._config["num_attention_heads"] if "q_proj" in name else self._config["num_key_value_heads"]
-            w = _reverse_permute(w, n)
-        return w
+        if len(shape) == 1:
+            return np.array(w.reshape(-1)[index[0]])
+        return np.array(w.reshape(len(rows), shape[1])[:, index[1]])
 
 
 def open_source(source: str | Path) -> TensorSource:

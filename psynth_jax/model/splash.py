@@ -39,10 +39,9 @@ shard_map"). So when a mesh is in context at trace time (`jax.sharding.get_abstr
 set by `jax.set_mesh(mesh)` or `jax.sharding.use_abstract_mesh`; the train and eval steps of
 train/step.py enter it while tracing) and it has more than one device on its non-manual axes,
 the call runs inside `jax.shard_map` with specs from `shard_specs`: batch over the data-parallel
-axes `BATCH_AXES` = (data, fsdp) and heads over `HEAD_AXIS` = tensor (the names of
-train/sharding.py's LOGICAL_RULES for "batch" and "heads"/"kv_heads", restated here because the
-model package must not import the training package; a test checks they agree), sequence and
-head_dim whole. Each shard then runs the kernel on its own rows and heads, which needs nothing
+axes `BATCH_AXES` = (data, fsdp) and heads over `HEAD_AXIS` = tensor (model/sharding.py's
+default rules for "batch" and "heads"/"kv_heads"; a config that overrides those rules still
+gets these specs, and XLA reshards around the kernel), sequence and head_dim whole. Each shard then runs the kernel on its own rows and heads, which needs nothing
 from other shards: a query head and the kv head it reads land on the same shard when Hkv is a
 multiple of the tensor size (a ValueError otherwise). A batch the data-parallel axes do not
 divide is split over fewer of them (see `shard_specs`). No mesh in context (single-device
@@ -63,14 +62,16 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+from psynth_jax.model.sharding import DEFAULT_RULES
+
 LANES = 128  # TPU lane width: splash needs kv blocks (and, in its dkv backward, q blocks) in multiples of it
 MAX_BLOCK_Q = 512  # tile caps: 512 x 512 tiles are the usual choice for long sequences on TPU v5
 MAX_BLOCK_KV = 512
 
-# Mesh axes q/k/v are sharded over in the train step (train/sharding.py LOGICAL_RULES["batch"] and
-# ["heads"] / ["kv_heads"]); axes of these names that a mesh lacks are skipped.
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+# Mesh axes q/k/v are sharded over (model/sharding.py's default rules for "batch" and "heads" /
+# "kv_heads"); axes of these names that a mesh lacks are skipped.
+BATCH_AXES = dict(DEFAULT_RULES)["batch"]
+HEAD_AXIS = dict(DEFAULT_RULES)["heads"][0]
 
 
 def _round_up(x: int, m: int) -> int:
@@ -145,7 +146,7 @@ def shard_specs(mesh, batch: int, q_heads: int, kv_heads: int) -> tuple[jax.shar
     rows: for q/k/v/out [B, n, H, D] -> P(batch axes, None, HEAD_AXIS, None); per-row: for
     start/chunk_len [B] -> P(batch axes). Only axes present in `mesh` and not already manual are
     named. Batch axes: the longest prefix of BATCH_AXES whose size product divides `batch`
-    (rows are then replicated over the rest, computed redundantly, as train/sharding.py leaves
+    (rows are then replicated over the rest, computed redundantly, as model/sharding.py leaves
     a dimension a mesh axis does not divide unsharded). Heads: sharded over HEAD_AXIS when its
     size is > 1, which needs kv_heads (hence q_heads) divisible by it; ValueError otherwise.
     """

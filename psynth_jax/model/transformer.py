@@ -23,6 +23,7 @@ from psynth_jax.model.attention import AttentionMask, attend
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import KVCache, write_layers, write_rows
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
+from psynth_jax.model.sharding import CACHE_AXES, Rules, constrain
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 Output = Literal["all", "last", "hidden"]
@@ -30,6 +31,14 @@ Output = Literal["all", "last", "hidden"]
 
 class LoRAParam(nnx.Param):
     """A trainable low-rank adapter weight (kept apart from the frozen backbone `nnx.Param`s)."""
+
+
+def param(value: jax.Array, names: tuple[str, ...], kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+    """A parameter carrying its logical axis names (model/sharding.py maps them to the mesh).
+
+    eager_sharding=False: the names are metadata only; placement is decided by the loader.
+    """
+    return kind(value, out_sharding=names, eager_sharding=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +62,21 @@ class LoRAConfig:
 
 
 class Linear(nnx.Module):
-    """y = x W (+ b) (+ scale * (x A) B when LoRA is attached and enabled). W is [in, out]."""
+    """y = x W (+ b) (+ scale * (x A) B when LoRA is attached and enabled). W is [in, out].
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, lora: LoRAConfig | None,
+    names: the logical axes of W's (in, out) dimensions. LoRA factors get their own names
+    ("lora_in", "lora_rank", "lora_out"; replicated by default: they are small and trained).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, names: tuple[str, str], bias: bool, lora: LoRAConfig | None,
                  dtype: jnp.dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        self.kernel = param(init(rngs.params(), (d_in, d_out), dtype), names)
+        self.bias = param(jnp.zeros((d_out,), dtype), names[1:]) if bias else None
         if lora is not None:  # adapters stay float32 (optimizer precision); cast at use
             a_init = nnx.initializers.he_uniform()
-            self.lora_a = LoRAParam(a_init(rngs.params(), (d_in, lora.rank), jnp.float32))
-            self.lora_b = LoRAParam(jnp.zeros((lora.rank, d_out), jnp.float32))
+            self.lora_a = param(a_init(rngs.params(), (d_in, lora.rank), jnp.float32), ("lora_in", "lora_rank"), LoRAParam)
+            self.lora_b = param(jnp.zeros((lora.rank, d_out), jnp.float32), ("lora_rank", "lora_out"), LoRAParam)
             self.lora_scale = lora.scale
         else:
             self.lora_a = self.lora_b = None
@@ -82,7 +95,7 @@ class RMSNorm(nnx.Module):
     """transformers' RMSNorm: normalise in float32, cast back, then scale."""
 
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.scale = param(jnp.ones((dim,), dtype), ("norm",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -99,25 +112,25 @@ class Block(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None, dtype: jnp.dtype, rngs: nnx.Rngs):
-        def lin(d_in, d_out, name, bias=False):
+        def lin(d_in, d_out, name, names, bias=False):
             use = lora if (lora is not None and name in lora.targets) else None
-            return Linear(d_in, d_out, bias=bias, lora=use, dtype=dtype, rngs=rngs)
+            return Linear(d_in, d_out, names=names, bias=bias, lora=use, dtype=dtype, rngs=rngs)
 
         d, hd = cfg.hidden_size, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.q = lin(d, cfg.num_heads * hd, "q", cfg.attention_bias)
-        self.k = lin(d, cfg.num_kv_heads * hd, "k", cfg.attention_bias)
-        self.v = lin(d, cfg.num_kv_heads * hd, "v", cfg.attention_bias)
-        self.o = lin(cfg.num_heads * hd, d, "o", cfg.o_bias)
+        self.q = lin(d, cfg.num_heads * hd, "q", ("embed", "heads"), cfg.attention_bias)
+        self.k = lin(d, cfg.num_kv_heads * hd, "k", ("embed", "kv_heads"), cfg.attention_bias)
+        self.v = lin(d, cfg.num_kv_heads * hd, "v", ("embed", "kv_heads"), cfg.attention_bias)
+        self.o = lin(cfg.num_heads * hd, d, "o", ("heads", "embed"), cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.gate = lin(d, cfg.intermediate_size, "gate")
-        self.up = lin(d, cfg.intermediate_size, "up")
-        self.down = lin(cfg.intermediate_size, d, "down")
+        self.gate = lin(d, cfg.intermediate_size, "gate", ("embed", "mlp"))
+        self.up = lin(d, cfg.intermediate_size, "up", ("embed", "mlp"))
+        self.down = lin(cfg.intermediate_size, d, "down", ("mlp", "embed"))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, k_cache, v_cache, positions, write_start, chunk_len, mask: AttentionMask, inv_freq,
@@ -139,17 +152,24 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Token embedding, `num_layers` stacked Blocks, final norm and LM head."""
+    """Token embedding, `num_layers` stacked Blocks, final norm and LM head.
+
+    rules: the logical-axis sharding rules (model/sharding.py) this model's parameters, caches
+    and activations follow when it runs under a mesh (`jax.set_mesh`); static, so a jitted
+    function is traced once per rules table.
+    """
 
     def __init__(self, cfg: ModelConfig, *, lora: LoRAConfig | None = None,
-                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+                 dtype: jnp.dtype = jnp.float32, rules: Rules | None = None, rngs: nnx.Rngs):
         self.cfg = cfg
         self.lora_config = lora
         self.dtype = dtype
-        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.rules = rules if rules is not None else Rules()
+        init = nnx.initializers.normal(0.02)
+        self.embed = param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype), ("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(r: nnx.Rngs) -> Block:
             return Block(cfg, lora, dtype, r)
 
@@ -158,7 +178,18 @@ class Decoder(nnx.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype))
+            self.lm_head = param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype), ("embed", "vocab"))
+
+    def empty_cache(self, batch: int, slots: int) -> KVCache:
+        """A zeroed KVCache for this model, laid out by the sharding rules under a context mesh."""
+        return self.shard_cache(KVCache.zeros(self.cfg, batch, slots, self.dtype))
+
+    def shard_cache(self, cache: KVCache) -> KVCache:
+        """Constrain a cache to its logical layout (batch over data, KV heads over tensor)."""
+        rules = self.rules
+        return KVCache(k=constrain(cache.k, CACHE_AXES, rules), v=constrain(cache.v, CACHE_AXES, rules),
+                       valid=constrain(cache.valid, ("batch", "cache_slots"), rules),
+                       end=constrain(cache.end, ("batch",), rules), next_pos=constrain(cache.next_pos, ("batch",), rules))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final-norm hidden states -> float32 logits."""
@@ -198,7 +229,7 @@ class Decoder(nnx.Module):
         kv_valid = write_rows(cache.valid, token_valid, start)
         mask = AttentionMask(q_slots=start[:, None] + steps, kv_valid=kv_valid, explicit=visibility)
         inv_freq = jnp.asarray(inverse_frequencies(self.cfg))
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", None), self.rules)
 
         layer_def, layer_state = nnx.split(self.layers)
         n = token_valid.sum(axis=1).astype(jnp.int32)
@@ -215,8 +246,8 @@ class Decoder(nnx.Module):
         # written into every layer at once afterwards (in place when the cache is donated or a
         # loop carry): no layer's cache is copied; a decode step writes O(new tokens) bytes.
         x, (k_chunk, v_chunk) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
-        new_cache = KVCache(k=write_layers(cache.k, k_chunk, start), v=write_layers(cache.v, v_chunk, start),
-                            valid=kv_valid, end=start + n, next_pos=cache.next_pos + n)
+        new_cache = self.shard_cache(KVCache(k=write_layers(cache.k, k_chunk, start), v=write_layers(cache.v, v_chunk, start),
+                                             valid=kv_valid, end=start + n, next_pos=cache.next_pos + n))
         h = self.norm(x)
         if output == "hidden":
             return h, new_cache

@@ -48,20 +48,18 @@ class Handoff:
         if self.stop_tokens not in STOP_TOKENS:
             raise ValueError(f"unknown worker stop tokens {self.stop_tokens!r}; choose one of {STOP_TOKENS}")
 
-    def kept_span(self, prefix_len: Any, output_len: Any, stopped: Any) -> tuple[np.ndarray, np.ndarray]:
+    def kept_span(self, prefix_len: Any, output_len: Any, stopped: Any) -> tuple[Any, Any]:
         """(first kept slot, kept length) per branch, from its prompt length P, its output length
-        L (stop token excluded) and whether it ended on a stop token. Arrays of any equal shape.
+        L (stop token excluded) and whether it ended on a stop token. numpy or jax arrays of any
+        equal shape (arithmetic only, so it also runs on traced values inside a jit).
 
         The RoPE shift of every branch is -P whatever the convention.
         """
-        p = np.asarray(prefix_len, np.int32)
-        n = np.asarray(output_len, np.int32)
-        s = np.asarray(stopped, bool).astype(np.int32)
         if self.convention == "output_tokens":
-            return p, n
-        if (p < 1).any():
+            return prefix_len, output_len
+        if isinstance(prefix_len, np.ndarray) and (prefix_len < 1).any():
             raise ValueError("the release convention keeps the last prompt token: every worker prompt needs >= 1 token")
-        return p - 1, n + s
+        return prefix_len - 1, output_len + (stopped * 1).astype(output_len.dtype)
 
     def stop_ids(self, tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:
         """Token ids that end a worker's output under this setting."""

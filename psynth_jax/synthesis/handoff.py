@@ -1,31 +1,29 @@
-"""The cache handoff: extract branch caches, re-encode them to position 0, map, and assemble.
+"""The cache handoff's data and its array operations: extract, re-encode, assemble.
 
-Flow (METHOD.md sections 1-3), for B requests x K branches:
-1. `extract_branches`: from worker caches (one row per branch), keep only the KV of each
-   branch's output tokens (slots [start_i, start_i + L_i)); prompt KV is dropped.
-2. `reencode`: rotate kept keys by -P_i (exact RoPE shift) so every branch starts at position 0.
+For B requests x K branches (METHOD.md sections 1-3):
+1. `extract_branches`: from worker caches (one row per branch), keep the KV of each branch's
+   kept span (slots [start_i, start_i + L_i); which span is the handoff convention's,
+   synthesis/convention.py); the rest of the prompt KV is dropped.
+2. `reencode`: rotate kept keys by -P_i (exact RoPE shift), P_i the worker prompt's length, so
+   every branch's output starts at position 0.
 3. the cache mapper (mapper.map_caches) rescales keys and values per (layer, branch).
 4. `assemble`: pack each request's branches contiguously in worker order into a synthesizer
-   `KVCache` whose valid slots are exactly the real branch tokens, with `next_pos = max_i L_i`
+   `KVCache` whose valid slots are exactly the kept branch tokens, with `next_pos = max_i L_i`
    so the synthesizer prompt is prefilled at positions max_i L_i + j.
 
-`prepare_synth_cache` runs 2-4 as one jitted function (this is the "cache preparation" part of
-the cache path's TTFT).
+synthesis/core.py composes these into the cache path (`prepare` = 2-4) that every consumer uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
-from psynth_jax.synthesis.mapper import map_caches
 
 
 @jax.tree_util.register_dataclass
@@ -33,8 +31,8 @@ from psynth_jax.synthesis.mapper import map_caches
 class BranchCaches:
     """Output-token KV of K branches per request, padded to a common branch length Lb.
 
-    k, v: [layers, B, K, Lb, kv_heads, head_dim]; lengths L_i [B, K]; offsets [B, K]: the RoPE
-    position of each branch's first kept token (P_i; 0 once re-encoded).
+    k, v: [layers, B, K, Lb, kv_heads, head_dim]; lengths L_i [B, K] (kept tokens); offsets [B, K]:
+    the RoPE shift still to undo, the worker prompt length P_i (0 once re-encoded).
     """
 
     k: jax.Array
@@ -77,17 +75,16 @@ def check_branches(branches: BranchCaches, cfg: ModelConfig, max_branch_tokens: 
                 )
 
 
-@functools.partial(jax.jit, static_argnames=("num_requests", "branch_slots"))
 def extract_branches(
-    cache: KVCache, starts: jax.Array, lengths: jax.Array, *, num_requests: int, branch_slots: int
+    cache: KVCache, starts: jax.Array, lengths: jax.Array, offsets: jax.Array, *, num_requests: int,
+    branch_slots: int,
 ) -> BranchCaches:
-    """Worker cache rows (B*K, request-major) -> BranchCaches with slots [starts, starts+lengths).
+    """Worker cache rows (B*K, request-major) -> BranchCaches holding slots [starts, starts + lengths).
 
-    Assumes slot == position in the worker rows (true for prompts prefilled from slot 0), so
-    `offsets = starts`.
+    offsets [B*K]: the RoPE shift each row's keys need (its worker prompt length P).
     """
     j = jnp.arange(branch_slots, dtype=jnp.int32)
-    idx = jnp.minimum(starts[:, None] + j[None, :], cache.num_slots - 1)  # [B*K, Lb]
+    idx = jnp.clip(starts[:, None] + j[None, :], 0, cache.num_slots - 1)  # [B*K, Lb]
     keep = j[None, :] < lengths[:, None]
 
     def take(x):  # [layers, B*K, S, H, D] -> [layers, B, K, Lb, H, D]
@@ -98,7 +95,7 @@ def extract_branches(
     shape = (num_requests, -1)
     return BranchCaches(
         k=take(cache.k), v=take(cache.v), lengths=lengths.reshape(shape).astype(jnp.int32),
-        offsets=starts.reshape(shape).astype(jnp.int32),
+        offsets=offsets.reshape(shape).astype(jnp.int32),
     )
 
 
@@ -140,15 +137,3 @@ def assemble(branches: BranchCaches, extra_slots: int) -> KVCache:
         valid=jnp.pad(valid, ((0, 0), (0, extra_slots))),
         end=total.astype(jnp.int32), next_pos=jnp.max(lengths, axis=1).astype(jnp.int32),
     )
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "mapper_def", "extra_slots"))
-def prepare_synth_cache(
-    branches: BranchCaches, mapper_def: nnx.GraphDef, mapper_state: nnx.State, *, cfg: ModelConfig,
-    extra_slots: int,
-) -> KVCache:
-    """Re-encode, map and assemble branch caches into the synthesizer's KVCache (one jit)."""
-    mapper = nnx.merge(mapper_def, mapper_state)
-    branches = reencode(branches, cfg)
-    k, v = map_caches(mapper, branches.k, branches.v, branches.lengths)
-    return assemble(dataclasses.replace(branches, k=k, v=v), extra_slots)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psynth_jax.model.transformer import param
+
 MAPPER_KINDS = ("affine_length", "per_head_affine")
 
 
@@ -32,10 +34,11 @@ class _MLP(nnx.Module):
     def __init__(self, hidden: int, out: int, rngs: nnx.Rngs):
         # torch.nn.Linear's default init (kaiming-uniform, bound 1/sqrt(fan_in)) for the first layer
         bound = 1.0 / jnp.sqrt(3.0)
-        self.w0 = MapperParam(jax.random.uniform(rngs.params(), (3, hidden), jnp.float32, -bound, bound))
-        self.b0 = MapperParam(jax.random.uniform(rngs.params(), (hidden,), jnp.float32, -bound, bound))
-        self.w1 = MapperParam(jnp.zeros((hidden, out), jnp.float32))
-        self.b1 = MapperParam(jnp.zeros((out,), jnp.float32))
+        uniform = jax.random.uniform
+        self.w0 = param(uniform(rngs.params(), (3, hidden), jnp.float32, -bound, bound), ("mapper", "mapper"), MapperParam)
+        self.b0 = param(uniform(rngs.params(), (hidden,), jnp.float32, -bound, bound), ("mapper",), MapperParam)
+        self.w1 = param(jnp.zeros((hidden, out), jnp.float32), ("mapper", "mapper"), MapperParam)
+        self.b1 = param(jnp.zeros((out,), jnp.float32), ("mapper",), MapperParam)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.silu(x @ self.w0[...] + self.b0[...]) @ self.w1[...] + self.b1[...]

@@ -1,13 +1,19 @@
 """Batched Parallel-Synthesis: worker stage, cache path, text-concatenation path, single agent.
 
-All three synthesis paths take B requests at once (B x K branches for the worker stage) and share
-the jitted runtime. TTFT is measured the same way for every path: from the start of the path's
+All three synthesis paths take B requests at once (B x K branches for the worker stage) and
+are compositions of the synthesis core (core.py): nothing here computes attention, caches or
+the handoff itself. TTFT is measured the same way for every path: from the start of the path's
 first device work to the first sampled token being ready, compilation excluded (each timed
 closure runs once to compile first). Worker generation is excluded, as in the paper.
+
+On a mesh (the model's, `LoadedModel.mesh`, or one passed in): requests are data-parallel over
+the mesh's batch axes and every array is laid out by the model's sharding rules
+(model/sharding.py), so a many-chip slice runs the same code as one device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Sequence
 
@@ -15,14 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from psynth_jax.inference import runtime
 from psynth_jax.inference.generator import Generator, bucket, check_length, pad_batch
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.inference.timing import time_calls
 from psynth_jax.model.loaded import LoadedModel
-from psynth_jax.synthesis import prompts
-from psynth_jax.synthesis.handoff import BranchCaches, check_branches, extract_branches, prepare_synth_cache
+from psynth_jax.model.sharding import state_shardings
+from psynth_jax.synthesis import core, prompts
+from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import BranchCaches, check_branches
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
 
 Messages = list[dict[str, str]]
@@ -30,11 +39,12 @@ Messages = list[dict[str, str]]
 
 @dataclasses.dataclass
 class WorkerOutputs:
-    """K branches per request: their output KV (device) and their text."""
+    """K branches per request: their kept KV (device), output tokens, texts, and whether each stopped."""
 
     branches: BranchCaches
     tokens: list[list[list[int]]]  # [B][K] output tokens, stop token stripped
     texts: list[list[str]]
+    stopped: list[list[bool]]  # [B][K] the branch ended on a stop token (else: token budget)
 
 
 @dataclasses.dataclass
@@ -47,18 +57,15 @@ class PathResult:
     ttft_s: float
     breakdown: dict[str, float]  # parts of the TTFT (prepare / prefill), seconds
     prompt_tokens: list[int]  # live tokens prefilled per request
-
-
-def median_time(fn: Callable[[], jax.Array], repeats: int) -> float:
-    """Median seconds of `repeats` calls after a compile call (`timing.time_calls`); repeats = 0
-    skips timing altogether (returns nan), for callers that only want the outputs."""
-    if repeats <= 0:
-        return float("nan")
-    return time_calls(fn, repeats).median_s
+    first_logits: np.ndarray  # [B, V] float32: the logits the first token was sampled from
 
 
 class ParallelSynthesis:
-    """The synthesizer around one backbone: workers (LoRA off) and the three synthesis paths."""
+    """The synthesizer around one backbone: workers (LoRA off) and the three synthesis paths.
+
+    handoff: which worker KV is handed over and when workers stop (synthesis/convention.py).
+    mesh: where requests and caches live (default: the model's own mesh, one device if none).
+    """
 
     def __init__(
         self,
@@ -69,9 +76,12 @@ class ParallelSynthesis:
         attn_impl: str = "xla",
         max_branch_tokens: int | None = None,
         timing_repeats: int = 3,
+        handoff: Handoff = Handoff(),
+        mesh: Mesh | None = None,
     ):
         self.model = model
-        self.gen = Generator(model, attn_impl=attn_impl)
+        self.mesh = mesh if mesh is not None else model.mesh
+        self.gen = Generator(model, attn_impl=attn_impl, mesh=self.mesh)
         self.tok = model.tokenizer
         self.cfg = model.cfg
         self.family = family
@@ -79,6 +89,7 @@ class ParallelSynthesis:
         self.attn_impl = attn_impl
         self.max_branch_tokens = max_branch_tokens
         self.timing_repeats = timing_repeats
+        self.handoff = handoff
         self.set_mapper(mapper if mapper is not None else make_mapper("affine_length", self.cfg.num_kv_heads))
 
     def set_mapper(self, mapper: Mapper) -> None:
@@ -88,7 +99,15 @@ class ParallelSynthesis:
                 f"mapper was built for {heads} KV heads but the model has {self.cfg.num_kv_heads}"
             )
         self.mapper = mapper
-        self.mapper_def, self.mapper_state = nnx.split(mapper)
+        self.mapper_def, state = nnx.split(mapper)
+        if self.mesh is not None:  # beside the caches it maps (replicated by the default rules)
+            state = jax.device_put(state, state_shardings(state, self.mesh, self.model.rules))
+        self.mapper_state = state
+
+    @property
+    def worker_stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a worker's output under the handoff's stop-token setting."""
+        return self.handoff.stop_ids(self.tok, self.cfg.eos_token_ids)
 
     # ----------------------------------------------------------------- workers
     def run_workers(
@@ -99,48 +118,63 @@ class ParallelSynthesis:
         sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.95),
         seed: int = 0,
     ) -> WorkerOutputs:
-        """Decode B x K worker conversations in one batched generate (LoRA off); keep output KV."""
-        b = len(conversations)
-        k = len(conversations[0]) if b else 0
-        if b == 0 or k == 0:
-            raise ValueError(f"need at least one request and one branch, got B={b}, K={k}")
-        if any(len(c) != k for c in conversations):
-            raise ValueError("every request needs the same number of branches K")
+        """Decode B x K worker conversations in one batched generate (LoRA off); keep their KV
+        as the handoff convention says."""
+        b, k = _request_shape([len(c) for c in conversations], "conversations")
         flat = [self.gen.chat_tokens(m) for conv in conversations for m in conv]
-        g = self.gen.generate_tokens(flat, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        g = self.gen.generate_tokens(flat, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                     stop_ids=self.worker_stop_ids)
         nums, stopped, toks = jax.device_get((g.num_tokens, g.stopped, g.tokens))
-        out_len = (nums - stopped).astype(np.int32)  # the stop token's KV is not handed over
-        starts = np.asarray([len(p) for p in flat], np.int32)
-        branches = extract_branches(
-            g.cache, jnp.asarray(starts), jnp.asarray(out_len), num_requests=b, branch_slots=bucket(max_new_tokens)
-        )
+        out_len = (nums - stopped).astype(np.int32)  # output tokens, the stop token excluded
+        prefix = np.asarray([len(p) for p in flat], np.int32)
+        start, kept = self.handoff.kept_span(prefix, out_len, stopped)
+        with self._mesh():
+            branches = core.jit_extract(g.cache, jnp.asarray(start), jnp.asarray(kept), jnp.asarray(prefix),
+                                        num_requests=b, branch_slots=bucket(max_new_tokens),
+                                        rules=self.model.rules)
         tokens = [[toks[i * k + j, : out_len[i * k + j]].tolist() for j in range(k)] for i in range(b)]
         texts = [[self.tok.decode(t) for t in row] for row in tokens]
-        return WorkerOutputs(branches=branches, tokens=tokens, texts=texts)
+        stops = [[bool(stopped[i * k + j]) for j in range(k)] for i in range(b)]
+        return WorkerOutputs(branches=branches, tokens=tokens, texts=texts, stopped=stops)
 
     def branches_from_tokens(
-        self, prefixes: Sequence[Sequence[Sequence[int]]], outputs: Sequence[Sequence[Sequence[int]]]
+        self, prefixes: Sequence[Sequence[Sequence[int]]], outputs: Sequence[Sequence[Sequence[int]]],
+        stopped: Sequence[Sequence[bool]] | None = None,
     ) -> BranchCaches:
-        """Branch caches from stored text: prefill [prefix | output] (LoRA off), keep the output KV."""
-        b, k = len(outputs), len(outputs[0]) if outputs else 0
-        if b == 0 or k == 0:
-            raise ValueError(f"need at least one request and one branch, got B={b}, K={k}")
+        """Branch caches from stored tokens: prefill [worker prompt | output] (LoRA off) and keep the
+        span the handoff convention hands over, as the worker held it.
+
+        prefixes / outputs / stopped: [B][K]; every request needs the same K, and a prefix, an
+        output (and a stop flag) per branch. stopped: whether each output ended on a stop token
+        (default: all did, as for complete texts); only the "release" convention looks at it.
+        """
+        b, k = _request_shape([len(o) for o in outputs], "outputs")
+        if [len(p) for p in prefixes] != [k] * b or len(prefixes) != b:
+            raise ValueError(f"prefixes have {[len(p) for p in prefixes]} branches per request, outputs "
+                             f"{[len(o) for o in outputs]}: give one prefix per branch")
+        if stopped is None:
+            stopped = [[True] * k for _ in range(b)]
+        elif [len(s) for s in stopped] != [k] * b:
+            raise ValueError(f"stopped has {[len(s) for s in stopped]} flags per request; expected {k} each")
         rows = [list(p) + list(o) for pr, orow in zip(prefixes, outputs) for p, o in zip(pr, orow)]
-        starts = np.asarray([len(p) for pr in prefixes for p in pr], np.int32)
-        lengths = np.asarray([len(o) for orow in outputs for o in orow], np.int32)
-        if (lengths == 0).any():
-            i = int(np.argmax(lengths == 0))
+        prefix = np.asarray([len(p) for pr in prefixes for p in pr], np.int32)
+        out_len = np.asarray([len(o) for orow in outputs for o in orow], np.int32)
+        if (out_len == 0).any():
+            i = int(np.argmax(out_len == 0))
             raise ValueError(f"branch {i % k} of request {i // k} is empty (0 output tokens)")
+        if (prefix == 0).any():
+            i = int(np.argmax(prefix == 0))
+            raise ValueError(f"branch {i % k} of request {i // k} has an empty worker prompt")
+        start, kept = self.handoff.kept_span(prefix, out_len, np.asarray(stopped, bool).reshape(-1))
         width = bucket(max(len(r) for r in rows))
         check_length(self.cfg.max_position_embeddings, width, 0, "branch prefix + output")
         tokens, lens = pad_batch(rows, width)
-        _, cache = runtime.prefill(
-            self.model.graphdef, self.model.state, jnp.asarray(tokens), jnp.asarray(lens), num_slots=width,
-            attn_impl=self.attn_impl,
-        )
-        return extract_branches(
-            cache, jnp.asarray(starts), jnp.asarray(lengths), num_requests=b, branch_slots=bucket(int(lengths.max()))
-        )
+        with self._mesh():
+            return core.jit_branch_kv(
+                self.model.graphdef, self.model.state, self._put(tokens), self._put(lens), self._put(start),
+                self._put(kept), self._put(prefix), num_requests=b, branch_slots=bucket(int(kept.max())),
+                attn_impl=self.attn_impl,
+            )
 
     # --------------------------------------------------------- synthesis paths
     def cache_path(
@@ -165,32 +199,35 @@ class ParallelSynthesis:
             check_length(self.cfg.max_position_embeddings, max_l + len(p), max_new_tokens, f"synthesizer request {i}")
         width = bucket(max(len(p) for p in prompt_ids))
         tokens, lengths = pad_batch(prompt_ids, width)
-        tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+        tokens, lengths = self._put(tokens), self._put(lengths)
         extra = bucket(width + max_new_tokens)
         m = self.model
 
         def prepare():
-            return prepare_synth_cache(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
+            return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
 
         def prefill(cache):
-            return runtime.extend(m.graphdef, m.state, tokens, lengths, cache, lora=lora, attn_impl=self.attn_impl)
+            return core.jit_cache_prefill(m.graphdef, m.state, tokens, lengths, cache, lora=lora,
+                                          attn_impl=self.attn_impl)
 
         def ttft():
             logits, _ = prefill(prepare())
             return runtime.first_token(logits, jax.random.key(seed), sampling)
 
-        breakdown = {
-            "prepare_s": median_time(prepare, self.timing_repeats),
-            "prefill_s": median_time(lambda: prefill(prepare())[0], self.timing_repeats),
-        }
-        total = median_time(ttft, self.timing_repeats)
-        logits, cache = prefill(prepare())
-        g = runtime.continue_generation(
-            m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
-            sampling=sampling, stop_ids=self.gen.stop_ids, lora=lora, attn_impl=self.attn_impl,
-        )
+        with self._mesh():
+            breakdown = {
+                "prepare_s": self._median(prepare),
+                "prefill_s": self._median(lambda: prefill(prepare())[0]),
+            }
+            total = self._median(ttft)
+            logits, cache = prefill(prepare())
+            g = core.decode(
+                m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                sampling=sampling, stop_ids=self.gen.stop_ids, lora=lora, attn_impl=self.attn_impl,
+            )
         texts, toks = self._decode(g)
-        return PathResult("cache", texts, toks, total, breakdown, [len(p) for p in prompt_ids])
+        return PathResult("cache", texts, toks, total, breakdown, [len(p) for p in prompt_ids],
+                          np.asarray(jax.device_get(logits)))
 
     def text_path(
         self, questions: Sequence[str], branch_texts: Sequence[Sequence[str]], *, max_new_tokens: int = 256,
@@ -219,24 +256,41 @@ class ParallelSynthesis:
             check_length(self.cfg.max_position_embeddings, len(p), max_new_tokens, f"{name} prompt {i}")
         width = bucket(max(len(p) for p in prompt_ids))
         tokens, lengths = pad_batch(prompt_ids, width)
-        tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+        tokens, lengths = self._put(tokens), self._put(lengths)
         m = self.model
         slots = bucket(width + max_new_tokens)
 
         def prefill():
-            return runtime.prefill(m.graphdef, m.state, tokens, lengths, num_slots=slots, attn_impl=self.attn_impl)
+            return core.jit_text_prefill(m.graphdef, m.state, tokens, lengths, num_slots=slots,
+                                         attn_impl=self.attn_impl)
 
         def ttft():
             return runtime.first_token(prefill()[0], jax.random.key(seed), sampling)
 
-        total = median_time(ttft, self.timing_repeats)
-        logits, cache = prefill()
-        g = runtime.continue_generation(
-            m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
-            sampling=sampling, stop_ids=self.gen.stop_ids, attn_impl=self.attn_impl,
-        )
+        with self._mesh():
+            total = self._median(ttft)
+            logits, cache = prefill()
+            g = core.decode(
+                m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                sampling=sampling, stop_ids=self.gen.stop_ids, attn_impl=self.attn_impl,
+            )
         texts, toks = self._decode(g)
-        return PathResult(name, texts, toks, total, {"prefill_s": total}, [len(p) for p in prompt_ids])
+        return PathResult(name, texts, toks, total, {"prefill_s": total}, [len(p) for p in prompt_ids],
+                          np.asarray(jax.device_get(logits)))
+
+    def _median(self, fn: Callable[[], jax.Array]) -> float:
+        """Median seconds of `timing_repeats` calls after a compile call; nan when timing is off."""
+        if self.timing_repeats <= 0:
+            return float("nan")
+        return time_calls(fn, self.timing_repeats).median_s
+
+    def _mesh(self) -> contextlib.AbstractContextManager:
+        """The mesh as context for the jitted calls (it lays out caches and activations)."""
+        return self.gen.mesh_context()
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """A per-request (or per-branch-row) host array, split over the mesh's batch axes."""
+        return self.gen.put_batch(x)
 
     def _decode(self, g: runtime.Generation) -> tuple[list[str], list[list[int]]]:
         toks, nums, stopped = jax.device_get((g.tokens, g.num_tokens, g.stopped))
@@ -246,3 +300,14 @@ class ParallelSynthesis:
     def _check_lora(self, lora: bool) -> None:
         if lora and self.model.lora is None:
             raise ValueError("lora=True but the model was loaded without a LoRA adapter (pass lora=LoRAConfig(...))")
+
+
+def _request_shape(branch_counts: Sequence[int], what: str) -> tuple[int, int]:
+    """(B, K) of a batch of requests; every request must have the same K >= 1."""
+    if not branch_counts or branch_counts[0] == 0:
+        raise ValueError(f"need at least one request and one branch, got B={len(branch_counts)}, "
+                         f"K={branch_counts[0] if branch_counts else 0}")
+    if any(n != branch_counts[0] for n in branch_counts):
+        raise ValueError(f"every request needs the same number of branches K; {what} have {list(branch_counts)} "
+                         "(batch requests with equal K together)")
+    return len(branch_counts), branch_counts[0]

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psynth_jax.inference.runtime import decode_loop, lengths_mask
+from psynth_jax.inference.runtime import select_outputs
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.model.kv_cache import KVCache
-from psynth_jax.train.objective import branch_caches, merge_trainable, synth_cache
+from psynth_jax.synthesis import core
+from psynth_jax.train.objective import ObjectiveConfig, branch_caches, merge_trainable
 
 
 def _prompt_len(mask: jax.Array) -> jax.Array:
@@ -25,26 +25,30 @@ def _prompt_len(mask: jax.Array) -> jax.Array:
     return (jnp.argmax(mask > 0, axis=1) + 1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "stop_ids", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "stop_ids", "opts"))
 def greedy_both_paths(graphdefs, trainable, frozen, batch, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                      attn_impl: str = "xla"):
-    """Greedy tokens [B, N] and counts [B] of the cache path and of the text path."""
+                      opts: ObjectiveConfig = ObjectiveConfig()):
+    """Greedy tokens [B, N] and counts [B] of the cache path and of the text path (synthesis core)."""
     model, mapper = merge_trainable(graphdefs, trainable, frozen)
     greedy = SamplingConfig()
     key = jax.random.key(0)
 
-    def decode(tokens, lengths, cache, lora):
-        logits, cache = model(tokens, cache, lengths_mask(lengths, tokens.shape[1]), lora=lora, attn_impl=attn_impl, output="last")
-        return decode_loop(model, logits, cache, key, max_new_tokens=max_new_tokens, sampling=greedy,
-                           stop_ids=stop_ids, lora=lora, attn_impl=attn_impl)
+    def decode(h, lengths, cache, lora):
+        return core.decode_loop(model, select_outputs(model, h, lengths, "last"), cache, key,
+                                max_new_tokens=max_new_tokens, sampling=greedy, stop_ids=stop_ids, lora=lora,
+                                attn_impl=opts.attn_impl)
 
-    ts = batch["synth_tokens"].shape[1]
-    cache = synth_cache(mapper, branch_caches(model, batch, attn_impl), model.cfg, ts + max_new_tokens)
-    cached = decode(batch["synth_tokens"], _prompt_len(batch["loss_mask"]), cache, True)
-    tt = batch["text_tokens"].shape[1]
-    fresh = KVCache.zeros(model.cfg, batch["text_tokens"].shape[0], tt + max_new_tokens, model.dtype)
-    text = decode(batch["text_tokens"], _prompt_len(batch["text_loss_mask"]), fresh, False)
-    return cached.tokens, cached.num_tokens, text.tokens, text.num_tokens
+    tokens = batch["synth_tokens"]
+    lengths = _prompt_len(batch["loss_mask"])
+    cache = core.prepare(mapper, branch_caches(model, batch, opts), model.cfg, tokens.shape[1] + max_new_tokens)
+    h, cache = core.cache_prefill(model, cache, tokens, lengths, lora=True, attn_impl=opts.attn_impl)
+    cached = decode(h, lengths, cache, True)
+    text = batch["text_tokens"]
+    text_len = _prompt_len(batch["text_loss_mask"])
+    h, cache = core.text_prefill(model, text, text_len, num_slots=text.shape[1] + max_new_tokens,
+                                 attn_impl=opts.attn_impl)
+    plain = decode(h, text_len, cache, False)
+    return cached.tokens, cached.num_tokens, plain.tokens, plain.num_tokens
 
 
 def agreement_rates(cache_tokens, cache_n, text_tokens, text_n, valid) -> list[float]:

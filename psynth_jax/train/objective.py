@@ -1,13 +1,19 @@
-"""The training objective over the parallel-cache layout (METHOD.md section 5).
+"""The training objective over the parallel-cache layout (METHOD.md section 5), on the synthesis core.
 
-For a batch of B examples x K branches:
-1. the frozen backbone (LoRA off) prefills every branch's [worker prefix | output] text; only
-   the output KV is kept (no gradient flows into it);
-2. re-encoding, the cache mapper and assembly build the synthesizer cache (gradient -> mapper);
-3. the synthesizer (LoRA on) runs teacher-forced over [prompt | target] on top of it
-   (gradient -> LoRA); cross-entropy on target tokens only, prompt tokens masked.
-Optionally a token-level KL to the text-concatenation teacher (same backbone, LoRA off, every
-branch as text) on the same target tokens, computed on the fly.
+For a batch of B examples x K branches, through the same functions inference uses (synthesis/core.py):
+1. `core.branch_kv`: the frozen backbone (LoRA off) prefills every branch's [worker prompt | output]
+   and keeps the span the handoff convention hands over (no gradient flows into it);
+2. `core.prepare`: re-encoding, the cache mapper and assembly build the synthesizer cache
+   (gradient -> mapper);
+3. `core.cache_prefill`: the synthesizer (LoRA on) runs teacher-forced over [prompt | target] on
+   top of it (gradient -> LoRA); cross-entropy on target tokens only, prompt tokens masked.
+Optionally a token-level KL to the text-concatenation teacher: `core.text_prefill` (same backbone,
+LoRA off, every branch as text) over the same target tokens.
+
+The LM head never sees every position: the target positions are gathered first (they are
+contiguous per row), then projected a chunk of `logit_chunk` positions at a time, rematerialised
+in the backward pass, and chunks past the batch's longest target are skipped. So the float32
+logits held at once are [B, logit_chunk, V], never [B, T, V], for the student and the teacher alike.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psynth_jax.inference.runtime import lengths_mask
-from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.transformer import Decoder, LoRAParam
-from psynth_jax.synthesis.handoff import BranchCaches, assemble, extract_branches, reencode
-from psynth_jax.synthesis.mapper import Mapper, map_caches
+from psynth_jax.synthesis import core
+from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import BranchCaches
+from psynth_jax.synthesis.mapper import Mapper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,74 +38,106 @@ class ObjectiveConfig:
     kl_temperature: float = 1.0
     remat: bool = False
     attn_impl: str = "xla"
+    handoff: Handoff = Handoff()
+    logit_chunk: int = 128  # target positions projected to the vocabulary at a time
 
 
-def branch_caches(model: Decoder, batch: dict[str, jax.Array], attn_impl: str = "xla") -> BranchCaches:
-    """Prefill each branch's [prefix | output] with the frozen backbone; keep the output KV."""
-    b, k, tb = batch["branch_tokens"].shape
-    rows = batch["branch_tokens"].reshape(b * k, tb)
-    starts = batch["branch_prefix_len"].reshape(-1)
-    lengths = batch["branch_len"].reshape(-1)
-    cache = KVCache.zeros(model.cfg, b * k, tb, model.dtype)
-    _, cache = model(rows, cache, lengths_mask(starts + lengths, tb), lora=False, attn_impl=attn_impl, output="hidden")
-    cache = jax.lax.stop_gradient(cache)
-    return extract_branches(cache, starts, lengths, num_requests=b, branch_slots=tb)
+def branch_caches(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> BranchCaches:
+    """The branches' kept KV: batch rows [B, K, Tb] prefilled by the frozen backbone.
 
-
-def synth_cache(mapper: Mapper, branches: BranchCaches, cfg, extra_slots: int) -> KVCache:
-    """Re-encode + map + assemble (differentiable in the mapper parameters)."""
-    branches = reencode(branches, cfg)
-    k, v = map_caches(mapper, branches.k, branches.v, branches.lengths)
-    return assemble(dataclasses.replace(branches, k=k, v=v), extra_slots)
-
-
-def _target_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log p(tokens[t + 1] | ... t) for every t (last position gets a dummy target)."""
-    targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
-def _aligned_teacher_logits(teacher: jax.Array, text_mask: jax.Array, student_mask: jax.Array) -> jax.Array:
-    """Teacher logits [B, Tt, V] moved onto the student's target positions -> [B, Ts, V].
-
-    Both masks mark the same target tokens (same count, contiguous), only at different offsets.
+    Training branches are complete texts: each is taken to have ended on a stop token (what
+    matters only to the "release" convention, which then keeps the last prompt token too).
     """
-    ts = student_mask.shape[1]
-    s0 = jnp.argmax(student_mask > 0, axis=1)
-    t0 = jnp.argmax(text_mask > 0, axis=1)
-    idx = jnp.clip(jnp.arange(ts)[None, :] - s0[:, None] + t0[:, None], 0, teacher.shape[1] - 1)
-    return jnp.take_along_axis(teacher, idx[..., None], axis=1)
+    b, k, tb = batch["branch_tokens"].shape
+    prefix = batch["branch_prefix_len"].reshape(-1)
+    out_len = batch["branch_len"].reshape(-1)
+    start, kept = opts.handoff.kept_span(prefix, out_len, jnp.ones_like(out_len, bool))
+    return core.branch_kv(model, batch["branch_tokens"].reshape(b * k, tb), prefix + out_len, start, kept, prefix,
+                          num_requests=b, branch_slots=tb, attn_impl=opts.attn_impl)
+
+
+def student_hidden(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> jax.Array:
+    """Final-norm hidden states [B, Ts, D] of the synthesizer over [prompt | target] on the mapped caches."""
+    tokens = batch["synth_tokens"]
+    cache = core.prepare(mapper, branch_caches(model, batch, opts), model.cfg, tokens.shape[1])
+    h, _ = core.cache_prefill(model, cache, tokens, batch["synth_len"], lora=True, attn_impl=opts.attn_impl,
+                              remat=opts.remat)
+    return h
+
+
+def teacher_hidden(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> jax.Array:
+    """Final-norm hidden states [B, Tt, D] of the text-concatenation path (LoRA off, no gradient)."""
+    text = batch["text_tokens"]
+    h, _ = core.text_prefill(model, text, batch["text_len"], num_slots=text.shape[1], lora=False,
+                             attn_impl=opts.attn_impl, remat=opts.remat)
+    return jax.lax.stop_gradient(h)
+
+
+def _targets(h: jax.Array, tokens: jax.Array, mask: jax.Array, width: int) -> tuple[jax.Array, ...]:
+    """Gather each row's target-predicting positions (contiguous, where mask > 0) to the front.
+
+    Returns hidden [B, W, D], target ids [B, W] (the token each position predicts) and the valid
+    mask [B, W], W = `width` (padded: positions past a row's count are masked).
+    """
+    t = tokens.shape[1]
+    start = jnp.argmax(mask > 0, axis=1)
+    count = (mask > 0).sum(axis=1)
+    idx = jnp.minimum(start[:, None] + jnp.arange(width)[None, :], t - 1)
+    hg = jnp.take_along_axis(h, idx[..., None], axis=1)
+    ids = jnp.take_along_axis(tokens, jnp.minimum(idx + 1, t - 1), axis=1)
+    return hg, ids, jnp.arange(width)[None, :] < count[:, None]
 
 
 def synthesis_loss(
     model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted CE (+ KL) over target tokens; returns (loss, metrics)."""
-    branches = branch_caches(model, batch, opts.attn_impl)
     tokens = batch["synth_tokens"]
     ts = tokens.shape[1]
-    cache = synth_cache(mapper, branches, model.cfg, ts)
-    h, _ = model(tokens, cache, lengths_mask(batch["synth_len"], ts), lora=True, attn_impl=opts.attn_impl,
-                 output="hidden", remat=opts.remat)
-    logits = model.logits(h)
+    chunk = max(1, min(opts.logit_chunk, ts))
+    width = -(-ts // chunk) * chunk
     mask = batch["loss_mask"] * batch["example_valid"][:, None].astype(jnp.float32)
-    n_tokens = jnp.maximum(mask.sum(), 1.0)
-    nll = -(_target_logprobs(logits, tokens) * mask).sum() / n_tokens
-    metrics = {"ce": nll, "target_tokens": mask.sum()}
-    loss = opts.ce_weight * nll
-    if opts.kl_weight > 0:
-        text = batch["text_tokens"]
-        th, _ = model(text, KVCache.zeros(model.cfg, text.shape[0], text.shape[1], model.dtype),
-                      lengths_mask(batch["text_len"], text.shape[1]), lora=False, attn_impl=opts.attn_impl,
-                      output="hidden", remat=opts.remat)
-        teacher = jax.lax.stop_gradient(model.logits(th))
-        teacher = _aligned_teacher_logits(teacher, batch["text_loss_mask"], mask)
-        tmp = opts.kl_temperature
-        p_t = jax.nn.log_softmax(teacher / tmp, axis=-1)
+    hs, ids, valid = _targets(student_hidden(model, mapper, batch, opts), tokens, mask, width)
+    use_kl = opts.kl_weight > 0
+    if use_kl:
+        tmask = batch["text_loss_mask"] * batch["example_valid"][:, None].astype(jnp.float32)
+        ht, _, _ = _targets(teacher_hidden(model, batch, opts), batch["text_tokens"], tmask, width)
+    else:
+        ht = jnp.zeros((hs.shape[0], width, 0), hs.dtype)
+    longest = valid.sum(axis=1).max()
+    tmp = opts.kl_temperature
+
+    @jax.checkpoint
+    def chunk_terms(hs_c, ht_c, ids_c, valid_c):
+        logits = model.logits(hs_c)  # [B, C, V] float32
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -(jnp.take_along_axis(logp, ids_c[..., None], axis=-1)[..., 0] * valid_c).sum()
+        if not use_kl:
+            return nll, jnp.float32(0.0)
+        p_t = jax.nn.log_softmax(model.logits(ht_c) / tmp, axis=-1)
         p_s = jax.nn.log_softmax(logits / tmp, axis=-1)
-        kl_tok = (jnp.exp(p_t) * (p_t - p_s)).sum(-1)
-        kl = (kl_tok * mask).sum() / n_tokens * tmp**2
+        kl = ((jnp.exp(p_t) * (p_t - p_s)).sum(-1) * valid_c).sum()
+        return nll, kl
+
+    def body(carry, xs):
+        j0, hs_c, ht_c, ids_c, valid_c = xs
+        terms = jax.lax.cond(j0 < longest, lambda: chunk_terms(hs_c, ht_c, ids_c, valid_c),
+                             lambda: (jnp.float32(0.0), jnp.float32(0.0)))
+        return (carry[0] + terms[0], carry[1] + terms[1]), None
+
+    def chunks(x):  # [B, W, ...] -> [W / C, B, C, ...]
+        return jnp.moveaxis(x.reshape((x.shape[0], width // chunk, chunk) + x.shape[2:]), 1, 0)
+
+    starts = jnp.arange(0, width, chunk)
+    (nll_sum, kl_sum), _ = jax.lax.scan(
+        body, (jnp.float32(0.0), jnp.float32(0.0)),
+        (starts, chunks(hs), chunks(ht), chunks(ids), chunks(valid.astype(jnp.float32))))
+    n_tokens = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+    nll = nll_sum / n_tokens
+    metrics = {"ce": nll, "target_tokens": valid.sum().astype(jnp.float32)}
+    loss = opts.ce_weight * nll
+    if use_kl:
+        kl = kl_sum / n_tokens * tmp**2
         metrics["kl"] = kl
         loss = loss + opts.kl_weight * kl
     metrics["loss"] = loss

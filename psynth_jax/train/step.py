@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from psynth_jax.model.sharding import Rules, batch_sharding, state_shardings
 from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, synthesis_loss
-from psynth_jax.train.sharding import backbone_shardings, batch_shardings, replicated
 
 
 def make_schedule(lr: float, steps: int, warmup_steps: int, decay: str) -> optax.Schedule:
@@ -38,18 +39,40 @@ def make_optimizer(
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
+def train_shardings(trainable: Any, opt_state: Any, frozen: Any, mesh: Mesh, rules: Rules) -> tuple[Any, Any, Any]:
+    """Shardings of (trainable, optimizer state, frozen backbone) on `mesh`: the NNX states by
+    their logical axes and the rules (the backbone sharded, LoRA and mapper replicated by the
+    default rules), the optimizer state replicated (it mirrors the small trainable tree)."""
+    rep = NamedSharding(mesh, P())
+    return (state_shardings(trainable, mesh, rules), jax.tree.map(lambda _: rep, opt_state),
+            state_shardings(frozen, mesh, rules))
+
+
+def place_train_state(trainable: Any, opt_state: Any, frozen: Any, mesh: Mesh, rules: Rules) -> tuple[Any, Any, Any]:
+    """(trainable, opt_state, frozen) placed by `train_shardings` (a no-op for arrays already there)."""
+    return jax.device_put((trainable, opt_state, frozen), train_shardings(trainable, opt_state, frozen, mesh, rules))
+
+
+def batch_shardings(batch: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, NamedSharding]:
+    """Every batch array split over the batch rule's mesh axes on its leading (example) dimension."""
+    return {k: batch_sharding(np.shape(v), mesh, rules) for k, v in batch.items()}
+
+
 def make_train_step(
-    graphdefs: tuple, tx: optax.GradientTransformation, opts: ObjectiveConfig, mesh: Mesh,
+    graphdefs: tuple, tx: optax.GradientTransformation, opts: ObjectiveConfig, mesh: Mesh, rules: Rules,
     trainable: Any, opt_state: Any, frozen: Any, example_batch: dict[str, Any],
 ) -> Callable:
     """jit(step) with explicit in/out shardings over `mesh`; trainable + optimizer state donated.
 
     step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)
 
-    The step is traced with `mesh` as the context mesh (`use_abstract_mesh`), so code that must
-    know the mesh finds it with `jax.sharding.get_abstract_mesh()`: attn_impl="splash" wraps its
-    Pallas kernel in a shard_map over it (model/splash.py), which jit could not partition.
-    Done inside the traced function, so it holds however the jitted step is called or lowered.
+    trainable / opt_state / frozen must be placed as `train_shardings` says (`place_train_state`;
+    the loader creates the backbone that way already); the batch is split over the batch rule. The step
+    is traced with `mesh` as the context mesh (`use_abstract_mesh`), so the model's sharding
+    constraints apply and code that must know the mesh finds it with
+    `jax.sharding.get_abstract_mesh()` (attn_impl="splash" wraps its Pallas kernel in a shard_map
+    over it, model/splash.py). Done inside the traced function, so it holds however the jitted
+    step is called or lowered.
     """
 
     def step(trainable, opt_state, frozen, batch):
@@ -68,10 +91,10 @@ def make_train_step(
         return trainable, opt_state, metrics
 
     rep = NamedSharding(mesh, P())
-    t_sh, o_sh = replicated(trainable, mesh), replicated(opt_state, mesh)
+    t_sh, o_sh, f_sh = train_shardings(trainable, opt_state, frozen, mesh, rules)
     return jax.jit(
         step,
-        in_shardings=(t_sh, o_sh, backbone_shardings(frozen, mesh), batch_shardings(example_batch, mesh)),
+        in_shardings=(t_sh, o_sh, f_sh, batch_shardings(example_batch, mesh, rules)),
         out_shardings=(t_sh, o_sh, rep),
         donate_argnums=(0, 1),
     )
@@ -80,7 +103,7 @@ def make_train_step(
 def make_eval_step(graphdefs: tuple, opts: ObjectiveConfig, mesh: Mesh | None = None) -> Callable:
     """jit(eval_loss)(trainable, frozen, batch) -> metrics (no gradient).
 
-    mesh: traced with it as the context mesh, as the train step is (for attn_impl="splash").
+    mesh: traced with it as the context mesh, as the train step is (sharding constraints, splash).
     """
 
     def eval_step(trainable, frozen, batch):

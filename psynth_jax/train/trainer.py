@@ -27,13 +27,14 @@ from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape,
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.interop.tokenizer import stop_token_ids
+from psynth_jax.model.sharding import Rules, make_mesh
 from psynth_jax.model.transformer import LoRAConfig
+from psynth_jax.synthesis.convention import Handoff
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.agreement import agreement_rates, greedy_both_paths
 from psynth_jax.train.checkpointing import Checkpointer, abstract_like
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-from psynth_jax.train.sharding import backbone_shardings, batch_shardings, make_mesh, replicated
-from psynth_jax.train.step import make_eval_step, make_optimizer, make_train_step
+from psynth_jax.train.step import batch_shardings, make_eval_step, make_optimizer, make_train_step, place_train_state
 
 AGREEMENT_TOKENS = 24
 
@@ -90,23 +91,26 @@ class Trainer:
         self.quiet = quiet
         self.run_dir = Path(cfg.checkpoint.dir)
         self.mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
+        self.rules = Rules((r.name, r.axes) for r in cfg.mesh.rules)
         lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
-        self.model = model or load_model(cfg.model.source, dtype=cfg.model.dtype, lora=lora, seed=cfg.train.seed)
+        # every backbone tensor is read straight into its shard of the mesh (interop/loader.py)
+        self.model = model or load_model(cfg.model.source, dtype=cfg.model.dtype, lora=lora, seed=cfg.train.seed,
+                                         mesh=self.mesh, rules=self.rules)
         if self.model.lora != lora:
             raise ValueError(f"the given model's LoRA {self.model.lora} does not match the config's {lora}")
         mapper = make_mapper(cfg.mapper.kind, self.model.cfg.num_kv_heads, cfg.mapper.hidden, seed=cfg.train.seed)
         decoder = nnx.merge(self.model.graphdef, self.model.state)
         self.graphdefs, trainable, frozen = split_trainable(decoder, mapper)
-        self.frozen = jax.device_put(frozen, backbone_shardings(frozen, self.mesh))
-        self.trainable = jax.device_put(trainable, replicated(trainable, self.mesh))
         t = cfg.train
         self.tx = make_optimizer(t.lr, t.steps, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                                  decay=t.decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum)
-        opt_state = self.tx.init(self.trainable)
-        self.opt_state = jax.device_put(opt_state, replicated(opt_state, self.mesh))
+        # placed by the rules (a loaded backbone is already; a model passed in may live elsewhere)
+        self.trainable, self.opt_state, self.frozen = place_train_state(
+            trainable, self.tx.init(trainable), frozen, self.mesh, self.rules)
+        self.handoff = Handoff(cfg.handoff.convention, cfg.handoff.stop_tokens)
         self.opts = ObjectiveConfig(ce_weight=t.loss.ce_weight, kl_weight=t.loss.kl_weight,
                                     kl_temperature=t.loss.kl_temperature, remat=t.remat,
-                                    attn_impl=cfg.model.attn_impl)
+                                    attn_impl=cfg.model.attn_impl, handoff=self.handoff)
         self.stop_ids = stop_token_ids(self.model.tokenizer, self.model.cfg.eos_token_ids)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._data(examples, eval_examples)
@@ -129,7 +133,8 @@ class Trainer:
         key = hashlib.sha1(repr((src, d.num_branches, d.seed, d.distill_worker_tokens,
                                  d.distill_max_new_tokens, self.cfg.model.source)).encode()).hexdigest()[:12]
         path = self.run_dir / "distill" / f"{Path(src.path).stem}-{key}.jsonl"
-        synth = ParallelSynthesis(self.model, family="math", attn_impl=self.cfg.model.attn_impl, timing_repeats=0)
+        synth = ParallelSynthesis(self.model, family="math", attn_impl=self.cfg.model.attn_impl, timing_repeats=0,
+                                  handoff=self.handoff)
         added = distill_to_jsonl(problems, synth, path, k=d.num_branches, batch_size=d.distill_batch_size,
                                  worker_tokens=d.distill_worker_tokens, max_new_tokens=d.distill_max_new_tokens,
                                  seed=d.seed)
@@ -155,7 +160,7 @@ class Trainer:
             self.eval_batches = [_batch_dict(b) for b in it]
 
     def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        shardings = batch_shardings(batch, self.mesh)
+        shardings = batch_shardings(batch, self.mesh, self.rules)
         if jax.process_count() == 1:
             return jax.device_put(batch, shardings)
         return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
@@ -206,14 +211,13 @@ class Trainer:
             return {}
         ce, n, rates = 0.0, 0.0, []
         for batch in self.eval_batches:
-            dev = jax.device_put(batch)
+            dev = jax.device_put(batch, batch_shardings(batch, self.mesh, self.rules))
             m = jax.device_get(self._eval_fn(self.trainable, self.frozen, dev))
             ce += float(m["ce"]) * float(m["target_tokens"])
             n += float(m["target_tokens"])
             with jax.set_mesh(self.mesh):  # the context mesh splash attention shards over
                 out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
-                                        max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids,
-                                        attn_impl=self.cfg.model.attn_impl)
+                                        max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids, opts=self.opts)
             rates += agreement_rates(*out, batch["example_valid"])
         return {"eval_ce": ce / max(n, 1.0), "eval_agreement": statistics.fmean(rates) if rates else float("nan")}
 
@@ -239,8 +243,8 @@ class Trainer:
                 batch = {k: v for k, v in batch.items() if not k.startswith("text_")}
             dev = self._device_batch(batch)
             if self._step_fn is None:
-                self._step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, self.trainable,
-                                                self.opt_state, self.frozen, batch)
+                self._step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, self.rules,
+                                                self.trainable, self.opt_state, self.frozen, batch)
             self.trainable, self.opt_state, m = self._step_fn(self.trainable, self.opt_state, self.frozen, dev)
             self.step += 1
             m = {k: float(v) for k, v in jax.device_get(m).items()}

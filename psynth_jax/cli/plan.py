@@ -1,0 +1,50 @@
+"""`psynth plan --config CONFIG --accelerator TYPE`: per-device memory before spending accelerator time.
+
+Prints, per device, the parameters, the LoRA + mapper + optimizer state, the KV caches and the
+compiled step's temporaries (the step compiled for fake CPU devices shaped like the target's
+mesh), and whether that fits the chip; exits non-zero naming the largest item when it does not.
+Works for training configs and `psynth eval` configs (eval: K branches x L tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="a training config or a `psynth eval` config (YAML)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train / eval")
+    p.add_argument("--accelerator", required=True, metavar="TYPE",
+                   help="where it will run: a Cloud TPU type (v5litepod-16, v5p-64, v4-32) or a GPU node (8xh100, h200)")
+    p.add_argument("--branches", type=int, default=3, help="eval: K worker branches per request")
+    p.add_argument("--branch-tokens", type=int, default=4096, help="eval: tokens per branch")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="eval: synthesizer prompt tokens")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from psynth_jax.bench.memory_plan import PlanRequest, config_kind, format_plan, run_plan
+    from psynth_jax.config.accelerators import parse_accelerator
+
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    for flag in ("branches", "branch_tokens", "prompt_tokens"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    req = PlanRequest(config=args.config, overrides=tuple(args.overrides), accelerator=parse_accelerator(args.accelerator),
+                      kind=config_kind(args.config), branches=args.branches, branch_tokens=args.branch_tokens,
+                      prompt_tokens=args.prompt_tokens)
+    print(f"[psynth plan] compiling on fake CPU devices shaped like {req.accelerator} ...", file=sys.stderr, flush=True)
+    plan = run_plan(req)
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
+    if not plan["fits"]:
+        print(f"psynth plan: error: {args.config} does not fit {req.accelerator}: the largest item is "
+              f"{plan['largest_item']}", file=sys.stderr)
+        return 1
+    return 0

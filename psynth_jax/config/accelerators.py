@@ -1,0 +1,71 @@
+"""Accelerator types as users name them, and what each chip offers (pure Python, no JAX).
+
+    >>> parse_accelerator("v5litepod-16")
+    Accelerator(chip=Chip(name='v5e', ...), chips=16)
+    >>> parse_accelerator("v5p-64").chips       # Cloud TPU v5p names count TensorCores: 2 per chip
+    32
+    >>> parse_accelerator("8xh100").chips
+    8
+
+The launch scripts and `psynth plan` use it to check a config's mesh against the slice it will
+run on, and its per-device memory against the chip's, before anything is provisioned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip: its short name, what it is, and its memory (HBM) in bytes."""
+
+    name: str
+    description: str
+    hbm_bytes: int
+    cores_per_chip_in_name: int = 1  # Cloud TPU type names count TensorCores for v4 / v5p
+
+
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", "TPU v4 (32 GiB HBM)", 32 * GIB, cores_per_chip_in_name=2),
+    "v5e": Chip("v5e", "TPU v5e / v5litepod (16 GiB HBM)", 16 * GIB),
+    "v5p": Chip("v5p", "TPU v5p (95 GiB HBM)", 95 * GIB, cores_per_chip_in_name=2),
+    "v6e": Chip("v6e", "TPU v6e Trillium (32 GiB HBM)", 32 * GIB),
+    "h100": Chip("h100", "NVIDIA H100 SXM (80 GiB)", 80 * GIB),
+    "h200": Chip("h200", "NVIDIA H200 (141 GB)", 141 * 10**9),
+    "a100": Chip("a100", "NVIDIA A100 (80 GiB)", 80 * GIB),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6e": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """A slice or node: which chip, and how many of them."""
+
+    chip: Chip
+    chips: int
+
+    def __str__(self) -> str:
+        return f"{self.chips} x {self.chip.description}"
+
+
+def parse_accelerator(text: str) -> Accelerator:
+    """A Cloud TPU accelerator type (v5litepod-16, v5p-64, v4-32, v6e-8) or a GPU node (8xh100,
+    h100x8, h200); ValueError listing the known forms otherwise."""
+    s = text.strip().lower()
+    m = re.fullmatch(r"(v4|v5p|v5litepod|v5lite|v5e|v6e)-(\d+)", s)
+    if m:
+        chip = CHIPS[_ALIASES.get(m.group(1), m.group(1))]
+        n = int(m.group(2))
+        if n % chip.cores_per_chip_in_name:
+            raise ValueError(f"accelerator {text!r}: {chip.name} type names count {chip.cores_per_chip_in_name} "
+                             "cores per chip, so the number must be even")
+        return Accelerator(chip, n // chip.cores_per_chip_in_name)
+    m = re.fullmatch(r"(?:(\d+)x)?(h100|h200|a100)(?:x(\d+))?", s)
+    if m and not (m.group(1) and m.group(3)):
+        return Accelerator(CHIPS[m.group(2)], int(m.group(1) or m.group(3) or 1))
+    raise ValueError(f"unknown accelerator {text!r}; use a Cloud TPU type (v5litepod-16, v5p-64, v4-32, v6e-8) "
+                     f"or a GPU node (8xh100, h200); chips known: {', '.join(CHIPS)}")
