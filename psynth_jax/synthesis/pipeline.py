@@ -22,6 +22,7 @@ from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.inference.timing import time_calls
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.synthesis import prompts
+from psynth_jax.synthesis.convention import Handoff
 from psynth_jax.synthesis.handoff import BranchCaches, check_branches, extract_branches, prepare_synth_cache
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
 
@@ -69,8 +70,10 @@ class ParallelSynthesis:
         attn_impl: str = "xla",
         max_branch_tokens: int | None = None,
         timing_repeats: int = 3,
+        handoff: Handoff = Handoff(),
     ):
         self.model = model
+        self.handoff = handoff
         self.gen = Generator(model, attn_impl=attn_impl)
         self.tok = model.tokenizer
         self.cfg = model.cfg
