@@ -45,18 +45,13 @@ def leaves(tree) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(tree))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """(tiny llama dir with tokenizer, run dir, the saved LoRA leaves, the saved mapper leaves)."""
-    root = tmp_path_factory.mktemp("cli")
-    base = root / "base"
-    hf_models.make_tiny_sharp("llama", False, base, seed=3)
-    hf_models.save_tiny_tokenizer(base)
-    run = root / "run"
+def write_run(base: Path, run: Path, mapper_kind: str) -> tuple[dict, dict]:
+    """A run directory as the trainer leaves one (random LoRA and mapper at step 7); returns the
+    saved LoRA leaves and mapper leaves."""
     cfg = from_dict(ExperimentConfig, {
         "model": {"source": str(base), "dtype": "float32"},
         "lora": {"rank": 4, "alpha": 8.0, "targets": ["q", "k", "v", "o"]},
-        "mapper": {"kind": "per_head_affine"},
+        "mapper": {"kind": mapper_kind},
         "data": {"train": [{"path": "unused.jsonl", "builder": "exposure"}]},
         "train": {"steps": 10, "grad_accum": 2, "clip_norm": 1.0},
         "checkpoint": {"dir": str(run)},
@@ -64,7 +59,7 @@ def run_dir(tmp_path_factory):
     run.mkdir()
     (run / "config.yaml").write_text(dump_config(cfg))
     model = randomize_lora(load_model(base, lora=LORA, with_tokenizer=False), seed=7)
-    mapper = make_mapper("per_head_affine", model.cfg.num_kv_heads, seed=1)
+    mapper = make_mapper(mapper_kind, model.cfg.num_kv_heads, seed=1)
     state = nnx.state(mapper)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x + 0.3, nnx.to_pure_dict(state)))
     nnx.update(mapper, state)
@@ -74,7 +69,19 @@ def run_dir(tmp_path_factory):
     ckpt = Checkpointer(run, async_save=False)
     ckpt.save(STEP, {"trainable": trainable, "opt_state": tx.init(trainable)}, {}, force=True)
     ckpt.close()
-    return base, run, leaves(trainable["lora"]), leaves(trainable["mapper"])
+    return leaves(trainable["lora"]), leaves(trainable["mapper"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """(tiny llama dir with tokenizer, run dir, the saved LoRA leaves, the saved mapper leaves)."""
+    root = tmp_path_factory.mktemp("cli")
+    base = root / "base"
+    hf_models.make_tiny_sharp("llama", False, base, seed=3)
+    hf_models.save_tiny_tokenizer(base)
+    run = root / "run"
+    saved_lora, saved_mapper = write_run(base, run, "per_head_affine")
+    return base, run, saved_lora, saved_mapper
 
 
 def synthesizer(base: Path) -> ParallelSynthesis:
