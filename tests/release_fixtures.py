@@ -74,9 +74,10 @@ def save_judger_lora(base: Path, directory: Path, *, seed: int, vocab: int = TOK
     tensors = load_file(str(weights))
     assert {k for k in tensors if "lora_" not in k} == {"base_model.model.model.embed_tokens.weight",
                                                        "base_model.model.lm_head.weight"}, "PEFT saved no embeddings"
-    g = torch.Generator().manual_seed(seed)
+    # one shift for both, so a tied head stays equal to the embedding (as PEFT saves a tied pair)
+    shift = 0.05 * torch.randn(tensors["base_model.model.lm_head.weight"].shape, generator=torch.Generator().manual_seed(seed))
     for k in ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"):
-        tensors[k] = tensors[k] + 0.05 * torch.randn(tensors[k].shape, generator=g)
+        tensors[k] = tensors[k] + shift
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 

@@ -32,7 +32,7 @@ from psynth_jax.interop.export import export_adapter
 from psynth_jax.interop.importer import import_weights, load_adapter_into
 from psynth_jax.interop.loader import load_model
 from psynth_jax.interop.staging import ExportError
-from test_interop_cli import run_cli, run_dir, synthesizer, write_run  # noqa: F401 (run_dir: a fixture)
+from test_interop_cli import run_cli, synthesizer, write_run
 from test_interop_export import jax_logits, torch_logits
 from test_interop_release import cache_logits, weights_of
 
@@ -41,7 +41,8 @@ TOKENS = np.random.default_rng(2).integers(6, 211, (2, 12))
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
-    """(tiny llama base with tokenizer, a run with an affine_length mapper, that run loaded)."""
+    """(tiny llama base with tokenizer, a run with an affine_length mapper, that run loaded, a run with a
+    per_head_affine mapper)."""
     root = tmp_path_factory.mktemp("ours")
     base = root / "base"
     hf_models.make_tiny_sharp("llama", False, base, seed=4)
@@ -50,7 +51,8 @@ def ours(tmp_path_factory):
     write_run(base, run, "affine_length")
     synth = synthesizer(base)
     load_adapter_into(synth, run)
-    return base, run, synth
+    write_run(base, root / "per_head", "per_head_affine")
+    return base, run, synth, root / "per_head"
 
 
 def digest(d: Path) -> dict[str, str]:
@@ -58,7 +60,7 @@ def digest(d: Path) -> dict[str, str]:
 
 
 def test_our_run_in_the_release_layout(ours, tmp_path, capsys):
-    base, run, synth = ours
+    base, run, synth, _ = ours
     out = tmp_path / "release"
     assert run_cli(["--run", str(run), "--format", "release", "--out", str(out)]) == 0
     err = capsys.readouterr().err
@@ -85,7 +87,7 @@ def test_our_run_in_the_release_layout(ours, tmp_path, capsys):
 
 
 def test_handoff_is_recorded_in_every_export_and_read_back(ours, tmp_path):
-    base, run, synth = ours
+    base, run, synth, _ = ours
     out = tmp_path / "both"
     run_cli(["--run", str(run), "--out", str(out), "--handoff-convention", "release"])  # an explicit choice
     want = {"convention": "release", "stop_tokens": "chat"}
@@ -111,7 +113,7 @@ def test_handoff_is_recorded_in_every_export_and_read_back(ours, tmp_path):
 
 # ------------------------------------------------------------------- output safety
 def test_out_is_never_the_backbone_or_the_input(ours, tmp_path):
-    base, run, _ = ours
+    base, run, _, _ = ours
     before = digest(base), digest(run)
     for out, what in [(base, r"is the backbone's directory"), (base.parent, r"contains the backbone's directory"),
                       (run, r"is the input being exported")]:
@@ -121,7 +123,7 @@ def test_out_is_never_the_backbone_or_the_input(ours, tmp_path):
 
 
 def test_non_empty_out_needs_force_which_replaces_it_whole(ours, tmp_path):
-    _, run, _ = ours
+    _, run, _, _ = ours
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -135,7 +137,7 @@ def test_non_empty_out_needs_force_which_replaces_it_whole(ours, tmp_path):
 
 
 def test_no_stale_mapper_beside_a_new_lora(ours, tmp_path):
-    base, run, synth = ours
+    base, run, synth, _ = ours
     out = tmp_path / "adapter"
     run_cli(["--run", str(run), "--out", str(out), "--adapter"])
     plain = Path(shutil.copytree(out, tmp_path / "plain"))  # a PEFT adapter alone
@@ -155,14 +157,13 @@ def test_no_stale_mapper_beside_a_new_lora(ours, tmp_path):
         import_weights(lib, load_model(base))
 
 
-def test_out_that_is_a_file_and_failed_exports_leave_nothing(ours, run_dir, tmp_path):
-    _, run, _ = ours
+def test_out_that_is_a_file_and_failed_exports_leave_nothing(ours, tmp_path):
+    _, run, _, per_head_run = ours
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportError, match=r"--out .*file is a file; give a directory"):
         run_cli(["--run", str(run), "--out", str(tmp_path / "file")])
     assert (tmp_path / "file").read_text() == "x"
     # a per-head mapper has no place in the release's layout: refused after loading, nothing left behind
-    per_head_run = run_dir[1]
     out = tmp_path / "a" / "b" / "out"
     with pytest.raises(ExportError, match="only the affine_length mapper; a per_head_affine mapper cannot be exported"):
         run_cli(["--run", str(per_head_run), "--format", "release", "--out", str(out)])

@@ -249,8 +249,11 @@ def align_vocabulary(model: LoadedModel, embed: np.ndarray | None, lm_head: np.n
     given keeps the model's first V rows (a tied head follows the embedding). Workers and the
     synthesizer both see the result (it is the backbone, not the LoRA). Other arrays are shared.
     """
+    if model.cfg.tie_word_embeddings and embed is None:
+        embed = lm_head  # loading a tied head writes the one shared matrix
     rows = embed if embed is not None else lm_head
-    assert rows is not None
+    if rows is None:
+        raise ValueError("align_vocabulary needs an embedding or an LM head")
     v = int(rows.shape[0])
     cfg = dataclasses.replace(model.cfg, vocab_size=v)
     dtype = parse_dtype(model.dtype_name)

@@ -108,7 +108,7 @@ def resolve(path: str | Path) -> Layout:
             raise LayoutError(f"{given} is the LoRA of a release checkpoint, but {parent} has no {RELEASE_MAPPER}: "
                               f"the mapper would be dropped. Point at {parent} to load the checkpoint as it is "
                               "(LoRA only, said so), or restore its cache_mapper.pt")
-        return _release(parent, f"{RELEASE_LORA}/ of the checkpoint {parent}")
+        return _release(parent, f"given its {RELEASE_LORA}/")
     if (given / ADAPTER_CONFIG).is_file():
         record = _optional_json(given / EXPORT_RECORD)
         mapper = _mapper_in(given)
