@@ -31,7 +31,7 @@ from psynth_jax.interop.adapter import (
 from psynth_jax.interop.export import HANDOFF_METADATA
 from psynth_jax.interop.layout import (
     EXPORT_RECORD, MAPPER_WEIGHTS, RELEASE_HANDOFF, RELEASE_LORA, RELEASE_MAPPER, RELEASE_RUN_ARGS, Layout,
-    LayoutError, recorded_handoff, release_records, resolve,
+    LayoutError, ReleaseRecords, recorded_handoff, release_records, resolve,
 )
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.synthesis.convention import Handoff
@@ -86,9 +86,9 @@ def _import_files(layout: Layout, model: LoadedModel) -> Imported:
         if layout.mapper_file.name == RELEASE_MAPPER and records is not None:
             settings = {k: records.mapper_setting(k) for k in ("hidden_dim", "metadata_features")}
         mapper = load_mapper(layout.mapper_file, model.cfg.num_kv_heads, settings=settings)
+    handoff, source = _trained_handoff(layout, peft)
     # everything is read and checked: build
     new = apply_peft_adapter(model, peft) if peft is not None else without_trained_lora(model)
-    handoff, source = _trained_handoff(layout, peft)
 
     parts = [f"release checkpoint: {layout.where}" + (f" step {records.step}" if records and records.step else "")
              if release else f"adapter: {layout.where}"]
@@ -108,7 +108,7 @@ def _import_files(layout: Layout, model: LoadedModel) -> Imported:
     return Imported(layout, new, mapper, handoff, source, peft is not None and peft.vocab_size is not None, parts)
 
 
-def _check_components(layout: Layout, records) -> None:
+def _check_components(layout: Layout, records: ReleaseRecords | None) -> None:
     """A part the folder's records say was trained must be there; a part they say is absent must not."""
     record = layout.record
     if record is not None:  # written by psynth: it lists exactly what it wrote
@@ -116,8 +116,7 @@ def _check_components(layout: Layout, records) -> None:
         present = layout.mapper_file is not None
         if listed and not present:
             name = RELEASE_MAPPER if layout.kind == "release" else MAPPER_WEIGHTS
-            raise LayoutError(f"{layout.root / EXPORT_RECORD} lists a {record['mapper'].get('kind')} mapper, but "
-                              f"{layout.root / name} is missing")
+            raise LayoutError(f"{layout.root / EXPORT_RECORD} lists a mapper, but {layout.root / name} is missing")
         if present and not listed:
             raise LayoutError(f"{layout.mapper_file} is stale: {layout.root / EXPORT_RECORD} says this export has "
                               "no mapper; remove the file or re-export")
@@ -130,7 +129,7 @@ def _check_components(layout: Layout, records) -> None:
                               "say a LoRA was trained: the checkpoint is incomplete")
 
 
-def _said_by(layout: Layout, records) -> str:
+def _said_by(layout: Layout, records: ReleaseRecords) -> str:
     names = []
     if records.mapper_config is not None:
         names.append("cache_mapper_config.json")
