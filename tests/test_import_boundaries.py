@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import hf_models
+import release_fixtures as rf
 from psynth_jax.interop.embedded import default_gguf_path
 
 BLOCKED = ("torch", "orbax", "grain", "datasets", "psynth_jax.train", "psynth_jax.data", "psynth_jax.eval")
@@ -124,6 +125,21 @@ SECTIONS = textwrap.dedent("""
         rc = main(["generate", "w7 w8", "--model", {ckpt!r}, "--max-new-tokens", "4"])
         return dict(ids=ids, text=out.text, rc=rc)
 
+    @section("release_interop")
+    def _():
+        from psynth_jax.interop.importer import import_weights, load_adapter_into
+        from psynth_jax.interop.loader import load_model
+        from psynth_jax.interop.release import export_release
+        from psynth_jax.model.transformer import LoRAConfig
+        from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+        synth = ParallelSynthesis(load_model({release_base!r}, lora=LoRAConfig()))
+        loaded = load_adapter_into(synth, {release!r})
+        imp = import_weights({release!r}, load_model({release_base!r}))
+        warning = export_release(imp.model, imp.mapper, {release_out!r}, handoff=imp.handoff,
+                                 embeddings=imp.embeddings)
+        return dict(description=loaded.description, vocab=synth.cfg.vocab_size, warning=warning)
+
     @section("gguf_weights")
     def _():
         from psynth_jax.interop.sources import open_source
@@ -150,12 +166,15 @@ def no_torch(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_qwen3")
     hf_models.make_tiny("qwen3", False, d)
     hf_models.save_tiny_tokenizer(d)
-    script = BLOCKER + SECTIONS.format(ckpt=str(d), gguf=str(default_gguf_path()))
+    rel = tmp_path_factory.mktemp("release")  # a release checkpoint, written here with torch + PEFT
+    rf.published_layout(rf.write_release_run(rf.make_base(rel / "base"), rel / "run"), rel / "published")
+    script = BLOCKER + SECTIONS.format(ckpt=str(d), gguf=str(default_gguf_path()), release_base=str(rel / "base"),
+                                       release=str(rel / "published"), release_out=str(rel / "exported"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return dict(json.loads(line[len("RESULT "):]), release_dir=rel)
 
 
 def _section(result: dict, name: str) -> dict:
@@ -182,6 +201,18 @@ def test_tokenizer_and_cli_from_checkpoint_dir_without_torch(no_torch):
     r = _section(no_torch, "tokenizer_dir")
     assert r["ids"] == [1, 4, 7, 8, 2, 1, 5]
     assert r["rc"] == 0
+
+
+def test_release_checkpoint_in_and_out_without_torch(no_torch):
+    """The release's cache_mapper.pt is read, and written again, by a process that cannot import torch."""
+    import torch
+
+    r = _section(no_torch, "release_interop")
+    assert r["vocab"] == rf.TOKENIZER_VOCAB and r["warning"] is None
+    assert r["description"].endswith("handoff release/eos_only (selected for a release checkpoint)")
+    rel = no_torch["release_dir"]
+    want, got = torch.load(rel / "published" / "cache_mapper.pt"), torch.load(rel / "exported" / "cache_mapper.pt")
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_gguf_weights_without_torch(no_torch):

@@ -23,7 +23,9 @@ from flax import nnx
 import hf_models
 from psynth_jax.cli import export as export_cli
 from psynth_jax.config import ExperimentConfig, dump_config, from_dict
-from psynth_jax.interop.adapter import AdapterError, load_adapter_into, load_peft_adapter, restore_run
+from psynth_jax.interop.adapter import AdapterError, load_peft_adapter
+from psynth_jax.interop.importer import load_adapter_into
+from psynth_jax.interop.runs import restore_run
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
@@ -43,18 +45,13 @@ def leaves(tree) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(tree))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """(tiny llama dir with tokenizer, run dir, the saved LoRA leaves, the saved mapper leaves)."""
-    root = tmp_path_factory.mktemp("cli")
-    base = root / "base"
-    hf_models.make_tiny_sharp("llama", False, base, seed=3)
-    hf_models.save_tiny_tokenizer(base)
-    run = root / "run"
+def write_run(base: Path, run: Path, mapper_kind: str) -> tuple[dict, dict]:
+    """A run directory as the trainer leaves one (random LoRA and mapper at step 7); returns the
+    saved LoRA leaves and mapper leaves."""
     cfg = from_dict(ExperimentConfig, {
         "model": {"source": str(base), "dtype": "float32"},
         "lora": {"rank": 4, "alpha": 8.0, "targets": ["q", "k", "v", "o"]},
-        "mapper": {"kind": "per_head_affine"},
+        "mapper": {"kind": mapper_kind},
         "data": {"train": [{"path": "unused.jsonl", "builder": "exposure"}]},
         "train": {"steps": 10, "grad_accum": 2, "clip_norm": 1.0},
         "checkpoint": {"dir": str(run)},
@@ -62,7 +59,7 @@ def run_dir(tmp_path_factory):
     run.mkdir()
     (run / "config.yaml").write_text(dump_config(cfg))
     model = randomize_lora(load_model(base, lora=LORA, with_tokenizer=False), seed=7)
-    mapper = make_mapper("per_head_affine", model.cfg.num_kv_heads, seed=1)
+    mapper = make_mapper(mapper_kind, model.cfg.num_kv_heads, seed=1)
     state = nnx.state(mapper)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x + 0.3, nnx.to_pure_dict(state)))
     nnx.update(mapper, state)
@@ -72,7 +69,19 @@ def run_dir(tmp_path_factory):
     ckpt = Checkpointer(run, async_save=False)
     ckpt.save(STEP, {"trainable": trainable, "opt_state": tx.init(trainable)}, {}, force=True)
     ckpt.close()
-    return base, run, leaves(trainable["lora"]), leaves(trainable["mapper"])
+    return leaves(trainable["lora"]), leaves(trainable["mapper"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """(tiny llama dir with tokenizer, run dir, the saved LoRA leaves, the saved mapper leaves)."""
+    root = tmp_path_factory.mktemp("cli")
+    base = root / "base"
+    hf_models.make_tiny_sharp("llama", False, base, seed=3)
+    hf_models.save_tiny_tokenizer(base)
+    run = root / "run"
+    saved_lora, saved_mapper = write_run(base, run, "per_head_affine")
+    return base, run, saved_lora, saved_mapper
 
 
 def synthesizer(base: Path) -> ParallelSynthesis:
@@ -93,8 +102,9 @@ def assert_same(a, b) -> None:
 def test_load_adapter_into_from_run_dir(run_dir):
     base, run, saved_lora, saved_mapper = run_dir
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, run)
-    assert desc == f"trained: run {run} step {STEP}, mapper per_head_affine, LoRA r4/a8 on q,k,v,o"
+    desc = load_adapter_into(synth, run).description
+    assert desc == (f"trained: run {run} step {STEP}, mapper per_head_affine, LoRA r4/a8 on q,k,v,o, "
+                    "handoff output_tokens/chat (recorded in the run)")
     assert synth.model.lora == LORA and synth.gen.model is synth.model
     assert_same(lora_of(synth.model), saved_lora)
     assert_same(leaves(nnx.state(synth.mapper)), saved_mapper)
@@ -144,7 +154,7 @@ def test_export_cli_from_run_then_demo_loads_the_adapter(run_dir, tmp_path):
     assert run_cli(["--run", str(run), "--out", str(tmp_path)]) == 0
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                                   "mapper.safetensors", "mapper_config.json"}
+                                                   "mapper.safetensors", "mapper_config.json", "psynth_export.json"}
     # the merged checkpoint = the backbone with the run's LoRA on, in transformers
     trained = restore_run(run, load_model(base, with_tokenizer=False))
     tokens = np.random.default_rng(0).integers(0, 211, (2, 12))
@@ -154,8 +164,9 @@ def test_export_cli_from_run_then_demo_loads_the_adapter(run_dir, tmp_path):
     assert (merged / "tokenizer.json").is_file()
     # the adapter dir is what `psynth demo --adapter` reads
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, adapter)
-    assert desc == f"adapter: {adapter}, mapper per_head_affine (mapper.safetensors), LoRA r4/a8 on q,k,v,o"
+    desc = load_adapter_into(synth, adapter).description
+    assert desc == (f"adapter: {adapter}, mapper per_head_affine (mapper.safetensors), LoRA r4/a8 on q,k,v,o, "
+                    "handoff output_tokens/chat (recorded in psynth_export.json)")
     assert_same(lora_of(synth.model), saved_lora)
     assert_same(leaves(nnx.state(synth.mapper)), saved_mapper)
 
@@ -173,27 +184,32 @@ def test_export_cli_merges_an_adapter_dir(run_dir, tmp_path):
     assert np.abs(jax_logits(merged, tokens, False) - jax_logits(with_adapter, tokens, True)).max() <= 1e-4
 
 
-def test_adapter_dir_without_mapper_keeps_the_current_one(run_dir, tmp_path):
+def test_plain_peft_dir_without_mapper_gets_the_identity_mapper(run_dir, tmp_path):
+    """A PEFT adapter with nothing else (no mapper, no record): identity mapper and kept handoff, said so."""
     base, run, _, _ = run_dir
     run_cli(["--run", str(run), "--out", str(tmp_path), "--adapter"])
-    for name in ("mapper.safetensors", "mapper_config.json"):
+    for name in ("mapper.safetensors", "mapper_config.json", "psynth_export.json"):
         (tmp_path / name).unlink()
     synth = synthesizer(base)
-    before = synth.mapper
-    assert "mapper affine_length (none in the adapter dir: kept)" in load_adapter_into(synth, tmp_path)
-    assert synth.mapper is before
+    loaded = load_adapter_into(synth, tmp_path)
+    assert "mapper: none in the adapter dir, identity" in loaded.description
+    assert loaded.description.endswith("handoff output_tokens/chat (recorded in the adapter)")  # safetensors metadata
+    assert not loaded.mapper_trained and loaded.lora_trained
+    assert synth.mapper.kind == "affine_length"
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(synth.mapper))["net"]["w1"]))
 
 
 def test_release_layout_adapter_with_cache_mapper_pt(run_dir, tmp_path):
     """PEFT files + the release's cache_mapper.pt (torch.save'd state dict) in one directory."""
     base, run, saved_lora, _ = run_dir
     run_cli(["--run", str(run), "--out", str(tmp_path), "--adapter"])
-    for name in ("mapper.safetensors", "mapper_config.json"):
+    for name in ("mapper.safetensors", "mapper_config.json", "psynth_export.json"):
         (tmp_path / name).unlink()
     ref = torch_release_mapper(tmp_path / "cache_mapper.pt")
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, tmp_path)
-    assert desc == f"adapter: {tmp_path}, mapper affine_length (cache_mapper.pt), LoRA r4/a8 on q,k,v,o"
+    desc = load_adapter_into(synth, tmp_path).description
+    assert desc.startswith(f"release checkpoint: {tmp_path}, mapper affine_length (cache_mapper.pt), "
+                           "LoRA r4/a8 on q,k,v,o, handoff ")
     assert_same(lora_of(synth.model), saved_lora)
     np.testing.assert_array_equal(np.asarray(leaves(nnx.state(synth.mapper))["net"]["w0"]),
                                   ref.net[0].weight.detach().numpy().T)
@@ -201,8 +217,10 @@ def test_release_layout_adapter_with_cache_mapper_pt(run_dir, tmp_path):
 
 def test_errors(run_dir, tmp_path):
     base, run, _, _ = run_dir
-    with pytest.raises(SystemExit, match="--adapter-dir needs --model"):
-        run_cli(["--adapter-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--adapter-dir needs --model"):
+        run_cli(["--adapter-dir", str(tmp_path / "peft"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):  # --run or --adapter-dir is required
         run_cli(["--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="neither a `psynth train` run directory"):

@@ -28,8 +28,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from psynth_jax.inference import runtime
-from psynth_jax.interop.adapter import AdapterError, load_mapper, load_peft_adapter, read_torch_state_dict
+from psynth_jax.interop.adapter import AdapterError, load_mapper, load_peft_adapter
 from psynth_jax.interop.export import export_adapter, export_mapper
+from psynth_jax.interop.torch_pickle import TorchFileError, read_torch_state_dict
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LORA_TARGETS, LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper, mapper_features
@@ -97,7 +98,8 @@ def test_mapper_round_trip_is_exact(kind, tmp_path):
     mapper = randomized_mapper(kind, heads=2, seed=3)
     path = export_mapper(mapper, tmp_path)
     config = json.loads((tmp_path / "mapper_config.json").read_text())
-    assert config == {"kind": kind, "hidden": 32, "num_kv_heads": None if kind == "affine_length" else 2}
+    assert config == {"kind": kind, "hidden": 32, "metadata_features": "both",
+                      "num_kv_heads": None if kind == "affine_length" else 2}
     shapes = {k: v.shape for k, v in load_file(str(path)).items()}
     n_out = 4 if kind == "affine_length" else 8
     assert shapes == {"net.0.weight": (32, 3), "net.0.bias": (32,), "net.2.weight": (n_out, 32), "net.2.bias": (n_out,)}
@@ -161,10 +163,10 @@ def test_release_mapper_reads_without_torch(tmp_path):
 
 def test_torch_reader_refuses_anything_but_a_state_dict(tmp_path):
     torch.save(torch.nn.Linear(3, 4), tmp_path / "module.pt")  # a pickled module, not a state dict
-    with pytest.raises(AdapterError, match="only state dicts of plain tensors"):
+    with pytest.raises(TorchFileError, match="only state dicts of plain tensors"):
         read_torch_state_dict(tmp_path / "module.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(AdapterError, match="not a torch.save zip"):
+    with pytest.raises(TorchFileError, match="not a torch.save zip"):
         read_torch_state_dict(tmp_path / "junk.pt")
 
 

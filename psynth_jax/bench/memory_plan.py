@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -55,7 +54,6 @@ class PlanRequest:
 
 def config_kind(path: str) -> str:
     """"eval" for a `psynth eval` config (it has `tasks`), else "train"."""
-    import yaml
 
     from psynth_jax.config.loader import _load_yaml_tree
 

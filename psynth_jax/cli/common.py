@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -41,6 +42,20 @@ def make_cli_mesh(sizes: tuple[int, int, int]):
         return mesh_of(sizes)
     except ShardingError as err:
         raise ValueError(f"--mesh {','.join(map(str, sizes))}: {err}") from None
+
+
+def add_handoff_arguments(p: argparse.ArgumentParser) -> None:
+    """--handoff-convention / --worker-stop-tokens; None when not given, so an explicit choice is
+    told apart from the default (trained weights then supply theirs: a release checkpoint selects
+    release / eos_only)."""
+    from psynth_jax.config.schema import HandoffConvention, WorkerStopTokens  # the config's names; no jax import
+
+    p.add_argument("--handoff-convention", default=None, choices=typing.get_args(HandoffConvention),
+                   help="which worker KV the synthesizer receives (default: what the loaded weights were trained "
+                        "under, else output_tokens)")
+    p.add_argument("--worker-stop-tokens", default=None, choices=typing.get_args(WorkerStopTokens),
+                   help="tokens that end a worker: chat end-of-turn markers + eos, or eos only as the release "
+                        "(default: what the loaded weights were trained under, else chat)")
 
 
 @contextmanager

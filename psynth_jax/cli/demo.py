@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from psynth_jax.cli.common import add_model_arguments, make_cli_mesh, step
+from psynth_jax.cli.common import add_handoff_arguments, add_model_arguments, make_cli_mesh, step
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="worker nucleus sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapter", default=None,
-                   help="trained mapper + LoRA (a `psynth train` run dir or an exported adapter dir); "
-                        "default: untrained (identity mapper, LoRA B = 0)")
+                   help="trained mapper + LoRA: a `psynth train` run dir, an exported adapter dir, or the reference "
+                        "release's checkpoint folder (cache_mapper.pt + judger_lora/, also latest/ or "
+                        "step_checkpoints/latest/); default: untrained (identity mapper, LoRA B = 0)")
+    add_handoff_arguments(p)
     p.add_argument("--out", default=None, help="also write the full result as JSON here")
 
 
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.interop.loader import load_model
     from psynth_jax.model.transformer import LoRAConfig
     from psynth_jax.synthesis import prompts
+    from psynth_jax.synthesis.convention import Handoff
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
     if args.k < 1:
@@ -56,12 +59,17 @@ def run(args: argparse.Namespace) -> int:
     with step(f"loading {args.model} ({args.dtype})"):
         model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=make_cli_mesh(args.mesh))
     synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
-    weights = "untrained: identity mapper (affine_length), LoRA r16/a32 with B = 0"
     if args.adapter:
-        from psynth_jax.interop.adapter import load_adapter_into
+        from psynth_jax.interop.importer import load_adapter_into
 
         with step(f"loading trained mapper + LoRA from {args.adapter}"):
-            weights = load_adapter_into(synth, args.adapter)
+            weights = load_adapter_into(synth, args.adapter, convention=args.handoff_convention,
+                                        stop_tokens=args.worker_stop_tokens).description
+    else:
+        synth.handoff = Handoff(convention=args.handoff_convention or synth.handoff.convention,
+                                stop_tokens=args.worker_stop_tokens or synth.handoff.stop_tokens)
+        weights = (f"untrained: identity mapper (affine_length), LoRA r16/a32 with B = 0, handoff "
+                   f"{synth.handoff.convention}/{synth.handoff.stop_tokens}")
 
     mesh = ", ".join(f"{k}={v}" for k, v in model.mesh.shape.items())
     print(f"model: {model.source} ({model.cfg.family}, {model.cfg.num_layers} layers, {args.dtype}, "

@@ -51,7 +51,9 @@ class EvalConfig:
     # trained mapper + LoRA: a `psynth train` run dir or an exported adapter dir; None: untrained
     # (identity mapper, LoRA B = 0), so mapper_only / lora_only / psynth behave as naive_cache.
     adapter: Optional[str] = None
-    handoff: HandoffConfig = dataclasses.field(default_factory=HandoffConfig)
+    # None (no `handoff:` section): what the adapter was trained under (a release checkpoint selects
+    # release / eos_only), else output_tokens / chat. A section given is the user's explicit choice and wins.
+    handoff: Optional[HandoffConfig] = None
     # devices: requests data-parallel over data (x fsdp), the backbone split over fsdp / tensor
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tasks: tuple[EvalTaskConfig, ...]
@@ -90,10 +92,11 @@ def dump_eval_config(cfg: EvalConfig) -> str:
 def fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     """The fields that decide stored branches and records: a resumed run must agree on all of them.
 
-    The default handoff is left out, so runs made before the setting existed (which used it) resume.
+    An unset or default handoff is left out, so runs made before the setting existed resume (the
+    adapter, which an unset handoff defers to, is part of the fingerprint).
     """
     out = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FIELDS}
-    if cfg.handoff == HandoffConfig():
+    if cfg.handoff is None or cfg.handoff == HandoffConfig():
         del out["handoff"]
     return out
 
@@ -108,7 +111,8 @@ def validate_eval_config(cfg: EvalConfig) -> None:
     if not cfg.modes:
         errors.append(f"modes must name at least one of {', '.join(MODES)}")
     if cfg.adapter is not None and "://" not in cfg.adapter and not Path(cfg.adapter).expanduser().exists():
-        errors.append(f"adapter: {cfg.adapter!r} does not exist (a `psynth train` run dir or an adapter dir)")
+        errors.append(f"adapter: {cfg.adapter!r} does not exist (a `psynth train` run dir, an adapter dir or a "
+                      "release checkpoint folder)")
     if not cfg.out_dir.strip() or "://" in cfg.out_dir:
         errors.append(f"out_dir must be a local directory (records are appended line by line), got {cfg.out_dir!r}")
     if errors:

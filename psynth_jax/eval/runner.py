@@ -40,7 +40,6 @@ from psynth_jax.eval.modes import MODE_SPECS, ModeSpec, worker_conversations
 from psynth_jax.eval.scoring import extract_answer, score_many
 from psynth_jax.eval.store import BranchSet, ModeRecord, RunStore
 from psynth_jax.eval.tasks import load_task
-from psynth_jax.synthesis.convention import Handoff
 
 
 @dataclasses.dataclass
@@ -188,6 +187,7 @@ class EvalRunner:
             return
         from psynth_jax.interop.loader import load_model
         from psynth_jax.model.transformer import LoRAConfig
+        from psynth_jax.synthesis.convention import Handoff
         from psynth_jax.synthesis.mapper import make_mapper
         from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
@@ -196,22 +196,29 @@ class EvalRunner:
         model = self._model if self._model is not None else load_model(m.source, dtype=m.dtype, lora=LoRAConfig(),
                                                                         mesh=mesh, rules=rules)
         first = next(exs[0].family for exs in self.examples.values() if exs)
-        handoff = Handoff(self.cfg.handoff.convention, self.cfg.handoff.stop_tokens)
         synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, timing_repeats=0,  # see _time
-                                  handoff=handoff, mesh=mesh)
-        initial = synth.mapper
-        description = "untrained: identity mapper, LoRA B = 0"
+                                  mesh=mesh)
+        chosen = self.cfg.handoff  # None: the adapter's recorded handoff, else the default
         if self.cfg.adapter is not None:
-            from psynth_jax.interop.adapter import load_adapter_into
+            from psynth_jax.interop.importer import load_adapter_into
 
-            description = load_adapter_into(synth, self.cfg.adapter)
+            loaded = load_adapter_into(synth, self.cfg.adapter, convention=chosen.convention if chosen else None,
+                                       stop_tokens=chosen.stop_tokens if chosen else None)
+            description, mapper_trained, lora_trained = loaded.description, loaded.mapper_trained, loaded.lora_trained
+        else:
+            if chosen is not None:
+                synth.handoff = Handoff(convention=chosen.convention, stop_tokens=chosen.stop_tokens)
+            description = (f"untrained: identity mapper, LoRA B = 0, handoff "
+                           f"{synth.handoff.convention}/{synth.handoff.stop_tokens}")
+            mapper_trained = lora_trained = False
         self.trained_mapper = synth.mapper
         self.identity_mapper = make_mapper("affine_length", model.cfg.num_kv_heads)  # last layer 0: identity
         self.store.save_weights({
             "adapter": self.cfg.adapter,
             "description": description,
-            "mapper_trained": self.cfg.adapter is not None and synth.mapper is not initial,
-            "lora_trained": self.cfg.adapter is not None,
+            "handoff": synth.handoff.as_dict(),
+            "mapper_trained": mapper_trained,
+            "lora_trained": lora_trained,
             # the configured name ("smollm2-135m", a hub id), not a machine's resolved file path
             "model": {"source": m.source if self._model is None else Path(model.source).name,
                       "checkpoint": Path(model.source).name, "family": model.cfg.family,

@@ -1,48 +1,43 @@
-"""Import trained synthesizer weights: PEFT LoRA adapters, cache mappers, `psynth train` runs.
+"""Read the parts of trained synthesizer weights: a PEFT LoRA (with its embeddings), a cache mapper.
 
-Reads what export.py writes and what the reference release ships: a PEFT adapter directory
-(adapter_config.json + adapter_model.safetensors) and its mapper, either our mapper.safetensors
-(+ mapper_config.json) or the release's cache_mapper.pt. The .pt file (a `torch.save` zip of a
-pickle plus raw storages) is read WITHOUT torch by a restricted unpickler that rebuilds plain
-tensors only, so inference boxes without torch can import the release.
+- LoRA: a PEFT adapter directory (adapter_config.json + adapter_model.safetensors). An adapter
+  may also carry full `embed_tokens` / `lm_head` tensors: PEFT saves them when training resized
+  the vocabulary, and the reference release's adapter does (151,669 rows, the tokenizer's size,
+  against Qwen3's padded 151,936). The release then runs `align_model_vocab_to_adapter`
+  (`resize_token_embeddings` to the adapter's size) before `PeftModel.from_pretrained`, which
+  loads those tensors over the base model's embedding and LM head, for workers and synthesizer
+  alike. `align_vocabulary` does exactly that here.
+- Mapper: our mapper.safetensors (+ mapper_config.json) or the release's cache_mapper.pt (read
+  without torch, torch_pickle.py), with the release's hidden_dim / metadata_features variants.
 
-Everything is checked against the model before use; a mismatch raises `AdapterError` naming the
-file, the tensor and both shapes (or both configs).
+Everything is checked against the model before anything is built; a mismatch raises
+`AdapterError` naming the file, the tensor and both shapes (or both configs). Which files make up
+one set of weights is layout.py's business, assembling them importer.py's.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
-import pickle
 import re
-import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import load_file
 
-from psynth_jax.interop.export import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILY_METADATA, MAPPER_CONFIG, MAPPER_KEYS, MAPPER_WEIGHTS, peft_key,
-    peft_target,
+from psynth_jax.interop.export import EMBED_KEY, FAMILY_METADATA, LM_HEAD_KEY, MAPPER_KEYS, peft_key, peft_target
+from psynth_jax.interop.layout import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAPPER_CONFIG, MAPPER_WEIGHTS, RELEASE_MAPPER, RELEASE_MAPPER_CONFIG,
+    read_json_object,
 )
+from psynth_jax.interop.torch_pickle import TorchFileError, read_torch_state_dict
 from psynth_jax.model.loaded import LoadedModel, parse_dtype
 from psynth_jax.model.sharding import state_shardings
 from psynth_jax.model.transformer import LORA_TARGETS, Decoder, LoRAConfig, LoRAParam
-from psynth_jax.synthesis.mapper import Mapper, make_mapper
-
-if TYPE_CHECKING:
-    from psynth_jax.config import ExperimentConfig
-    from psynth_jax.synthesis.pipeline import ParallelSynthesis
-
-RELEASE_MAPPER = "cache_mapper.pt"
+from psynth_jax.synthesis.mapper import METADATA_FEATURES, Mapper, make_mapper
 
 
 class AdapterError(ValueError):
@@ -52,6 +47,12 @@ class AdapterError(ValueError):
 def describe_lora(lora: LoRAConfig) -> str:
     """A LoRA in one line, e.g. "LoRA r16/a32 on q,k,v,o"."""
     return f"LoRA r{lora.rank}/a{lora.alpha:g} on {','.join(lora.targets)}"
+
+
+def describe_mapper(mapper: Mapper) -> str:
+    """A mapper in a few words: its kind, plus the release's input ablation when not the default."""
+    features = getattr(mapper, "metadata_features", "both")
+    return mapper.kind + ("" if features == "both" else f" (metadata_features {features})")
 
 
 # ------------------------------------------------------------------------------------ LoRA
@@ -87,6 +88,17 @@ def with_lora(model: LoadedModel, lora: LoRAConfig, weights: dict[str, Any]) -> 
     return dataclasses.replace(model, graphdef=graphdef, state=state, lora=lora)
 
 
+def without_trained_lora(model: LoadedModel) -> LoadedModel:
+    """`model` with its LoRA (default: r16/a32 on q,k,v,o) set to A = B = 0: the synthesizer then
+    computes what the backbone does, as the release does for a checkpoint without judger_lora/."""
+    lora = model.lora or LoRAConfig()
+    dims = _lora_dims(model, lora)
+    n = model.cfg.num_layers
+    return with_lora(model, lora, {"layers": {
+        t: {"lora_a": np.zeros((n, d_in, lora.rank), np.float32), "lora_b": np.zeros((n, lora.rank, d_out), np.float32)}
+        for t, (d_in, d_out) in dims.items()}})
+
+
 def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
     """rank / alpha / targets of a PEFT LoRA adapter directory; rejects options we do not implement."""
     d = Path(adapter_dir)
@@ -95,7 +107,10 @@ def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
     path = d / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {d}: not a PEFT adapter directory")
-    c = json.loads(path.read_text())
+    try:
+        c = read_json_object(path)
+    except ValueError as e:
+        raise AdapterError(str(e)) from e
     if c.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {c['peft_type']!r} is not supported (only LORA)")
     plain = {"bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}
@@ -116,6 +131,8 @@ def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
         raise AdapterError(f"{path}: target_modules {unknown} are not supported; choose from {list(by_name)}")
     names = {m.rsplit(".", 1)[-1] for m in modules}
     targets = tuple(t for t in LORA_TARGETS if peft_target(t) in names)
+    if "r" not in c or "lora_alpha" not in c:
+        raise AdapterError(f"{path}: no 'r' / 'lora_alpha' fields")
     return LoRAConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]), targets=targets)
 
 
@@ -126,9 +143,43 @@ def _check_expected(lora: LoRAConfig, expect: LoRAConfig | None, where: Path) ->
         raise AdapterError(f"adapter {where} has {describe_lora(lora)}; expected {describe_lora(expect)}")
 
 
-def load_peft_adapter(model: LoadedModel, adapter_dir: str | Path, *,
-                      expect: LoRAConfig | None = None) -> LoadedModel:
-    """`model` with the LoRA of a PEFT adapter directory (rank, alpha, targets from its config).
+@dataclasses.dataclass
+class PeftWeights:
+    """A PEFT adapter read and checked against a model, not yet applied."""
+
+    path: Path  # the adapter directory
+    lora: LoRAConfig
+    layers: dict[str, dict[str, np.ndarray]]  # target -> {"lora_a": [L, in, r], "lora_b": [L, r, out]}
+    embed: np.ndarray | None  # the adapter's embed_tokens [V, D], when it carries one
+    lm_head: np.ndarray | None  # the adapter's lm_head [V, D] (torch layout), when it carries one
+    metadata: dict[str, str]  # the safetensors header's metadata
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary of the embeddings the adapter carries (None: it carries none)."""
+        for t in (self.embed, self.lm_head):
+            if t is not None:
+                return int(t.shape[0])
+        return None
+
+
+def _open_safetensors(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # SafetensorError and friends for truncated / corrupt files
+        raise AdapterError(f"cannot read {path} (truncated or corrupt safetensors file?): {e}") from e
+
+
+def _tensor(f: Any, name: str, path: Path) -> np.ndarray:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise AdapterError(f"cannot read tensor {name!r} from {path} (truncated or corrupt?): {e}") from e
+
+
+def read_peft_adapter(model: LoadedModel, adapter_dir: str | Path, *,
+                      expect: LoRAConfig | None = None) -> PeftWeights:
+    """Read a PEFT adapter directory and check every tensor against `model`; build nothing.
 
     `expect`, when given, is the LoRA the caller requires (an error names both otherwise).
     """
@@ -141,8 +192,9 @@ def load_peft_adapter(model: LoadedModel, adapter_dir: str | Path, *,
             if (d / "adapter_model.bin").is_file() else ""
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {d}{hint}")
     cfg = model.cfg
-    with safe_open(str(path), framework="numpy") as f:
-        family = (f.metadata() or {}).get(FAMILY_METADATA)
+    with _open_safetensors(path) as f:
+        metadata = dict(f.metadata() or {})
+        family = metadata.get(FAMILY_METADATA)
         if family is not None and family != cfg.family:
             raise AdapterError(f"adapter {d} was exported from a {family} model; this model is {cfg.family}")
         names = set(f.keys())
@@ -151,9 +203,10 @@ def load_peft_adapter(model: LoadedModel, adapter_dir: str | Path, *,
             raise AdapterError(f"adapter {d} holds LoRA weights for {max(layer_ids) + 1} layers; "
                                f"the model ({model.source}) has {cfg.num_layers}")
         expected = {peft_key(i, t, w) for i in range(cfg.num_layers) for t in lora.targets for w in "AB"}
-        if names - expected:
+        unexpected = names - expected - {EMBED_KEY, LM_HEAD_KEY}
+        if unexpected:
             raise AdapterError(f"adapter {path} has unexpected tensors for {describe_lora(lora)}: "
-                               f"{sorted(names - expected)[:5]}")
+                               f"{sorted(unexpected)[:5]}")
         if expected - names:
             raise AdapterError(f"adapter {path} lacks tensors {sorted(expected - names)[:5]}")
         dims = _lora_dims(model, lora)
@@ -163,7 +216,82 @@ def load_peft_adapter(model: LoadedModel, adapter_dir: str | Path, *,
             a = [_get(f, peft_key(i, t, "A"), (lora.rank, d_in), path) for i in range(cfg.num_layers)]
             b = [_get(f, peft_key(i, t, "B"), (d_out, lora.rank), path) for i in range(cfg.num_layers)]
             layers[t] = {"lora_a": np.stack([x.T for x in a]), "lora_b": np.stack([x.T for x in b])}
-    return with_lora(model, lora, {"layers": layers})
+        embed = _tensor(f, EMBED_KEY, path) if EMBED_KEY in names else None
+        lm_head = _tensor(f, LM_HEAD_KEY, path) if LM_HEAD_KEY in names else None
+    weights = PeftWeights(d, lora, layers, embed, lm_head, metadata)
+    _check_vocabulary(model, weights, path)
+    return weights
+
+
+def _check_vocabulary(model: LoadedModel, w: PeftWeights, path: Path) -> None:
+    """The release's `align_model_vocab_to_adapter` preconditions, plus what it leaves unchecked."""
+    cfg = model.cfg
+    sizes = {name: t.shape for name, t in ((EMBED_KEY, w.embed), (LM_HEAD_KEY, w.lm_head)) if t is not None}
+    if not sizes:
+        return
+    for name, shape in sizes.items():
+        if len(shape) != 2 or shape[1] != cfg.hidden_size:
+            raise AdapterError(f"{path}: tensor {name!r} has shape {tuple(shape)}; the model's hidden size is "
+                               f"{cfg.hidden_size}")
+    vocab = {shape[0] for shape in sizes.values()}
+    if len(vocab) != 1:
+        raise AdapterError(f"{path}: embed_tokens and lm_head disagree on the vocabulary size: {sorted(vocab)}")
+    v = vocab.pop()
+    if v > cfg.vocab_size:
+        raise AdapterError(f"{path} carries embeddings for a vocabulary of {v} tokens, larger than the model's "
+                           f"{cfg.vocab_size} ({model.source}): not an adapter of this backbone")
+    tokenizer = len(model.tokenizer) if model.tokenizer is not None else None
+    if tokenizer is not None and tokenizer > v:
+        raise AdapterError(f"{path} carries embeddings for {v} tokens, fewer than the tokenizer's {tokenizer} "
+                           "(the release refuses this too)")
+    if cfg.tie_word_embeddings and w.embed is not None and w.lm_head is not None \
+            and not np.array_equal(w.embed, w.lm_head):
+        raise AdapterError(f"{path}: the model ties lm_head to embed_tokens, but the adapter's two differ")
+
+
+def align_vocabulary(model: LoadedModel, embed: np.ndarray | None, lm_head: np.ndarray | None) -> LoadedModel:
+    """`model` with the vocabulary of the given embedding / LM-head rows ([V, D], torch layout).
+
+    What `resize_token_embeddings(V)` then `PeftModel.from_pretrained` do in the release: the
+    backbone's embedding and head become V rows; a tensor given replaces the model's, one not
+    given keeps the model's first V rows (a tied head follows the embedding). Workers and the
+    synthesizer both see the result (it is the backbone, not the LoRA). Other arrays are shared.
+    """
+    if model.cfg.tie_word_embeddings and embed is None:
+        embed = lm_head  # loading a tied head writes the one shared matrix
+    rows = embed if embed is not None else lm_head
+    if rows is None:
+        raise ValueError("align_vocabulary needs an embedding or an LM head")
+    v = int(rows.shape[0])
+    cfg = dataclasses.replace(model.cfg, vocab_size=v)
+    dtype = parse_dtype(model.dtype_name)
+    rules = model.rules
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Decoder(cfg, lora=model.lora, dtype=dtype, rules=rules, rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(model.state)
+    pure["embed"] = jnp.asarray(embed, dtype) if embed is not None else pure["embed"][:v]
+    if not cfg.tie_word_embeddings:
+        pure["lm_head"] = jnp.asarray(lm_head.T, dtype) if lm_head is not None else pure["lm_head"][:, :v]
+    shardings = state_shardings(state, model.mesh, rules) if model.mesh is not None else None
+    nnx.replace_by_pure_dict(state, pure)
+    if shardings is not None:  # the new rows where the model's sharding rules put them
+        state = jax.device_put(state, shardings)
+    return dataclasses.replace(model, cfg=cfg, graphdef=graphdef, state=state)
+
+
+def apply_peft_adapter(model: LoadedModel, w: PeftWeights) -> LoadedModel:
+    """`model` with the adapter's LoRA and, when it carries them, its embeddings (vocabulary aligned)."""
+    out = with_lora(model, w.lora, {"layers": w.layers})
+    if w.vocab_size is not None:
+        out = align_vocabulary(out, w.embed, w.lm_head)
+    return out
+
+
+def load_peft_adapter(model: LoadedModel, adapter_dir: str | Path, *,
+                      expect: LoRAConfig | None = None) -> LoadedModel:
+    """`model` with the LoRA of a PEFT adapter directory (rank, alpha, targets from its config) and
+    the embeddings it carries, if any. `expect`: the LoRA the caller requires."""
+    return apply_peft_adapter(model, read_peft_adapter(model, adapter_dir, expect=expect))
 
 
 def _lora_dims(model: LoadedModel, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
@@ -173,48 +301,90 @@ def _lora_dims(model: LoadedModel, lora: LoRAConfig) -> dict[str, tuple[int, int
 
 
 def _get(f: Any, name: str, want: tuple[int, ...], path: Path) -> np.ndarray:
-    w = f.get_tensor(name)
+    w = _tensor(f, name, path)
     if tuple(w.shape) != want:
         raise AdapterError(f"{path}: tensor {name!r} has shape {tuple(w.shape)}, the model expects {want}")
     return w.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------- mapper
-def mapper_file(directory: str | Path) -> Path | None:
-    """The mapper inside an adapter directory: our mapper.safetensors, else the release's cache_mapper.pt."""
-    found = [Path(directory) / n for n in (MAPPER_WEIGHTS, RELEASE_MAPPER) if (Path(directory) / n).is_file()]
-    return found[0] if found else None
-
-
-def load_mapper(path: str | Path, num_kv_heads: int) -> Mapper:
+def load_mapper(path: str | Path, num_kv_heads: int, *, settings: Mapping[str, Any] | None = None) -> Mapper:
     """A mapper from mapper.safetensors (ours), cache_mapper.pt (the release) or a directory with one.
 
-    The kind comes from mapper_config.json next to the file when present, else from the output
-    width: 4 is the release's affine_length mapper, 4 x num_kv_heads a per-head mapper.
+    Ours: the kind, hidden width and inputs come from mapper_config.json beside it when present,
+    else from the shapes (output width 4: the release's affine_length mapper; 4 x num_kv_heads: a
+    per-head mapper). The release's: `settings` (hidden_dim, metadata_features; default: its
+    cache_mapper_config.json beside it), checked against the tensors; without them the shapes
+    decide (3 inputs: "both", 1: "none"; 2 inputs need the setting to tell "length" from
+    "num_agents").
     """
     p = Path(path)
     if p.is_dir():
-        found = mapper_file(p)
-        if found is None:
+        found = [p / n for n in (MAPPER_WEIGHTS, RELEASE_MAPPER) if (p / n).is_file()]
+        if not found:
             raise FileNotFoundError(f"no {MAPPER_WEIGHTS} or {RELEASE_MAPPER} in {p}")
-        p = found
+        p = found[0]
     if not p.is_file():
         raise FileNotFoundError(f"mapper file not found: {p}")
     if p.suffix == ".safetensors":
-        tensors = load_file(str(p))
+        with _open_safetensors(p) as f:
+            tensors = {name: _tensor(f, name, p) for name in f.keys()}
+        config_path = p.parent / MAPPER_CONFIG
+        config = _json(config_path) if config_path.is_file() else {}
+        release = False
     else:
-        tensors = read_torch_state_dict(p)
-    config_path = p.parent / MAPPER_CONFIG
-    config = json.loads(config_path.read_text()) if p.suffix == ".safetensors" and config_path.is_file() else {}
-    return _mapper_from_tensors(tensors, num_kv_heads, config, p)
+        try:
+            tensors = read_torch_state_dict(p)
+        except TorchFileError as e:
+            raise AdapterError(str(e)) from e
+        if settings is None:
+            config_path = p.parent / RELEASE_MAPPER_CONFIG
+            settings = _json(config_path) if config_path.is_file() else {}
+        config = {"kind": "affine_length", "hidden": settings.get("hidden_dim"),
+                  "metadata_features": settings.get("metadata_features")}
+        release = True
+    return _mapper_from_tensors(tensors, num_kv_heads, config, p, release)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return read_json_object(path)
+    except ValueError as e:
+        raise AdapterError(str(e)) from e
 
 
 def _mapper_from_tensors(tensors: dict[str, np.ndarray], num_kv_heads: int, config: dict[str, Any],
-                         where: Path) -> Mapper:
+                         where: Path, release: bool) -> Mapper:
     names = {name for name, _ in MAPPER_KEYS.values()}
     if set(tensors) != names:
         raise AdapterError(f"mapper {where}: expected tensors {sorted(names)}, found {sorted(tensors)}")
-    hidden, n_out = tensors["net.0.weight"].shape[0], tensors["net.2.weight"].shape[0]
+    for name, t in tensors.items():
+        if t.ndim != (2 if name.endswith("weight") else 1):
+            raise AdapterError(f"mapper {where}: tensor {name!r} has shape {tuple(t.shape)}")
+    hidden, n_in = tensors["net.0.weight"].shape
+    n_out = tensors["net.2.weight"].shape[0]
+    if release and n_out != 4:
+        raise AdapterError(f"mapper {where}: net.2.weight has {n_out} outputs; the release's mapper has 4 "
+                           "(alpha_k, beta_k, alpha_v, beta_v)")
+    if config.get("hidden") is not None and int(config["hidden"]) != hidden:
+        raise AdapterError(f"mapper {where} is {hidden} wide (net.0.weight {tuple(tensors['net.0.weight'].shape)}) "
+                           f"but its config says hidden {config['hidden']}")
+    features = config.get("metadata_features")
+    if features is None:
+        modes = [mode for mode, cols in METADATA_FEATURES.items() if len(cols) == n_in]
+        if not modes:
+            raise AdapterError(f"mapper {where}: tensor 'net.0.weight' has shape {tuple(tensors['net.0.weight'].shape)}, "
+                               f"expected ({hidden}, 3) (or 2 / 1 inputs for the release's metadata_features ablations)")
+        if len(modes) > 1:
+            raise AdapterError(f"mapper {where} takes {n_in} inputs: metadata_features {' or '.join(map(repr, modes))}; "
+                               f"which one needs {RELEASE_MAPPER_CONFIG} (or run_args.json) beside it")
+        features = modes[0]
+    if features not in METADATA_FEATURES:
+        raise AdapterError(f"mapper {where}: unknown metadata_features {features!r}; the release knows "
+                           f"{tuple(METADATA_FEATURES)}")
+    if len(METADATA_FEATURES[features]) != n_in:
+        raise AdapterError(f"mapper {where} takes {n_in} inputs, but metadata_features {features!r} means "
+                           f"{len(METADATA_FEATURES[features])}")
     kind = config.get("kind") or ("affine_length" if n_out == 4 else "per_head_affine")
     heads = config.get("num_kv_heads")
     if kind == "per_head_affine" and heads is not None and heads != num_kv_heads:
@@ -222,7 +392,10 @@ def _mapper_from_tensors(tensors: dict[str, np.ndarray], num_kv_heads: int, conf
     if kind == "per_head_affine" and n_out != 4 * num_kv_heads:
         raise AdapterError(f"mapper {where} outputs {n_out} values: neither the release's 4 nor "
                            f"4 x {num_kv_heads} KV heads of a per-head mapper for this model")
-    mapper = make_mapper(kind, num_kv_heads, hidden)
+    try:
+        mapper = make_mapper(kind, num_kv_heads, hidden, metadata_features=features)
+    except ValueError as e:
+        raise AdapterError(f"mapper {where}: {e}") from e
     state = nnx.state(mapper)
     net = nnx.to_pure_dict(state)["net"]
     new = {}
@@ -237,186 +410,3 @@ def _mapper_from_tensors(tensors: dict[str, np.ndarray], num_kv_heads: int, conf
     nnx.update(mapper, state)
     return mapper
 
-
-# ------------------------------------------------------------------ torch.save without torch
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-}
-
-
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-                    *_: Any) -> np.ndarray:
-    item = storage.dtype.itemsize
-    return np.array(np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                                    strides=[s * item for s in stride]))
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict into numpy arrays; refuses every other global."""
-
-    def __init__(self, archive: zipfile.ZipFile, root: str):
-        super().__init__(archive.open(f"{root}data.pkl"))
-        self.archive, self.root = archive, root
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return lambda data, *_: data
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return np.dtype(_STORAGE_DTYPES[name])
-        raise pickle.UnpicklingError(f"{module}.{name}: only state dicts of plain tensors can be read without torch")
-
-    def persistent_load(self, pid: Any) -> np.ndarray:
-        _, dtype, key, _, numel = pid  # ("storage", dtype, key, location, numel)
-        raw = self.archive.read(f"{self.root}data/{key}")
-        return np.frombuffer(raw, dtype, count=numel)
-
-
-def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """{name: array} of a `torch.save(state_dict)` file (zip format, torch >= 1.6), without torch.
-
-    Storages are read as little-endian (what every x86/ARM machine writes; others are refused).
-    """
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise AdapterError(f"{path} is not a torch.save zip archive (the legacy pre-1.6 format is not "
-                           "supported: re-save it with a recent torch)")
-    with zipfile.ZipFile(path) as z:
-        pkl = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-        if not pkl:
-            raise AdapterError(f"{path}: no data.pkl inside; not a torch.save file")
-        root = pkl[0][: -len("data.pkl")]
-        order = f"{root}byteorder"
-        if order in z.namelist() and z.read(order).decode().strip() != "little":
-            raise AdapterError(f"{path} was saved on a big-endian machine; only little-endian files are read")
-        try:
-            obj = _StateDictUnpickler(z, root).load()
-        except pickle.UnpicklingError as e:
-            raise AdapterError(f"{path}: {e}") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise AdapterError(f"{path} does not hold a state dict of tensors")
-    return dict(obj)
-
-
-# ------------------------------------------------------------------------- training runs
-@dataclasses.dataclass
-class TrainedRun:
-    """The newest restorable checkpoint of a `psynth train` run, applied to a backbone."""
-
-    model: LoadedModel  # with the run's LoRA filled in
-    mapper: Mapper
-    step: int
-    config: ExperimentConfig  # the run's config.yaml
-
-
-def run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The ExperimentConfig saved in a run directory (its config.yaml)."""
-    from psynth_jax.config import load_config
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.yaml in {run_dir}: not a `psynth train` run directory")
-    return load_config(path)
-
-
-def _shape_mismatches(checkpointer: Any, skeleton: Any) -> list[str]:
-    """Trainable leaves whose shape in the newest checkpoint differs from `skeleton`'s, named.
-
-    Checked from Orbax's metadata before restoring, so a run trained on another backbone fails
-    with the tensor names instead of an error from inside Orbax's asynchronous reads.
-    """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    step = checkpointer.manager.latest_step()
-    if step is None:
-        return []
-    try:
-        saved = ocp.StandardCheckpointHandler().metadata(
-            epath.Path(str(checkpointer.directory)) / str(step) / "train")["trainable"]
-    except Exception:  # unreadable metadata: restore_latest warns and falls back to an older step
-        return []
-
-    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in flat}
-
-    have, want = shapes(saved), shapes(skeleton["trainable"])
-    return [f"{k}: saved {have.get(k)}, needed {v}" for k, v in want.items() if have.get(k) != v]
-
-
-def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
-    """Restore the newest readable checkpoint of `run_dir` onto `model`'s backbone.
-
-    Builds the exact train-state skeleton the trainer saves ({trainable: {lora, mapper},
-    opt_state}) from the run's config, so every shape is checked; the optimizer state is
-    restored and dropped. Arrays land on the first local device, whichever mesh saved them.
-    Imports the training stack (orbax, optax) lazily, here only.
-    """
-    from psynth_jax.train.checkpointing import Checkpointer
-    from psynth_jax.train.step import make_optimizer
-
-    cfg = run_config(run_dir)
-    if not (Path(run_dir) / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoints/ in run directory {run_dir}")
-    lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
-    dtype = parse_dtype(model.dtype_name)
-    abstract = nnx.eval_shape(lambda: Decoder(model.cfg, lora=lora, dtype=dtype, rngs=nnx.Rngs(0)))
-    _, lora_state, _ = nnx.split(abstract, LoRAParam, ...)
-    mdef, mapper_state = nnx.split(make_mapper(cfg.mapper.kind, model.cfg.num_kv_heads, cfg.mapper.hidden))
-    trainable = {"lora": lora_state, "mapper": mapper_state}
-    t = cfg.train
-    tx = make_optimizer(t.lr, t.steps, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-                        decay=t.decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum)
-    skeleton = jax.eval_shape(lambda tr: {"trainable": tr, "opt_state": tx.init(tr)}, trainable)
-    # restore onto one device, whatever mesh the run was saved from (Orbax needs the target topology)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), skeleton)
-    target = f"{model.source} ({model.cfg.family}, {model.cfg.num_layers} layers)"
-    checkpointer = Checkpointer(run_dir, async_save=False)
-    try:
-        mismatches = _shape_mismatches(checkpointer, skeleton)
-        if mismatches:
-            raise AdapterError(f"run {run_dir} (trained on {cfg.model.source}) does not fit {target}: "
-                               + "; ".join(mismatches[:3]))
-        got = checkpointer.restore_latest(skeleton)
-    finally:
-        checkpointer.close()
-    if got is None:
-        raise AdapterError(f"no checkpoint in {run_dir} could be restored onto {target} with {describe_lora(lora)} "
-                           f"and mapper {cfg.mapper.kind} (see the warnings above)")
-    step, state, _ = got
-    restored = state["trainable"]
-    return TrainedRun(model=with_lora(model, lora, nnx.to_pure_dict(restored["lora"])),
-                      mapper=nnx.merge(mdef, restored["mapper"]), step=step, config=cfg)
-
-
-# ------------------------------------------------------------------------------- demo hook
-def load_adapter_into(synth: ParallelSynthesis, path: str | Path) -> str:
-    """Load a `psynth train` run dir or an adapter dir into a ParallelSynthesis; describe it in one line.
-
-    The LoRA replaces the weights of `synth.model` in place: the pipeline and its generator hold
-    that same LoadedModel, so both see the adapter. The mapper goes through `synth.set_mapper`.
-    An adapter dir without a mapper file keeps the synthesizer's current mapper.
-    """
-    p = Path(path)
-    if (p / "config.yaml").is_file():
-        run = restore_run(p, synth.model)
-        model, mapper = run.model, run.mapper
-        what = f"trained: run {p} step {run.step}, mapper {mapper.kind}"
-    elif (p / ADAPTER_CONFIG).is_file():
-        model = load_peft_adapter(synth.model, p)
-        found = mapper_file(p)
-        mapper = load_mapper(found, synth.cfg.num_kv_heads) if found else synth.mapper
-        source = f"({found.name})" if found else "(none in the adapter dir: kept)"
-        what = f"adapter: {p}, mapper {mapper.kind} {source}"
-    else:
-        raise FileNotFoundError(f"{p} is neither a `psynth train` run directory (config.yaml) nor an "
-                                f"adapter directory ({ADAPTER_CONFIG})")
-    synth.set_mapper(mapper)
-    synth.model.graphdef, synth.model.state, synth.model.lora = model.graphdef, model.state, model.lora
-    return f"{what}, {describe_lora(model.lora)}"

@@ -6,7 +6,13 @@
 - `export_adapter`: the LoRA as a PEFT adapter (adapter_config.json + adapter_model.safetensors,
   loadable by `peft.PeftModel.from_pretrained`) and the mapper as mapper.safetensors under the
   reference release's state-dict names (net.0.weight [hidden, 3] ... torch Linear layout,
-  out x in) + mapper_config.json.
+  out x in) + mapper_config.json. An adapter whose vocabulary was aligned on import (the
+  release's embed_tokens / lm_head, adapter.py) carries those tensors again, as PEFT saves them.
+
+Every export records what the weights were trained under in psynth_export.json (and in the
+safetensors metadata): the handoff convention and worker stop tokens (synthesis/convention.py),
+the mapper, the LoRA and the backbone, so an import restores the same synthesizer.
+The release's own layout (cache_mapper.pt + judger_lora/) is release.py.
 
 Only numpy and safetensors are used (no torch), so a box without torch can export. Tensor names
 come from the loader's key table (`LAYER_KEYS` / `GLOBAL_KEYS`); the format constants below are
@@ -23,22 +29,26 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from psynth_jax.interop.layout import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_RECORD, MAPPER_CONFIG, MAPPER_WEIGHTS, RELEASE_MAPPER,
+    RELEASE_MAPPER_CONFIG,
+)
 from psynth_jax.interop.loader import GLOBAL_KEYS, LAYER_KEYS
-
-from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.loaded import LoadedModel
+from psynth_jax.synthesis.convention import Handoff
 from psynth_jax.synthesis.mapper import Mapper
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MAPPER_WEIGHTS = "mapper.safetensors"
-MAPPER_CONFIG = "mapper_config.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the *ForCausalLM's attributes
+# full embedding / LM head tensors PEFT saves in an adapter when training resized the vocabulary
+EMBED_KEY = f"{PEFT_PREFIX}model.embed_tokens.weight"
+LM_HEAD_KEY = f"{PEFT_PREFIX}lm_head.weight"
 MAX_SHARD_BYTES = 5 * 2**30
 # Safetensors metadata of our adapter files (PEFT ignores it): lets the importer reject an adapter
 # exported from another family even when the tensor shapes happen to agree.
 FAMILY_METADATA = "psynth_family"
+HANDOFF_METADATA = "psynth_handoff"  # Handoff.as_dict() as JSON
 
 # mapper leaf inside its `net` -> (release state-dict name, transpose between [in, out] and [out, in])
 MAPPER_KEYS: dict[str, tuple[str, bool]] = {
@@ -146,7 +156,7 @@ def merged_tensors(model: LoadedModel) -> dict[str, np.ndarray]:
     return out
 
 
-def _save_sharded(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: int) -> None:
+def _save_sharded(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: int, meta: dict[str, str]) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + index when over `max_shard_bytes`."""
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a previous export with another sharding
@@ -158,7 +168,6 @@ def _save_sharded(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: in
             size = 0
         shards[-1][name] = t
         size += t.nbytes
-    meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
         return
@@ -184,21 +193,62 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def export_merged(model: LoadedModel, out_dir: str | Path, tokenizer: Any = None, *,
-                  max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def safetensors_metadata(model: LoadedModel, handoff: Handoff | None) -> dict[str, str]:
+    """Header metadata of every safetensors file we write (PEFT and transformers ignore it)."""
+    meta = {"format": "pt", FAMILY_METADATA: model.cfg.family}
+    if handoff is not None:
+        meta[HANDOFF_METADATA] = json.dumps(handoff.as_dict())
+    return meta
+
+
+def mapper_record(mapper: Mapper | None) -> dict[str, Any] | None:
+    """The mapper as export records describe it (kind, hidden width, inputs, heads)."""
+    if mapper is None:
+        return None
+    net = nnx.to_pure_dict(nnx.state(mapper))["net"]
+    return {"kind": mapper.kind, "hidden": int(np.shape(net["w0"])[1]),
+            "metadata_features": getattr(mapper, "metadata_features", "both"),
+            "num_kv_heads": getattr(mapper, "num_kv_heads", None)}
+
+
+def write_export_record(out: Path, model: LoadedModel, *, format: str, handoff: Handoff | None,
+                        mapper: Mapper | None, embeddings: bool, source: str) -> Path:
+    """psynth_export.json: what an export holds and what it was trained under (read back on import).
+
+    handoff is null when nothing said which convention the weights were trained under.
+    """
+    lora = model.lora
+    record = {
+        "format": format,
+        "handoff": handoff.as_dict() if handoff is not None else None,
+        "mapper": mapper_record(mapper),
+        "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
+        "embeddings_vocab": model.cfg.vocab_size if embeddings else None,
+        "family": model.cfg.family,
+        "base_model": model.source,
+        "source": source,
+    }
+    _write_json(out / EXPORT_RECORD, record)
+    return out / EXPORT_RECORD
+
+
+def export_merged(model: LoadedModel, out_dir: str | Path, tokenizer: Any = None, *, handoff: Handoff | None = None,
+                  source: str = "", max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` (LoRA folded in, if it has one) as a transformers checkpoint directory.
 
     The weights keep the model's dtype (the fold itself is computed in float32). `tokenizer`
-    (default: the model's own) is saved alongside when there is one.
+    (default: the model's own) is saved alongside when there is one. `handoff` (what the LoRA
+    was trained under) and `source` are recorded in psynth_export.json and the safetensors metadata.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", hf_config(model.cfg, model.dtype_name))
-    _save_sharded(merged_tensors(model), out, max_shard_bytes)
+    _save_sharded(merged_tensors(model), out, max_shard_bytes, safetensors_metadata(model, handoff))
     _write_json(out / "generation_config.json", _generation_config(model))
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+    write_export_record(out, model, format="merged", handoff=handoff, mapper=None, embeddings=False, source=source)
     return out
 
 
@@ -228,9 +278,14 @@ def peft_config(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def adapter_tensors(model: LoadedModel) -> dict[str, np.ndarray]:
-    """LoRA weights under PEFT's names: lora_A.weight [r, in], lora_B.weight [out, r], float32."""
-    layers = nnx.to_pure_dict(model.state)["layers"]
+def adapter_tensors(model: LoadedModel, *, embeddings: bool = False) -> dict[str, np.ndarray]:
+    """LoRA weights under PEFT's names: lora_A.weight [r, in], lora_B.weight [out, r], float32.
+
+    `embeddings`: also the full embed_tokens / lm_head [V, D] in the model's dtype, as PEFT saves
+    them for a resized vocabulary (both names for a tied head, as PEFT does).
+    """
+    pure = nnx.to_pure_dict(model.state)
+    layers = pure["layers"]
     out: dict[str, np.ndarray] = {}
     for t in model.lora.targets:
         a = np.asarray(layers[t]["lora_a"], np.float32)  # [L, in, r]
@@ -238,7 +293,22 @@ def adapter_tensors(model: LoadedModel) -> dict[str, np.ndarray]:
         for i in range(model.cfg.num_layers):
             out[peft_key(i, t, "A")] = _torch_layout(a[i], True)
             out[peft_key(i, t, "B")] = _torch_layout(b[i], True)
+    if embeddings:
+        embed = np.asarray(pure["embed"])
+        out[EMBED_KEY] = _torch_layout(embed, False)
+        out[LM_HEAD_KEY] = _torch_layout(embed if model.cfg.tie_word_embeddings else np.asarray(pure["lm_head"]),
+                                         not model.cfg.tie_word_embeddings)
     return out
+
+
+def write_peft_adapter(model: LoadedModel, out: Path, *, embeddings: bool, handoff: Handoff | None) -> None:
+    """adapter_config.json + adapter_model.safetensors of the model's LoRA into `out`."""
+    if model.lora is None:
+        raise ValueError(f"model {model.source} has no LoRA to export as an adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / ADAPTER_CONFIG, peft_config(model))
+    save_file(adapter_tensors(model, embeddings=embeddings), str(out / ADAPTER_WEIGHTS),
+              metadata=safetensors_metadata(model, handoff))
 
 
 def mapper_tensors(mapper: Mapper) -> dict[str, np.ndarray]:
@@ -249,29 +319,32 @@ def mapper_tensors(mapper: Mapper) -> dict[str, np.ndarray]:
 
 
 def export_mapper(mapper: Mapper, out_dir: str | Path) -> Path:
-    """Write mapper.safetensors + mapper_config.json (kind, hidden, num_kv_heads) into `out_dir`.
+    """Write mapper.safetensors + mapper_config.json (kind, hidden, metadata_features, num_kv_heads).
 
     num_kv_heads is null for the release's mapper: its (alpha, beta) broadcast over any heads.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = mapper_tensors(mapper)
-    save_file(tensors, str(out / MAPPER_WEIGHTS), metadata={"format": "pt"})
-    config = {"kind": mapper.kind, "hidden": int(tensors["net.0.weight"].shape[0]),
-              "num_kv_heads": getattr(mapper, "num_kv_heads", None)}
-    _write_json(out / MAPPER_CONFIG, config)
+    save_file(mapper_tensors(mapper), str(out / MAPPER_WEIGHTS), metadata={"format": "pt"})
+    _write_json(out / MAPPER_CONFIG, mapper_record(mapper))
     return out / MAPPER_WEIGHTS
 
 
-def export_adapter(model: LoadedModel, mapper: Mapper | None, out_dir: str | Path) -> Path:
-    """Write the model's LoRA as a PEFT adapter directory, plus the mapper when given."""
-    if model.lora is None:
-        raise ValueError(f"model {model.source} has no LoRA to export as an adapter")
+def export_adapter(model: LoadedModel, mapper: Mapper | None, out_dir: str | Path, *, handoff: Handoff | None = None,
+                   embeddings: bool = False, source: str = "") -> Path:
+    """Write the model's LoRA as a PEFT adapter directory, plus the mapper when given.
+
+    Without a mapper, a mapper left in `out_dir` by an earlier export is removed: a new LoRA is
+    never paired with a stale mapper. `embeddings`: carry embed_tokens / lm_head (a vocabulary
+    aligned to an imported adapter). `handoff` and `source` go into psynth_export.json.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / ADAPTER_CONFIG, peft_config(model))
-    save_file(adapter_tensors(model), str(out / ADAPTER_WEIGHTS),
-              metadata={"format": "pt", FAMILY_METADATA: model.cfg.family})
+    write_peft_adapter(model, out, embeddings=embeddings, handoff=handoff)
     if mapper is not None:
         export_mapper(mapper, out)
+    else:
+        for stale in (MAPPER_WEIGHTS, MAPPER_CONFIG, RELEASE_MAPPER, RELEASE_MAPPER_CONFIG):
+            (out / stale).unlink(missing_ok=True)
+    write_export_record(out, model, format="psynth", handoff=handoff, mapper=mapper, embeddings=embeddings,
+                        source=source)
     return out

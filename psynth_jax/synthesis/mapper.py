@@ -5,6 +5,10 @@ shared by all layers and branches, Linear(3 -> 32), SiLU, Linear(32 -> 4), input
 [log1p(max(L_i, 1)), log1p(max(K, 1)), l / (num_layers - 1)], outputs bounded by tanh into
 (alpha_k, beta_k, alpha_v, beta_v), last layer zero-initialised so it starts as the identity.
 
+The release's ablations drop runtime inputs (`metadata_features`: "both" = the three above,
+"length" = [length, layer], "num_agents" = [K, layer], "none" = [layer]); the mapper keeps the
+mode and selects those columns, so an ablation checkpoint runs unchanged.
+
 `PerHeadAffineMapper` is ours: the same inputs, but one (alpha, beta) pair per KV head for keys
 and for values, so heads that carry position-like versus content-like signal can be rescaled
 differently. Also identity at init.
@@ -22,6 +26,9 @@ from flax import nnx
 from psynth_jax.model.transformer import param
 
 MAPPER_KINDS = ("affine_length", "per_head_affine")
+# the release's `metadata_features` modes -> which columns of `mapper_features` the MLP reads
+METADATA_FEATURES: dict[str, tuple[int, ...]] = {"both": (0, 1, 2), "length": (0, 2), "num_agents": (1, 2),
+                                                 "none": (2,)}
 
 
 class MapperParam(nnx.Param):
@@ -29,13 +36,14 @@ class MapperParam(nnx.Param):
 
 
 class _MLP(nnx.Module):
-    """Linear(3 -> hidden), SiLU, Linear(hidden -> out) with the last layer zero-initialised."""
+    """Linear(inputs -> hidden), SiLU, Linear(hidden -> out) with the last layer zero-initialised."""
 
-    def __init__(self, hidden: int, out: int, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, out: int, rngs: nnx.Rngs, inputs: int = 3):
         # torch.nn.Linear's default init (kaiming-uniform, bound 1/sqrt(fan_in)) for the first layer
-        bound = 1.0 / jnp.sqrt(3.0)
+        bound = 1.0 / jnp.sqrt(float(inputs))
         uniform = jax.random.uniform
-        self.w0 = param(uniform(rngs.params(), (3, hidden), jnp.float32, -bound, bound), ("mapper", "mapper"), MapperParam)
+        self.w0 = param(uniform(rngs.params(), (inputs, hidden), jnp.float32, -bound, bound), ("mapper", "mapper"),
+                        MapperParam)
         self.b0 = param(uniform(rngs.params(), (hidden,), jnp.float32, -bound, bound), ("mapper",), MapperParam)
         self.w1 = param(jnp.zeros((hidden, out), jnp.float32), ("mapper", "mapper"), MapperParam)
         self.b1 = param(jnp.zeros((out,), jnp.float32), ("mapper",), MapperParam)
@@ -62,11 +70,17 @@ class AffineLengthMapper(nnx.Module):
 
     kind = "affine_length"
 
-    def __init__(self, num_kv_heads: int, hidden: int = 32, *, rngs: nnx.Rngs):
-        self.net = _MLP(hidden, 4, rngs)
+    def __init__(self, num_kv_heads: int, hidden: int = 32, *, metadata_features: str = "both", rngs: nnx.Rngs):
+        if metadata_features not in METADATA_FEATURES:
+            raise ValueError(f"unknown mapper metadata_features {metadata_features!r}; "
+                             f"choose one of {tuple(METADATA_FEATURES)}")
+        self.metadata_features = metadata_features
+        self.net = _MLP(hidden, 4, rngs, inputs=len(METADATA_FEATURES[metadata_features]))
 
     def scales(self, feats: jax.Array) -> tuple[jax.Array, ...]:
         """feats [..., 3] -> alpha_k, beta_k, alpha_v, beta_v, each [..., 1] (broadcast over heads)."""
+        if self.metadata_features != "both":
+            feats = feats[..., list(METADATA_FEATURES[self.metadata_features])]
         r = self.net(feats)
         t = 0.1 * jnp.tanh(r)
         return 1.0 + t[..., 0:1], t[..., 1:2], 1.0 + t[..., 2:3], t[..., 3:4]
@@ -90,11 +104,16 @@ class PerHeadAffineMapper(nnx.Module):
 Mapper = AffineLengthMapper | PerHeadAffineMapper
 
 
-def make_mapper(kind: str, num_kv_heads: int, hidden: int = 32, seed: int = 0) -> Mapper:
-    """Build a mapper by config name."""
+def make_mapper(kind: str, num_kv_heads: int, hidden: int = 32, seed: int = 0, *,
+                metadata_features: str = "both") -> Mapper:
+    """Build a mapper by config name (`metadata_features`: the release's input ablations, affine_length only)."""
     classes = {"affine_length": AffineLengthMapper, "per_head_affine": PerHeadAffineMapper}
     if kind not in classes:
         raise ValueError(f"unknown mapper kind {kind!r}; choose one of {MAPPER_KINDS}")
+    if kind == "affine_length":
+        return AffineLengthMapper(num_kv_heads, hidden, metadata_features=metadata_features, rngs=nnx.Rngs(seed))
+    if metadata_features != "both":
+        raise ValueError(f"metadata_features={metadata_features!r} exists for the release's affine_length mapper only")
     return classes[kind](num_kv_heads, hidden, rngs=nnx.Rngs(seed))
 
 
