@@ -159,6 +159,18 @@ def test_caps_fit_the_budget_and_every_step_has_figures():
             assert len(full) == len(smoke), (step.name, flag)
 
 
+def test_the_docs_budget_table_is_the_code_s():
+    text = (ROOT / "docs" / "PERFORMANCE.md").read_text()
+    section = text[text.index("## The GPU check"):]
+    section = section[:section.index("\n## ", 10)]
+    caps = {}
+    for line in section.splitlines():
+        cells = gpu_docs._cells(line)
+        if line.startswith("| ") and len(cells) == 4 and cells[2].isdigit():
+            caps[cells[0]] = float(cells[2])
+    assert caps == {**{s.name: s.cap_s for s in gpu_check.STEPS}, "total": sum(s.cap_s for s in gpu_check.STEPS)}
+
+
 def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="unknown step 'ttft'"):
         gpu_check.select_steps(["ttft"], [])
@@ -296,8 +308,8 @@ def table_cells(text: str) -> dict[tuple[str, int, int], str]:
         if line.startswith("## "):
             section, row = line, 0
         if line.startswith("|"):
-            for j, c in enumerate(line.strip().strip("|").split("|")):
-                cells[(section, row, j)] = c.strip()
+            for j, c in enumerate(gpu_docs._cells(line)):
+                cells[(section, row, j)] = c
             row += 1
         else:
             row = 0 if line.strip() == "" else row

@@ -95,7 +95,8 @@ PEER_ENV = (("JAX_PLATFORMS", "cpu"), ("OMP_WAIT_POLICY", "PASSIVE"))
 # (python + jax + CUDA init) ~6 s; XLA:GPU compiles a scanned 28-40 layer forward in ~3-6 s.
 STEPS: tuple[Step, ...] = (
     Step("install", "pip install --no-deps -e . (the machine's jax, flax and torch untouched)", "pip",
-         full=(), smoke=(), cap_s=15, estimate="pip, no network, no build isolation: ~5 s"),
+         full=(), smoke=(), cap_s=15, estimate="pip, no network, no build isolation: ~5 s",
+         env=(("PIP_BREAK_SYSTEM_PACKAGES", "1"),)),  # a system Python (PEP 668); --no-deps touches nothing else
     Step("kernels", "correctness: cuDNN attention vs the XLA reference (prefill, extend, decode, extend "
                     "gradients; head_dim 64/128; bf16/f32) and the cache path's greedy tokens per family",
          "kernels", result="kernels.json",

@@ -128,7 +128,8 @@ CELLS: tuple[Cell, ...] = (
 
 
 def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
+    """A markdown table row's cells (an escaped `\\|` stays inside its cell)."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
 
 
 def _section(lines: list[str], heading: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ Two kinds of check, each one row of kernels.json (`ok` true/false, the error and
   prepared (re-encode + mapper + assemble), the synthesizer prompt extended over them (extend
   layout) and `--new-tokens` tokens decoded greedily (decode layout), once with the checked
   implementation and once with xla, from the same random tokens. The first token's logits are
-  compared (`logits_err`, relative to their standard deviation), and the tokens. Greedy decoding
+  compared (`err`, relative to their standard deviation), and the tokens. Greedy decoding
   in bfloat16 may flip between two near-equal logits without anything being wrong, so at a
   row's first differing token the reference's own logits (teacher-forced) decide: a gap between
   the two tokens below `tie` x std is a tie, not a failure.
@@ -65,11 +65,11 @@ TOLERANCE = {
 }
 
 DEFINITIONS = {
-    "err": "max |impl - reference| over valid query rows / max |reference| (gradients: the worst input)",
+    "err": "attention rows: max |impl - reference| over valid query rows / max |reference| (gradients: the worst "
+           "input, each in err_per_input); greedy rows: max |first-token logits impl - xla| / std(xla logits)",
     "xla_err": "the same for the production XLA path (impl='xla'): the dtype's noise floor",
     "reference": "dense_attention over the written cache, float32 inputs (rounded to the dtype first), "
                  "highest matmul precision",
-    "logits_err": "greedy rows: max |first-token logits impl - xla| / std(xla logits)",
     "divergences": "greedy rows: each request's first token that differs; ref_gap = (reference logit of the "
                    "reference token - of the other token) / std; tie = ref_gap <= tolerance.tie",
     "ok": "err <= tol (and, for greedy rows, every divergence a tie); an exception is a failed row",
@@ -116,14 +116,18 @@ def _attend(x: dict[str, jax.Array], impl: str) -> jax.Array:
                   chunk=(x["k_new"], x["v_new"], x["start"], x["lens"]))
 
 
+def _as_float32(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: (v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in x.items()}
+
+
 def _reference(x: dict[str, jax.Array]) -> jax.Array:
+    """Dense attention over the cache with the chunk written in (inputs already float32)."""
     from psynth_jax.model.attention import dense_attention
     from psynth_jax.model.kv_cache import write_rows
 
-    f = {k: (v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in x.items()}
-    k = write_rows(f["k_old"], f["k_new"], f["start"])
-    v = write_rows(f["v_old"], f["v_new"], f["start"])
-    return dense_attention(f["q"], k, v, _mask(f))
+    k = write_rows(x["k_old"], x["k_new"], x["start"])
+    v = write_rows(x["v_old"], x["v_new"], x["start"])
+    return dense_attention(x["q"], k, v, _mask(x))
 
 
 GRAD_INPUTS = ("q", "k_old", "v_old", "k_new", "v_new")
@@ -152,10 +156,6 @@ def relative_error(got: jax.Array, ref: jax.Array, rows: jax.Array | None = None
     return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
-def _as_float32(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: (v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in x.items()}
-
-
 # module-level jits: the float32 reference compiles once per layout and head_dim (both dtypes share it)
 _reference_out = jax.jit(_reference)
 _reference_grads = jax.jit(lambda x: _grads(x, _reference))
@@ -180,18 +180,20 @@ def check_layout(layout: str, head_dim: int, dtype: str, impl: str, seed: int) -
                            "chunk_tokens": spec["t"], "cache_slots": spec["slots"], "prefix": list(spec["starts"]),
                            "chunk_lens": list(spec["lens"]), "tol": tol}
     x = layout_inputs(layout, head_dim, dtype, seed)
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision("highest"):  # float32 matmuls may otherwise run as TF32 on a GPU
         ref = (_reference_grads if grad else _reference_out)(_as_float32(x))
 
-    def error(got: Any) -> float:
-        if grad:
-            return max(relative_error(got[k], ref[k]) for k in GRAD_INPUTS)
-        return relative_error(got, ref, _query_rows(x))
+    def error(got: Any, key: str) -> float:
+        if not grad:
+            return relative_error(got, ref, _query_rows(x))
+        per = {k: relative_error(got[k], ref[k]) for k in GRAD_INPUTS}
+        row[f"{key}_per_input"] = {k: (v if np.isfinite(v) else None) for k, v in per.items()}
+        return max(per.values())
 
     def measure() -> float:
         xla, got = _outputs(x, impls=("xla", impl), grad=grad)  # a refusing kernel fails the row here
-        row["xla_err"] = error(xla)
-        return error(got)
+        row["xla_err"] = error(xla, "xla_err")
+        return error(got, "err")
 
     return _finish(row, measure)
 
@@ -205,10 +207,13 @@ def _finish(row: dict[str, Any], measure: Callable[[], float]) -> dict[str, Any]
         row["ok"] = False
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
         row["traceback_tail"] = traceback.format_exc().splitlines()[-6:]
-    if row.get("err") == float("inf"):
-        row["err"] = None
-        row["ok"] = False
-        row["error"] = "non-finite output (NaN or inf) in valid rows"
+    for key in ("err", "xla_err"):
+        value = row.get(key)
+        if isinstance(value, float) and not np.isfinite(value):  # strict JSON has no NaN/inf
+            row[key] = None
+            row["ok"] = False
+            row.setdefault("error", f"non-finite values (NaN or inf) in the {'xla' if key == 'xla_err' else row['impl']}"
+                                    " output's valid rows")
     return row
 
 
@@ -289,7 +294,9 @@ class GreedyCase:
 def compare_greedy(case: GreedyCase, got: CachePathRun, ref: CachePathRun, tol: dict[str, float]) -> dict[str, Any]:
     """logits_err and the first divergence of each request, judged by the reference's own logit gap."""
     std = ref.first_logits.std(axis=-1, keepdims=True)
-    out: dict[str, Any] = {"logits_err": float(np.max(np.abs(got.first_logits - ref.first_logits) / std))}
+    finite = bool(np.all(np.isfinite(got.first_logits)))
+    err = float(np.max(np.abs(got.first_logits - ref.first_logits) / std)) if finite else float("inf")
+    out: dict[str, Any] = {"logits_err": err}
     diff = got.tokens != ref.tokens
     firsts = [int(np.argmax(row)) if row.any() else None for row in diff]
     out["tokens_equal"] = all(f is None for f in firsts)
@@ -319,7 +326,7 @@ def check_greedy(family: str, dtype: str, impl: str, new_tokens: int, seed: int)
     def measure() -> float:
         case = GreedyCase(family, dtype=dtype, new_tokens=new_tokens, seed=seed)
         row.update(compare_greedy(case, case.run(impl), case.run("xla"), tol))
-        return row["logits_err"]
+        return row.pop("logits_err")
 
     row = _finish(row, measure)
     if any(not d["tie"] for d in row.get("divergences", ())):
