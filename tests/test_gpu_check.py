@@ -171,6 +171,19 @@ def test_the_docs_budget_table_is_the_code_s():
     assert caps == {**{s.name: s.cap_s for s in gpu_check.STEPS}, "total": sum(s.cap_s for s in gpu_check.STEPS)}
 
 
+def test_device_line_names_the_gpu_and_the_versions():
+    results = {
+        "environment": {"gpus": [{"name": "NVIDIA H200", "memory": "143771 MiB", "driver": "570.1"}],
+                        "driver_cuda_version": "12.8", "packages": {"flax": "0.12.10", "torch": "2.9.0"}},
+        "steps": {"kernels": {"result": {"metadata": {
+            "device": {"platform": "gpu", "device_kind": "NVIDIA H200"},
+            "versions": {"jax": "0.11.2", "jaxlib": "0.11.2", "cuda_runtime": "12080", "cudnn": "91000"}}}}},
+    }
+    name, versions = gpu_figures.device_line(results)
+    assert name == "NVIDIA H200 [gpu]"
+    assert versions.startswith("jax 0.11.2, jaxlib 0.11.2, CUDA runtime 12.8, cuDNN 9.10.0, driver 570.1 (CUDA 12.8)")
+
+
 def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="unknown step 'ttft'"):
         gpu_check.select_steps(["ttft"], [])
@@ -197,10 +210,10 @@ def _sleepy_steps(pidfile: Path):
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
+            return f.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
-        return f.read().split()[2] != "Z"
 
 
 def test_a_step_past_its_cap_is_killed_with_its_children_and_the_next_step_runs(tmp_path, monkeypatch, capsys):
@@ -227,15 +240,22 @@ def test_a_step_past_its_cap_is_killed_with_its_children_and_the_next_step_runs(
 def test_sigterm_stops_the_step_and_keeps_the_results(tmp_path, monkeypatch):
     steps, commands = _sleepy_steps(tmp_path / "grandchild.pid")
     monkeypatch.setattr(gpu_check, "step_command", lambda step, **kw: commands[step.name])
-    pid = os.getpid()
-    threading.Timer(2.0, lambda: os.kill(pid, signal.SIGTERM)).start()
+    pid, pidfile = os.getpid(), tmp_path / "grandchild.pid"
+
+    def terminate_once_the_step_runs():  # the driver's handler is in place by then
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_the_step_runs, daemon=True).start()
     code = gpu_check.run_all(steps, out=tmp_path / "out", work=tmp_path / "work", smoke=True, cap_overrides={},
                              command="test")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert code == 130 and results["finished"]
     assert results["steps"]["sleepy"]["status"] == "interrupted"
     assert results["steps"]["quick"]["status"] == "not run (interrupted)"
-    assert not _alive(int((tmp_path / "grandchild.pid").read_text()))
+    assert not _alive(int(pidfile.read_text()))
 
 
 # ------------------------------------------------------------------ the smoke run

@@ -265,15 +265,17 @@ def run_capped(argv: Sequence[str], *, cap_s: float, log, env: dict[str, str] | 
     reader.start()
     status = None
     try:
-        proc.wait(timeout=cap_s)
-        _kill_group(proc)  # whatever the step started and left running must not hold the device
-    except subprocess.TimeoutExpired:
-        status = "timeout"
-        _kill_group(proc)
-    except Interrupted:
+        try:
+            proc.wait(timeout=cap_s)
+            _kill_group(proc)  # whatever the step started and left running must not hold the device
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+            _kill_group(proc)
+        reader.join(timeout=5.0)
+    except Interrupted:  # the driver is stopping: so is the step, with everything it started
         status = "interrupted"
         _kill_group(proc)
-    reader.join(timeout=5.0)
+        reader.join(timeout=5.0)
     wall = time.monotonic() - t0
     if status is None:
         status = "ok" if proc.returncode == 0 else "failed"
@@ -528,7 +530,8 @@ def run(args: argparse.Namespace) -> int:
     caps = parse_caps(args.cap)
     if args.dry_run:
         return dry_run(steps, work=Path(args.work), smoke=args.smoke, cap_overrides=caps)
-    command = shlex.join(sys.argv)
+    as_module = Path(sys.argv[0]).name == "gpu_check.py"  # run as `python -m psynth_jax.bench.gpu_check`
+    command = shlex.join(["python", "-m", "psynth_jax.bench.gpu_check", *sys.argv[1:]] if as_module else sys.argv)
     return run_all(steps, out=Path(args.out), work=Path(args.work), smoke=args.smoke, cap_overrides=caps,
                    command=command)
 

@@ -89,7 +89,7 @@ def read_kernels(c: Collector, step, result: dict[str, Any], all_results: dict[s
 
 def read_roofline(c: Collector, step, result: dict[str, Any], all_results: dict[str, Any]) -> None:  # noqa: ARG001
     c.add("device", "matmul_tflops", result.get("peak_tflops"), label=f"matmul peak ({result.get('dtype')})",
-          fmt=lambda v: f"{v:.0f} TFLOP/s", goal="H200 spec ~990 (bf16 dense)")
+          fmt=lambda v: f"{v:.4g} TFLOP/s", goal="H200 spec ~990 (bf16 dense)")
     c.add("device", "bandwidth_gbs", result.get("bandwidth_gbs"), label="memory bandwidth",
           fmt=lambda v: f"{v:,.0f} GB/s", goal="H200 spec ~4,800")
 
