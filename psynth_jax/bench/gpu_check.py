@@ -164,8 +164,8 @@ STEPS: tuple[Step, ...] = (
                "--no-plot"),
          smoke=("--arch", "tiny-qwen2", *SMOKE_COMMON, "--bs", "1,8", "--k", "4", "--l", "16", "--prompt-tokens",
                 "8", "--new-tokens", "8", "--repeats", "2", "--no-warmup", "--no-plot"),
-         cap_s=50, estimate="weights ~8 s; 2 x 6 compiles ~35 s; 2 x 2 paths x 6 calls of 128 tokens at ~3.3 ms: "
-                            "~10 s: ~55 s"),
+         cap_s=50, estimate="weights ~8 s; 2 x 6 compiles ~25 s; 2 x 2 paths x 6 calls of 128 tokens at ~3.3 ms: "
+                            "~10 s: ~45 s"),
 )
 
 
