@@ -13,10 +13,11 @@ Two kinds of check, each one row of kernels.json (`ok` true/false, the error and
   (`impl="xla"`) is measured the same way (`xla_err`): the noise floor of the dtype.
   extend_grad: the extend layout's gradients (q, cached K/V, chunk K/V) of a random projection
   of the output, as the training step takes them, against the reference's gradients.
-- greedy: the cache path end to end on a tiny random model of each family (Llama, Qwen2,
-  Qwen3 at head_dim 128): worker rows prefilled (prefill layout), branch caches extracted,
-  prepared (re-encode + mapper + assemble), the synthesizer prompt extended over them (extend
-  layout) and `--new-tokens` tokens decoded greedily (decode layout), once with the checked
+- greedy: the cache path end to end through the synthesis core (psynth_jax/synthesis/core.py)
+  on a tiny random model of each family (Llama, Qwen2, Qwen3 at head_dim 128): worker rows
+  prefilled and their output spans kept (`branch_kv`, prefill layout), prepared (re-encode +
+  mapper + assemble), the synthesizer prompt run over them (`cache_prefill`, extend layout) and
+  `--new-tokens` tokens decoded greedily (`decode`, decode layout), once with the checked
   implementation and once with xla, from the same random tokens. The first token's logits are
   compared (`err`, relative to their standard deviation), and the tokens. Greedy decoding
   in bfloat16 may flip between two near-equal logits without anything being wrong, so at a
@@ -252,33 +253,33 @@ class GreedyCase:
         self.synth_tokens = rng.randint(1, self.cfg.vocab_size, size=(2, 10)).astype(np.int32)
 
     def prepared_cache(self, impl: str):
-        """Worker rows prefilled with `impl`, their outputs' KV prepared as the synthesizer's cache."""
-        from psynth_jax.inference import runtime
-        from psynth_jax.synthesis.handoff import extract_branches, prepare_synth_cache
+        """Worker rows prefilled with `impl` (synthesis core: branch_kv), their outputs' KV prepared
+        (re-encoded, mapped, assembled) as the synthesizer's cache."""
+        from psynth_jax.synthesis import core
 
-        lens = self.prompt_lens + self.out_lens
-        _, cache = runtime.prefill(self.model.graphdef, self.model.state, jnp.asarray(self.worker_tokens),
-                                   jnp.asarray(lens), num_slots=self.worker_tokens.shape[1], attn_impl=impl)
-        branches = extract_branches(cache, jnp.asarray(self.prompt_lens), jnp.asarray(self.out_lens),
-                                    num_requests=self.requests, branch_slots=int(self.out_lens.max()))
+        branches = core.jit_branch_kv(
+            self.model.graphdef, self.model.state, jnp.asarray(self.worker_tokens),
+            jnp.asarray(self.prompt_lens + self.out_lens), jnp.asarray(self.prompt_lens), jnp.asarray(self.out_lens),
+            jnp.asarray(self.prompt_lens), num_requests=self.requests, branch_slots=int(self.out_lens.max()),
+            attn_impl=impl)
         extra = self.synth_tokens.shape[1] + self.new_tokens + 1
-        return prepare_synth_cache(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
+        return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
 
     def run(self, impl: str) -> CachePathRun:
-        from psynth_jax.inference import runtime
         from psynth_jax.inference.sampling import SamplingConfig
+        from psynth_jax.synthesis import core
 
         gd, st = self.model.graphdef, self.model.state
-        logits, cache = runtime.extend(gd, st, jnp.asarray(self.synth_tokens), jnp.asarray(self.synth_lens),
-                                       self.prepared_cache(impl), lora=True, attn_impl=impl)
+        logits, cache = core.jit_cache_prefill(gd, st, jnp.asarray(self.synth_tokens), jnp.asarray(self.synth_lens),
+                                               self.prepared_cache(impl), attn_impl=impl)
         first = np.asarray(logits, np.float32)
-        gen = runtime.continue_generation(gd, st, logits, cache, jax.random.key(0), max_new_tokens=self.new_tokens,
-                                          sampling=SamplingConfig(), stop_ids=(), lora=True, attn_impl=impl)
+        gen = core.decode(gd, st, logits, cache, jax.random.key(0), max_new_tokens=self.new_tokens,
+                          sampling=SamplingConfig(), stop_ids=(), lora=True, attn_impl=impl)
         return CachePathRun(first, np.asarray(gen.tokens))
 
     def reference_logits(self, tokens: np.ndarray, upto: Sequence[int]) -> np.ndarray:
         """XLA logits of the token after prompt + tokens[b, :upto[b]] for each request (teacher-forced)."""
-        from psynth_jax.inference import runtime
+        from psynth_jax.synthesis import core
 
         width = self.synth_tokens.shape[1] + max(upto)
         rows = np.zeros((self.requests, max(width, 1)), np.int32)
@@ -286,8 +287,8 @@ class GreedyCase:
         for b in range(self.requests):
             seq = np.concatenate([self.synth_tokens[b, :self.synth_lens[b]], tokens[b, :upto[b]]])
             rows[b, :len(seq)], lens[b] = seq, len(seq)
-        logits, _ = runtime.extend(self.model.graphdef, self.model.state, jnp.asarray(rows), jnp.asarray(lens),
-                                   self.prepared_cache("xla"), lora=True, attn_impl="xla")
+        logits, _ = core.jit_cache_prefill(self.model.graphdef, self.model.state, jnp.asarray(rows),
+                                           jnp.asarray(lens), self.prepared_cache("xla"), attn_impl="xla")
         return np.asarray(logits, np.float32)
 
 
