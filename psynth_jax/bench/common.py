@@ -208,14 +208,32 @@ def _cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries a timing depends on."""
+    """Versions of the libraries a timing depends on (+ CUDA runtime/driver/cuDNN with a CUDA jaxlib)."""
     import flax
     import jaxlib
 
     return {
         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-        "numpy": np.__version__, "python": platform.python_version(),
+        "numpy": np.__version__, "python": platform.python_version(), **cuda_versions(),
     }
+
+
+def cuda_versions() -> dict[str, str]:
+    """{"cuda_runtime": "12080", "cuda_driver": ..., "cudnn": "91000", ...} from jax's CUDA plugin, as
+    integers in CUDA's own encoding; empty without one. The plugin's version module is private
+    to jax, so every lookup is defensive."""
+    try:
+        from jax._src.lib import cuda_versions as plugin
+    except ImportError:
+        return {}
+    out = {}
+    for name in ("cuda_runtime", "cuda_driver", "cudnn", "cublas"):
+        getter = getattr(plugin, f"{name}_get_version", None) if plugin is not None else None
+        try:
+            out[name] = str(int(getter())) if getter is not None else None
+        except Exception:  # noqa: BLE001 - no device or an older plugin: leave the version out
+            out[name] = None
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def write_json(path: str | Path, metadata: dict[str, Any], rows: list[dict[str, Any]]) -> Path:

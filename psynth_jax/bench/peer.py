@@ -20,6 +20,8 @@ child process (`python -m psynth_jax.bench.peer SPEC OUT`) BEFORE the JAX sweep 
 reserves most of the GPU's memory when its backend starts (XLA_PYTHON_CLIENT_PREALLOCATE), so
 the peer could not fit after it in one process, and the child's exit returns every byte of
 torch's memory (weights, caches, allocator pool) before JAX loads its own copy of the weights.
+`psynth bench peer` runs the peer alone (no JAX backend in that process) and writes peer.json, for
+a driver that times the JAX side in another step (launch/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -260,6 +262,50 @@ def run_peer_subprocess(cfg: ModelConfig, out_path: str | Path, **settings: Any)
     if proc.returncode != 0:
         raise RuntimeError(f"the PyTorch peer failed (exit code {proc.returncode}); see its output above")
     return json.loads(out_path.read_text())
+
+
+# ------------------------------------------------------------------ `psynth bench peer`
+def add_arguments(p) -> None:
+    """The `psynth bench peer` options: the PyTorch side of `bench ttft --torch-peer`, alone."""
+    from psynth_jax.bench.common import arch_type, int_list
+
+    p.add_argument("--arch", type=arch_type, default="tiny-llama",
+                   help="architecture preset or a transformers config.json / model dir (random weights)")
+    p.add_argument("--ks", type=int_list, default="1,2,4", help="branch counts K, comma-separated")
+    p.add_argument("--ls", type=int_list, default="32,64,128", help="tokens per branch L, comma-separated")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="synthesizer prompt tokens")
+    p.add_argument("--batch", type=int, default=1, help="requests per call")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up pass over the first point")
+    p.add_argument("--out", default="runs/bench", help="output directory (peer.json)")
+
+
+def run(args) -> int:
+    """Time the peer at every (K, L) in this process (no JAX backend is started here) and write
+    `<out>/peer.json`: {"metadata", "rows"}, rows keyed by K and L as `bench ttft`'s, so the two
+    can be joined (JAX time / peer time) when both ran at the same points and prompt length."""
+    from psynth_jax.bench.common import resolve_arch, say, write_json
+
+    require_torch()
+    if args.prompt_tokens < 1 or args.batch < 1 or args.repeats < 1:
+        raise ValueError("--prompt-tokens, --batch and --repeats must be >= 1")
+    cfg, arch, hub = resolve_arch(args.arch)
+    longest = max(args.ks) * max(args.ls) + args.prompt_tokens
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(f"K*L + prompt = {longest} tokens exceeds the model's {cfg.max_position_embeddings} positions")
+    result = run_peer_sweep(cfg, ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch,
+                            dtype=args.dtype, repeats=args.repeats, seed=args.seed, warmup=not args.no_warmup)
+    meta = {"benchmark": "peer", "arch": arch, "hub_id": hub, "model_config": _cfg_to_dict(cfg),
+            "ks": list(args.ks), "ls": list(args.ls), "prompt_tokens": args.prompt_tokens, "batch": args.batch,
+            "repeats": args.repeats, "seed": args.seed, "warmup": not args.no_warmup, **result["metadata"]}
+    for row in result["rows"]:
+        say("peer", f"K={row['K']} L={row['L']}: text {row.get('peer_text_ttft_ms', float('nan')):.2f} ms, "
+                    f"cache {row.get('peer_cache_ttft_ms', float('nan')):.2f} ms")
+    say("peer", f"wrote {write_json(Path(args.out) / 'peer.json', meta, result['rows'])}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("psynth_jax.bench.train_step", "the trainer's step (mapper + LoRA): tokens/s and model FLOPs utilization"),
     "sampling": ("psynth_jax.bench.sampling", "one sampled token over the vocabulary: greedy, temperature, top-p "
                                               "(bisection) vs top-p by sorting"),
+    "kernels": ("psynth_jax.bench.kernels", "correctness: the fused attention path (cudnn) against the XLA reference "
+                                            "per layout, and the cache path's greedy tokens per model family"),
+    "peer": ("psynth_jax.bench.peer", "the PyTorch + transformers (SDPA) peer of `bench ttft` alone: text and "
+                                      "cache-consuming TTFT"),
+    "gpu-check": ("psynth_jax.bench.gpu_check", "the GPU check: correctness, then the key figures, each step "
+                                                "capped in time (launch/gpu_check.sh)"),
 }
 
 
