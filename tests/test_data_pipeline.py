@@ -12,7 +12,7 @@ import pytest
 from psynth_jax.config.schema import DataConfig, DataSourceConfig
 from psynth_jax.data.examples import Branch
 from psynth_jax.data.pipeline import TrainBatch, make_train_iterator
-from psynth_jax.data.sources import load_examples
+from psynth_jax.data.sources import load_stage
 from psynth_jax.data.tokenize import end_of_turn_id
 from psynth_jax.interop.embedded import default_gguf_path
 from psynth_jax.interop.tokenizer import load_tokenizer
@@ -31,7 +31,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def examples():
-    return load_examples(SOURCES, CFG.num_branches, CFG.seed)
+    return load_stage(CFG).examples
 
 
 def _take(it, n: int) -> list[TrainBatch]:
@@ -131,7 +131,7 @@ def test_guards_skip_and_count_by_reason(tokenizer, examples):
     _, stats = make_train_iterator(CFG, tokenizer, examples=[empty, *examples[1:]])
     assert stats.skipped["empty_branch"] == 1 and stats.kept == stats.examples - 1
     with pytest.raises(ValueError, match="no example passed the guards.*num_branches=80"):
-        make_train_iterator(dataclasses.replace(CFG, num_branches=4), tokenizer, examples=examples)
+        make_train_iterator(dataclasses.replace(CFG, min_branches=4), tokenizer, examples=examples)
 
 
 def test_shards_split_every_global_batch(tokenizer, examples):
