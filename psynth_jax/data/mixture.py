@@ -3,7 +3,8 @@
 cap c: keep at most c examples of the source, a sample drawn with a seed fixed by (seed, source
 name), in source order. weight w: each kept example appears floor(w) times per epoch, plus a
 seeded sample of round((w - floor(w)) * n) of the n kept examples once more; so 1 keeps every
-example once, 2 repeats each, 0.5 keeps a seeded half and 0 leaves the source out. A source's
+example once, 2 repeats each, 0.5 keeps a seeded half and 0 leaves the source out (it is not
+even read). A source's
 share of the stage is its count over the sum of every source's count; the data summary prints
 both. Both steps depend only on (examples, config), so every process computes the same stage.
 """

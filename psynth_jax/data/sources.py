@@ -250,8 +250,14 @@ def load_stage(d: DataConfig, split: str = "train", distiller: Distiller | None 
     reports = []
     for i, (src, name) in enumerate(zip(sources, _names(sources), strict=True)):
         where = f"data.{split}[{i}]"
+        if src.weight == 0:  # left out of the mixture: not even read (nor distilled)
+            reports.append(SourceReport(name, src.path, src.builder, src.format, weight=0.0))
+            continue
         rows = read_rows(src)
-        fmt = detect_format(rows, src, where)
+        if src.task is not None and not (rows and is_example_row(rows[0])):
+            fmt = f"task:{src.task}"  # the evaluation task's converter reads the rows
+        else:
+            fmt = detect_format(rows, src, where)
         result = _built(src, rows, fmt, where, d, source_label(src.path, src.split), distiller)
         capped = apply_cap(result.examples, src.cap, d.seed, name)
         mixed = apply_weight(capped, src.weight, d.seed, name)
