@@ -114,7 +114,8 @@ def test_flan_cot_worked_examples_of_the_same_task_as_branches():
     for e in examples:
         task = e.meta["task"]
         query = by_question[(task, e.question)]
-        assert e.family == "icl" and e.target == f"{query['rationale'].strip()} So the answer is {query['answer'].strip()}."
+        worked = f"{query['rationale'].strip()} So the answer is {query['answer'].strip()}."
+        assert e.family == "icl" and e.target == worked
         for b in e.branches:
             demo_q = b.output.removeprefix("Question: ").split("\nAnswer: ")[0]
             assert b.output.startswith("Question: ") and "\nAnswer: " in b.output

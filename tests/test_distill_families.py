@@ -28,7 +28,8 @@ def rows(relative: str, n: int) -> list[dict]:
 
 
 def test_items_of_every_family():
-    arc, _ = items_from_task("arc_challenge", rows("science_qa/arc_challenge/ARC-Challenge-Dev.filtered.jsonl", 3), "arc", 0)
+    arc_rows = rows("science_qa/arc_challenge/ARC-Challenge-Dev.filtered.jsonl", 3)
+    arc, _ = items_from_task("arc_challenge", arc_rows, "arc", 0)
     assert [i.family for i in arc] == ["multiple_choice"] * 3 and "A. " in arc[0].question and not arc[0].given
     code, _ = items_from_task("mbpp", rows("mbpp/mbpp.jsonl", 2), "mbpp", 0)
     assert [i.family for i in code] == ["code"] * 2 and "Your code should pass these tests" in code[0].question
@@ -55,12 +56,15 @@ def test_items_of_every_family():
 
 
 def test_batches_hold_one_family_and_one_k():
-    items = [DistillItem("a", "math", "q", "1"), DistillItem("b", "qa", "q", "x", given=("p1", "p2"), given_role="paragraph"),
-             DistillItem("c", "math", "q", "2"), DistillItem("d", "qa", "q", "y", given=("p",) * 4, given_role="paragraph"),
+    items = [DistillItem("a", "math", "q", "1"),
+             DistillItem("b", "qa", "q", "x", given=("p1", "p2"), given_role="paragraph"),
+             DistillItem("c", "math", "q", "2"),
+             DistillItem("d", "qa", "q", "y", given=("p",) * 4, given_role="paragraph"),
              DistillItem("e", "diagnosis", "q", "z", role_hints=("h1", "h2", "h3", "h4", "h5")),
              DistillItem("f", "math", "q", "3")]
     plan = plan_batches(items, 3, batch_size=2, seed=0)
-    assert [(k, [i.id for i in b]) for k, b in plan] == [(3, ["a", "c"]), (3, ["f"]), (2, ["b"]), (4, ["d"]), (5, ["e"])]
+    assert [(k, [i.id for i in b]) for k, b in plan] == [
+        (3, ["a", "c"]), (3, ["f"]), (2, ["b"]), (4, ["d"]), (5, ["e"])]
     drawn = plan_batches([DistillItem(str(i), "math", "q", "1") for i in range(30)], [2, 4], batch_size=50, seed=1)
     assert {k for k, _ in drawn} == {2, 4} and sum(len(b) for _, b in drawn) == 30
 

@@ -44,8 +44,8 @@ def test_generic_multiple_choice_with_field_names(tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", MC_ROWS)
     fields = TaskFields(id="qid", question="prompt", choices="opts", answer="correct")
     exs = load_task("mc", path=str(path), fields=fields)
-    assert [(e.id, e.gold, e.family) for e in exs] == [("mc/q1", "B", "multiple_choice"), ("mc/q2", "B", "multiple_choice"),
-                                                      ("mc/q3", "B", "multiple_choice")]
+    assert [(e.id, e.gold) for e in exs] == [("mc/q1", "B"), ("mc/q2", "B"), ("mc/q3", "B")]
+    assert all(e.family == "multiple_choice" for e in exs)
     assert exs[0].question == "Which planet is largest?\n\nA. Mars\nB. Jupiter\nC. Venus"
     assert score(exs[0], "It is Jupiter. \\boxed{B}") and not score(exs[0], "\\boxed{A}")
     with pytest.raises(KeyError, match=r"mc: none of the columns \['nope'\]"):

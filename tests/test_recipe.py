@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "configs/paper_recipe_smollm2_cpu_stage1.yaml"
 STAGE2 = ROOT / "configs/paper_recipe_smollm2_cpu_stage2.yaml"
 PODS = sorted((ROOT / "configs").glob("paper_recipe_qwen3_14b_*.yaml"))
-pytestmark = pytest.mark.skipif(not (ROOT.parent / "shared/data").is_dir(), reason="../shared/data is not beside the checkout")
+pytestmark = pytest.mark.skipif(not (ROOT.parent / "shared/data").is_dir(),
+                                reason="../shared/data is not beside the checkout")
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +29,8 @@ def _repo_root_cwd(monkeypatch):
 
 
 def test_recipe_configs_load_and_validate(tmp_path):
-    assert {p.name for p in PODS} == {f"paper_recipe_qwen3_14b_{pod}{stage}.yaml" for pod in ("tpu_v5p", "tpu_v5e", "8xh100")
-                                      for stage in ("", "_stage2")}
+    assert {p.name for p in PODS} == {f"paper_recipe_qwen3_14b_{pod}{stage}.yaml"
+                                      for pod in ("tpu_v5p", "tpu_v5e", "8xh100") for stage in ("", "_stage2")}
     stage1_dir = tmp_path / "stage1"
     stage1_dir.mkdir()
     (stage1_dir / "config.yaml").write_text("")
@@ -111,7 +112,8 @@ def test_cpu_recipe_first_steps_then_stage2_from_stage1(tmp_path):
     sources = summary2["sources"]
     assert sources["distill_multihop_qa"]["examples"] == sources["distill_multihop_qa"]["kept"] == 1
     assert sources["distill_math"]["rows"] == 0 and summary2["by_role"].keys() == {"distillation"}
-    rows = [json.loads(line) for f in sorted((tmp_path / "s2/distill").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = [json.loads(line) for f in sorted((tmp_path / "s2/distill").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
     multihop = next(r for r in rows if r["family"] == "qa")
     assert all(b["prefix"].startswith("You are retrieval agent") for b in multihop["branches"])
 

@@ -156,7 +156,8 @@ def _task_errors(cfg: EvalConfig, known: list[str]) -> list[str]:
         if t.path is not None and t.path.startswith((".", "/", "~")) and not Path(t.path).expanduser().exists():
             errors.append(f"tasks[{i}].path: local path {t.path!r} does not exist")
         if t.name in GENERIC_TASKS and t.path is None:
-            errors.append(f"tasks[{i}].path: task {t.name!r} reads your own file: set path (and fields for its columns)")
+            errors.append(f"tasks[{i}].path: task {t.name!r} reads your own file: set path "
+                          "(and fields for its columns)")
         if t.branches is not None and t.branches < 1:
             errors.append(f"tasks[{i}].branches must be >= 1 or null, got {t.branches}")
     return errors

@@ -191,8 +191,8 @@ def _source_errors(s: DataSourceConfig, where: str, k_min: int, k_max: int) -> l
         elif s.variant not in known:
             errors.append(f"{where}.variant: unknown variant {s.variant!r}; known: {', '.join(known)}")
         elif s.format in AGGREGATION_VARIANTS and s.variant not in AGGREGATION_VARIANTS[s.format]:
-            errors.append(f"{where}.variant: {s.format} rows have variants {', '.join(AGGREGATION_VARIANTS[s.format])}, "
-                          f"not {s.variant!r}")
+            known_here = ", ".join(AGGREGATION_VARIANTS[s.format])
+            errors.append(f"{where}.variant: {s.format} rows have variants {known_here}, not {s.variant!r}")
     if s.task is not None:
         from psynth_jax.eval.tasks import TASKS  # pure Python; imported here to keep config free of eval code
 

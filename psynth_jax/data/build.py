@@ -22,10 +22,6 @@ class BuildResult:
     examples: list[SynthesisExample]
     skipped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
-    def extend(self, other: BuildResult) -> None:
-        self.examples += other.examples
-        self.skipped.update(other.skipped)
-
 
 @dataclasses.dataclass(frozen=True)
 class BuildSpec:

@@ -216,7 +216,8 @@ def run_cache_path(run_dir: Path, src: DataSourceConfig, d: DataConfig, model_so
     that changes them (rows read, K, sampling budget, seed, backbone), not by cap / weight / name."""
     key = repr((src.path, src.split, src.subset, src.limit, src.task, src.k, d.num_branches, d.seed,
                 d.distill_worker_tokens, d.distill_max_new_tokens, model_source))
-    return run_dir / "distill" / f"{Path(src.path).stem.strip('*') or 'source'}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.jsonl"
+    stem = Path(src.path).stem.strip("*") or "source"
+    return run_dir / "distill" / f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.jsonl"
 
 
 def distill_for_run(model: LoadedModel, src: DataSourceConfig, items: Sequence[DistillItem], d: DataConfig,

@@ -59,8 +59,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              "guard skips (reason n) | kept per K"]
     for name, s in summary["sources"].items():
         per_k = " ".join(f"K{k}:{n}" for k, n in s["by_k"].items()) or "-"
-        lines.append(f"{name} | {s['builder']} | {s['format']} | {s['rows']} | {s['built']} | {_reasons(s['skipped'])} | "
-                     f"{s['capped']} | {s['weight']:g} | {s['examples']} | {s['kept']} | "
+        lines.append(f"{name} | {s['builder']} | {s['format']} | {s['rows']} | {s['built']} | "
+                     f"{_reasons(s['skipped'])} | {s['capped']} | {s['weight']:g} | {s['examples']} | {s['kept']} | "
                      f"{_reasons(s['guard_skipped'])} | {per_k}")
     lines += ["", "role | rows | built | in stage | kept | share of kept"]
     for role, r in summary["by_role"].items():

@@ -277,7 +277,8 @@ def generic_mc(fields: TaskFields, branches: int | None) -> Converter:
         question, letters = format_choices(stem, texts)
         gold = letters[_letter_index(answer, labels, texts, task)]
         uid = row.get(fields.id or "id", index)
-        return EvalExample(f"{task}/{uid}", task, "multiple_choice", question, gold, {"labels": letters, "choices": texts})
+        extra = {"labels": letters, "choices": texts}
+        return EvalExample(f"{task}/{uid}", task, "multiple_choice", question, gold, extra)
 
     return convert
 

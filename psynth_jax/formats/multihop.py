@@ -87,7 +87,8 @@ def parse_multihop(row: dict[str, Any], index: int = 0) -> MultihopQuestion:
     if not any(p.supporting for p in paragraphs):
         raise RowError("no supporting paragraph", f"supporting titles {sorted(titles)} not among the context's")
     by_title = {p.title: p for p in paragraphs}
-    evidence = tuple(by_title[t].sentences[i] for t, i in facts if t in by_title and 0 <= i < len(by_title[t].sentences))
+    evidence = tuple(by_title[t].sentences[i] for t, i in facts
+                     if t in by_title and 0 <= i < len(by_title[t].sentences))
     return MultihopQuestion(rid, dataset, question, answer, (), paragraphs, evidence)
 
 

@@ -154,7 +154,10 @@ class Trainer:
         from psynth_jax.data.summary import data_summary, format_summary
 
         d = self.cfg.data
-        stage = load_stage(d, "train", self._distill) if examples is None else LoadedStage(d.stage or "train", list(examples), [])
+        if examples is None:
+            stage = load_stage(d, "train", self._distill)
+        else:  # given examples: no per-source report
+            stage = LoadedStage(d.stage or "train", list(examples), [])
         self.train_iter, self.data_stats = make_train_iterator(
             d, self.model.tokenizer, examples=stage.examples, shard_index=jax.process_index(),
             shard_count=jax.process_count(),
