@@ -83,12 +83,12 @@ def _tree_equal(a, b) -> bool:
 def test_cpu_recipe_first_steps_then_stage2_from_stage1(tmp_path):
     from psynth_jax.train.trainer import Trainer
 
-    model = random_tiny_smol(LoRAConfig(rank=4, alpha=8.0))
+    lora = LoRAConfig(rank=4, alpha=8.0)
     common = ["lora.rank=4", "lora.alpha=8", "tensorboard=false", "checkpoint.async_save=false"]
     n1 = len(load_config(STAGE1).data.train)
     cfg1 = load_config(STAGE1, [*common, "train.steps=2", "train.lr=1e-2", f"checkpoint.dir={tmp_path / 's1'}",
                                 *(f"data.train[{i}].cap=1" for i in range(n1))])
-    one = Trainer(cfg1, model=model, quiet=True)
+    one = Trainer(cfg1, model=random_tiny_smol(lora), quiet=True)
     out1 = one.train()
     assert out1["final_step"] == 2 and all(np.isfinite(out1["last_losses"]))
     summary1 = json.loads((tmp_path / "s1/data_summary.json").read_text())
@@ -101,7 +101,7 @@ def test_cpu_recipe_first_steps_then_stage2_from_stage1(tmp_path):
                                 f"train.init_from={tmp_path / 's1'}", "data.eval=[]", "data.distill_max_new_tokens=4",
                                 "data.train[0].weight=0", "data.train[1].weight=0", "data.train[2].limit=6",
                                 "data.train[2].cap=1", "data.train[3].weight=0"])
-    two = Trainer(cfg2, model=model, quiet=True)
+    two = Trainer(cfg2, model=random_tiny_smol(lora), quiet=True)  # a trainer donates its model's LoRA
     # mapper + LoRA of stage 1's last step, which moved away from the fresh state (LoRA B = 0)
     assert _tree_equal(two.trainable, one.trainable)
     lora_b = [x for path, x in jax.tree_util.tree_leaves_with_path(two.trainable["lora"]) if "lora_b" in str(path)]
