@@ -63,6 +63,11 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_loads_validates_and_round_trips(path, tmp_path):
     cfg = load_config(path)
+    if cfg.train.init_from:  # a stage-2 config: valid once its stage-1 run directory exists
+        with pytest.raises(ValueError, match="train.init_from"):
+            validate(cfg)
+        write(tmp_path / "stage1" / "config.yaml", "")
+        cfg = load_config(path, [f"train.init_from={tmp_path / 'stage1'}"])
     validate(cfg)
     again = load_config(write(tmp_path / "dumped.yaml", dump_config(cfg)))
     assert again == cfg

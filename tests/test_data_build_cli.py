@@ -64,3 +64,22 @@ def test_distillation_resumes_and_only_generates_new_ids(tmp_path, monkeypatch):
     # nothing left to do: no model call, file unchanged
     assert _run(*tiny, "--limit", "4") == 0
     assert out.read_text().splitlines() == lines
+
+
+def test_any_role_and_row_format_as_training_would_build_it(tmp_path, capsys):
+    from psynth_jax.formats import splits
+    from psynth_jax.formats.records import read_records
+
+    src = GSM8K_TEST.parents[1] / "multihop_evidence" / "hotpotqa_200_migres.jsonl"
+    out = tmp_path / "evidence.jsonl"
+    assert _run("--source", str(src), "--builder", "aggregation", "--variant", "reasoned", "--out", str(out),
+                "--limit", "12", "--max-k", "5") == 0
+    held = sum(splits.is_heldout(splits.MULTIHOP, r["_id"]) for r in read_records(src)[:12])
+    examples = read_examples(out)
+    assert len(examples) == 12 - held and all(e.family == "qa" and e.num_branches <= 5 for e in examples)
+    assert all(e.target.endswith("}.") and e.id.startswith("evidence-reasoned/") for e in examples)
+    assert f"'held out for evaluation': {held}" in capsys.readouterr().out
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"what": "unknown layout"}) + "\n")
+    assert _run("--source", str(odd), "--builder", "exposure", "--out", str(tmp_path / "x.jsonl")) == 2
+    assert 'cannot recognise the row format of its first row: {"what": "unknown layout"}' in capsys.readouterr().err

@@ -3,18 +3,20 @@ aggregation candidates, exposure chunks, row parsing and the example row format.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from psynth_jax.config.schema import DataSourceConfig
+from psynth_jax.config.schema import DataConfig, DataSourceConfig
 from psynth_jax.data.builders import build_examples
 from psynth_jax.data.chunking import normalize_space, split_contiguous
 from psynth_jax.data.examples import SynthesisExample, read_examples, write_examples
 from psynth_jax.data.problems import parse_problem
-from psynth_jax.data.sources import load_examples, parse_problems, read_rows
+from psynth_jax.data.sources import SourceError, load_stage, parse_problems
 from psynth_jax.formats.boxed import last_boxed
+from psynth_jax.formats.records import read_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k" / "train.jsonl"
@@ -24,7 +26,7 @@ K = 3
 
 @pytest.fixture(scope="module")
 def gsm8k_rows():
-    return read_rows(str(GSM8K), limit=60)
+    return read_records(GSM8K)[:60]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def gsm8k_problems(gsm8k_rows):
 
 @pytest.fixture(scope="module")
 def math_problems():
-    problems, _ = parse_problems(read_rows(str(MATH), limit=60), "math/train")
+    problems, _ = parse_problems(read_records(MATH)[:60], "math/train")
     return problems
 
 
@@ -135,17 +137,20 @@ def test_example_rows_round_trip(tmp_path, gsm8k_problems):
         assert read_examples(tmp_path / name) == examples
 
 
-def test_load_examples_from_config_sources(tmp_path, gsm8k_problems):
-    sources = (DataSourceConfig(path=str(GSM8K), builder="exposure", limit=20),
-               DataSourceConfig(path=str(GSM8K), builder="aggregation", limit=10))
-    examples = load_examples(sources, K, seed=1)
+def test_load_stage_from_config_sources(tmp_path, gsm8k_problems):
+    def load(*sources):
+        return load_stage(DataConfig(train=sources, num_branches=K, seed=1)).examples
+
+    examples = load(DataSourceConfig(path=str(GSM8K), builder="exposure", limit=20),
+                    DataSourceConfig(path=str(GSM8K), builder="aggregation", limit=10))
     assert [e.id.split("/")[0] for e in examples] == ["exposure"] * 20 + ["aggregation"] * 10
+    assert {e.meta["source"] for e in examples} == {"gsm8k/train:exposure", "gsm8k/train:aggregation"}
     # prebuilt example files are read as they are, whatever their builder
     prebuilt = build_examples(gsm8k_problems[:4], "exposure", K, seed=9).examples
     write_examples(tmp_path / "pre.jsonl", prebuilt)
-    prebuilt_source = DataSourceConfig(path=str(tmp_path / "pre.jsonl"), builder="distillation")
-    assert load_examples((prebuilt_source,), K, 1) == prebuilt
-    with pytest.raises(ValueError, match="distillation sources must be example files"):
-        load_examples((DataSourceConfig(path=str(GSM8K), builder="distillation", limit=2),), K, 1)
+    loaded = load(DataSourceConfig(path=str(tmp_path / "pre.jsonl"), builder="distillation"))
+    assert [dataclasses.replace(e, meta=p.meta) for e, p in zip(loaded, prebuilt)] == prebuilt
+    with pytest.raises(SourceError, match="distillation sources need the backbone"):
+        load(DataSourceConfig(path=str(GSM8K), builder="distillation", limit=2))
     with pytest.raises(FileNotFoundError, match=re.escape("no_such.jsonl")):
-        load_examples((DataSourceConfig(path="no_such.jsonl", builder="exposure"),), K, 1)
+        load(DataSourceConfig(path="no_such.jsonl", builder="exposure"))

@@ -3,6 +3,7 @@ determinism, exact resume, guards, bucketing and multi-process sharding."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from psynth_jax.config.schema import DataConfig, DataSourceConfig
 from psynth_jax.data.examples import Branch
 from psynth_jax.data.pipeline import TrainBatch, make_train_iterator
-from psynth_jax.data.sources import load_examples
+from psynth_jax.data.sources import load_stage
 from psynth_jax.data.tokenize import end_of_turn_id
 from psynth_jax.interop.embedded import default_gguf_path
 from psynth_jax.interop.tokenizer import load_tokenizer
@@ -31,7 +32,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def examples():
-    return load_examples(SOURCES, CFG.num_branches, CFG.seed)
+    return load_stage(CFG).examples
 
 
 def _take(it, n: int) -> list[TrainBatch]:
@@ -131,7 +132,7 @@ def test_guards_skip_and_count_by_reason(tokenizer, examples):
     _, stats = make_train_iterator(CFG, tokenizer, examples=[empty, *examples[1:]])
     assert stats.skipped["empty_branch"] == 1 and stats.kept == stats.examples - 1
     with pytest.raises(ValueError, match="no example passed the guards.*num_branches=80"):
-        make_train_iterator(dataclasses.replace(CFG, num_branches=4), tokenizer, examples=examples)
+        make_train_iterator(dataclasses.replace(CFG, min_branches=4), tokenizer, examples=examples)
 
 
 def test_shards_split_every_global_batch(tokenizer, examples):
@@ -151,3 +152,64 @@ def test_eval_split_is_one_finite_epoch(tokenizer, examples):
     batches = list(it)
     assert len(batches) == stats.batches_per_epoch
     assert sum(int(b.example_valid.sum()) for b in batches) == stats.kept == 10
+
+
+DATA = GSM8K.parents[1]
+K_SOURCES = (DataSourceConfig(path=str(DATA / "instructions_icl/flan_cot/*.tsv"), builder="exposure", limit=8,
+                              k=(2, 3, 4, 5)),
+             DataSourceConfig(path=str(DATA / "multihop_evidence/hotpotqa_200_migres.jsonl"), builder="aggregation",
+                              limit=16, k=(2, 3, 4, 5, 6)),
+             DataSourceConfig(path=str(GSM8K), builder="aggregation", limit=8))
+K_CFG = dataclasses.replace(CFG, train=K_SOURCES, batch_size=3, min_branches=2, max_branches=6,
+                            buckets=(256, 512, 1024, 2048))
+
+
+def _signature(batch: TrainBatch, row: int) -> bytes:
+    """What identifies one example in a batch: its synthesizer tokens and branch tokens."""
+    return batch.synth_tokens[row, : batch.synth_len[row]].tobytes() + batch.branch_tokens[row].tobytes()
+
+
+def test_k_varies_per_example_and_every_batch_has_one_static_shape(tokenizer):
+    examples = load_stage(K_CFG).examples
+    assert {e.num_branches for e in examples} >= {2, 3, 4, 5}
+    it, stats = make_train_iterator(K_CFG, tokenizer, examples=examples)
+    assert stats.kept == len(examples) and set(stats.by_k) == {e.num_branches for e in examples}
+    assert stats.by_k == dict(sorted(collections.Counter(e.num_branches for e in examples).items()))
+    for epoch in range(2):
+        seen = collections.Counter()
+        for batch in _take(it, stats.batches_per_epoch):
+            b, k, tb = batch.branch_tokens.shape
+            assert b == K_CFG.batch_size and tb in K_CFG.buckets and 2 <= k <= 6
+            assert batch.branch_len.shape == batch.branch_prefix_len.shape == (b, k)
+            assert (batch.branch_len >= 1).all()  # every row really has K branches: no padded branch
+            for row in np.nonzero(batch.example_valid)[0]:
+                seen[_signature(batch, row)] += 1
+        # each kept example exactly once per epoch
+        assert sum(seen.values()) == stats.kept and set(seen.values()) == {1}, epoch
+    # the shapes a run compiles: one per (K, Tb, Ts) of the bucket keys "K<k> <Tb>x<Ts>x<Tt>"
+    shapes = {(int(k[1:]), *map(int, sizes.split("x")[:2])) for k, sizes in map(str.split, stats.buckets)}
+    got = {(b.branch_tokens.shape[1], b.branch_tokens.shape[2], b.synth_tokens.shape[1])
+           for b in _take(make_train_iterator(K_CFG, tokenizer, examples=examples)[0], stats.batches_per_epoch)}
+    assert got == shapes
+
+
+def test_k_varying_resume_is_exact(tokenizer):
+    examples = load_stage(K_CFG).examples
+    it, stats = make_train_iterator(K_CFG, tokenizer, examples=examples)
+    _take(it, stats.batches_per_epoch // 2)
+    state = it.get_state()
+    expected = _take(it, stats.batches_per_epoch)  # the rest of this epoch and into the next
+    fresh, _ = make_train_iterator(K_CFG, tokenizer, examples=examples)
+    fresh.set_state(state)
+    assert all(_same(x, y) for x, y in zip(_take(fresh, stats.batches_per_epoch), expected))
+
+
+def test_k_outside_the_range_is_skipped_and_counted_per_source(tokenizer):
+    examples = load_stage(K_CFG).examples
+    narrow = dataclasses.replace(K_CFG, min_branches=3, max_branches=4)
+    _, stats = make_train_iterator(narrow, tokenizer, examples=examples)
+    outside = sum(not 3 <= e.num_branches <= 4 for e in examples)
+    assert stats.skipped["num_branches"] == outside > 0 and set(stats.by_k) <= {3, 4}
+    per_source = collections.Counter(e.meta["source"] for e in examples if not 3 <= e.num_branches <= 4)
+    assert {s: v["skipped"].get("num_branches", 0) for s, v in stats.by_source.items()} == {
+        s: per_source.get(s, 0) for s in stats.by_source}

@@ -3,6 +3,7 @@ fast model."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 
@@ -36,3 +37,27 @@ def make_tiny_smol(directory: Path, *, layers: int = 2, seed: int = 0, family: s
     model.save_pretrained(directory)
     load_tokenizer(default_gguf_path()).save_pretrained(directory)
     return directory
+
+
+def random_tiny_smol(lora=None, seed: int = 0):
+    """The same idea without torch or files: a `LoadedModel` with SmolLM2's tokenizer (vocabulary,
+    chat template, stop token) around a 2-layer random decoder (LoRA attached when given). A new
+    model each call (a Trainer donates its LoRA buffers); the tokenizer is read once."""
+    import dataclasses
+
+    from psynth_jax.model.config import ModelConfig
+    from psynth_jax.model.loaded import random_model
+
+    tokenizer = _smol_tokenizer()
+    cfg = ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+                      eos_token_ids=(tokenizer.eos_token_id,))
+    return dataclasses.replace(random_model(cfg, lora=lora, seed=seed), tokenizer=tokenizer)
+
+
+@functools.cache
+def _smol_tokenizer():
+    from psynth_jax.interop.embedded import default_gguf_path
+    from psynth_jax.interop.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_gguf_path())

@@ -1,10 +1,13 @@
-"""`psynth build-data`: write training examples (exposure, aggregation or distillation) to a file.
+"""`psynth build-data`: write training examples of one source (any role, any row format) to a file.
 
-exposure / aggregation need no model and are written in one go. distillation runs K sampled
-workers and the text-concatenation path of the backbone, batched, and appends each batch's
-examples as they complete; a rerun skips the ids already in the output, so an interrupted run
-resumes where it stopped (a .parquet output is built at the end from a `.partial.jsonl` beside
-it, which is what resumes).
+The source is read exactly as a training config's `data.train` entry would be (data/sources.py:
+the row format is recognised from the first row, or forced with --format), so the examples
+written are the ones `psynth train` would build. exposure / aggregation need no model and are
+written in one go. distillation runs K sampled workers (or takes the given branches) and the
+text-concatenation path of the backbone, batched, and appends each batch's examples as they
+complete; a rerun skips the ids already in the output, so an interrupted run resumes where it
+stopped (a .parquet output is built at the end from a `.partial.jsonl` beside it, which is what
+resumes).
 """
 
 from __future__ import annotations
@@ -16,20 +19,30 @@ from pathlib import Path
 from psynth_jax.cli.common import add_model_arguments, step
 
 BUILDERS = ("exposure", "aggregation", "distillation")
+VARIANTS = ("candidates", "evidence", "short", "reasoned", "schemas", "calls")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from psynth_jax.config.schema import SourceFormat
+    import typing
+
     p.add_argument("--source", required=True,
-                   help="GSM8K- or MATH-schema rows: a .jsonl/.json/.parquet/.csv file, a dataset folder or a hub id")
+                   help="rows: a .jsonl/.json/.parquet/.csv/.tsv file, a glob of them, a dataset folder or a hub id")
     p.add_argument("--builder", required=True, choices=BUILDERS)
     p.add_argument("--out", required=True, help="output file: .jsonl or .parquet")
-    p.add_argument("--limit", type=int, default=None, help="use the first N rows of the source")
-    p.add_argument("--k", type=int, default=3, help="branches per example")
+    p.add_argument("--format", default="auto", choices=typing.get_args(SourceFormat),
+                   help="row format (default: recognised from the first row)")
+    p.add_argument("--variant", default=None, choices=VARIANTS,
+                   help="aggregation: candidates | evidence (problems), short | reasoned (multihop), "
+                        "schemas | calls (bfcl)")
+    p.add_argument("--task", default=None,
+                   help="distillation: read the rows with this evaluation task's converter (e.g. arc_challenge, mbpp)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N rows of the source (per file of a glob)")
+    p.add_argument("--k", type=int, default=3, help="branches per example, where the builder chooses K")
+    p.add_argument("--max-k", type=int, default=8, help="largest K kept (chat rounds, functions, paragraphs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default="train", help="hub datasets / folders: split to read")
     p.add_argument("--subset", default=None, help="hub datasets: configuration (e.g. 'main' for openai/gsm8k)")
-    p.add_argument("--variant", default="candidates", choices=["candidates", "evidence"],
-                   help="aggregation: corrupted candidate solutions, or the question's facts split over branches")
     add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="distillation: problems per batched generate")
     p.add_argument("--worker-tokens", type=int, default=256, help="distillation: max new tokens per worker")
@@ -44,58 +57,73 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from psynth_jax.data.builders import build_examples
-    from psynth_jax.data.sources import parse_problems, read_rows, source_label
+    from psynth_jax.config.schema import DataConfig, DataSourceConfig
+    from psynth_jax.config.typed import ConfigError
+    from psynth_jax.config.validate import validate_data
+    from psynth_jax.data.examples import write_examples
+    from psynth_jax.data.sources import load_stage
 
     out = Path(args.out)
     if out.suffix not in (".jsonl", ".parquet"):
         return _error(f"--out {out} must end in .jsonl or .parquet")
-    if args.k < 1:
-        return _error("--k must be at least 1")
+    if not 1 <= args.k <= args.max_k:
+        return _error(f"--k must be in [1, --max-k={args.max_k}], got {args.k}")
+    src = DataSourceConfig(path=args.source, builder=args.builder, format=args.format, variant=args.variant,
+                           task=args.task, limit=args.limit, split=args.split, subset=args.subset, k=(args.k,))
+    d = DataConfig(train=(src,), seed=args.seed, num_branches=args.k, min_branches=1, max_branches=args.max_k)
+    distiller = _Distiller(args, out) if args.builder == "distillation" else None
     try:
-        rows = read_rows(args.source, split=args.split, subset=args.subset, limit=args.limit)
+        validate_data(d)
+        stage = load_stage(d, "train", distiller)
     except FileNotFoundError as e:
         return _error(f"source {args.source!r} not found: {e}")
-    problems, missing = parse_problems(rows, source_label(args.source, args.split))
-    if missing:
-        print(f"[psynth] {missing} of {len(rows)} rows have no final answer: skipped", file=sys.stderr)
-    if args.builder == "distillation":
-        return _distill(args, problems, out)
-
-    from psynth_jax.data.examples import write_examples
-
-    result = build_examples(problems, args.builder, args.k, args.seed, variant=args.variant)
-    write_examples(out, result.examples)
-    skipped = f" (skipped: {dict(result.skipped)})" if result.skipped else ""
-    print(f"wrote {len(result.examples)} {args.builder} examples to {out}{skipped}")
+    except (ConfigError, ValueError) as e:
+        return _error(str(e))
+    (report,) = stage.sources
+    skipped = f" (skipped: {report.skipped})" if report.skipped else ""
+    if distiller is not None:
+        print(f"wrote {distiller.added} new distillation examples to {out} ({len(stage.examples)} in all){skipped}")
+        return 0
+    write_examples(out, stage.examples)
+    print(f"wrote {len(stage.examples)} {args.builder} examples to {out}{skipped}")
     return 0
 
 
-def _distill(args: argparse.Namespace, problems: list, out: Path) -> int:
-    from psynth_jax.data.distill import distill_to_jsonl, done_ids
-    from psynth_jax.data.examples import read_examples, write_examples
-    from psynth_jax.inference.sampling import SamplingConfig
-    from psynth_jax.interop.loader import load_model
-    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+class _Distiller:
+    """load_stage's distiller for the CLI: resumes in --out (or its .partial.jsonl), loads the
+    model only when something is left to generate."""
 
-    work = out if out.suffix == ".jsonl" else out.with_name(out.name + ".partial.jsonl")
-    if work != out and out.exists() and not work.exists():  # resume from a finished parquet
-        write_examples(work, read_examples(out))
-    done = done_ids(work)
-    pending = [p for p in problems if f"distillation/{p.id}" not in done]
-    print(f"[psynth] {len(problems) - len(pending)} of {len(problems)} examples already in {work}", file=sys.stderr)
-    if pending:
-        with step(f"loading {args.model} ({args.dtype})"):
-            model = load_model(args.model, dtype=args.dtype)
-        # timing_repeats=0: no TTFT measurement, each path's prefill runs once
-        synth = ParallelSynthesis(model, family="math", attn_impl=args.attn_impl, timing_repeats=0)
-        distill_to_jsonl(
-            pending, synth, work, k=args.k, batch_size=args.batch_size, worker_tokens=args.worker_tokens,
-            max_new_tokens=args.max_new_tokens, seed=args.seed,
-            worker_sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p),
-        )
-    if work != out:
-        write_examples(out, read_examples(work))
-        work.unlink()
-    print(f"wrote {len(pending)} new distillation examples to {out} ({len(problems)} in all)")
-    return 0
+    def __init__(self, args: argparse.Namespace, out: Path):
+        self.args, self.out = args, out
+        self.added = 0  # examples generated by this run
+
+    def __call__(self, src, items: list) -> list:
+        from psynth_jax.data.distill import distill_to_jsonl, done_ids
+        from psynth_jax.data.examples import read_examples, write_examples
+        from psynth_jax.inference.sampling import SamplingConfig
+        from psynth_jax.interop.loader import load_model
+        from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+        args, out = self.args, self.out
+        work = out if out.suffix == ".jsonl" else out.with_name(out.name + ".partial.jsonl")
+        if work != out and out.exists() and not work.exists():  # resume from a finished parquet
+            write_examples(work, read_examples(out))
+        done = done_ids(work)
+        pending = [item for item in items if f"distillation/{item.id}" not in done]
+        print(f"[psynth] {len(items) - len(pending)} of {len(items)} examples already in {work}", file=sys.stderr)
+        if pending:
+            with step(f"loading {args.model} ({args.dtype})"):
+                model = load_model(args.model, dtype=args.dtype)
+            # timing_repeats=0: no TTFT measurement, each path's prefill runs once
+            synth = ParallelSynthesis(model, attn_impl=args.attn_impl, timing_repeats=0)
+            self.added = distill_to_jsonl(
+                pending, synth, work, k=args.k, batch_size=args.batch_size, worker_tokens=args.worker_tokens,
+                max_new_tokens=args.max_new_tokens, seed=args.seed,
+                worker_sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p),
+            )
+        wanted = {f"distillation/{item.id}" for item in items}
+        examples = [e for e in read_examples(work) if e.id in wanted] if work.exists() else []
+        if work != out:
+            write_examples(out, read_examples(work))
+            work.unlink()
+        return examples

@@ -28,6 +28,8 @@ from psynth_jax.config.typed import ConfigError, from_dict, to_dict
 ModeName = Literal["single", "text", "naive_cache", "mapper_only", "lora_only", "psynth"]
 MODES: tuple[str, ...] = typing.get_args(ModeName)
 
+GENERIC_TASKS = ("mc", "qa")  # tasks that read a user's file, described by `fields`
+
 # Fields that do not change any stored branch or record: a resumed run may change them freely.
 RESUMABLE_FIELDS = ("tasks", "modes", "out_dir", "score_workers", "mesh")
 
@@ -35,12 +37,31 @@ _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
 
 @_frozen
+class TaskFields:
+    """Column names of a user's file for the generic tasks (None: the usual names, in brackets)."""
+
+    id: Optional[str] = None  # a stable id per row [id; else the row's position]
+    question: Optional[str] = None  # the question text [question]
+    choices: Optional[str] = None  # mc: the options, a list or {label: text} [choices, options]
+    # mc: the correct option as a 0-based index, a letter / label or its text [answer, label, answerKey];
+    # qa: the accepted answer, or a list of them [answers, answer]
+    answer: Optional[str] = None
+    context: Optional[str] = None  # qa: paragraphs given as branches, texts or {title, text} [context]
+
+
+@_frozen
 class EvalTaskConfig:
     """One benchmark: a task registry name, an optional source, how many examples (first N)."""
 
-    name: str  # gsm8k, math500, humaneval, mbpp, arc_challenge, marble_db, aime2024, ... (eval/tasks.py)
+    # gsm8k, math500, humaneval, mbpp, arc_challenge, marble_db, multihop_qa, tool_calls, aime2024, ...,
+    # or the generic mc / qa on a user's file (eval/tasks.py)
+    name: str
     path: Optional[str] = None  # local file / dataset folder / hub id; None: shipped data or default hub id
     limit: Optional[int] = None  # first N examples in source order; None: all
+    fields: TaskFields = dataclasses.field(default_factory=TaskFields)  # mc / qa: the file's column names
+    # tasks with given branches: at most this many (qa: context paragraphs; tool_calls: function docs,
+    # default 8); multihop_qa: this many paragraphs, or every supporting one if more (default 4)
+    branches: Optional[int] = None
 
 
 @_frozen
@@ -134,6 +155,11 @@ def _task_errors(cfg: EvalConfig, known: list[str]) -> list[str]:
             errors.append(f"tasks[{i}].limit must be >= 1 or null (all examples), got {t.limit}")
         if t.path is not None and t.path.startswith((".", "/", "~")) and not Path(t.path).expanduser().exists():
             errors.append(f"tasks[{i}].path: local path {t.path!r} does not exist")
+        if t.name in GENERIC_TASKS and t.path is None:
+            errors.append(f"tasks[{i}].path: task {t.name!r} reads your own file: set path "
+                          "(and fields for its columns)")
+        if t.branches is not None and t.branches < 1:
+            errors.append(f"tasks[{i}].branches must be >= 1 or null, got {t.branches}")
     return errors
 
 
@@ -160,7 +186,9 @@ __all__ = [
     "ConfigError",
     "EvalConfig",
     "EvalTaskConfig",
+    "GENERIC_TASKS",
     "ModeName",
+    "TaskFields",
     "dump_eval_config",
     "fingerprint",
     "load_eval_config",

@@ -20,6 +20,12 @@ AttnImpl = Literal["xla", "cudnn", "xla_split", "splash"]
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 MapperKind = Literal["affine_length", "per_head_affine"]
 Builder = Literal["exposure", "aggregation", "distillation"]
+# The row layout of a source (data/sources.py detects it from the first row when "auto"):
+# problems: GSM8K / MATH; oasst: OpenAssistant messages or trees; chat: UltraChat / ShareGPT /
+# lmsys message lists; flan_cot: FLAN CoT (question, answer, rationale); flan: FLAN (inputs,
+# targets); p3: T0 / P3 (prompt, completion); multihop: 2WikiMultihopQA / HotpotQA / MuSiQue;
+# bfcl: Berkeley Function Calling Leaderboard; examples: rows already built (`psynth build-data`).
+SourceFormat = Literal["auto", "examples", "problems", "oasst", "chat", "flan_cot", "flan", "p3", "multihop", "bfcl"]
 Decay = Literal["none", "cosine", "linear"]
 HandoffConvention = Literal["output_tokens", "release"]  # synthesis/convention.py
 WorkerStopTokens = Literal["chat", "eos_only"]
@@ -66,9 +72,28 @@ class HandoffConfig:
 class DataSourceConfig:
     """One training or evaluation source and the example builder that turns rows into examples."""
 
-    path: str  # local jsonl/json/parquet file (relative to the working directory) or a hub id
+    # local .jsonl/.json/.parquet/.csv/.tsv file or a glob of them (relative to the working
+    # directory; a glob's files are read in sorted order, each file's stem naming its task), or a hub id
+    path: str
     builder: Builder
-    limit: Optional[int] = None  # use at most this many rows (None: all)
+    format: SourceFormat = "auto"
+    # builder variant: aggregation over problems: candidates | evidence; over multihop: short |
+    # reasoned (the target's form); over bfcl: schemas | calls (what one branch holds). None: the first.
+    variant: Optional[str] = None
+    # distillation only: read the rows with this evaluation task's converter (arc_challenge, mbpp,
+    # marble_db, multihop_qa, tool_calls, mc, qa, ...: eval/tasks.py), which sets the task family;
+    # None: GSM8K / MATH rows (family math)
+    task: Optional[str] = None
+    name: Optional[str] = None  # the source's name in the data summary (default: from the path)
+    limit: Optional[int] = None  # read at most this many rows (None: all)
+    cap: Optional[int] = None  # keep at most this many built examples (a seeded sample; None: all)
+    # how often each kept example appears per epoch: 2.0 twice, 0.5 a seeded half, 0 never
+    weight: float = 1.0
+    # K of builders that choose it: one value, or several of which each example draws one (seeded by
+    # its id). () = data.num_branches for problems, worked examples and distillation workers; for
+    # paragraphs, every K from the supporting paragraphs' count to data.max_branches. Chat rounds,
+    # functions and tool calls take K from the data (trimmed to data.max_branches).
+    k: tuple[int, ...] = ()
     split: str = "train"  # hub datasets only: which split to read
     subset: Optional[str] = None  # hub datasets only: configuration name (e.g. "main" for gsm8k)
 
@@ -79,11 +104,16 @@ class DataConfig:
 
     train: tuple[DataSourceConfig, ...]
     eval: tuple[DataSourceConfig, ...] = ()
+    stage: Optional[str] = None  # the stage's name in logs, data_summary.json and errors
     seed: int = 42
     max_total_tokens: int = 20000  # guard: cache + live tokens of one example
     max_live_tokens: int = 1800  # guard: synthesizer prompt + target tokens
     max_cache_tokens: int = 13000  # guard: branch cache tokens, all branches together
-    num_branches: int = 3
+    num_branches: int = 3  # K of builders that choose it, when a source sets no `k`
+    # Examples may have any K in [min_branches, max_branches] (others are skipped, reason
+    # "num_branches"); batches group examples of equal K, so each batch has one static shape.
+    min_branches: int = 1
+    max_branches: int = 8
     # Padded token lengths examples are bucketed into: one compiled shape per bucket.
     buckets: tuple[int, ...] = (2048, 4096, 8192, 12288, 16384, 20480)
     batch_size: int = 1  # global batch: examples per micro-step across all devices
@@ -117,6 +147,9 @@ class TrainConfig:
     seed: int = 42
     compute_dtype: Dtype = "bfloat16"
     remat: bool = False  # rematerialise layer activations in the backward pass
+    # start from the mapper + LoRA of another run's newest checkpoint (a `psynth train` run dir;
+    # not its optimizer state or step), e.g. stage 2 from stage 1; ignored when this run resumes
+    init_from: Optional[str] = None
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
 

@@ -7,17 +7,21 @@ dotted field it concerns; all problems are reported together.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from pathlib import Path
 
-from psynth_jax.config.schema import DataSourceConfig, ExperimentConfig, MeshConfig
+from psynth_jax.config.schema import DataConfig, DataSourceConfig, ExperimentConfig, MeshConfig
 from psynth_jax.config.typed import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Suffixes that only ever name local files, never hub ids.
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".gguf", ".safetensors")
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow", ".gguf", ".safetensors")
+# aggregation variants per row format (data/sources.py); the first of each is the default
+AGGREGATION_VARIANTS = {"problems": ("candidates", "evidence"), "multihop": ("short", "reasoned"),
+                        "bfcl": ("schemas", "calls")}
 
 
 def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
@@ -72,6 +76,9 @@ def _check_paths(cfg: ExperimentConfig) -> list[str]:
     errors = []
     if _missing_local_path(cfg.model.source):
         errors.append(f"model.source: local path {cfg.model.source!r} does not exist")
+    init = cfg.train.init_from
+    if init is not None and "://" not in init and not (Path(init).expanduser() / "config.yaml").is_file():
+        errors.append(f"train.init_from: {init!r} is not a `psynth train` run directory (no config.yaml there)")
     for split in ("train", "eval"):
         sources: tuple[DataSourceConfig, ...] = getattr(cfg.data, split)
         for i, source in enumerate(sources):
@@ -84,9 +91,12 @@ def _check_paths(cfg: ExperimentConfig) -> list[str]:
 
 
 def _missing_local_path(path: str) -> bool:
-    """True for a path that can only be local (not a hub id or URL) and is not there."""
+    """True for a path that can only be local (not a hub id or URL) and is not there (a glob
+    pattern: that matches no file)."""
     if "://" in path:
         return False
+    if glob.has_magic(path):
+        return not glob.glob(os.path.expanduser(path))
     looks_local = path.startswith((".", "/", "~")) or path.endswith(_LOCAL_SUFFIXES)
     return looks_local and not Path(path).expanduser().exists()
 
@@ -134,9 +144,60 @@ def _check_numbers(cfg: ExperimentConfig) -> list[str]:
         (cfg.eval_every >= 0, f"eval_every must be >= 0, got {cfg.eval_every}"),
         (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
     ]
-    errors = [message for ok, message in checks if not ok]
+    return [message for ok, message in checks if not ok] + _data_errors(d)
+
+
+def validate_data(d: DataConfig) -> None:
+    """Raise ConfigError listing every problem of a data section alone (its K range and sources)."""
+    errors = _data_errors(d)
+    if errors:
+        raise ConfigError(errors)
+
+
+def _data_errors(d: DataConfig) -> list[str]:
+    errors = [] if 1 <= d.min_branches <= d.max_branches else [
+        f"data.min_branches / data.max_branches must satisfy 1 <= min <= max, got {d.min_branches} / {d.max_branches}"]
     for split in ("train", "eval"):
-        for i, source in enumerate(getattr(d, split)):
-            if source.limit is not None and source.limit < 1:
-                errors.append(f"data.{split}[{i}].limit must be >= 1 or null, got {source.limit}")
+        sources: tuple[DataSourceConfig, ...] = getattr(d, split)
+        for i, source in enumerate(sources):
+            errors += _source_errors(source, f"data.{split}[{i}]", d.min_branches, d.max_branches)
+        if sources and all(s.weight == 0 for s in sources):
+            errors.append(f"data.{split}: every source has weight 0, so stage {stage_name(d, split)!r} would have "
+                          "no examples")
+    return errors
+
+
+def stage_name(d: DataConfig, split: str = "train") -> str:
+    """How errors and the data summary name a stage: data.stage (its eval split: "<stage>/eval")."""
+    base = d.stage or "train"
+    return base if split == "train" else f"{base}/eval"
+
+
+def _source_errors(s: DataSourceConfig, where: str, k_min: int, k_max: int) -> list[str]:
+    errors = []
+    if s.limit is not None and s.limit < 1:
+        errors.append(f"{where}.limit must be >= 1 or null, got {s.limit}")
+    if s.cap is not None and s.cap < 1:
+        errors.append(f"{where}.cap must be >= 1 or null (use weight: 0 to leave a source out), got {s.cap}")
+    if not s.weight >= 0:
+        errors.append(f"{where}.weight must be >= 0, got {s.weight}")
+    bad_k = [k for k in s.k if not k_min <= k <= k_max]
+    if bad_k:
+        errors.append(f"{where}.k: {bad_k} outside [data.min_branches, data.max_branches] = [{k_min}, {k_max}]")
+    if s.variant is not None:
+        known = sorted({v for vs in AGGREGATION_VARIANTS.values() for v in vs})
+        if s.builder != "aggregation":
+            errors.append(f"{where}.variant: only aggregation sources have variants, this one is {s.builder}")
+        elif s.variant not in known:
+            errors.append(f"{where}.variant: unknown variant {s.variant!r}; known: {', '.join(known)}")
+        elif s.format in AGGREGATION_VARIANTS and s.variant not in AGGREGATION_VARIANTS[s.format]:
+            known_here = ", ".join(AGGREGATION_VARIANTS[s.format])
+            errors.append(f"{where}.variant: {s.format} rows have variants {known_here}, not {s.variant!r}")
+    if s.task is not None:
+        from psynth_jax.eval.tasks import TASKS  # pure Python; imported here to keep config free of eval code
+
+        if s.builder != "distillation":
+            errors.append(f"{where}.task: only distillation sources read rows with an evaluation task's converter")
+        elif s.task not in TASKS:
+            errors.append(f"{where}.task: unknown task {s.task!r}; known: {', '.join(sorted(TASKS))}")
     return errors

@@ -1,12 +1,15 @@
-"""Training data: examples, builders, tokenization with guards, and the grain input pipeline.
+"""Training data: examples, builders for every data role, tokenization with guards, the grain pipeline.
 
 - examples.py: `SynthesisExample` (question, K branches, target), the on-disk row format.
-- problems.py: GSM8K / MATH rows -> `Problem` (question, worked solution, gold answer).
-- chunking.py, corruption.py: the text operations the builders need.
-- builders.py: exposure and aggregation examples (no model); distill.py: distillation (model).
-- sources.py: `load_examples(sources, num_branches, seed)` from config sources.
-- tokenize.py: chat-templated token sequences, guards and buckets for one example.
-- pipeline.py: `make_train_iterator` -> checkpointable iterator of `TrainBatch`.
+- sources.py: a stage's sources -> row format (recognised or configured) -> the builder of the
+  source's role -> caps and weights (mixture.py) -> `LoadedStage` with a report per source.
+- builders.py (GSM8K / MATH: step split, candidates, split statements; problems.py, chunking.py,
+  corruption.py), chat.py (chat rounds), icl.py (worked examples), evidence.py (evidence
+  paragraphs), toolcalls.py (function docs / parallel calls): model-free builders (build.py: what
+  they share); distill.py: distillation for every task family (needs the backbone).
+- tokenize.py: chat-templated token sequences, guards (K range, token limits) and bucket keys.
+- pipeline.py: `make_train_iterator` -> checkpointable iterator of `TrainBatch` (one K per batch).
+- summary.py: the data summary (rows per source, role and K, skips by reason).
 
 Nothing under psynth_jax.model / inference / synthesis imports this package.
 """

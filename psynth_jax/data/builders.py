@@ -14,17 +14,16 @@ aggregation, variant "evidence": the question's statements (all sentences but th
 
 Every random choice comes from a `random.Random` seeded by (seed, builder, problem id), so an
 example does not depend on which other rows were read (a `limit` keeps earlier examples).
+K is one number, or several of which each problem draws one (seeded by its id).
 Problems a builder cannot use (too few words to split, an answer without digits to corrupt) are
 skipped and counted.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import random
 from typing import Callable, Literal, Sequence
 
+from psynth_jax.data.build import BuildResult, example_rng
 from psynth_jax.data.chunking import split_contiguous, split_last_sentence
 from psynth_jax.data.corruption import corrupt_solution, wrong_answers
 from psynth_jax.data.examples import Branch, SynthesisExample
@@ -32,19 +31,6 @@ from psynth_jax.data.problems import Problem
 
 AggregationVariant = Literal["candidates", "evidence"]
 MODEL_FREE_BUILDERS = ("exposure", "aggregation")
-
-
-@dataclasses.dataclass
-class BuildResult:
-    """Examples built, and how many problems were skipped, by reason."""
-
-    examples: list[SynthesisExample]
-    skipped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-
-
-def example_rng(seed: int, builder: str, problem_id: str) -> random.Random:
-    """The deterministic random stream of one (seed, builder, problem)."""
-    return random.Random(f"{seed}:{builder}:{problem_id}")
 
 
 def exposure_example(p: Problem, k: int, seed: int) -> SynthesisExample | None:
@@ -113,9 +99,11 @@ _SKIP_REASON = {
 
 
 def build_examples(
-    problems: Sequence[Problem], builder: str, k: int, seed: int, *, variant: AggregationVariant = "candidates"
+    problems: Sequence[Problem], builder: str, k: int | Sequence[int], seed: int, *,
+    variant: AggregationVariant = "candidates",
 ) -> BuildResult:
-    """Examples of one model-free builder ("exposure" | "aggregation") for every usable problem."""
+    """Examples of one model-free builder ("exposure" | "aggregation") for every usable problem;
+    `k` a number or the values each problem draws its K from."""
     if builder == "exposure":
         fn: ExampleFn = exposure_example
     elif builder == "aggregation":
@@ -123,9 +111,11 @@ def build_examples(
     else:
         raise ValueError(f"builder {builder!r} needs no model only if it is one of {MODEL_FREE_BUILDERS}; "
                          "distillation examples are made by `psynth build-data --builder distillation`")
+    choices = [k] if isinstance(k, int) else list(k)
     result = BuildResult([])
     for p in problems:
-        example = fn(p, k, seed)
+        kp = choices[0] if len(choices) == 1 else example_rng(seed, "k", p.id).choice(choices)
+        example = fn(p, kp, seed)
         if example is None:
             result.skipped[_SKIP_REASON[fn]] += 1
         else:

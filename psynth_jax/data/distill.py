@@ -1,68 +1,161 @@
 """Distillation examples (METHOD.md section 5, role c): targets written by text synthesis.
 
-For each problem, K workers (the backbone, LoRA off, sampled) answer the standard worker prompt;
-their texts become the branches (prefix "" = that same prompt), and the text-concatenation path
-of the same backbone (greedy, every branch as text) writes the target the cache-path
-synthesizer learns to reproduce. Requests are batched through ParallelSynthesis.
+Every task family is distilled the same way. For each item, the branches are K worker outputs
+(the backbone, LoRA off, sampled from the family's worker prompt; one worker per expert profile
+where the task has profiles, as MARBLE), or the item's given branches (evidence paragraphs,
+function docs: nothing to sample); the text-concatenation path of the same backbone (greedy,
+every branch as text, the family's synthesizer prompt) writes the target the cache-path
+synthesizer learns to reproduce. Requests are batched through ParallelSynthesis (items of one
+family and one K per batch) and appended to a jsonl file batch by batch, so a rerun resumes.
+
+Items come from GSM8K / MATH rows (family math) or from any evaluation task's rows, read by that
+task's converter (`items_from_task`: code, multiple choice, multi-hop QA, diagnosis, tool calls);
+rows a task holds out for evaluation are never distilled.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import json
 import sys
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from psynth_jax.data.examples import Branch, SynthesisExample, to_json_line
+from psynth_jax.data.build import example_rng
+from psynth_jax.data.examples import Branch, SynthesisExample, read_examples, to_json_line
 from psynth_jax.data.problems import Problem
-from psynth_jax.inference.sampling import SamplingConfig
+from psynth_jax.formats import splits
 from psynth_jax.synthesis import prompts
-from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
-WORKER_SAMPLING = SamplingConfig(temperature=0.7, top_p=0.95)
+if TYPE_CHECKING:
+    from psynth_jax.config.schema import DataConfig, DataSourceConfig
+    from psynth_jax.inference.sampling import SamplingConfig
+    from psynth_jax.model.loaded import LoadedModel
+    from psynth_jax.synthesis.convention import Handoff
+    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+WORKER_TEMPERATURE, WORKER_TOP_P = 0.7, 0.95
 
 
-def batch_seed(seed: int, problems: Sequence[Problem]) -> int:
-    """Sampling seed of one batch: fixed by the run seed and the batch's first problem, so a
-    rerun of the same batch samples the same workers."""
-    return (seed + zlib.crc32(problems[0].id.encode())) % 2**31
+@dataclasses.dataclass(frozen=True)
+class DistillItem:
+    """One request to distill: its question and family, and how its branches arise.
+
+    role_hints: one sampled worker per hint (expert profiles). given: branch texts that are given,
+    not sampled (their worker prompts are prompts.branch_prompt(given_role, ...)).
+    """
+
+    id: str
+    family: str
+    question: str
+    answer: str
+    role_hints: tuple[str, ...] = ()
+    given: tuple[str, ...] = ()
+    given_role: str = ""
+
+    def num_branches(self, k: int) -> int:
+        return len(self.given) or len(self.role_hints) or k
+
+    def worker_conversations(self, k: int) -> list[list[dict[str, str]]]:
+        if self.role_hints:
+            return [prompts.worker_messages(self.question, self.family, role_hint=h) for h in self.role_hints]
+        return [prompts.worker_messages(self.question, self.family)] * k
+
+    def branches(self, texts: Sequence[str]) -> tuple[Branch, ...]:
+        k = len(texts)
+        if self.given:
+            return tuple(Branch(prompts.branch_prompt(self.given_role, self.question, i, k), t)
+                         for i, t in enumerate(texts))
+        hints = self.role_hints or ("",) * k
+        return tuple(Branch("", t, h) for t, h in zip(texts, hints, strict=True))
+
+
+def item_from_problem(p: Problem) -> DistillItem:
+    return DistillItem(p.id, p.family, p.question, p.answer)
+
+
+def items_from_task(task: str, rows: Sequence[dict[str, Any]], label: str, seed: int
+                    ) -> tuple[list[DistillItem], collections.Counter[str]]:
+    """Items of rows read by evaluation task `task`'s converter (its family, question, expert
+    profiles, given branches), without the rows that task holds out; skipped rows by reason."""
+    from psynth_jax.eval.tasks import TASKS, task_converter  # pure Python: the task definitions
+
+    spec = TASKS[task]
+    convert = task_converter(task)
+    items, skipped = [], collections.Counter()
+    for i, row in enumerate(rows):
+        try:
+            ex = convert(row, i, seed)
+        except (KeyError, ValueError, TypeError) as err:
+            skipped[getattr(err, "reason", f"not a {task} row")] += 1
+            continue
+        if spec.heldout is not None and splits.is_heldout(spec.heldout, ex.extra["row_id"]):
+            skipped["held out for evaluation"] += 1
+            continue
+        x = ex.extra
+        items.append(DistillItem(f"{label}/{ex.id}", ex.family, ex.question, ex.gold,
+                                 role_hints=tuple(x.get("profiles") or ()), given=tuple(x.get("branches") or ()),
+                                 given_role=str(x.get("branch_role") or "")))
+    return items, skipped
+
+
+def batch_seed(seed: int, items: Sequence[DistillItem]) -> int:
+    """Sampling seed of one batch: fixed by the run seed and the batch's first item, so a rerun of
+    the same batch samples the same workers."""
+    return (seed + zlib.crc32(items[0].id.encode())) % 2**31
+
+
+def plan_batches(items: Sequence[DistillItem], k: int | Sequence[int], batch_size: int, seed: int
+                 ) -> list[tuple[int, list[DistillItem]]]:
+    """(K, items) batches: items of one family, one K and one kind (given or sampled branches),
+    in first-seen order, at most batch_size each. `k`: the sampled workers' K, one value or values
+    each item draws from (seeded by its id)."""
+    choices = [k] if isinstance(k, int) else list(k)
+    groups: dict[tuple[str, int, bool], list[DistillItem]] = {}
+    for item in items:
+        kk = choices[0] if len(choices) == 1 else example_rng(seed, "k", item.id).choice(choices)
+        groups.setdefault((item.family, item.num_branches(kk), bool(item.given)), []).append(item)
+    return [(key[1], group[s : s + batch_size]) for key, group in groups.items()
+            for s in range(0, len(group), batch_size)]
 
 
 def distill_batches(
-    problems: Sequence[Problem],
+    items: Sequence[DistillItem],
     synth: ParallelSynthesis,
     *,
-    k: int,
+    k: int | Sequence[int],
     batch_size: int,
     worker_tokens: int,
     max_new_tokens: int,
     seed: int,
-    worker_sampling: SamplingConfig = WORKER_SAMPLING,
+    worker_sampling: SamplingConfig | None = None,
 ) -> Iterator[list[SynthesisExample]]:
-    """Yield the examples of each batch of `batch_size` problems as soon as it is done."""
-    if k < 1 or batch_size < 1:
+    """Yield the examples of each batch as soon as it is done (batches: `plan_batches`)."""
+    from psynth_jax.inference.sampling import SamplingConfig
+
+    if batch_size < 1 or min([k] if isinstance(k, int) else k, default=0) < 1:
         raise ValueError(f"need k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start : start + batch_size]
-        wrong = [p.id for p in batch if p.family != synth.family]
-        if wrong:
-            raise ValueError(f"problems {wrong} are not of the synthesizer's family {synth.family!r}")
+    sampling = worker_sampling or SamplingConfig(temperature=WORKER_TEMPERATURE, top_p=WORKER_TOP_P)
+    for kk, batch in plan_batches(items, k, batch_size, seed):
         s = batch_seed(seed, batch)
-        convs = [[prompts.worker_messages(p.question, p.family)] * k for p in batch]
-        workers = synth.run_workers(convs, max_new_tokens=worker_tokens, sampling=worker_sampling, seed=s)
-        text = synth.text_path([p.question for p in batch], workers.texts, max_new_tokens=max_new_tokens, seed=s)
+        synth.family = batch[0].family  # the family's prompt templates, for workers and the text path
+        if batch[0].given:
+            texts = [list(item.given) for item in batch]
+        else:
+            convs = [item.worker_conversations(kk) for item in batch]
+            texts = synth.run_workers(convs, max_new_tokens=worker_tokens, sampling=sampling, seed=s).texts
+        text = synth.text_path([item.question for item in batch], texts, max_new_tokens=max_new_tokens, seed=s)
         yield [
             SynthesisExample(
-                id=f"distillation/{p.id}",
-                family=p.family,
-                question=p.question,
-                branches=tuple(Branch("", t) for t in branch_texts),
-                target=target,
-                meta={"builder": "distillation", "answer": p.answer, "worker_tokens": worker_tokens,
+                id=f"distillation/{item.id}", family=item.family, question=item.question,
+                branches=item.branches(branch_texts), target=target,
+                meta={"builder": "distillation", "answer": item.answer, "worker_tokens": worker_tokens,
                       "max_new_tokens": max_new_tokens, "seed": seed},
             )
-            for p, branch_texts, target in zip(batch, workers.texts, text.texts, strict=True)
+            for item, branch_texts, target in zip(batch, texts, text.texts, strict=True)
         ]
 
 
@@ -88,23 +181,23 @@ def done_ids(path: Path) -> set[str]:
 
 
 def distill_to_jsonl(
-    problems: Sequence[Problem],
+    items: Sequence[DistillItem],
     synth: ParallelSynthesis,
     path: Path,
     *,
-    k: int,
+    k: int | Sequence[int],
     batch_size: int,
     worker_tokens: int,
     max_new_tokens: int,
     seed: int,
-    worker_sampling: SamplingConfig = WORKER_SAMPLING,
+    worker_sampling: SamplingConfig | None = None,
 ) -> int:
-    """Append the distillation examples of `problems` not yet in `path` (resumable: each batch is
+    """Append the distillation examples of `items` not yet in `path` (resumable: each batch is
     flushed as it completes, finished ids are skipped on restart). Returns how many were added."""
     from tqdm import tqdm
 
     done = done_ids(path)
-    pending = [p for p in problems if f"distillation/{p.id}" not in done]
+    pending = [item for item in items if f"distillation/{item.id}" not in done]
     if not pending:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,3 +209,29 @@ def distill_to_jsonl(
             f.flush()
             bar.update(len(examples))
     return len(pending)
+
+
+def run_cache_path(run_dir: Path, src: DataSourceConfig, d: DataConfig, model_source: str) -> Path:
+    """Where a training run caches the distillation examples of one source: keyed by everything
+    that changes them (rows read, K, sampling budget, seed, backbone), not by cap / weight / name."""
+    key = repr((src.path, src.split, src.subset, src.limit, src.task, src.k, d.num_branches, d.seed,
+                d.distill_worker_tokens, d.distill_max_new_tokens, model_source))
+    stem = Path(src.path).stem.strip("*") or "source"
+    return run_dir / "distill" / f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.jsonl"
+
+
+def distill_for_run(model: LoadedModel, src: DataSourceConfig, items: Sequence[DistillItem], d: DataConfig,
+                    run_dir: Path, *, model_source: str, attn_impl: str, handoff: Handoff | None = None,
+                    ) -> tuple[list[SynthesisExample], int, Path]:
+    """(examples of `items`, how many were generated now, the cache file): generated once by the
+    backbone (LoRA off; workers stop as `handoff` says) and cached, resumably, under the run directory."""
+    from psynth_jax.synthesis.convention import Handoff
+    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+    path = run_cache_path(run_dir, src, d, model_source)
+    synth = ParallelSynthesis(model, attn_impl=attn_impl, timing_repeats=0, handoff=handoff or Handoff())
+    added = distill_to_jsonl(items, synth, path, k=src.k or d.num_branches, batch_size=d.distill_batch_size,
+                             worker_tokens=d.distill_worker_tokens, max_new_tokens=d.distill_max_new_tokens,
+                             seed=d.seed)
+    wanted = {f"distillation/{item.id}" for item in items}
+    return [e for e in read_examples(path) if e.id in wanted], added, path

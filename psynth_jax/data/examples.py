@@ -2,7 +2,9 @@
 
 An example is a question, K worker branches and the synthesizer's target text. Each branch is
 `prefix` (text of the worker's prompt, whose KV is dropped after prefill; "" means the standard
-worker prompt for the question) and `output` (the worker's text, whose KV is handed over).
+worker prompt for the question), `output` (the worker's text, whose KV is handed over) and
+`role_hint` (the worker's per-branch angle added to its system prompt, e.g. a MARBLE expert
+profile; "" for none).
 Rows are plain JSON objects, so examples round-trip through jsonl and parquet files.
 """
 
@@ -17,10 +19,11 @@ from typing import Any, Iterable
 
 @dataclasses.dataclass(frozen=True)
 class Branch:
-    """One worker branch: prompt text (KV dropped) and output text (KV kept)."""
+    """One worker branch: prompt text (KV dropped), output text (KV kept), optional role hint."""
 
     prefix: str
     output: str
+    role_hint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,7 @@ class SynthesisExample:
             "id": self.id,
             "family": self.family,
             "question": self.question,
-            "branches": [{"prefix": b.prefix, "output": b.output} for b in self.branches],
+            "branches": [{"prefix": b.prefix, "output": b.output, "role_hint": b.role_hint} for b in self.branches],
             "target": self.target,
             "meta": dict(self.meta),
         }
@@ -65,7 +68,8 @@ class SynthesisExample:
             id=str(row["id"]),
             family=str(row["family"]),
             question=str(row["question"]),
-            branches=tuple(Branch(str(b.get("prefix") or ""), str(b["output"])) for b in row["branches"]),
+            branches=tuple(Branch(str(b.get("prefix") or ""), str(b["output"]), str(b.get("role_hint") or ""))
+                           for b in row["branches"]),
             target=str(row["target"]),
             meta=dict(meta),
         )

@@ -1,13 +1,14 @@
 """The training input pipeline on grain: examples -> tokens -> guards -> buckets -> batches.
 
 1. Every example is tokenized once up front (tokenize.py) and checked against the guards of
-   DataConfig; skipped examples are counted by reason (DataStats). Doing this before batching
-   lets examples be grouped by shape, gives exact statistics, and makes every process (which
-   all read all sources) compute the same global plan.
-2. Each kept example gets a bucket triple (Tb, Ts, Tt): the smallest `DataConfig.buckets` value
-   >= its widest branch, its synthesizer sequence and its text-path sequence.
+   DataConfig; skipped examples are counted by reason, per source, role and K (DataStats). Doing
+   this before batching lets examples be grouped by shape, gives exact statistics, and makes
+   every process (which all read all sources) compute the same global plan.
+2. Each kept example gets a bucket key (K, Tb, Ts, Tt): its branch count, then the smallest
+   `DataConfig.buckets` value >= its widest branch, its synthesizer sequence and its text-path
+   sequence. K varies per example (data.min_branches..max_branches); a batch never mixes Ks.
 3. Epoch e's global batches: the kept examples in a permutation seeded by (seed, e), grouped
-   by bucket triple (stable, in shuffled order), cut into batches of `batch_size` (each
+   by bucket key (stable, in shuffled order), cut into batches of `batch_size` (each
    bucket's last batch padded), then the batch order permuted by (seed + 1, e). Every batch has
    one static shape, every epoch a fresh order, and the plan depends only on (examples, config,
    epoch).
@@ -33,12 +34,12 @@ import numpy as np
 
 from psynth_jax.config.schema import DataConfig
 from psynth_jax.data.examples import SynthesisExample
-from psynth_jax.data.sources import load_examples
+from psynth_jax.data.sources import load_stage
 from psynth_jax.data.tokenize import SKIP_REASONS, ExampleTokenizer, TokenizedExample, bucket_key, skip_reason
 
-__all__ = ["DataStats", "TrainBatch", "load_examples", "make_train_iterator", "tokenize_and_guard"]
+__all__ = ["DataStats", "TrainBatch", "load_stage", "make_train_iterator", "tokenize_and_guard"]
 
-BucketKey = tuple[int, int, int]
+BucketKey = tuple[int, int, int, int]  # (K, Tb, Ts, Tt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +72,15 @@ class DataStats:
     examples: int
     kept: int
     skipped: dict[str, int]  # reason (tokenize.SKIP_REASONS) -> examples
-    buckets: dict[str, int]  # "Tb x Ts x Tt" -> kept examples
+    buckets: dict[str, int]  # "K<k> <Tb>x<Ts>x<Tt>" -> kept examples
     batch_size: int  # global
     local_batch_size: int  # rows per process
     batches_per_epoch: int
     padding_rows_per_epoch: int
+    by_k: dict[int, int] = dataclasses.field(default_factory=dict)  # K -> kept examples
+    by_role: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # role -> kept, skipped
+    # source (meta "source") -> {"kept": n, "skipped": {reason: n}, "by_k": {K: n}}
+    by_source: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{r}={n}" for r, n in self.skipped.items() if n) or "none"
@@ -87,18 +92,43 @@ class DataStats:
 
 def tokenize_and_guard(
     examples: Sequence[SynthesisExample], tokenizer: Any, cfg: DataConfig
-) -> tuple[list[TokenizedExample], list[BucketKey], dict[str, int]]:
-    """(kept tokenized examples, their bucket triples, skipped counts for every reason)."""
-    kept, keys = [], []
+) -> tuple[list[TokenizedExample], list[BucketKey], dict[str, int], list[str | None]]:
+    """(kept tokenized examples, their bucket keys, skipped counts for every reason, each input
+    example's skip reason or None)."""
+    kept, keys, reasons = [], [], []
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     for tex in ExampleTokenizer(tokenizer)(examples):
         reason = skip_reason(tex, cfg)
+        reasons.append(reason)
         if reason is None:
             kept.append(tex)
             keys.append(bucket_key(tex, cfg.buckets))
         else:
             skipped[reason] += 1
-    return kept, keys, skipped
+    return kept, keys, skipped, reasons
+
+
+def _breakdowns(examples: Sequence[SynthesisExample], reasons: Sequence[str | None]
+                ) -> tuple[dict[int, int], dict[str, dict[str, int]], dict[str, dict[str, Any]]]:
+    """Kept examples per K; kept / skipped per role; kept, skipped by reason and K per source."""
+    by_k: collections.Counter[int] = collections.Counter()
+    by_role: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    by_source: dict[str, dict[str, Any]] = {}
+    for ex, reason in zip(examples, reasons, strict=True):
+        role = str(ex.meta.get("role") or ex.meta.get("builder") or "unknown")
+        src = by_source.setdefault(str(ex.meta.get("source") or "unknown"),
+                                   {"kept": 0, "skipped": collections.Counter(), "by_k": collections.Counter()})
+        if reason is None:
+            by_k[ex.num_branches] += 1
+            by_role[role]["kept"] += 1
+            src["kept"] += 1
+            src["by_k"][ex.num_branches] += 1
+        else:
+            by_role[role]["skipped"] += 1
+            src["skipped"][reason] += 1
+    sources = {name: {"kept": s["kept"], "skipped": dict(s["skipped"]), "by_k": dict(sorted(s["by_k"].items()))}
+               for name, s in by_source.items()}
+    return dict(sorted(by_k.items())), {r: dict(c) for r, c in by_role.items()}, sources
 
 
 def _shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -154,8 +184,7 @@ def _loss_mask(prompt_lens: Sequence[int], target_lens: Sequence[int], width: in
 
 def collate(rows: Sequence[TokenizedExample], valid: Sequence[bool], key: BucketKey) -> TrainBatch:
     """Pad rows (all of bucket `key`) into a TrainBatch."""
-    tb, ts, tt = key
-    k = rows[0].num_branches
+    k, tb, ts, tt = key
     branch = np.zeros((len(rows), k, tb), np.int32)
     for i, r in enumerate(rows):
         branch[i] = _pad_rows(r.branch_tokens, tb)
@@ -198,17 +227,18 @@ def make_train_iterator(
     if cfg.batch_size % shard_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {shard_count} processes")
     if examples is None:
-        examples = load_examples(cfg.train if split == "train" else cfg.eval, cfg.num_branches, cfg.seed)
+        examples = load_stage(cfg, split).examples
     if num_epochs is None and split == "eval":
         num_epochs = 1
-    kept, keys, skipped = tokenize_and_guard(examples, tokenizer, cfg)
+    kept, keys, skipped, reasons = tokenize_and_guard(examples, tokenizer, cfg)
     local = cfg.batch_size // shard_count
     plan = _BatchPlan(keys, cfg.batch_size, cfg.seed)
+    by_k, by_role, by_source = _breakdowns(examples, reasons)
     stats = DataStats(
         examples=len(examples), kept=len(kept), skipped=skipped,
-        buckets={"x".join(map(str, k)): n for k, n in sorted(collections.Counter(keys).items())},
+        buckets={f"K{k} {tb}x{ts}x{tt}": n for (k, tb, ts, tt), n in sorted(collections.Counter(keys).items())},
         batch_size=cfg.batch_size, local_batch_size=local, batches_per_epoch=plan.num_batches,
-        padding_rows_per_epoch=plan.padding_rows,
+        padding_rows_per_epoch=plan.padding_rows, by_k=by_k, by_role=by_role, by_source=by_source,
     )
     if not kept:
         raise ValueError(f"no example passed the guards: {stats.summary()}")

@@ -11,7 +11,8 @@ Sequences (all with the backbone's chat template, as the inference path builds t
   assistant turn opened, then the target tokens and one end-of-turn token.
 - text path: the same with prompts.text_synth_messages(question, branch outputs, family): the
   same target tokens, for a KL teacher.
-Guards (METHOD.md section 5): cache = sum L_i, live = synthesizer length, total = cache + live.
+Guards (METHOD.md section 5): K within [data.min_branches, data.max_branches], no empty branch,
+cache = sum L_i, live = synthesizer length, total = cache + live, each sequence within a bucket.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class ExampleTokenizer:
         """[K worker prompts, K outputs, target, synthesizer prompt, text-path prompt]."""
         tok, outputs = self.tokenizer, [b.output for b in ex.branches]
         return [
-            *(chat_text(tok, prompts.worker_messages(b.prefix or ex.question, ex.family)) for b in ex.branches),
+            *(chat_text(tok, prompts.worker_messages(b.prefix or ex.question, ex.family, b.role_hint or None))
+              for b in ex.branches),
             *outputs,
             ex.target,
             chat_text(tok, prompts.cache_synth_messages(ex.question, ex.num_branches, ex.family)),
@@ -137,16 +139,17 @@ def smallest_bucket(need: int, buckets: Sequence[int]) -> int | None:
     return min(fits) if fits else None
 
 
-def bucket_key(tex: TokenizedExample, buckets: Sequence[int]) -> tuple[int, int, int] | None:
-    """(Tb, Ts, Tt): the smallest bucket holding the widest branch, the synthesizer sequence and
-    the text-path sequence; None when one of them fits no bucket."""
+def bucket_key(tex: TokenizedExample, buckets: Sequence[int]) -> tuple[int, int, int, int] | None:
+    """(K, Tb, Ts, Tt): the example's branch count, then the smallest bucket holding the widest
+    branch, the synthesizer sequence and the text-path sequence; None when one fits no bucket.
+    Examples of one key share one static batch shape [B, K, Tb] / [B, Ts] / [B, Tt]."""
     key = tuple(smallest_bucket(n, buckets) for n in (tex.branch_width, tex.live_tokens, len(tex.text_tokens)))
-    return None if None in key else key  # type: ignore[return-value]
+    return None if None in key else (tex.num_branches, *key)  # type: ignore[return-value]
 
 
 def skip_reason(tex: TokenizedExample, cfg: DataConfig) -> str | None:
     """Why an example must be skipped (one of SKIP_REASONS), or None to keep it."""
-    if tex.num_branches != cfg.num_branches:
+    if not cfg.min_branches <= tex.num_branches <= cfg.max_branches:
         return "num_branches"
     if (tex.branch_len < 1).any():
         return "empty_branch"

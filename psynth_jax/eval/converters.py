@@ -2,7 +2,12 @@
 
 Every converter has the signature (row, index, seed) -> EvalExample; `index` is the row's
 position in its source (used for ids when the data has none), `seed` only matters where the
-task itself is randomised (GPQA option order).
+task itself is randomised (GPQA option order, which paragraphs and functions become branches).
+The generic tasks (mc, qa) and the tasks with given branches (multihop_qa, tool_calls) are
+built from the task's options in the eval config: `fields` (the column names of a user's file)
+and `branches` (how many given branches at most); their factories return the converter.
+Converters of tasks that share rows with training store the row's own id as extra["row_id"]
+(formats/splits.py decides which rows only evaluation sees).
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import random
 import string
 from typing import Any, Callable
 
+from psynth_jax.config.eval_schema import TaskFields
 from psynth_jax.eval.example import EvalExample, format_choices
+from psynth_jax.formats import multihop, tool_calls
+from psynth_jax.formats.rows import maybe_json, present
 
 Row = dict[str, Any]
 Converter = Callable[[Row, int, int], EvalExample]
@@ -185,3 +193,127 @@ def marble_db(row: Row, index: int, seed: int) -> EvalExample:
     }
     gold = ", ".join(root_causes)
     return EvalExample(f"marble_db/{row['task_id']}", "marble_db", "diagnosis", question, gold, extra)
+
+
+# ------------------------------------------------------------- tasks with given branches
+MULTIHOP_BRANCHES = 4  # paragraphs per question (at least every supporting one)
+TOOL_BRANCHES = 8  # function docs per request (every one the gold calls use, then distractors)
+
+
+def multihop_qa(fields: TaskFields, branches: int | None) -> Converter:
+    """A 2WikiMultihopQA / HotpotQA / MuSiQue row (formats/multihop.py): K = max(branches, supporting)
+    paragraphs, every supporting one plus distractors, in an order drawn by (seed, row id), given as
+    the branches (what retrieval agents found). Scored by exact match and F1 against the answer and
+    its aliases."""
+    k_wanted = branches or MULTIHOP_BRANCHES
+
+    def convert(row: Row, index: int, seed: int) -> EvalExample:
+        q = multihop.parse_multihop(row, index)
+        k = min(max(k_wanted, len(q.supporting)), len(q.paragraphs))
+        chosen = multihop.choose_paragraphs(q, k, random.Random(f"{seed}:paragraphs:{q.id}"))
+        extra = {"row_id": q.id, "dataset": q.dataset, "answers": list(q.answers),
+                 "branches": [p.render() for p in chosen], "branch_role": "paragraph",
+                 "supporting": [p.supporting for p in chosen]}
+        return EvalExample(f"{q.dataset}/{q.id}", "multihop_qa", "qa", q.question, q.answer, extra)
+
+    return convert
+
+
+def tool_calls_task(fields: TaskFields, branches: int | None) -> Converter:
+    """A BFCL row joined with its gold calls (formats/tool_calls.py): the functions offered are the
+    branches (each one function's JSON doc; at most `branches`, the ones the gold calls use first,
+    in an order drawn by (seed, row id)); scored by exact call match."""
+    k_max = branches or TOOL_BRANCHES
+
+    def convert(row: Row, index: int, seed: int) -> EvalExample:
+        p = tool_calls.parse_problem(row, index)
+        rng = random.Random(f"{seed}:functions:{p.id}")
+        used = [f for f in p.functions if f["name"] in p.gold_names]
+        others = [f for f in p.functions if f["name"] not in p.gold_names]
+        offered = used + rng.sample(others, max(0, min(len(others), k_max - len(used))))
+        rng.shuffle(offered)
+        extra = {"row_id": p.id, "gold_calls": list(p.gold), "branches": [tool_calls.function_doc(f) for f in offered],
+                 "branch_role": "function"}
+        return EvalExample(p.id, "tool_calls", "tool", p.question, tool_calls.canonical_calls(p.gold), extra)
+
+    return convert
+
+
+# ------------------------------------------------------------------------ generic tasks
+def _letter_index(answer: Any, labels: list[str], texts: list[str], task: str) -> int:
+    """The 0-based option index of an answer given as an index, a letter / label, or the option's text."""
+    if isinstance(answer, bool):
+        raise ValueError(f"{task}: answer {answer!r} is neither an option index nor a letter")
+    if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
+        index = int(answer)
+        if not 0 <= index < len(texts):
+            raise ValueError(f"{task}: answer index {index} is outside the {len(texts)} options (indices start at 0)")
+        return index
+    text = str(answer).strip()
+    for i, label in enumerate(labels):
+        if text.upper() == label.upper():
+            return i
+    lowered = [t.strip().lower() for t in texts]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise ValueError(f"{task}: answer {answer!r} is not an option index, letter or option text "
+                     f"(options {labels})")
+
+
+def generic_mc(fields: TaskFields, branches: int | None) -> Converter:
+    """A user's multiple-choice row: question, choices (a list, or {label: text}), answer (a 0-based
+    index, a letter / label, or the option's text), optional id; column names from `fields`."""
+    task = "mc"
+
+    def convert(row: Row, index: int, seed: int) -> EvalExample:
+        stem = str(pick(row, fields.question or "question", task=task))
+        raw = maybe_json(pick(row, *([fields.choices] if fields.choices else ["choices", "options"]), task=task))
+        if isinstance(raw, dict):
+            labels, texts = [str(k) for k in raw], [str(v) for v in raw.values()]
+        else:
+            texts = [str(c) for c in raw]
+            labels = list(string.ascii_uppercase[: len(texts)])
+        answer = pick(row, *([fields.answer] if fields.answer else ["answer", "label", "answerKey"]), task=task)
+        question, letters = format_choices(stem, texts)
+        gold = letters[_letter_index(answer, labels, texts, task)]
+        uid = row.get(fields.id or "id", index)
+        extra = {"labels": letters, "choices": texts}
+        return EvalExample(f"{task}/{uid}", task, "multiple_choice", question, gold, extra)
+
+    return convert
+
+
+def _paragraph_text(p: Any) -> str:
+    """A context paragraph given as text, {title, text | sentences | paragraph_text} or [title, sentences]."""
+    if isinstance(p, dict):
+        body = p.get("text") or p.get("paragraph_text") or p.get("sentences") or p.get("content") or ""
+        body = " ".join(map(str, body)) if isinstance(body, list) else str(body)
+        title = str(p.get("title") or "").strip()
+        return f"{title}\n{body.strip()}" if title else body.strip()
+    if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], list):
+        return f"{p[0]}\n{' '.join(map(str, p[1]))}"
+    return str(p).strip()
+
+
+def generic_qa(fields: TaskFields, branches: int | None) -> Converter:
+    """A user's short-answer row: question, accepted answer(s) (text or a list), optional context
+    paragraphs given as branches (the first `branches` of them; without context, workers answer);
+    column names from `fields`. Scored by exact match and F1."""
+    task = "qa"
+
+    def convert(row: Row, index: int, seed: int) -> EvalExample:
+        question = str(pick(row, fields.question or "question", task=task)).strip()
+        raw = maybe_json(pick(row, *([fields.answer] if fields.answer else ["answers", "answer"]), task=task))
+        answers = [str(a).strip() for a in (raw if isinstance(raw, list) else [raw]) if present(a)]
+        if not answers:
+            raise ValueError(f"{task}: row {index} has no accepted answer")
+        extra: dict[str, Any] = {"answers": answers}
+        context = maybe_json(row.get(fields.context or "context"))
+        if present(context):
+            paragraphs = [_paragraph_text(p) for p in (context if isinstance(context, list) else [context])]
+            paragraphs = [p for p in paragraphs if p][: branches or None]
+            extra.update(branches=paragraphs, branch_role="paragraph")
+        uid = row.get(fields.id or "id", index)
+        return EvalExample(f"{task}/{uid}", task, "qa", question, answers[0], extra)
+
+    return convert

@@ -6,7 +6,7 @@ import dataclasses
 import string
 from typing import Any, Sequence
 
-FAMILIES = ("math", "multiple_choice", "code", "diagnosis", "open")
+FAMILIES = ("math", "multiple_choice", "code", "diagnosis", "open", "qa", "tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,14 +15,17 @@ class EvalExample:
 
     id: stable identifier ("gsm8k/12", "HumanEval/0", ...).
     task: registry name of the task it came from ("gsm8k", "medqa", ...).
-    family: how it is answered and scored: "math", "multiple_choice", "code", "diagnosis" or
-        "open" (free-form short answers: GAIA).
+    family: how it is answered and scored: "math", "multiple_choice", "code", "diagnosis",
+        "open" (free-form short answers: GAIA), "qa" (short answers with accepted aliases: exact
+        match and F1) or "tool" (function calls: exact call match).
     question: the full problem text shown to workers (options included for multiple choice);
         the answer-format instruction is added by the prompt templates, not here.
     gold: the reference: final answer, option letter, reference program, or the gold root
         causes joined by ", ".
     extra: task-specific data the scorer or the workflow needs: option letters, tests and entry
-        point, expert profiles, candidate labels, worked solution, ...
+        point, expert profiles, candidate labels, worked solution, accepted answers, gold calls;
+        "branches" (with "branch_role", a prompts.BRANCH_ROLES key): branch texts that are given
+        (context paragraphs, function docs) instead of decoded by workers.
     """
 
     id: str

@@ -49,9 +49,20 @@ MODE_SPECS: dict[str, ModeSpec] = {
 assert set(MODE_SPECS) == set(typing.get_args(ModeName)), "MODE_SPECS and eval_schema.ModeName disagree"
 
 
+def given_branches(example: EvalExample) -> list[str]:
+    """The example's given branch texts (context paragraphs, function docs); [] when workers decode them."""
+    return list(example.extra.get("branches") or ())
+
+
 def worker_conversations(example: EvalExample, num_workers: int) -> list[Messages]:
-    """The worker prompts of one example: one per expert profile when the task has profiles
-    (MARBLE), else `num_workers` copies of the same prompt (branches differ by sampling)."""
+    """The worker prompts of one example: for given branches, the prompt of each one's role
+    (prompts.branch_prompt, as the training builders write it); one per expert profile when the task
+    has profiles (MARBLE); else `num_workers` copies of the same prompt (branches differ by sampling)."""
+    given = given_branches(example)
+    if given:
+        role, k = example.extra["branch_role"], len(given)
+        return [prompts.worker_messages(prompts.branch_prompt(role, example.question, i, k), example.family)
+                for i in range(k)]
     profiles = example.extra.get("profiles")
     if profiles:
         return [prompts.worker_messages(example.question, example.family, role_hint=p) for p in profiles]

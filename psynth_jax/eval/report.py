@@ -16,6 +16,7 @@ from psynth_jax.config.eval_schema import EvalConfig
 from psynth_jax.config.typed import to_dict
 from psynth_jax.eval.example import EvalExample
 from psynth_jax.eval.modes import MODE_SPECS
+from psynth_jax.eval.scoring import f1
 from psynth_jax.eval.stats import summarize
 from psynth_jax.eval.store import ModeRecord
 
@@ -59,8 +60,26 @@ def build_results(
         "n_examples": n_examples,
         "complete": len(records) == sum(n_examples.values()) * len(cfg.modes),
         **summarize(records, list(examples), list(cfg.modes)),
+        "f1": f1_by_mode(examples, records, list(cfg.modes)),
         "session": session,
     }
+
+
+def f1_by_mode(examples: dict[str, list[EvalExample]], records: Sequence[ModeRecord], modes: Sequence[str]
+               ) -> dict[str, dict[str, float | None]]:
+    """Mean token F1 of each mode's extracted answers, per task of the qa family (errors count 0);
+    accuracy is their exact match."""
+    out: dict[str, dict[str, float | None]] = {}
+    for task, exs in examples.items():
+        by_id = {ex.id: ex for ex in exs if ex.family == "qa"}
+        if not by_id:
+            continue
+        out[task] = {}
+        for mode in modes:
+            scores = [f1(by_id[r.id], r.answer) if r.error is None else 0.0
+                      for r in records if r.task == task and r.mode == mode and r.id in by_id]
+            out[task][mode] = sum(scores) / len(scores) if scores else None
+    return out
 
 
 def write_report(run_dir: Path, results: dict[str, Any], records: Sequence[ModeRecord]) -> None:
@@ -132,6 +151,9 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         out += ["", "> **Incomplete**: not every (example, mode) has a record yet; rerun the same command to finish."]
     for task, by_mode in results["tasks"].items():
         out += ["", f"## {task} ({results['n_examples'][task]} examples)", "", *_table(by_mode, untrained)]
+        if task in results.get("f1", {}):
+            f1s = ", ".join(f"{m} {_pct(v)}" for m, v in results["f1"][task].items())
+            out += ["", f"Accuracy above is exact match; mean token F1 % of the same answers: {f1s}."]
     if len(results["tasks"]) > 1:
         out += ["", "## all datasets (pooled)", "", *_table(results["overall"], untrained)]
     if plots:

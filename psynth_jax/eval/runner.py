@@ -2,7 +2,8 @@
 
 For each task, examples are cut into fixed chunks of `batch_size` (in source order, equal K per
 chunk). Per chunk:
-1. worker stage (once per example, ever): K branches decoded with the LoRA off and stored as
+1. worker stage (once per example, ever): K branches decoded with the LoRA off (or, for tasks
+   whose branches are given, such as context paragraphs, their texts tokenized) and stored as
    token ids + texts in the run dir, so every mode, and every later session, sees the same ones;
 2. each mode answers the chunk from those stored branches in one batched call, then times each
    request alone: TTFT is always a batch-1 latency, whatever `batch_size`. The cache modes
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from psynth_jax.config.eval_schema import EvalConfig, dump_eval_config, fingerprint
 from psynth_jax.eval import report
 from psynth_jax.eval.example import EvalExample
-from psynth_jax.eval.modes import MODE_SPECS, ModeSpec, worker_conversations
+from psynth_jax.eval.modes import MODE_SPECS, ModeSpec, given_branches, worker_conversations
 from psynth_jax.eval.scoring import extract_answer, score_many
 from psynth_jax.eval.store import BranchSet, ModeRecord, RunStore
 from psynth_jax.eval.tasks import load_task
@@ -53,12 +54,14 @@ class EvalOutcome:
 
 def load_examples(cfg: EvalConfig) -> dict[str, list[EvalExample]]:
     """Every configured task's examples (first `limit` in source order), loaded before any model."""
-    return {t.name: load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed) for t in cfg.tasks}
+    return {t.name: load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed, fields=t.fields, branches=t.branches)
+            for t in cfg.tasks}
 
 
 def num_branches(example: EvalExample, num_workers: int) -> int:
-    """K for this example: one per expert profile where the task has them, else `num_workers`."""
-    return len(example.extra.get("profiles") or ()) or num_workers
+    """K for this example: its given branches, or one per expert profile where the task has them,
+    else `num_workers`."""
+    return len(given_branches(example)) or len(example.extra.get("profiles") or ()) or num_workers
 
 
 def make_chunks(examples: Sequence[EvalExample], size: int, num_workers: int) -> list[list[EvalExample]]:
@@ -243,10 +246,17 @@ class EvalRunner:
 
     # ------------------------------------------------------------------------ worker stage
     def _ensure_branches(self, task: str, chunk: list[EvalExample]) -> None:
-        """Decode and store the branches of the chunk's examples that have none stored yet."""
+        """Store the branches of the chunk's examples that have none yet: given ones tokenized, others decoded."""
         missing = [ex for ex in chunk if (task, ex.id) not in self.store.branches]
-        if missing:
-            self.store.add_branches(self._decode_workers(task, missing))
+        given = [ex for ex in missing if given_branches(ex)]
+        decode = [ex for ex in missing if not given_branches(ex)]
+        if given:  # nothing to decode: the branch texts are the example's, as tokens
+            tok = self.synth.tok
+            self.store.add_branches([BranchSet(task, ex.id, 0, [tok.encode(t, add_special_tokens=False)
+                                                                for t in given_branches(ex)], given_branches(ex))
+                                     for ex in given])
+        if decode:
+            self.store.add_branches(self._decode_workers(task, decode))
 
     def _decode_workers(self, task: str, exs: list[EvalExample]) -> list[BranchSet]:
         from psynth_jax.inference.sampling import SamplingConfig

@@ -13,12 +13,19 @@
   two-cause tasks); correct iff every gold root cause is among them.
 - open (GAIA): the release's free-form exact match: case-insensitive, whitespace collapsed,
   surrounding punctuation stripped, numbers compared as numbers.
+- qa (multi-hop QA, a user's short-answer file): the answer (extracted as for open) is right when
+  it equals one of the accepted answers after the usual QA normalisation (lower case, punctuation
+  and the articles a / an / the removed, whitespace collapsed): exact match. `f1` gives the token
+  F1 against the best accepted answer; the report records both.
+- tool (function calls): the calls parsed from the completion exactly match the gold calls
+  (formats/tool_calls.py: same calls, any order, every argument acceptable).
 
 `extract_answer` gives the string each rule compares, for agreement metrics between branches.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 import threading
@@ -29,6 +36,7 @@ from math_verify import parse, verify
 from psynth_jax.eval import extract
 from psynth_jax.eval.example import EvalExample
 from psynth_jax.eval.sandbox import run_code, run_many
+from psynth_jax.formats.tool_calls import calls_match, format_calls, parse_calls
 
 _MATH_TIMEOUT_S = 5
 _DEF_RE = "^[ \t]*(?:async[ \t]+)?def[ \t]+{name}[ \t]*\\("
@@ -75,6 +83,39 @@ def free_form_equal(gold: str, answer: str) -> bool:
         return False
 
 
+_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION_RE = re.compile(r"[^\w\s]")
+
+
+def normalize_qa(s: str) -> str:
+    """QA answer normalisation: lower case, punctuation and articles removed, whitespace collapsed."""
+    return " ".join(_ARTICLES_RE.sub(" ", _PUNCTUATION_RE.sub(" ", s.lower())).split())
+
+
+def qa_exact_match(answer: str, accepted: Sequence[str]) -> bool:
+    """Whether the normalised answer equals one of the normalised accepted answers."""
+    a = normalize_qa(answer)
+    return bool(a) and any(a == normalize_qa(g) for g in accepted)
+
+
+def qa_f1(answer: str, accepted: Sequence[str]) -> float:
+    """Token F1 of the normalised answer against the best of the accepted answers (0 for none)."""
+    predicted = normalize_qa(answer).split()
+    best = 0.0
+    for gold in accepted:
+        truth = normalize_qa(gold).split()
+        common = sum((collections.Counter(predicted) & collections.Counter(truth)).values())
+        if common:
+            precision, recall = common / len(predicted), common / len(truth)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def f1(example: EvalExample, answer: str) -> float:
+    """Token F1 of an extracted answer (a record's `answer`) for a qa-family example."""
+    return qa_f1(answer, example.extra["answers"])
+
+
 def chosen_letter(example: EvalExample, completion: str) -> str:
     """The option letter a multiple-choice completion picks ("" if none)."""
     return extract.choice_letter(completion, example.extra["labels"], example.extra.get("choices", ()))
@@ -115,6 +156,9 @@ def extract_answer(example: EvalExample, completion: str) -> str:
         return extract.code_block(completion)
     if family == "diagnosis":
         return ", ".join(sorted(predicted_labels(example, completion)))
+    if family == "tool":
+        calls = parse_calls(completion)
+        return format_calls(calls) if calls else ""
     return extract.free_form_answer(completion)
 
 
@@ -124,11 +168,15 @@ def _score_text(example: EvalExample, completion: str) -> bool:
         predicted = set(predicted_labels(example, completion))
         gold = example.extra["root_causes"]
         return bool(gold) and all(label in predicted for label in gold)
+    if example.family == "tool":
+        return calls_match(parse_calls(completion), example.extra["gold_calls"])
     answer = extract_answer(example, completion)
     if example.family == "math":
         return math_equal(example.gold, answer)
     if example.family == "multiple_choice":
         return answer == example.gold
+    if example.family == "qa":
+        return qa_exact_match(answer, example.extra["answers"])
     return free_form_equal(example.gold, answer)
 
 

@@ -1,37 +1,59 @@
 """Evaluation task registry: `load_task(name)` -> list[EvalExample].
 
 Tasks with data shipped beside the project (gsm8k, math500, humaneval, mbpp, arc_challenge,
-marble_db) read it from the shared data folder by default. The others (aime2024, aime2025,
-gpqa_diamond, medqa, humaneval_plus, mbpp_plus, gaia) have no shippable copy: by default they
-name their usual hub dataset, and take a local file or another hub id through `path`.
-Any task accepts `path` (file, dataset folder or hub id) in its source schema.
+marble_db, multihop_qa, tool_calls) read it from the shared data folder by default. The others
+(aime2024, aime2025, gpqa_diamond, medqa, humaneval_plus, mbpp_plus, gaia) have no shippable
+copy: by default they name their usual hub dataset, and take a local file or another hub id
+through `path`. Any task accepts `path` (file, dataset folder or hub id) in its source schema.
+The generic tasks mc (multiple choice) and qa (short answers, optional context paragraphs as
+branches) read a user's own file, its column names given as `fields` in the eval config.
+
+multihop_qa and tool_calls read rows that training also reads (multihop_evidence/, tool_calls/):
+they evaluate only the rows formats/splits.py holds out, which the training builders skip.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
+from typing import Callable
 
+from psynth_jax.config.eval_schema import TaskFields
 from psynth_jax.eval import converters as conv
 from psynth_jax.eval.example import EvalExample
-from psynth_jax.formats.records import DATA_ENV, data_dir, read_records, shipped_file
+from psynth_jax.formats import splits, tool_calls
+from psynth_jax.formats.records import DATA_ENV, Row, data_dir, read_records, shipped_file
 
-__all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "data_dir", "load_task"]
+__all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "data_dir", "load_task", "task_converter"]
+
+ConverterFactory = Callable[[TaskFields, "int | None"], conv.Converter]
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """How to get a task: its row converter and default source.
 
-    shipped: file under the shared data folder used when no path is given; else `hub` is.
+    convert: the row converter, or `configure`: a factory making it from the task's options
+      (fields, branches) for the generic tasks and the tasks with given branches.
+    shipped: file(s) under the shared data folder used when no path is given; else `hub` is.
     hub_config / hub_split: defaults for hub ids and dataset folders (the task's usual ones).
+    heldout: the formats/splits.py collection whose held-out rows alone are evaluated (None: all rows).
     """
 
-    convert: conv.Converter
-    shipped: str | None = None
+    convert: conv.Converter | None = None
+    configure: ConverterFactory | None = None
+    shipped: str | tuple[str, ...] | None = None
     hub: str | None = None
     hub_config: str | None = None
     hub_split: str = "test"
+    heldout: str | None = None
+
+
+_MULTIHOP_FILES = tuple(f"multihop_evidence/{f}.jsonl" for f in (
+    "2wikimultihopqa_eval164_migres", "2wikimultihopqa_train500_migres", "hotpotqa_200_migres",
+    "hotpotqa_train100_hipporag", "musique_100_migres", "musique_train100_hipporag"))
+_TOOL_FILES = ("tool_calls/BFCL_v4_multiple.json", "tool_calls/BFCL_v4_parallel_multiple.json")
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -50,7 +72,28 @@ TASKS: dict[str, TaskSpec] = {
     "mbpp_plus": TaskSpec(conv.mbpp("mbpp_plus"), hub="evalplus/mbppplus"),
     "gaia": TaskSpec(conv.gaia, hub="gaia-benchmark/GAIA", hub_config="2023_all", hub_split="validation"),
     "marble_db": TaskSpec(conv.marble_db, shipped="marble_db/database_main.jsonl"),
+    "multihop_qa": TaskSpec(configure=conv.multihop_qa, shipped=_MULTIHOP_FILES, heldout=splits.MULTIHOP),
+    "tool_calls": TaskSpec(configure=conv.tool_calls_task, shipped=_TOOL_FILES, heldout=splits.TOOL_CALLS),
+    "mc": TaskSpec(configure=conv.generic_mc),
+    "qa": TaskSpec(configure=conv.generic_qa),
 }
+
+
+def task_converter(name: str, fields: TaskFields | None = None, branches: int | None = None) -> conv.Converter:
+    """Task `name`'s row converter, built from its options where it takes them."""
+    spec = TASKS[name]
+    if spec.configure is not None:
+        return spec.configure(fields or TaskFields(), branches)
+    assert spec.convert is not None, name
+    return spec.convert
+
+
+def _read(source: str | os.PathLike[str], split: str, config: str | None) -> list[Row]:
+    """Rows of one source; a local BFCL question file gets its gold calls (possible_answer/) attached."""
+    rows = read_records(source, split=split, config=config)
+    if rows and tool_calls.is_bfcl_row(rows[0]) and Path(source).expanduser().is_file():
+        rows = tool_calls.attach_answers(rows, source)
+    return rows
 
 
 def load_task(
@@ -61,24 +104,35 @@ def load_task(
     *,
     split: str | None = None,
     config: str | None = None,
+    fields: TaskFields | None = None,
+    branches: int | None = None,
 ) -> list[EvalExample]:
     """Examples of task `name`, in source order; `limit` keeps the first `limit` of them.
 
     path: a local .json/.jsonl(.gz)/.parquet/.csv file, a dataset folder, or a hub id; None uses
-    the shipped file (or, for tasks without one, the task's default hub dataset).
+    the shipped file(s) (or, for tasks without one, the task's default hub dataset).
     split / config: hub split and config (default: the task's own).
-    seed: randomness of the task itself (GPQA option order); same seed, same examples.
+    seed: randomness of the task itself (GPQA option order, given branches); same seed, same examples.
+    fields / branches: the options of the generic tasks and of the tasks with given branches.
+    A task with a held-out collection keeps only its held-out rows (before `limit`).
     """
     spec = TASKS.get(name)
     if spec is None:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    if path is None and spec.shipped is not None:
-        source: str | os.PathLike[str] = shipped_file(spec.shipped)
-    elif path is None:
-        source = str(spec.hub)
+    if path is None and spec.shipped is None and spec.hub is None:
+        raise ValueError(f"task {name!r} reads your own file: pass its path")
+    split, config = split or spec.hub_split, config or spec.hub_config
+    if path is not None:
+        rows = _read(path, split, config)
+    elif spec.shipped is not None:
+        shipped = (spec.shipped,) if isinstance(spec.shipped, str) else spec.shipped
+        rows = [r for f in shipped for r in _read(shipped_file(f), split, config)]
     else:
-        source = path
-    rows = read_records(source, split=split or spec.hub_split, config=config or spec.hub_config)
-    if limit is not None:
-        rows = rows[:limit]
-    return [spec.convert(row, i, seed) for i, row in enumerate(rows)]
+        rows = _read(str(spec.hub), split, config)
+    convert = task_converter(name, fields, branches)
+    if spec.heldout is None:
+        rows = rows if limit is None else rows[:limit]
+        return [convert(row, i, seed) for i, row in enumerate(rows)]
+    examples = [ex for ex in (convert(row, i, seed) for i, row in enumerate(rows))
+                if splits.is_heldout(spec.heldout, ex.extra["row_id"])]
+    return examples if limit is None else examples[:limit]

@@ -48,12 +48,51 @@ OPEN = TaskPrompts(
     synth_role="You are a task summarizer who combines the findings of several agents into one answer.",
     instruction="Give the final answer, as short as possible, in \\boxed{}.",
 )
+QA = TaskPrompts(
+    worker_system="You are a careful research assistant. Read the evidence and answer the question.",
+    synth_role="You are a task summarizer who combines the evidence found by several agents into one answer.",
+    instruction="Give the final answer, a short phrase such as a name, a date or a number, in \\boxed{}.",
+)
+TOOL = TaskPrompts(
+    worker_system="You are an expert in composing function calls.",
+    synth_role="You are a task summarizer who combines the work of several agents into the function calls "
+               "that fulfil the request.",
+    instruction="Answer with the function calls to make, as a Python list of keyword calls in \\boxed{}: "
+                "\\boxed{[function_name(parameter=value, ...), ...]}.",
+)
+CHAT = TaskPrompts(
+    worker_system="You are a helpful assistant.",
+    synth_role="You are a helpful assistant continuing a conversation whose earlier rounds were handled by "
+               "other agents.",
+    instruction="Write the best next reply to the user.",
+)
+IN_CONTEXT = TaskPrompts(
+    worker_system="You are a careful assistant. Solve tasks step by step.",
+    synth_role="You are a task solver who learns from the worked examples of several agents.",
+    instruction="Solve it the way the worked examples do: reason briefly, then give the final answer.",
+)
 TASK_PROMPTS: dict[str, TaskPrompts] = {
     "math": MATH,
     "multiple_choice": MULTIPLE_CHOICE,
     "code": CODE,
     "diagnosis": DIAGNOSIS,
     "open": OPEN,
+    "qa": QA,
+    "tool": TOOL,
+    "chat": CHAT,
+    "icl": IN_CONTEXT,
+}
+
+# Worker prompts of branches whose content is given rather than decoded (evidence paragraphs,
+# function docs, earlier chat rounds, worked examples, tool calls): the training builders and the
+# evaluation tasks build a given branch's prompt with the same wording, `branch_prompt`.
+BRANCH_ROLES: dict[str, str] = {
+    "round": "You are agent {i} of {k}. You handled round {i} of this conversation with the user; repeat it.",
+    "example": "You are agent {i} of {k}. Write out one solved example of this kind of task: its question "
+               "and its worked answer.",
+    "paragraph": "You are retrieval agent {i} of {k} for this question: {question}\nReport one passage you found.",
+    "function": "You are agent {i} of {k} for this request: {question}\nDescribe one function that is available.",
+    "call": "You are agent {i} of {k} for this request: {question}\nMake one of the function calls it needs.",
 }
 
 CACHE_NOTE = (
@@ -70,6 +109,15 @@ def task_prompts(family: str) -> TaskPrompts:
         return TASK_PROMPTS[family]
     except KeyError:
         raise ValueError(f"unknown task family {family!r}; known: {sorted(TASK_PROMPTS)}") from None
+
+
+def branch_prompt(role: str, question: str, index: int, k: int) -> str:
+    """The worker prompt text of given branch `index` (0-based) of `k` in role `role` (BRANCH_ROLES)."""
+    try:
+        template = BRANCH_ROLES[role]
+    except KeyError:
+        raise ValueError(f"unknown branch role {role!r}; known: {sorted(BRANCH_ROLES)}") from None
+    return template.format(i=index + 1, k=k, question=question)
 
 
 def worker_messages(question: str, family: str = "math", role_hint: str | None = None) -> list[Message]:

@@ -99,7 +99,10 @@ class Trainer:
         if self.model.lora != lora:
             raise ValueError(f"the given model's LoRA {self.model.lora} does not match the config's {lora}")
         mapper = make_mapper(cfg.mapper.kind, self.model.cfg.num_kv_heads, cfg.mapper.hidden, seed=cfg.train.seed)
-        decoder = nnx.merge(self.model.graphdef, self.model.state)
+        initial = self.model  # where the trainable LoRA starts (B = 0), unless another run's is taken
+        if cfg.train.init_from:
+            initial, mapper = self._init_from(cfg.train.init_from, mapper)
+        decoder = nnx.merge(initial.graphdef, initial.state)
         self.graphdefs, trainable, frozen = split_trainable(decoder, mapper)
         t = cfg.train
         self.tx = make_optimizer(t.lr, t.steps, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
@@ -119,41 +122,52 @@ class Trainer:
         self._step_fn = None
         self._eval_fn = make_eval_step(self.graphdefs, self.opts, self.mesh)
 
+    # ------------------------------------------------------------ init_from
+    def _init_from(self, run_dir: str, mapper) -> tuple[LoadedModel, Any]:
+        """(the backbone with another run's LoRA, its mapper): the newest checkpoint of `run_dir`
+        (stage 2 from stage 1), not its optimizer state or step. A resumed run's own checkpoint
+        replaces them (resume)."""
+        from psynth_jax.interop.runs import restore_run
+
+        run = restore_run(run_dir, self.model)
+        if run.model.lora != self.model.lora or run.mapper.kind != mapper.kind:
+            raise ValueError(f"train.init_from={run_dir}: that run has {run.model.lora} and mapper {run.mapper.kind}, "
+                             f"this config {self.model.lora} and mapper {mapper.kind}")
+        self._log(f"initialised mapper + LoRA from {run_dir} (its step {run.step})")
+        return run.model, run.mapper
+
     # ----------------------------------------------------------------- data
-    def _distill(self, src, problems) -> list:
+    def _distill(self, src, items) -> list:
         """Distillation targets for raw rows, generated once by this backbone (LoRA off) and
         cached (resumably) under the run directory."""
-        import hashlib
+        from psynth_jax.data.distill import distill_for_run
 
-        from psynth_jax.data.distill import distill_to_jsonl
-        from psynth_jax.data.examples import read_examples
-        from psynth_jax.synthesis.pipeline import ParallelSynthesis
-
-        d = self.cfg.data
-        key = hashlib.sha1(repr((src, d.num_branches, d.seed, d.distill_worker_tokens,
-                                 d.distill_max_new_tokens, self.cfg.model.source)).encode()).hexdigest()[:12]
-        path = self.run_dir / "distill" / f"{Path(src.path).stem}-{key}.jsonl"
-        synth = ParallelSynthesis(self.model, family="math", attn_impl=self.cfg.model.attn_impl, timing_repeats=0,
-                                  handoff=self.handoff)
-        added = distill_to_jsonl(problems, synth, path, k=d.num_branches, batch_size=d.distill_batch_size,
-                                 worker_tokens=d.distill_worker_tokens, max_new_tokens=d.distill_max_new_tokens,
-                                 seed=d.seed)
+        examples, added, path = distill_for_run(self.model, src, items, self.cfg.data, self.run_dir,
+                                                model_source=self.cfg.model.source, attn_impl=self.cfg.model.attn_impl,
+                                                handoff=self.handoff)
         self._log(f"distillation data for {src.path}: {added} generated now, cached in {path}")
-        wanted = {f"distillation/{p.id}" for p in problems}
-        return [e for e in read_examples(path) if e.id in wanted]
+        return examples
 
     def _data(self, examples, eval_examples) -> None:
-        from psynth_jax.data.pipeline import load_examples, make_train_iterator
+        from psynth_jax.data.pipeline import make_train_iterator
+        from psynth_jax.data.sources import LoadedStage, load_stage
+        from psynth_jax.data.summary import data_summary, format_summary
 
         d = self.cfg.data
         if examples is None:
-            examples = load_examples(d.train, d.num_branches, d.seed, self._distill)
+            stage = load_stage(d, "train", self._distill)
+        else:  # given examples: no per-source report
+            stage = LoadedStage(d.stage or "train", list(examples), [])
         self.train_iter, self.data_stats = make_train_iterator(
-            d, self.model.tokenizer, examples=examples, shard_index=jax.process_index(),
+            d, self.model.tokenizer, examples=stage.examples, shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
+        self.data_summary = data_summary(stage, self.data_stats)
+        self._log(f"data summary (saved as data_summary.json):\n{format_summary(self.data_summary)}")
+        if jax.process_index() == 0:
+            (self.run_dir / "data_summary.json").write_text(json.dumps(self.data_summary, indent=2))
         if eval_examples is None and d.eval:
-            eval_examples = load_examples(d.eval, d.num_branches, d.seed, self._distill)
+            eval_examples = load_stage(d, "eval", self._distill).examples
         self.eval_batches = []
         if eval_examples:
             it, self.eval_stats = make_train_iterator(d, self.model.tokenizer, examples=eval_examples, split="eval")
