@@ -16,7 +16,7 @@ from psynth_jax.config.schema import DataSourceConfig
 from psynth_jax.data.builders import build_examples
 from psynth_jax.data.examples import SynthesisExample, is_example_row
 from psynth_jax.data.problems import Problem, parse_problem
-from psynth_jax.formats.records import read_records
+from psynth_jax.formats.records import read_records, record_location
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,17 @@ def read_rows(source: str, *, split: str = "train", subset: str | None = None, l
     return rows if limit is None else rows[:limit]
 
 
-def parse_problems(rows: Sequence[dict[str, Any]], label: str) -> tuple[list[Problem], int]:
-    """(problems, number of rows without a final answer)."""
+def parse_problems(rows: Sequence[dict[str, Any]], label: str, source: str | None = None
+                   ) -> tuple[list[Problem], int]:
+    """(problems, number of rows without a final answer). A row in neither schema is a ValueError
+    naming where it is (`source`'s file and line when given, else the label and row number)."""
     problems, missing = [], 0
     for i, row in enumerate(rows):
-        p = parse_problem(row, i, label)
+        try:
+            p = parse_problem(row, i, label)
+        except ValueError as err:
+            where = record_location(source, i) if source is not None else f"{label}: row {i}"
+            raise ValueError(f"{where}: {err}") from None
         if p is None:
             missing += 1
         else:
@@ -62,8 +68,14 @@ def load_source(
     """
     rows = read_rows(src.path, split=src.split, subset=src.subset, limit=src.limit)
     if rows and is_example_row(rows[0]):
-        return [SynthesisExample.from_dict(r) for r in rows]
-    problems, missing = parse_problems(rows, source_label(src.path, src.split))
+        examples = []
+        for i, row in enumerate(rows):
+            try:
+                examples.append(SynthesisExample.from_dict(row))
+            except ValueError as err:
+                raise ValueError(f"{record_location(src.path, i)}: {err}") from None
+        return examples
+    problems, missing = parse_problems(rows, source_label(src.path, src.split), src.path)
     if src.builder == "distillation":
         if distiller is None:
             raise ValueError(

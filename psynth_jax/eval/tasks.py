@@ -14,7 +14,7 @@ import os
 
 from psynth_jax.eval import converters as conv
 from psynth_jax.eval.example import EvalExample
-from psynth_jax.formats.records import DATA_ENV, data_dir, read_records, shipped_file
+from psynth_jax.formats.records import DATA_ENV, Row, data_dir, read_records, record_location, shipped_file
 
 __all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "data_dir", "load_task"]
 
@@ -81,4 +81,23 @@ def load_task(
     rows = read_records(source, split=split or spec.hub_split, config=config or spec.hub_config)
     if limit is not None:
         rows = rows[:limit]
-    return [spec.convert(row, i, seed) for i, row in enumerate(rows)]
+    return convert_rows(spec.convert, rows, seed, name, source)
+
+
+def convert_rows(convert: conv.Converter, rows: list[Row], seed: int, task: str,
+                 source: str | os.PathLike[str]) -> list[EvalExample]:
+    """Every row through the task's converter; a row it cannot use (a field missing or of the wrong
+    kind) is a ValueError naming the task, the file and line (or row) and what is wrong."""
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            examples.append(convert(row, i, seed))
+        except KeyError as err:  # row["field"] of a field the row lacks
+            raise ValueError(f"{record_location(source, i)}: {task} row lacks field {err.args[0]!r} "
+                             f"(it has {sorted(row)})") from None
+        except ValueError as err:  # the converter's own message names the task
+            raise ValueError(f"{record_location(source, i)}: {err}") from None
+        except (TypeError, AttributeError, IndexError) as err:  # a field of the wrong kind
+            raise ValueError(f"{record_location(source, i)}: {task} row has a field of the wrong kind "
+                             f"({type(err).__name__}: {err})") from None
+    return examples
