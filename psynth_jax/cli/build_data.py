@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psynth_jax.cli.common import add_model_arguments, step
+from psynth_jax.cli.common import UsageError, add_model_arguments, check_attn_impl, check_out_file, positive_int, step
 
 BUILDERS = ("exposure", "aggregation", "distillation")
 
@@ -23,40 +23,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GSM8K- or MATH-schema rows: a .jsonl/.json/.parquet/.csv file, a dataset folder or a hub id")
     p.add_argument("--builder", required=True, choices=BUILDERS)
     p.add_argument("--out", required=True, help="output file: .jsonl or .parquet")
-    p.add_argument("--limit", type=int, default=None, help="use the first N rows of the source")
-    p.add_argument("--k", type=int, default=3, help="branches per example")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N rows of the source")
+    p.add_argument("--k", type=positive_int, default=3, help="branches per example")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default="train", help="hub datasets / folders: split to read")
     p.add_argument("--subset", default=None, help="hub datasets: configuration (e.g. 'main' for openai/gsm8k)")
     p.add_argument("--variant", default="candidates", choices=["candidates", "evidence"],
                    help="aggregation: corrupted candidate solutions, or the question's facts split over branches")
     add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8, help="distillation: problems per batched generate")
-    p.add_argument("--worker-tokens", type=int, default=256, help="distillation: max new tokens per worker")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="distillation: max target tokens")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="distillation: problems per batched generate")
+    p.add_argument("--worker-tokens", type=positive_int, default=256, help="distillation: max new tokens per worker")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="distillation: max target tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="distillation: worker sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="distillation: worker nucleus sampling")
-
-
-def _error(message: str) -> int:
-    print(f"psynth build-data: error: {message}", file=sys.stderr)
-    return 2
 
 
 def run(args: argparse.Namespace) -> int:
     from psynth_jax.data.builders import build_examples
     from psynth_jax.data.sources import parse_problems, read_rows, source_label
 
-    out = Path(args.out)
+    out = check_out_file(args.out, "--out")
     if out.suffix not in (".jsonl", ".parquet"):
-        return _error(f"--out {out} must end in .jsonl or .parquet")
-    if args.k < 1:
-        return _error("--k must be at least 1")
+        raise UsageError(f"--out {out} must end in .jsonl or .parquet")
+    if args.builder == "distillation":
+        check_attn_impl(args.attn_impl, "--attn-impl")
     try:
         rows = read_rows(args.source, split=args.split, subset=args.subset, limit=args.limit)
     except FileNotFoundError as e:
-        return _error(f"source {args.source!r} not found: {e}")
-    problems, missing = parse_problems(rows, source_label(args.source, args.split))
+        raise FileNotFoundError(f"--source {args.source!r} not found: {e}") from None
+    if not rows:
+        raise UsageError(f"--source {args.source!r} holds no rows")
+    problems, missing = parse_problems(rows, source_label(args.source, args.split), args.source)
     if missing:
         print(f"[psynth] {missing} of {len(rows)} rows have no final answer: skipped", file=sys.stderr)
     if args.builder == "distillation":
