@@ -56,7 +56,8 @@ def losses(run: Path) -> dict[int, float]:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "loss" in r:
-            out[r["step"]] = r["loss"]  # a resumed run re-logs steps after its checkpoint: keep the last
+            assert r["step"] not in out, f"step {r['step']} logged twice"  # a resume drops what it redoes
+            out[r["step"]] = r["loss"]
     return out
 
 

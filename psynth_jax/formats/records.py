@@ -59,18 +59,15 @@ def _read_json_file(path: Path) -> list[Row]:
     opener = gzip.open if path.suffixes[-1] == ".gz" else open
     with opener(path, "rb") as f:
         text = decode_text(f.read(), path)
-    if ".jsonl" in path.suffixes or not text.lstrip().startswith("["):
-        rows = parse_json_lines(text, path)
-        where = [f"{path}:{record_line(text, i)}" for i in range(len(rows))] if rows else []
-    else:
-        rows = parse_json(text, path)
-        if not isinstance(rows, list):
-            raise InputFileError(f"{path}: expected a JSON array of objects (or one object per line), "
-                                 f"found {describe(rows)}")
-        where = [f"{path}: item {i}" for i in range(len(rows))]
+    lines = ".jsonl" in path.suffixes or not text.lstrip().startswith("[")
+    rows = parse_json_lines(text, path) if lines else parse_json(text, path)
+    if not isinstance(rows, list):
+        raise InputFileError(f"{path}: expected a JSON array of objects (or one object per line), "
+                             f"found {describe(rows)}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise InputFileError(f"{where[i]}: expected a JSON object with named fields, found {describe(row)}")
+            where = f"{path}:{record_line(text, i)}" if lines else f"{path}: item {i}"
+            raise InputFileError(f"{where}: expected a JSON object with named fields, found {describe(row)}")
     return rows
 
 

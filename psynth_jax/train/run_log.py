@@ -26,15 +26,18 @@ SUMMARY = "summary.json"
 class MetricsLog:
     """metrics.jsonl, cut back to the resumed step on open, appended to and flushed line by line."""
 
-    def __init__(self, run_dir: Path, resume_step: int, *, enabled: bool = True):
-        """enabled: False on processes other than 0 of a multi-process run (they write nothing)."""
+    def __init__(self, run_dir: Path, resume_step: int, *, redo_eval: bool = False, enabled: bool = True):
+        """redo_eval: the evaluation at `resume_step` is done again this session (a finished run
+        without its summary), so its old line goes too. enabled: False on processes other than 0
+        of a multi-process run (they write nothing)."""
         self.path = Path(run_dir) / METRICS
-        self.dropped = self._cut_after(resume_step) if enabled else 0
+        self.dropped = self._cut_after(resume_step, redo_eval) if enabled else 0
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
 
-    def _cut_after(self, step: int) -> int:
-        """Keep the lines of steps <= `step` (none when step is 0); return how many were dropped.
-        An unparsable line (a write cut short by a kill) is dropped too."""
+    def _cut_after(self, step: int, redo_eval: bool) -> int:
+        """Keep the lines of steps <= `step` (none when step is 0; not the evaluation at `step` with
+        `redo_eval`); return how many were dropped. An unparsable line (a write cut short by a
+        kill) is dropped too."""
         if not self.path.is_file():
             return 0
         kept, dropped = [], 0
@@ -43,7 +46,10 @@ class MetricsLog:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if isinstance(row, dict) and step > 0 and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep = isinstance(row, dict) and step > 0 and isinstance(row.get("step"), int) and row["step"] <= step
+            if keep and redo_eval and row["step"] == step and any(k.startswith("eval") for k in row):
+                keep = False
+            if keep:
                 kept.append(line + "\n")
             elif line.strip():
                 dropped += 1

@@ -38,7 +38,7 @@ from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.agreement import agreement_rates, greedy_both_paths
 from psynth_jax.train.checkpointing import Checkpointer, abstract_like
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-from psynth_jax.train.run_log import SUMMARY, MetricsLog, eval_at, read_summary, summarize, write_summary
+from psynth_jax.train.run_log import SUMMARY, MetricsLog, read_summary, summarize, write_summary
 from psynth_jax.train.step import batch_shardings, make_eval_step, make_optimizer, make_train_step, place_train_state
 
 AGREEMENT_TOKENS = 24
@@ -241,7 +241,8 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         preempt = _Preemption()
         writer = self._tensorboard()
-        metrics = MetricsLog(self.run_dir, self.step, enabled=primary)
+        # a finished run without summary.json (stopped before writing it) evaluates its last step again
+        metrics = MetricsLog(self.run_dir, self.step, redo_eval=self.step >= t.steps, enabled=primary)
         if metrics.dropped:
             self._log(f"{metrics.path.name}: dropped {metrics.dropped} lines logged after step {self.step} "
                       "(those steps are redone and logged again)")
@@ -282,8 +283,7 @@ class Trainer:
                 sys.exit(143)
         bar.close()
         self.save(force=True)
-        if eval_at(metrics.records(), self.step) is None:  # not already there from an earlier session
-            self._record(metrics, writer, self.step, self.evaluate())
+        self._record(metrics, writer, self.step, self.evaluate())
         self.checkpointer.close()
         records = metrics.records()
         metrics.close()
