@@ -188,10 +188,14 @@ class Trainer:
     def resume(self) -> bool:
         """Restore the newest readable checkpoint of the run dir, if any (unreadable newer ones are
         moved aside and reported; none readable: NothingRestorable unless `restart`)."""
-        self.check_same_run()
         had = self.checkpointer.steps()
-        got = self.checkpointer.restore_latest(abstract_like(self._train_state()), repair=True,
-                                              restart=self.restart, log=self._log)
+        try:
+            self.check_same_run()
+            got = self.checkpointer.restore_latest(abstract_like(self._train_state()), repair=True,
+                                                  restart=self.restart, log=self._log)
+        except BaseException:
+            self.checkpointer.close()  # the run stops here: finish Orbax's threads and its hooks
+            raise
         if got is None:
             if had:
                 self._log(f"--restart: none of the {len(had)} checkpoints could be read; they are moved aside, "
