@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,6 +88,7 @@ class Checkpointer:
                 )
             except Exception as e:  # noqa: BLE001 - a damaged step, whatever Orbax raises for it
                 failures.append((step, e))
+                self._orphans.drain()
                 if not repair:
                     say(f"checkpoint step {step} in {self.directory} is unreadable ({_short(e)}); trying an older one")
                 continue
@@ -142,8 +144,8 @@ class _OrphanedLoopCallbacks:
     RuntimeError reaches sys.unraisablehook (one traceback per array: about 36 for a small run).
     They carry nothing: the failure itself is reported with the step it concerns. This hook drops
     exactly those (RuntimeError "Event loop is closed" raised in call_soon_threadsafe) and passes
-    everything else on to the previous hook; it stays until the Checkpointer closes, since the
-    late callbacks can arrive after the restore returned.
+    everything else on to the previous hook. After a failed restore, `drain` waits until the
+    callbacks stop arriving; the hook stays until the Checkpointer closes for any later ones.
     """
 
     def __init__(self) -> None:
@@ -154,6 +156,14 @@ class _OrphanedLoopCallbacks:
         if self.previous is None:
             self.previous = sys.unraisablehook
             sys.unraisablehook = self
+
+    def drain(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+        """Wait until the abandoned reads of a failed restore have all called back (none for
+        `quiet_s`; at most `limit_s`), so none is left to arrive once this hook is gone."""
+        seen, deadline = -1, time.monotonic() + limit_s
+        while self.dropped != seen and time.monotonic() < deadline:
+            seen = self.dropped
+            time.sleep(quiet_s)
 
     def uninstall(self) -> None:
         if self.previous is not None and sys.unraisablehook is self:
