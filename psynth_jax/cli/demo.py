@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--index {args.index} is outside the {len(examples)} GSM8K test questions")
     ex = examples[args.index]
     check_attn_impl(args.attn_impl, "--attn-impl")
-    mesh = make_cli_mesh(args.mesh)
+    device_mesh = make_cli_mesh(args.mesh)  # a bad --mesh fails before the load
 
     with step(f"loading {args.model} ({args.dtype})"):
-        model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=mesh)
+        model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=device_mesh)
     synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
     check_fits(synth, ex.question, args)
     if args.adapter:

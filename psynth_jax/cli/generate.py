@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the question is empty: give the user message to answer")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     check_attn_impl(args.attn_impl, "--attn-impl")
-    mesh = make_cli_mesh(args.mesh)
+    device_mesh = make_cli_mesh(args.mesh)  # a bad --mesh fails before the load
     with step(f"loading {args.model} ({args.dtype})"):
-        model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+        model = load_model(args.model, dtype=args.dtype, mesh=device_mesh)
     gen = Generator(model, attn_impl=args.attn_impl)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.question}
