@@ -3,14 +3,13 @@ source, and resumable distillation on the embedded SmolLM2 (tiny settings, about
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from pathlib import Path
 
 import pytest
 
-from psynth_jax.cli import build_data
+from psynth_jax.cli.main import main
 from psynth_jax.data.examples import read_examples
 from psynth_jax.interop import loader
 
@@ -18,9 +17,8 @@ GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" /
 
 
 def _run(*argv: str) -> int:
-    p = argparse.ArgumentParser()
-    build_data.add_arguments(p)
-    return build_data.run(p.parse_args(list(argv)))
+    """`psynth build-data ARGV` through the CLI's one error path (exit code, one-line message)."""
+    return main(["build-data", *argv])
 
 
 @pytest.mark.parametrize("builder", ["exposure", "aggregation"])

@@ -121,7 +121,7 @@ def test_math_schema_and_unusable_rows():
     p = parse_problem(row, 5, "m")
     assert (p.id, p.question, p.answer, p.solution) == ("m/x/1.json", "What is $1+1$?", "2", "It is $\\boxed{2}$.")
     assert parse_problem({"question": "q", "answer": "no final answer"}, 0, "g") is None
-    with pytest.raises(KeyError, match="neither the GSM8K schema"):
+    with pytest.raises(ValueError, match="neither the GSM8K schema"):
         parse_problem({"text": "?"}, 0, "bad")
     # an answer with no digits cannot be corrupted: skipped and counted
     p = parse_problem({"problem": "Which?", "solution": "So $\\boxed{x}$."}, 0, "m")

@@ -209,7 +209,7 @@ def test_bad_config_names_the_field_before_any_load(tmp_path, monkeypatch, overr
     with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
         make_config(tmp_path / "run", **dict([override.split("=", 1)]))
     args = argparse.Namespace(config=str(ROOT / "configs/eval_smoke.yaml"), overrides=[override], quiet=True)
-    with pytest.raises(SystemExit, match=field.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
         eval_cli.run(args)
 
 

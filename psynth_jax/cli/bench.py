@@ -54,7 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def check_common(args: argparse.Namespace) -> None:
+    """The options every benchmark shares, checked before any compute: --repeats >= 1 (a median of
+    no timed call is nothing), an --attn-impl this machine can run, an --out that can be a directory."""
+    from psynth_jax.cli.common import UsageError, check_attn_impl, check_out_dir
+
+    repeats = getattr(args, "repeats", None)
+    if repeats is not None and repeats < 1:
+        raise UsageError(f"--repeats must be at least 1 (timed calls per measurement), got {repeats}")
+    if getattr(args, "attn_impl", None):
+        check_attn_impl(args.attn_impl, "--attn-impl")
+    if isinstance(getattr(args, "out", None), str):
+        check_out_dir(args.out, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_common(args)
     return int(args._bench(args) or 0)
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from psynth_jax.cli.common import add_model_arguments, step
+from psynth_jax.cli.common import UsageError, add_model_arguments, check_attn_impl, check_out_file, positive_int, step
 
 BUILDERS = ("exposure", "aggregation", "distillation")
 VARIANTS = ("candidates", "evidence", "short", "reasoned", "schemas", "calls")
@@ -37,23 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "schemas | calls (bfcl)")
     p.add_argument("--task", default=None,
                    help="distillation: read the rows with this evaluation task's converter (e.g. arc_challenge, mbpp)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N rows of the source (per file of a glob)")
-    p.add_argument("--k", type=int, default=3, help="branches per example, where the builder chooses K")
-    p.add_argument("--max-k", type=int, default=8, help="largest K kept (chat rounds, functions, paragraphs)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N rows of the source (per file of a glob)")
+    p.add_argument("--k", type=positive_int, default=3, help="branches per example, where the builder chooses K")
+    p.add_argument("--max-k", type=positive_int, default=8, help="largest K kept (chat rounds, functions, paragraphs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default="train", help="hub datasets / folders: split to read")
     p.add_argument("--subset", default=None, help="hub datasets: configuration (e.g. 'main' for openai/gsm8k)")
     add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8, help="distillation: problems per batched generate")
-    p.add_argument("--worker-tokens", type=int, default=256, help="distillation: max new tokens per worker")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="distillation: max target tokens")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="distillation: problems per batched generate")
+    p.add_argument("--worker-tokens", type=positive_int, default=256, help="distillation: max new tokens per worker")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="distillation: max target tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="distillation: worker sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="distillation: worker nucleus sampling")
-
-
-def _error(message: str) -> int:
-    print(f"psynth build-data: error: {message}", file=sys.stderr)
-    return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.data.examples import write_examples
     from psynth_jax.data.sources import load_stage
 
-    out = Path(args.out)
+    out = check_out_file(args.out, "--out")
     if out.suffix not in (".jsonl", ".parquet"):
-        return _error(f"--out {out} must end in .jsonl or .parquet")
+        raise UsageError(f"--out {out} must end in .jsonl or .parquet")
     if not 1 <= args.k <= args.max_k:
-        return _error(f"--k must be in [1, --max-k={args.max_k}], got {args.k}")
+        raise UsageError(f"--k must be in [1, --max-k={args.max_k}], got {args.k}")
+    if args.builder == "distillation":
+        check_attn_impl(args.attn_impl, "--attn-impl")
     src = DataSourceConfig(path=args.source, builder=args.builder, format=args.format, variant=args.variant,
                            task=args.task, limit=args.limit, split=args.split, subset=args.subset, k=(args.k,))
     d = DataConfig(train=(src,), seed=args.seed, num_branches=args.k, min_branches=1, max_branches=args.max_k)
@@ -76,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
         validate_data(d)
         stage = load_stage(d, "train", distiller)
     except FileNotFoundError as e:
-        return _error(f"source {args.source!r} not found: {e}")
-    except (ConfigError, ValueError) as e:
-        return _error(str(e))
+        raise FileNotFoundError(f"--source {args.source!r} not found: {e}") from None
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     (report,) = stage.sources
     skipped = f" (skipped: {report.skipped})" if report.skipped else ""
     if distiller is not None:

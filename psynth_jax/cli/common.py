@@ -1,4 +1,8 @@
-"""Arguments and helpers shared by several subcommands."""
+"""Arguments and checks shared by several subcommands.
+
+Checks here run before anything heavy (a model, a dataset) is loaded, and raise UsageError (a
+ValueError: `psynth` prints it as one line and exits 2) naming the flag or config field.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 import time
 import typing
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from psynth_jax.interop.embedded import DEFAULT_MODEL
@@ -58,10 +63,73 @@ def add_handoff_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: what the loaded weights were trained under, else chat)")
 
 
+class UsageError(ValueError):
+    """A flag or config value the command cannot run with; the message names it."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_out_file(path: str | Path, flag: str) -> Path:
+    """An output file the command can create: not a directory, and no existing file on its way."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a directory; give a file path")
+    _check_parents(out, flag)
+    return out
+
+
+def check_out_dir(path: str | Path, flag: str) -> Path:
+    """An output directory the command can create or write into: no existing file at or above it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a directory")
+    _check_parents(out, flag)
+    return out
+
+
+def _check_parents(out: Path, flag: str) -> None:
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {out}: {parent} is a file, not a directory")
+            return
+
+
+def check_attn_impl(impl: str, flag: str) -> None:
+    """Refuse an attention kernel this machine cannot run, before a model is loaded: "cudnn"
+    needs an NVIDIA GPU with cuDNN (tried with one tiny call; splash runs anywhere, in Pallas
+    interpret mode off TPU)."""
+    if impl != "cudnn":
+        return
+    import jax
+    import jax.numpy as jnp
+
+    q = jnp.zeros((1, 1, 1, 64), jnp.bfloat16)
+    try:
+        jax.block_until_ready(jax.nn.dot_product_attention(q, q, q, implementation="cudnn"))
+    except Exception as err:  # noqa: BLE001 - any failure means this kernel cannot run here
+        reason = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip(".")
+        raise UsageError(f"{flag} cudnn needs an NVIDIA GPU with cuDNN; on this machine ({jax.default_backend()}) "
+                         f"it fails: {reason}; use xla (or xla_split, the same layout run by XLA)") from None
+
+
 @contextmanager
 def step(message: str) -> Iterator[None]:
     """Print a progress line with the elapsed time when the step ends."""
     print(f"[psynth] {message} ...", end="", flush=True, file=sys.stderr)
     t0 = time.perf_counter()
-    yield
+    try:
+        yield
+    except BaseException:
+        print(" failed", flush=True, file=sys.stderr)  # the error follows on its own line
+        raise
     print(f" done in {time.perf_counter() - t0:.1f}s", flush=True, file=sys.stderr)

@@ -13,16 +13,21 @@ import sys
 import textwrap
 from pathlib import Path
 
-from psynth_jax.cli.common import add_handoff_arguments, add_model_arguments, make_cli_mesh, step
+from psynth_jax.cli.common import (
+    UsageError, add_handoff_arguments, add_model_arguments, check_attn_impl, check_out_file, make_cli_mesh,
+    positive_int, step,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--index", type=int, default=0, help="GSM8K test question index")
     p.add_argument("--data", default=None, help="GSM8K test file (default: the shared data folder)")
-    p.add_argument("--k", type=int, default=3, help="number of worker branches")
-    p.add_argument("--worker-tokens", type=int, default=160, help="max new tokens per worker")
-    p.add_argument("--max-new-tokens", type=int, default=192, help="max new tokens of each synthesis")
+    p.add_argument("--k", type=positive_int, default=3,
+                   help="number of worker branches (the text path must fit K x --worker-tokens in the model's "
+                        "positions: checked before decoding)")
+    p.add_argument("--worker-tokens", type=positive_int, default=160, help="max new tokens per worker")
+    p.add_argument("--max-new-tokens", type=positive_int, default=192, help="max new tokens of each synthesis")
     p.add_argument("--temperature", type=float, default=0.7, help="worker sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="worker nucleus sampling")
     p.add_argument("--seed", type=int, default=0)
@@ -39,6 +44,22 @@ def _show(title: str, text: str, width: int = 100) -> None:
     print(textwrap.indent(text.strip() or "(empty)", "  "))
 
 
+def check_fits(synth, question: str, args: argparse.Namespace) -> None:
+    """Refuse, before any worker is decoded, a K x --worker-tokens the text path could not fit in
+    the model's positions (its prompt holds every branch's text, up to --worker-tokens each)."""
+    from psynth_jax.synthesis import prompts
+
+    limit = synth.model.cfg.max_position_embeddings
+    frame = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""] * args.k)))
+    need = frame + args.k * args.worker_tokens + args.max_new_tokens
+    if need > limit:
+        raise UsageError(
+            f"--k {args.k} x --worker-tokens {args.worker_tokens} does not fit: the text path could need {need} "
+            f"positions ({frame} prompt + {args.k} x {args.worker_tokens} branch + {args.max_new_tokens} new tokens), "
+            f"the model has {limit}; lower --k, --worker-tokens or --max-new-tokens"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from psynth_jax.eval.scoring import extract_answer, score
     from psynth_jax.eval.tasks import load_task
@@ -49,16 +70,19 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.synthesis.convention import Handoff
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
-    if args.k < 1:
-        raise SystemExit("--k must be at least 1")
+    if args.out:
+        check_out_file(args.out, "--out")
     examples = load_task("gsm8k", path=args.data)
     if not 0 <= args.index < len(examples):
-        raise SystemExit(f"--index {args.index} is outside the {len(examples)} GSM8K test questions")
+        raise UsageError(f"--index {args.index} is outside the {len(examples)} GSM8K test questions")
     ex = examples[args.index]
+    check_attn_impl(args.attn_impl, "--attn-impl")
+    device_mesh = make_cli_mesh(args.mesh)  # a bad --mesh fails before the load
 
     with step(f"loading {args.model} ({args.dtype})"):
-        model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=make_cli_mesh(args.mesh))
+        model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=device_mesh)
     synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
+    check_fits(synth, ex.question, args)
     if args.adapter:
         from psynth_jax.interop.importer import load_adapter_into
 

@@ -1,7 +1,9 @@
 """`psynth eval --config FILE [key=value ...]`: benchmarks x synthesis modes, accuracy and TTFT.
 
 Writes results.json, results.md and plots into the config's out_dir; rerunning the same command
-resumes an interrupted eval (finished answers and stored worker branches are reused).
+resumes an interrupted eval (finished answers and stored worker branches are reused). The
+out_dir is locked while the eval runs (psynth_jax.formats.run_lock): a second eval on it fails
+at once, naming the holder.
 `--retime [TASKS]` measures the TTFT of a finished run's timed answers again on this machine
 (after timings taken under load, or to time on an accelerator answers computed elsewhere).
 """
@@ -10,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+# written when a session starts; worthless (and in the way of a corrected rerun) without answers
+OUT_DIR_DISPOSABLE = ("run.json", "config.yaml", "weights.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,18 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from psynth_jax.cli.common import check_attn_impl
     from psynth_jax.config.eval_schema import load_eval_config
-    from psynth_jax.config.typed import ConfigError
 
-    try:
-        cfg = load_eval_config(args.config, args.overrides)  # every config problem, before data or model
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"psynth eval: {err}") from None
+    cfg = load_eval_config(args.config, args.overrides)  # every config problem, before data or model
+    check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
     from psynth_jax.eval.report import RESULTS_MD
     from psynth_jax.eval.runner import run_eval
+    from psynth_jax.formats.run_lock import run_dir_session
 
     retime = None if args.retime is None else [t for t in args.retime.split(",") if t]
-    outcome = run_eval(cfg, quiet=args.quiet, retime=retime)
+    with run_dir_session(cfg.out_dir, "psynth eval", "out_dir", disposable=OUT_DIR_DISPOSABLE):
+        outcome = run_eval(cfg, quiet=args.quiet, retime=retime)
     print((outcome.run_dir / RESULTS_MD).read_text())
     print(f"wrote {outcome.run_dir}/ (results.json, results.md, plots)", file=sys.stderr)
     return 0

@@ -2,6 +2,10 @@
 
 Keeping imports lazy means `psynth generate` on an inference-only box never touches training,
 data or evaluation code (or their dependencies).
+
+Every failure takes one path (`main`): a one-line message `psynth COMMAND: error: ...` that names
+the file (and line), the config field or the flag, and one exit code per kind (EXIT_CODES, also
+in `psynth --help` and the README). `--debug` (or PSYNTH_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -23,31 +27,85 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "per-device memory of a train or eval config on an accelerator, before provisioning it"),
 }
 
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command started and something failed while it ran (a crash, out of memory, a lost device)
+EXIT_USAGE = 2  # bad flag, config, input file or run directory: nothing was computed or changed
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_PREEMPTED = 143  # `psynth train` got SIGTERM, saved a checkpoint and stopped (rerun to resume)
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILURE}    runtime failure: the command started and something failed while it ran
+  {EXIT_USAGE}    usage, config or input error (a flag, a config field, a data or checkpoint file, a run
+       directory in use or holding another run): the message names it; nothing saved was changed
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_PREEMPTED}  psynth train stopped by SIGTERM (preemption) after saving a checkpoint; rerun to resume
+--debug (or PSYNTH_DEBUG=1) shows the traceback of a failure instead of the one-line message."""
+
+# Errors that mean "the input is wrong" (a flag, config, file, run directory), not "the run broke".
+# ValueError covers config, JSON/UTF-8 decoding, checkpoint and adapter errors (all subclass it).
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="psynth", description="Parallel-Synthesis in JAX: synthesize from worker KV caches."
+        prog="psynth", description="Parallel-Synthesis in JAX: synthesize from worker KV caches.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # also after the subcommand; SUPPRESS keeps the subparser from resetting `psynth --debug X`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of a failure (also PSYNTH_DEBUG=1)")
         mod = importlib.import_module(f"psynth_jax.cli.{module}")
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (a multi-problem config error keeps its list)."""
+    from psynth_jax.config.typed import ConfigError
+
+    text = str(err).strip()
+    if isinstance(err, KeyError) and err.args:  # str(KeyError) is the repr of its argument
+        text = str(err.args[0])
+    if isinstance(err, ConfigError):
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) if len(lines) <= 3 else "; ".join(lines[:3]) + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand. Bad input (ValueError / FileNotFoundError) prints one clear line and
-    exits 2; set PSYNTH_DEBUG=1 for the traceback."""
+    """Run a subcommand; every failure becomes one line on stderr and an exit code of EXIT_CODES."""
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False) or os.environ.get("PSYNTH_DEBUG"))
+    prefix = f"psynth {args.command}: error:"
     try:
         return int(args._module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("PSYNTH_DEBUG"):
+    except SystemExit as e:
+        if debug or not isinstance(e.code, str):
             raise
-        print(f"psynth {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        message = e.code.removeprefix(f"psynth {args.command}: ")  # a command's own usage message
+        print(f"{prefix} {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"psynth {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except INPUT_ERRORS as e:
+        if debug:
+            raise
+        print(f"{prefix} {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - every other failure: one line, the traceback on --debug
+        if debug:
+            raise
+        print(f"{prefix} {type(e).__name__}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

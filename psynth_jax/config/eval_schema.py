@@ -153,14 +153,21 @@ def _task_errors(cfg: EvalConfig, known: list[str]) -> list[str]:
         seen.add(t.name)
         if t.limit is not None and t.limit < 1:
             errors.append(f"tasks[{i}].limit must be >= 1 or null (all examples), got {t.limit}")
-        if t.path is not None and t.path.startswith((".", "/", "~")) and not Path(t.path).expanduser().exists():
-            errors.append(f"tasks[{i}].path: local path {t.path!r} does not exist")
+        if t.path is not None and _looks_local(t.path) and not Path(t.path).expanduser().exists():
+            errors.append(f"tasks[{i}].path: local path {t.path!r} does not exist (relative paths are read from "
+                          f"{Path.cwd()})")
         if t.name in GENERIC_TASKS and t.path is None:
             errors.append(f"tasks[{i}].path: task {t.name!r} reads your own file: set path "
                           "(and fields for its columns)")
         if t.branches is not None and t.branches < 1:
             errors.append(f"tasks[{i}].branches must be >= 1 or null, got {t.branches}")
     return errors
+
+
+def _looks_local(path: str) -> bool:
+    """A path that can only name a local file: explicit (./, /, ~) or with a data file suffix
+    (anything else may be a hub id, tried when the task loads)."""
+    return path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet", ".csv", ".gz"))
 
 
 def _number_errors(cfg: EvalConfig) -> list[str]:

@@ -17,7 +17,8 @@ from typing import Any, Iterable
 import yaml
 
 from psynth_jax.config.schema import ExperimentConfig
-from psynth_jax.config.typed import from_dict, to_dict
+from psynth_jax.config.typed import ConfigError, from_dict, to_dict
+from psynth_jax.formats.text_files import InputFileError, describe, read_text
 
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*")
 _KEY_TOKEN = re.compile(r"([A-Za-z_]\w*)|\[(\d+)\]")
@@ -49,9 +50,7 @@ def _load_yaml_tree(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, 
     if not path.is_file():
         where = f" (base of {_including[-1]})" if _including else ""
         raise FileNotFoundError(f"config file not found: {path}{where}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -59,6 +58,28 @@ def _load_yaml_tree(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, 
         raise ValueError(f"{path}: 'base' must be a path to another YAML file, got {base!r}")
     parent = _load_yaml_tree(path.parent / Path(base).expanduser(), (*_including, path))
     return _deep_merge(parent, data)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} for an empty file); a syntax error, a non-UTF-8 byte or
+    another top-level value is a ConfigError naming the file and line."""
+    try:
+        data = yaml.safe_load(read_text(path))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = ": ".join(x for x in (err.context, err.problem) if x)
+        raise ConfigError([f"{where}: YAML syntax error: {what}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: YAML error: {err}"]) from None
+    except InputFileError as err:
+        raise ConfigError([str(err)]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: a config file must hold a mapping (key: value lines) at the top level, "
+                           f"found {describe(data)}"])
+    return data
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -60,7 +60,7 @@ class SynthesisExample:
         """Inverse of to_dict; `meta` may also be a JSON string (the parquet layout)."""
         missing = [k for k in ("id", "family", "question", "branches", "target") if k not in row]
         if missing:
-            raise KeyError(f"example row lacks {missing} (has {sorted(row)})")
+            raise ValueError(f"example row lacks {missing} (has {sorted(row)})")
         meta = row.get("meta") or {}
         if isinstance(meta, str):
             meta = json.loads(meta)

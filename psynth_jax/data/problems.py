@@ -72,14 +72,14 @@ def row_id(row: dict[str, Any], index: int) -> str:
 def parse_problem(row: dict[str, Any], index: int, label: str) -> Problem | None:
     """A Problem from a GSM8K- or MATH-schema row; None when the row has no final answer.
 
-    Raises KeyError for a row in neither schema, naming the columns it has.
+    Raises ValueError for a row in neither schema, naming the fields it has.
     """
     pid = f"{label}/{row_id(row, index)}"
     if row.get("question") is not None and row.get("answer") is not None:
         return _gsm8k(row, pid)
     if row.get("problem") is not None and row.get("solution") is not None:
         return _math(row, pid)
-    raise KeyError(
-        f"{label}: row {index} is in neither the GSM8K schema (question, answer) nor the MATH schema "
-        f"(problem, solution); it has columns {sorted(row)}"
+    raise ValueError(
+        "the row is in neither the GSM8K schema (question, answer) nor the MATH schema (problem, solution); "
+        f"it has fields {sorted(row)}"
     )

@@ -41,7 +41,7 @@ from psynth_jax.data.mixture import apply_cap, apply_weight
 from psynth_jax.data.problems import Problem, parse_problem
 from psynth_jax.formats import tool_calls
 from psynth_jax.formats.multihop import is_multihop_row
-from psynth_jax.formats.records import read_records
+from psynth_jax.formats.records import read_records, record_location
 from psynth_jax.formats.rows import clip
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,16 @@ def detect_format(rows: Sequence[Row], src: DataSourceConfig, where: str) -> str
                       f"known formats: {', '.join(SIGNATURES)} (set `format:` to force one)")
 
 
-def parse_problems(rows: Sequence[Row], label: str) -> tuple[list[Problem], int]:
-    """(problems, number of rows without a final answer)."""
+def parse_problems(rows: Sequence[Row], label: str, source: str | None = None) -> tuple[list[Problem], int]:
+    """(problems, number of rows without a final answer). A row in neither schema is a ValueError
+    naming where it is (`source`'s file and line when given, else the label and row number)."""
     problems, missing = [], 0
     for i, row in enumerate(rows):
-        p = parse_problem(row, i, label)
+        try:
+            p = parse_problem(row, i, label)
+        except ValueError as err:
+            where = record_location(source, i) if source is not None else f"{label}: row {i}"
+            raise ValueError(f"{where}: {err}") from None
         if p is None:
             missing += 1
         else:
@@ -154,7 +159,7 @@ def build_source(src: DataSourceConfig, rows: Sequence[Row], fmt: str, spec: Bui
                  ) -> BuildResult:
     """The examples the source's builder makes of rows in format `fmt` (not distillation)."""
     if fmt == "problems":
-        problems, missing = parse_problems(rows, spec.label)
+        problems, missing = parse_problems(rows, spec.label, src.path)
         variant = spec.variant or AGGREGATION_VARIANTS["problems"][0]
         result = build_examples(problems, src.builder, spec.k_choices([num_branches]), spec.seed, variant=variant)
         if missing:
@@ -217,7 +222,7 @@ def _built(src: DataSourceConfig, rows: list[Row], fmt: str, where: str, d: Data
         if src.task is not None:
             items, skipped = items_from_task(src.task, rows, label, d.seed)
         elif fmt == "problems":
-            problems, missing = parse_problems(rows, label)
+            problems, missing = parse_problems(rows, label, src.path)
             items, skipped = [item_from_problem(p) for p in problems], collections.Counter()
             if missing:
                 skipped["no final answer"] = missing

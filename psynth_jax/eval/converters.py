@@ -26,12 +26,12 @@ Converter = Callable[[Row, int, int], EvalExample]
 
 
 def pick(row: Row, *keys: str, task: str) -> Any:
-    """The value of the first of `keys` present (and not None) in `row`, or a KeyError naming the
-    task, the accepted column names and the columns the row has."""
+    """The value of the first of `keys` present (and not None) in `row`, or a ValueError naming the
+    task, the accepted field names and the fields the row has."""
     for key in keys:
         if row.get(key) is not None:
             return row[key]
-    raise KeyError(f"{task}: none of the columns {list(keys)} in row with columns {sorted(row)}")
+    raise ValueError(f"{task}: none of the fields {list(keys)} in a row with fields {sorted(row)}")
 
 
 def _integer_text(value: Any) -> str:

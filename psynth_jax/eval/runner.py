@@ -53,9 +53,15 @@ class EvalOutcome:
 
 
 def load_examples(cfg: EvalConfig) -> dict[str, list[EvalExample]]:
-    """Every configured task's examples (first `limit` in source order), loaded before any model."""
-    return {t.name: load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed, fields=t.fields, branches=t.branches)
-            for t in cfg.tasks}
+    """Every configured task's examples (first `limit` in source order), loaded before any model.
+    A task without examples is an error naming it (an eval of nothing would report 0 of 0)."""
+    out = {}
+    for i, t in enumerate(cfg.tasks):
+        out[t.name] = load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed, fields=t.fields,
+                                branches=t.branches)
+        if not out[t.name]:
+            raise ValueError(f"tasks[{i}] ({t.name}): no examples in {t.path or 'its default source'}")
+    return out
 
 
 def num_branches(example: EvalExample, num_workers: int) -> int:

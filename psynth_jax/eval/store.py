@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from psynth_jax.config.resume import differing_fields, flatten
+from psynth_jax.formats.text_files import read_json_object
+
 BRANCHES = "branches.jsonl"
 RECORDS = "records.jsonl"
 RUN_META = "run.json"
@@ -138,10 +141,11 @@ class RunStore:
         """Refuse to mix runs: stored branches/records must come from the same result-defining config."""
         path = self.dir / RUN_META
         if path.is_file():
-            old = json.loads(path.read_text())
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            old = read_json_object(path)
+            diff = differing_fields(old, meta)  # paths naming the same file are equal (config/resume.py)
             if diff:
-                details = "; ".join(f"{k}: stored {old.get(k)!r}, now {meta.get(k)!r}" for k in diff)
+                stored, now = flatten(old), flatten(meta)
+                details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
                 raise ValueError(f"{self.dir} holds an eval run with a different config ({details}); "
                                  "resume it with the same values or choose another out_dir")
         else:

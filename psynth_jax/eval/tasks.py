@@ -23,7 +23,7 @@ from psynth_jax.config.eval_schema import TaskFields
 from psynth_jax.eval import converters as conv
 from psynth_jax.eval.example import EvalExample
 from psynth_jax.formats import splits, tool_calls
-from psynth_jax.formats.records import DATA_ENV, Row, data_dir, read_records, shipped_file
+from psynth_jax.formats.records import DATA_ENV, Row, data_dir, read_records, record_location, shipped_file
 
 __all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "data_dir", "load_task", "task_converter"]
 
@@ -122,17 +122,39 @@ def load_task(
     if path is None and spec.shipped is None and spec.hub is None:
         raise ValueError(f"task {name!r} reads your own file: pass its path")
     split, config = split or spec.hub_split, config or spec.hub_config
+    source: str | os.PathLike[str]
     if path is not None:
-        rows = _read(path, split, config)
+        source, rows = path, _read(path, split, config)
     elif spec.shipped is not None:
-        shipped = (spec.shipped,) if isinstance(spec.shipped, str) else spec.shipped
-        rows = [r for f in shipped for r in _read(shipped_file(f), split, config)]
+        files = [shipped_file(f) for f in ((spec.shipped,) if isinstance(spec.shipped, str) else spec.shipped)]
+        rows = [r for f in files for r in _read(f, split, config)]
+        source = files[0] if len(files) == 1 else ", ".join(map(str, files))
     else:
-        rows = _read(str(spec.hub), split, config)
+        source = str(spec.hub)
+        rows = _read(source, split, config)
     convert = task_converter(name, fields, branches)
     if spec.heldout is None:
         rows = rows if limit is None else rows[:limit]
-        return [convert(row, i, seed) for i, row in enumerate(rows)]
-    examples = [ex for ex in (convert(row, i, seed) for i, row in enumerate(rows))
+        return convert_rows(convert, rows, seed, name, source)
+    examples = [ex for ex in convert_rows(convert, rows, seed, name, source)
                 if splits.is_heldout(spec.heldout, ex.extra["row_id"])]
     return examples if limit is None else examples[:limit]
+
+
+def convert_rows(convert: conv.Converter, rows: list[Row], seed: int, task: str,
+                 source: str | os.PathLike[str]) -> list[EvalExample]:
+    """Every row through the task's converter; a row it cannot use (a field missing or of the wrong
+    kind) is a ValueError naming the task, the file and line (or row) and what is wrong."""
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            examples.append(convert(row, i, seed))
+        except KeyError as err:  # row["field"] of a field the row lacks
+            raise ValueError(f"{record_location(source, i)}: {task} row lacks field {err.args[0]!r} "
+                             f"(it has {sorted(row)})") from None
+        except ValueError as err:  # the converter's own message names the task
+            raise ValueError(f"{record_location(source, i)}: {err}") from None
+        except (TypeError, AttributeError, IndexError) as err:  # a field of the wrong kind
+            raise ValueError(f"{record_location(source, i)}: {task} row has a field of the wrong kind "
+                             f"({type(err).__name__}: {err})") from None
+    return examples

@@ -1,4 +1,6 @@
-"""Formats every stage reads: data rows (local files or hub datasets) and the boxed-answer convention.
+"""Formats every stage reads: data rows (local files or hub datasets), the boxed-answer convention,
+text/JSON/JSON-lines files read with errors naming file and line (text_files), and the run
+directory lock of `psynth train` / `psynth eval` (run_lock).
 
 Low in the import flow (model <- inference <- synthesis <- data/train/eval <- bench/cli):
 nothing here imports another psynth_jax package.

@@ -9,11 +9,14 @@ same path and get the same row dicts.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+from psynth_jax.formats.text_files import (
+    InputFileError, decode_text, describe, parse_json, parse_json_lines, record_line,
+)
 
 DATA_ENV = "PSYNTH_DATA_DIR"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,19 +55,60 @@ def shipped_file(relative: str) -> Path:
 
 
 def _read_json_file(path: Path) -> list[Row]:
-    suffixes = path.suffixes
-    opener = gzip.open if suffixes[-1] == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if ".jsonl" in suffixes or not text.lstrip().startswith("["):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return list(json.loads(text))
+    """Rows of a JSON array file or a JSON-lines file (.gz too); errors name the file and line."""
+    opener = gzip.open if path.suffixes[-1] == ".gz" else open
+    with opener(path, "rb") as f:
+        text = decode_text(f.read(), path)
+    lines = ".jsonl" in path.suffixes or not text.lstrip().startswith("[")
+    rows = parse_json_lines(text, path) if lines else parse_json(text, path)
+    if not isinstance(rows, list):
+        raise InputFileError(f"{path}: expected a JSON array of objects (or one object per line), "
+                             f"found {describe(rows)}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            where = f"{path}:{record_line(text, i)}" if lines else f"{path}: item {i}"
+            raise InputFileError(f"{where}: expected a JSON object with named fields, found {describe(row)}")
+    return rows
+
+
+def record_location(source: str | os.PathLike[str], index: int) -> str:
+    """Where the `index`-th row (0-based) of `source` is, for an error message: `file:line` for a
+    JSON-lines file, `file: item N` for a JSON array, `source: row N` otherwise."""
+    path = Path(source).expanduser()
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    if path.is_file() and suffixes and suffixes[-1] in _JSON_SUFFIXES:
+        opener = gzip.open if path.suffixes[-1] == ".gz" else open
+        with opener(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        if ".jsonl" in path.suffixes or not text.lstrip().startswith("["):
+            line = record_line(text, index)
+            if line is not None:
+                return f"{path}:{line}"
+        else:
+            return f"{path}: item {index}"
+    return f"{source}: row {index}"
 
 
 def _load_dataset(*args: Any, **kwargs: Any) -> list[Row]:
     import datasets  # heavy import, only when needed
 
     return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]
+
+
+def _load_hub_dataset(source: str, config: str | None, split: str) -> list[Row]:
+    """A hub dataset's rows; when it cannot be fetched (offline, unknown id), one error naming both
+    readings of `source`: a local path that does not exist, and the hub id that failed."""
+    try:
+        return _load_dataset(source, config, split=split)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # ConnectionError offline, DatasetNotFoundError, HTTP errors
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(
+            f"{source!r} is not a local file or folder (relative paths are read from {os.getcwd()}), and as a "
+            f"hub dataset id it could not be loaded ({type(err).__name__}: {reason}); write a local path as "
+            f"./{source} to mean a file"
+        ) from err
 
 
 def _looks_like_path(source: str) -> bool:
@@ -89,4 +133,4 @@ def read_records(source: str | os.PathLike[str], *, split: str = "train", config
         return _load_dataset(str(path), config, split=split)
     if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
         raise FileNotFoundError(f"no such data file or folder: {path}")
-    return _load_dataset(str(source), config, split=split)
+    return _load_hub_dataset(str(source), config, split)

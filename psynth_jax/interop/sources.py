@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import ml_dtypes
 import numpy as np
 
+from psynth_jax.formats.text_files import InputFileError, read_json_object
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or does not fit the model."""
@@ -116,10 +118,11 @@ class SafetensorsSource:
 
 
 def _read_json(path: Path) -> Any:
+    """A JSON object file (config.json, the shard index); errors name the file, line and column."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        return read_json_object(path)
+    except InputFileError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, _Entry]:

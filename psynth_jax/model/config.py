@@ -8,9 +8,10 @@ rope scaling), Qwen2/2.5 (q/k/v bias) and Qwen3 (q/k RMSNorm, free head_dim).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Mapping
+
+from psynth_jax.formats.text_files import read_json_object
 
 # HF `model_type` -> family name used inside psynth_jax.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -88,7 +89,7 @@ class ModelConfig:
                 path = path / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
-            hf_config = json.loads(path.read_text())
+            hf_config = read_json_object(path)  # errors name the file and line
         if not isinstance(hf_config, Mapping):
             hf_config = hf_config.to_dict()
         return cls._from_dict(dict(hf_config))

@@ -2,19 +2,40 @@
 
 The frozen backbone is never saved: it is reloaded from its source. Saves are asynchronous and
 atomic (Orbax writes to a temporary directory and renames it when complete), so an interrupted
-save is never listed; a checkpoint that exists but cannot be read is skipped with a warning and
-the next older one is tried, so a resume never crashes on a damaged step.
+save is never listed.
+
+A checkpoint that exists but cannot be read is never deleted and never silently skipped. Readers
+(export, adapters) report it and use an older one. The trainer (`repair=True`, under the run
+directory's lock):
+- when an older step is readable, resumes from it and moves every newer unreadable step aside
+  to checkpoints/corrupt/<step>-<UTC time>/ (with REASON.txt), each move reported; the steps
+  redone from the older one are then saved under their own numbers again;
+- when none is readable, raises NothingRestorable and changes nothing, unless asked to restart
+  (`psynth train --restart`): then all are moved aside and training starts from step 0, which is
+  said plainly.
+Since unreadable steps leave the step list, `keep` (Orbax's max_to_keep, which deletes the
+oldest listed steps after a newer save completes) never deletes the only readable checkpoint
+in favour of unreadable ones.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
-import warnings
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+CORRUPT_DIR = "corrupt"
+
+
+class NothingRestorable(ValueError):
+    """Checkpoints exist and none can be read (an input error: the run directory is damaged)."""
 
 
 class Checkpointer:
@@ -26,6 +47,10 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
         )
+        self._orphans = _OrphanedLoopCallbacks()
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
     def save(self, step: int, train_state: dict[str, Any], data_state: dict[str, Any], *, force: bool = False) -> bool:
         """Save {trainable, opt_state} and the data iterator state at `step` (async by default)."""
@@ -38,21 +63,68 @@ class Checkpointer:
             force=force,
         )
 
-    def restore_latest(self, abstract_train_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, train_state, data_state) of the newest readable checkpoint, or None."""
+    def restore_latest(self, abstract_train_state: Any, *, repair: bool = False, restart: bool = False,
+                       log: Callable[[str], None] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, train_state, data_state) of the newest readable checkpoint; None when there is
+        none (a new run, or `restart` with every checkpoint unreadable).
+
+        Every unreadable step tried is reported through `log` (default: a line on stderr). A reader
+        (export, an adapter for demo/eval) changes nothing. The trainer, which holds the run's
+        lock, passes `repair`: unreadable steps newer than the restored one are moved aside (see the
+        module docstring). With no readable step at all, NothingRestorable is raised and nothing is
+        moved, unless `restart` (with `repair`): then all are moved aside.
+        """
+        say = log or (lambda message: print(f"[psynth] {message}", file=sys.stderr, flush=True))
+        failures: list[tuple[int, Exception]] = []
+        restored = None
+        self._orphans.install()  # a failed restore leaves Orbax reads behind: see _OrphanedLoopCallbacks
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                restored = self.manager.restore(
+                got = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
                         train=ocp.args.StandardRestore(abstract_train_state), data=ocp.args.JsonRestore()
                     ),
                 )
-                return step, restored["train"], restored["data"]
-            except Exception as e:  # a damaged step: warn and fall back to an older one
-                warnings.warn(f"checkpoint at step {step} in {self.directory} is unreadable ({e!r}); "
-                              "trying an older one", stacklevel=2)
-        return None
+            except Exception as e:  # noqa: BLE001 - a damaged step, whatever Orbax raises for it
+                failures.append((step, e))
+                self._orphans.drain()
+                if not repair:
+                    say(f"checkpoint step {step} in {self.directory} is unreadable ({_short(e)}); trying an older one")
+                continue
+            restored = step, got["train"], got["data"]
+            break
+        if restored is None and failures and not (repair and restart):
+            listed = "; ".join(f"step {s}: {_short(e, 100)}" for s, e in failures)
+            hint = (f" Rerun with --restart to move them aside to {self.directory}/{CORRUPT_DIR}/ and train from "
+                    "step 0" if repair else "")
+            raise NothingRestorable(f"no checkpoint in {self.directory} can be read ({listed}); nothing was "
+                                    f"changed.{hint}")
+        if failures and repair:
+            if jax.process_index() == 0:  # one process moves; the others wait for it, then all agree
+                for step, e in failures:
+                    where = self.move_aside(step, e)
+                    say(f"checkpoint step {step} is unreadable ({_short(e)}): moved to {where}")
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("psynth_checkpoints_moved_aside")
+            self.manager.reload()
+        return restored
+
+    def move_aside(self, step: int, reason: BaseException) -> str:
+        """Move step `step`'s directory to corrupt/<step>-<UTC time>/ with REASON.txt; return where."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        root = epath.Path(self.directory)
+        target = root / CORRUPT_DIR / f"{step}-{stamp}"
+        n = 1
+        while target.exists():  # the same step moved twice within a second
+            n += 1
+            target = root / CORRUPT_DIR / f"{step}-{stamp}-{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (root / str(step)).rename(target)
+        (target / "REASON.txt").write_text(f"step {step} could not be restored:\n{reason!r}\n")
+        return str(target)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -60,6 +132,66 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._orphans.uninstall()
+
+
+class _OrphanedLoopCallbacks:
+    """Silences the "RuntimeError: Event loop is closed" tracebacks a failed restore leaves.
+
+    Orbax runs a restore on a fresh asyncio loop and closes that loop as soon as the restore
+    raises. The other tensorstore reads of that restore are still in flight; when they finish,
+    tensorstore calls `loop.call_soon_threadsafe` on the closed loop, and each such callback's
+    RuntimeError reaches sys.unraisablehook (one traceback per array: about 36 for a small run).
+    They carry nothing: the failure itself is reported with the step it concerns. This hook drops
+    exactly those (RuntimeError "Event loop is closed" raised in call_soon_threadsafe) and passes
+    everything else on to the previous hook. After a failed restore, `drain` waits until the
+    callbacks stop arriving; the hook stays until the Checkpointer closes for any later ones.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+        self.dropped = 0
+
+    def install(self) -> None:
+        if self.previous is None:
+            self.previous = sys.unraisablehook
+            sys.unraisablehook = self
+
+    def drain(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+        """Wait until the abandoned reads of a failed restore have all called back (none for
+        `quiet_s`; at most `limit_s`), so none is left to arrive once this hook is gone."""
+        seen, deadline = -1, time.monotonic() + limit_s
+        while self.dropped != seen and time.monotonic() < deadline:
+            seen = self.dropped
+            time.sleep(quiet_s)
+
+    def uninstall(self) -> None:
+        if self.previous is not None and sys.unraisablehook is self:
+            sys.unraisablehook = self.previous
+        self.previous = None
+
+    def __call__(self, unraisable: Any) -> None:
+        if _is_orphaned_loop_callback(unraisable.exc_value):
+            self.dropped += 1
+            return
+        (self.previous or sys.__unraisablehook__)(unraisable)
+
+
+def _is_orphaned_loop_callback(exc: BaseException | None) -> bool:
+    if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    """The first line of an Orbax/tensorstore error, cut to `limit` characters (they run to kilobytes)."""
+    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def abstract_like(tree: Any) -> Any:

@@ -4,6 +4,9 @@ Resumes automatically from the run directory (trainable state, optimizer, step a
 iterator position), saves asynchronously every `checkpoint.every_steps`, saves and exits cleanly
 on SIGTERM (preemption), logs a progress bar, TensorBoard scalars and metrics.jsonl, evaluates
 held-out loss and cache/text greedy agreement every `eval_every` steps, and writes summary.json.
+Unreadable checkpoints are moved aside, never skipped in silence (train/checkpointing.py); each
+step is logged once and a rerun of a finished run keeps its summary (train/run_log.py). The
+caller holds the run directory's lock (`psynth train`: psynth_jax.formats.run_lock).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape, validate
+from psynth_jax.config.loader import read_yaml_mapping
+from psynth_jax.config.resume import differing_fields
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.interop.tokenizer import stop_token_ids
@@ -34,6 +39,7 @@ from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.agreement import agreement_rates, greedy_both_paths
 from psynth_jax.train.checkpointing import Checkpointer, abstract_like
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable
+from psynth_jax.train.run_log import SUMMARY, MetricsLog, read_summary, summarize, write_summary
 from psynth_jax.train.step import batch_shardings, make_eval_step, make_optimizer, make_train_step, place_train_state
 
 AGREEMENT_TOKENS = 24
@@ -62,16 +68,6 @@ class _Preemption:
         self.requested = True
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1} (lists kept whole)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _batch_dict(batch: Any) -> dict[str, np.ndarray]:
     if dataclasses.is_dataclass(batch):
         return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
@@ -80,7 +76,9 @@ def _batch_dict(batch: Any) -> dict[str, np.ndarray]:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, model: LoadedModel | None = None, examples=None,
-                 eval_examples=None, quiet: bool = False):
+                 eval_examples=None, quiet: bool = False, restart: bool = False):
+        """restart: when checkpoints exist and none is readable, move them aside and train from
+        step 0 (`psynth train --restart`); without it that case raises NothingRestorable."""
         validate(cfg, num_devices=jax.device_count())
         if cfg.train.compute_dtype != cfg.model.dtype:
             raise ValueError(
@@ -89,6 +87,7 @@ class Trainer:
             )
         self.cfg = cfg
         self.quiet = quiet
+        self.restart = restart
         self.run_dir = Path(cfg.checkpoint.dir)
         self.mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
         self.rules = Rules((r.name, r.axes) for r in cfg.mesh.rules)
@@ -185,16 +184,16 @@ class Trainer:
 
     def check_same_run(self) -> None:
         """Refuse to resume a run directory that was started with a different experiment: only
-        the step budget and logging/eval/checkpoint cadence may change between sessions."""
+        the step budget and logging/eval/checkpoint cadence may change between sessions, and the
+        run directory may be spelled differently or moved (config/resume.py)."""
         saved = self.run_dir / "config.yaml"
-        if not saved.is_file() or not self.checkpointer.manager.all_steps():
+        if not saved.is_file() or not self.checkpointer.steps():
             return
+        free = {"train.steps", "eval_every", "log_every", "tensorboard", "checkpoint.dir", "checkpoint.every_steps",
+                "checkpoint.keep", "checkpoint.async_save"}
         import yaml
 
-        free = {"train.steps", "eval_every", "log_every", "tensorboard", "checkpoint.every_steps",
-                "checkpoint.keep", "checkpoint.async_save"}
-        old, new = _flat(yaml.safe_load(saved.read_text())), _flat(yaml.safe_load(dump_config(self.cfg)))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in free)
+        changed = differing_fields(read_yaml_mapping(saved), yaml.safe_load(dump_config(self.cfg)), free)
         if changed:
             raise ValueError(
                 f"{self.run_dir} holds a run started with another config ({', '.join(changed)} differ); "
@@ -202,19 +201,31 @@ class Trainer:
             )
 
     def resume(self) -> bool:
-        """Restore the newest readable checkpoint of the run dir, if any."""
-        self.check_same_run()
-        got = self.checkpointer.restore_latest(abstract_like(self._train_state()))
+        """Restore the newest readable checkpoint of the run dir, if any (unreadable newer ones are
+        moved aside and reported; none readable: NothingRestorable unless `restart`)."""
+        had = self.checkpointer.steps()
+        try:
+            self.check_same_run()
+            got = self.checkpointer.restore_latest(abstract_like(self._train_state()), repair=True,
+                                                  restart=self.restart, log=self._log)
+        except BaseException:
+            self.checkpointer.close()  # the run stops here: finish Orbax's threads and its hooks
+            raise
         if got is None:
+            if had:
+                self._log(f"--restart: none of the {len(had)} checkpoints could be read; they are moved aside, "
+                          "training starts again from step 0")
             return False
         self.step, state, data_state = got
         self.trainable, self.opt_state = state["trainable"], state["opt_state"]
         self.train_iter.set_state(data_state)
         self._log(f"resumed from step {self.step} in {self.checkpointer.directory}")
+        if self.restart:
+            self._log("--restart was not needed: a readable checkpoint was resumed")
         return True
 
     def save(self, force: bool = False) -> None:
-        if self.step in self.checkpointer.manager.all_steps():
+        if self.step in self.checkpointer.steps():  # the final save of a step already saved on schedule
             return
         self.checkpointer.save(self.step, self._train_state(), self.train_iter.get_state(), force=force)
 
@@ -239,18 +250,28 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         self.resume()
+        primary = jax.process_index() == 0
+        previous = read_summary(self.run_dir)
+        if self.step >= t.steps and previous is not None:
+            self._log(f"the run finished at step {self.step} (train.steps={t.steps}): nothing to train, "
+                      f"{self.run_dir / SUMMARY} kept")
+            self.checkpointer.close()
+            return previous
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         preempt = _Preemption()
         writer = self._tensorboard()
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        summary: dict[str, Any] = {"start_step": self.step, "data": self.data_stats_dict()}
+        # a finished run without summary.json (stopped before writing it) evaluates its last step again
+        metrics = MetricsLog(self.run_dir, self.step, redo_eval=self.step >= t.steps, enabled=primary)
+        if metrics.dropped:
+            self._log(f"{metrics.path.name}: dropped {metrics.dropped} lines logged after step {self.step} "
+                      "(those steps are redone and logged again)")
+        session: dict[str, Any] = {"start_step": self.step, "data": self.data_stats_dict()}
         self._log(f"data: {self.data_stats.summary()}")
         if self.step == 0 and self.eval_batches:
-            summary["eval_before"] = self.evaluate()
-            self._record(metrics_file, writer, 0, summary["eval_before"])
+            self._record(metrics, writer, 0, self.evaluate())
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.quiet or jax.process_index() != 0,
                    dynamic_ncols=True)
-        tokens_seen, t0, losses = 0.0, time.perf_counter(), []
+        tokens_seen, t0 = 0.0, time.perf_counter()
         while self.step < t.steps:
             batch = _batch_dict(next(self.train_iter))
             if self.opts.kl_weight == 0:  # the text-path arrays only feed the KL teacher: fewer shapes
@@ -262,15 +283,14 @@ class Trainer:
             self.trainable, self.opt_state, m = self._step_fn(self.trainable, self.opt_state, self.frozen, dev)
             self.step += 1
             m = {k: float(v) for k, v in jax.device_get(m).items()}
-            losses.append(m["loss"])
             tokens_seen += float(batch["synth_len"].sum() + batch["branch_len"].sum() + batch["branch_prefix_len"].sum())
             tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
             m["tokens_per_s"] = tok_s
-            self._record(metrics_file, writer, self.step, m)
+            self._record(metrics, writer, self.step, m)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < t.steps:
-                self._record(metrics_file, writer, self.step, self.evaluate())
+                self._record(metrics, writer, self.step, self.evaluate())
             if self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if preempt.requested:
@@ -278,18 +298,21 @@ class Trainer:
                 self.save(force=True)
                 self.checkpointer.close()
                 bar.close()
-                metrics_file.close()
+                metrics.close()
                 sys.exit(143)
         bar.close()
         self.save(force=True)
-        summary["eval_after"] = self.evaluate()
-        self._record(metrics_file, writer, self.step, summary["eval_after"])
+        self._record(metrics, writer, self.step, self.evaluate())
         self.checkpointer.close()
-        metrics_file.close()
-        summary.update(final_step=self.step, last_losses=losses[-10:], train_tokens_per_s=tokens_seen / max(
-            time.perf_counter() - t0, 1e-9))
-        if jax.process_index() == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        records = metrics.records()
+        metrics.close()
+        if self.step > session["start_step"]:
+            session["train_tokens_per_s"] = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+        elif previous is not None and "train_tokens_per_s" in previous:
+            session["train_tokens_per_s"] = previous["train_tokens_per_s"]  # nothing trained now: keep the real figure
+        summary = summarize(records, self.step, **session)
+        if primary:
+            write_summary(self.run_dir, summary)
         return summary
 
     # ------------------------------------------------------------- logging
@@ -304,11 +327,10 @@ class Trainer:
 
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _record(self, f, writer, step: int, metrics: dict[str, float]) -> None:
+    def _record(self, log: MetricsLog, writer, step: int, metrics: dict[str, float]) -> None:
         if not metrics or jax.process_index() != 0:
             return
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-        f.flush()
+        log.append(step, metrics)
         if writer is not None and (step % self.cfg.log_every == 0 or any(k.startswith("eval") for k in metrics)):
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step)
