@@ -48,7 +48,7 @@ def test_generic_multiple_choice_with_field_names(tmp_path):
     assert all(e.family == "multiple_choice" for e in exs)
     assert exs[0].question == "Which planet is largest?\n\nA. Mars\nB. Jupiter\nC. Venus"
     assert score(exs[0], "It is Jupiter. \\boxed{B}") and not score(exs[0], "\\boxed{A}")
-    with pytest.raises(KeyError, match=r"mc: none of the columns \['nope'\]"):
+    with pytest.raises(ValueError, match=r"mine.jsonl:1: mc: none of the fields \['nope'\]"):
         load_task("mc", path=str(path), fields=TaskFields(question="prompt", choices="opts", answer="nope"))
 
 

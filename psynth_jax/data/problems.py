@@ -81,5 +81,5 @@ def parse_problem(row: dict[str, Any], index: int, label: str) -> Problem | None
         return _math(row, pid)
     raise ValueError(
         "the row is in neither the GSM8K schema (question, answer) nor the MATH schema (problem, solution); "
-        f"it has fields {sorted(row)}"
+        f"it has fields {sorted(k for k in row if not k.startswith('_'))}"
     )
