@@ -67,6 +67,29 @@ check_config() {
   [[ -f "$PSYNTH_ROOT/$CONFIG" ]] || die "CONFIG=$CONFIG not found under $PSYNTH_ROOT"
 }
 
+# preflight: before anything is provisioned, check CONFIG (+ OVERRIDES) against ACCELERATOR_TYPE
+# here, with `psynth plan`: the mesh must fit the slice's chip count (seconds), and the memory plan
+# must fit the chip (a compile on fake CPU devices, minutes for a 14B backbone; PLAN=0 skips it).
+# Runs in dry runs too: it changes nothing anywhere. LOCAL_PYTHON: the interpreter with psynth_jax
+# installed here (default .venv/bin/python when present, else python3).
+preflight() {
+  if [[ -z "${ACCELERATOR_TYPE:-}" ]]; then
+    log "ACCELERATOR_TYPE is not set: the config is not checked against the slice before launching"
+    return 0
+  fi
+  local py="${LOCAL_PYTHON:-}"
+  if [[ -z "$py" ]]; then
+    if [[ -x "$PSYNTH_ROOT/.venv/bin/python" ]]; then py="$PSYNTH_ROOT/.venv/bin/python"; else py=python3; fi
+  fi
+  local plan=("$py" -m psynth_jax.cli.main plan --config "$CONFIG" --accelerator "$ACCELERATOR_TYPE" "${OVERRIDES[@]}")
+  show_cmd "${plan[@]}" --mesh-only
+  (cd "$PSYNTH_ROOT" && "${plan[@]}" --mesh-only) || die "CONFIG=$CONFIG does not fit ACCELERATOR_TYPE=$ACCELERATOR_TYPE (above); nothing was provisioned"
+  if [[ "${PLAN:-1}" == 1 ]]; then
+    show_cmd "${plan[@]}"
+    (cd "$PSYNTH_ROOT" && "${plan[@]}") || die "the memory plan of CONFIG=$CONFIG does not fit ACCELERATOR_TYPE=$ACCELERATOR_TYPE (above); nothing was provisioned"
+  fi
+}
+
 # psynth_args COMMAND: argv of the psynth invocation (CONFIG, RUN_DIR, then OVERRIDES).
 # For train, RUN_DIR is where the run lives (checkpoint.dir); for eval, the trained run to load.
 psynth_args() {
@@ -109,6 +132,10 @@ tpu_main() {
   if is_queued; then DRY_STATE=""; else DRY_STATE=READY; fi  # dry run: simulated state
 
   if is_queued && [[ "$SUBCOMMAND" =~ ^(up|run|all)$ ]]; then tpu_accelerator; fi
+  if [[ "$SUBCOMMAND" =~ ^(up|run|all)$ && -n "${CONFIG:-}" ]]; then
+    check_config
+    preflight
+  fi
   if [[ "$SUBCOMMAND" =~ ^(run|all)$ ]]; then
     check_config
     if [[ "$PSYNTH_COMMAND" == train ]]; then
@@ -222,7 +249,7 @@ tpu_launch() {
   local args pidfile='~/psynth_run.pid'
   psynth_args "$PSYNTH_COMMAND"
   printf -v args ' %q' "${PSYNTH_ARGS[@]}"
-  tpu_ssh all "set -o pipefail; cd $REMOTE_DIR; if [ -f $pidfile ] && grep -q psynth /proc/\$(cat $pidfile)/cmdline 2>/dev/null; then kill \$(cat $pidfile); sleep 10; fi; (echo \$BASHPID > $pidfile; exec $REMOTE_VENV/bin/psynth$args) 2>&1 | tee -a $REMOTE_LOG" || return 1
+  tpu_ssh all "set -o pipefail; cd $REMOTE_DIR; if [ -f $pidfile ] && grep -q psynth /proc/\$(cat $pidfile)/cmdline 2>/dev/null; then kill \$(cat $pidfile); sleep 10; fi; (echo \$BASHPID > $pidfile; exec $REMOTE_VENV/bin/psynth$args) 2>&1 | tee -a $REMOTE_LOG" || return $?
   if is_dry_run && (( ${DRY_RUN_FAILURES:-0} > 0 )); then
     DRY_RUN_FAILURES=$((DRY_RUN_FAILURES - 1))
     if is_queued; then DRY_STATE=SUSPENDED; else DRY_STATE=PREEMPTED; fi
@@ -236,6 +263,8 @@ tpu_launch() {
 tpu_run_with_restarts() {
   local restarts=0 state
   until tpu_launch; do
+    # exit 2: psynth refused its input (config, flags, data); relaunching would fail the same way
+    (($? != 2)) || die "psynth $PSYNTH_COMMAND refused its input (exit 2, see the log): fix it; not relaunching"
     restarts=$((restarts + 1))
     ((restarts <= MAX_RESTARTS)) || die "psynth $PSYNTH_COMMAND failed; gave up after MAX_RESTARTS=$MAX_RESTARTS restarts"
     state="$(tpu_state)"

@@ -72,9 +72,10 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_tokenizer(directory: Path, vocab_size: int = COMMON["vocab_size"]) -> None:
+def save_tiny_tokenizer(directory: Path, vocab_size: int = COMMON["vocab_size"], eos_token: str | None = None) -> None:
     """A word-level tokenizer over `vocab_size` ids (specials and role words 0..5, then words
-    "w6".."wN") with a ChatML-like template, saved next to a tiny checkpoint so `load_model(dir)` finds it."""
+    "w6".."wN") with a ChatML-like template, saved next to a tiny checkpoint so `load_model(dir)` finds it.
+    eos_token: the token string that is eos (default "<|im_end|>")."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(TINY_SPECIALS)}
@@ -82,7 +83,7 @@ def save_tiny_tokenizer(directory: Path, vocab_size: int = COMMON["vocab_size"])
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>",
+        tokenizer_object=backend, eos_token=eos_token or "<|im_end|>", bos_token="<|im_start|>",
         unk_token="<|endoftext|>", pad_token="<|endoftext|>",
     )
     tok.chat_template = TINY_CHAT_TEMPLATE

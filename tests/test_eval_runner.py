@@ -275,3 +275,48 @@ def test_retime_refuses_unknown_tasks_and_unfinished_runs(tiny_model, tmp_path):
 def _records(run_dir: Path) -> dict:
     """The current record per key (a later line supersedes an earlier one)."""
     return {(r["task"], r["id"], r["mode"]): r for r in JsonlLog(run_dir / RECORDS).rows}
+
+
+def test_kl_pass_measures_each_cache_mode_on_the_text_answer(tiny_model, reference, tmp_path, monkeypatch):
+    """`--kl`: every cache mode's record gains KL(text || mode) >= 0, answers untouched, no
+    decoding; the value is the mean over the answer's tokens (checked against a longer sequence:
+    causal logits at the answer's positions cannot see what follows); a rerun measures nothing."""
+    import shutil
+
+    import numpy as np
+
+    out = tmp_path / "run"
+    shutil.copytree(reference.run_dir, out)
+    before = _records(out)
+    calls = Counter(monkeypatch)
+    outcome = runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True, kl=[])
+    assert calls.requests("run_workers", "single_agent", "text_path", "cache_path") == 0
+    assert outcome.computed == {"kl_measured": 2 * 2 * len(CACHE_MODES)}
+    after = _records(out)
+    for key, new in after.items():
+        assert (new["text"], new["correct"]) == (before[key]["text"], before[key]["correct"])
+        assert (new["kl_from_text"] is not None) == (key[2] in CACHE_MODES), key
+        assert new["kl_from_text"] is None or new["kl_from_text"] >= -1e-6
+    kl = outcome.results["kl_from_text"]
+    assert set(kl["all"]) == set(CACHE_MODES) and kl["all"]["psynth"]["n"] == 4
+    assert "Teacher-forced KL(text || mode)" in (out / "results.md").read_text()
+    # the positions: the same KL from an answer followed by extra tokens, scored on the answer only
+    runner = runner_mod.EvalRunner(make_config(out), model=tiny_model, quiet=True)
+    runner._ensure_synth()
+    ex = runner.examples["marble_db"][0]
+    runner.synth.family = ex.family
+    answer = runner.synth.tok.encode(after[("marble_db", ex.id, "text")]["text"], add_special_tokens=False)
+    texts = [runner._branch_set(ex).texts[j] for j in runner._branch_set(ex).usable()]
+    branches = runner._branch_caches([ex])
+    (got,) = runner.synth.teacher_forced_kl([ex.question], branches, [texts], [answer], lora=False)
+    assert got == pytest.approx(after[("marble_db", ex.id, "naive_cache")]["kl_from_text"], abs=1e-5)
+    # the first answer token is predicted at each prompt's last position: the logits the paths sample
+    # their first token from (an independent reading of the alignment)
+    runner.synth.set_mapper(runner.identity_mapper)
+    (first,) = runner.synth.teacher_forced_kl([ex.question], branches, [texts], [answer[:1]], lora=False)
+    t = runner.synth.text_path([ex.question], [texts], max_new_tokens=1).first_logits[0]
+    c = runner.synth.cache_path([ex.question], branches, max_new_tokens=1, lora=False).first_logits[0]
+    lt, lc = t - np.logaddexp.reduce(t), c - np.logaddexp.reduce(c)
+    assert first == pytest.approx(float(np.sum(np.exp(lt) * (lt - lc))), abs=1e-5)
+    again = runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True, kl=[])
+    assert again.computed == {}

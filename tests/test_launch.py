@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,9 @@ OVERRIDES = ["train.lr=3e-4", "data.train[0].limit=10"]
 
 def run_script(name: str, env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run launch/<name> in a dry run; return the process and the argv of every echoed command."""
-    full_env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "POLL_SECONDS": "0", **env}
+    # the preflight's `psynth plan` runs here with this interpreter; PLAN=0: its mesh check only
+    full_env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "POLL_SECONDS": "0", "LOCAL_PYTHON": sys.executable,
+                "PLAN": "0", **env}
     proc = subprocess.run(
         ["bash", str(LAUNCH / name), *args], env=full_env, capture_output=True, text=True, timeout=30, cwd="/"
     )
@@ -160,10 +163,11 @@ def test_logs_subcommand_follows_worker_log():
 
 def test_eval_tpu_runs_psynth_eval():
     env = {k: v for k, v in TPU_ENV.items() if k != "RUN_DIR"}  # optional for eval
-    proc, commands = run_script("eval_tpu.sh", env, "all", "--", "eval.x=1")
+    env["CONFIG"] = "configs/eval_smollm2_cpu.yaml"
+    proc, commands = run_script("eval_tpu.sh", env, "all", "--", "num_workers=2")
     assert proc.returncode == 0, proc.stderr
     run = shell_words(ssh_commands(commands)[-1])
-    assert_contains_run(run, ["eval", "--config", "configs/qwen3_14b_tpu_v5p.yaml", "eval.x=1"])
+    assert_contains_run(run, ["eval", "--config", "configs/eval_smollm2_cpu.yaml", "num_workers=2"])
 
 
 def test_eval_tpu_passes_the_trained_run_as_adapter():
@@ -251,3 +255,16 @@ def test_bench_gpu_runs_every_issue7_step_with_flags_psynth_accepts():
     assert proc.returncode == 0 and [c[2] for c in commands] == ["decode", "train"]
     proc, commands = run_script("bench_gpu.sh", {}, "ttft")
     assert proc.returncode != 0 and "unknown step 'ttft'" in proc.stderr and not commands
+
+
+def test_a_config_the_slice_cannot_hold_stops_before_anything_is_provisioned():
+    """A 64-chip mesh (fsdp=16 x tensor=4) on a 16-chip slice fails the preflight: no gcloud command."""
+    env = {**TPU_ENV, "ACCELERATOR_TYPE": "v5litepod-16", "CONFIG": "configs/qwen3_14b_tpu_v5e.yaml"}
+    proc, commands = run_script("train_tpu.sh", env)
+    assert proc.returncode != 0
+    assert "does not divide 16 devices" in proc.stderr and "nothing was provisioned" in proc.stderr
+    assert find(commands, "gcloud") == []
+    assert find(commands, sys.executable, "-m", "psynth_jax.cli.main", "plan")  # the check that stopped it
+    ok, commands = run_script("train_tpu.sh", {**env, "ACCELERATOR_TYPE": "v5litepod-64"})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "fits 64 x TPU v5e" in ok.stdout + ok.stderr

@@ -40,6 +40,7 @@ data:
   max_cache_tokens: 512
 train: {{steps: {steps}, lr: 1.0e-2, compute_dtype: float32}}
 checkpoint: {{dir: {os.path.relpath(tmp / 'run', REPO)}, every_steps: {every}, async_save: true}}
+log_every: 1
 tensorboard: false
 """
     path = tmp / "cfg.yaml"

@@ -251,18 +251,29 @@ def child_main(request_json: str) -> None:
 
 
 # ------------------------------------------------------------------------------- the parent
-def run_plan(req: PlanRequest, timeout_s: int = 3000) -> dict[str, Any]:
-    """Spawn the compile child with the mesh's fake CPU devices; return its plan plus the verdict."""
-    from psynth_jax.config import MeshConfig, load_config, resolve_mesh_shape
+def mesh_fits(req: PlanRequest) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) of the config's mesh on the target; ValueError naming both otherwise.
+
+    Training spans every chip of the slice; an eval runs its mesh on each host's own chips (the
+    hosts split the examples), so an eval mesh is checked against one host's.
+    """
+    from psynth_jax.config import load_config, resolve_mesh_shape
     from psynth_jax.config.eval_schema import load_eval_config
 
     cfg = load_eval_config(req.config, req.overrides) if req.kind == "eval" else load_config(req.config, req.overrides)
-    mesh: MeshConfig = cfg.mesh
+    chips = req.accelerator.chips_per_host if req.kind == "eval" else req.accelerator.chips
     try:
-        data, fsdp, tensor = resolve_mesh_shape(mesh, req.accelerator.chips)
+        return resolve_mesh_shape(cfg.mesh, chips)
     except ValueError as err:
-        raise ValueError(f"{req.config}: the mesh does not fit {req.accelerator}: {err}") from None
-    payload = dict(dataclasses.asdict(req), chips=req.accelerator.chips, overrides=list(req.overrides))
+        where = f"one host ({chips} chips) of {req.accelerator}" if req.kind == "eval" else str(req.accelerator)
+        raise ValueError(f"{req.config}: the mesh does not fit {where}: {err}") from None
+
+
+def run_plan(req: PlanRequest, timeout_s: int = 3000) -> dict[str, Any]:
+    """Spawn the compile child with the mesh's fake CPU devices; return its plan plus the verdict."""
+    data, fsdp, tensor = mesh_fits(req)
+    chips = req.accelerator.chips_per_host if req.kind == "eval" else req.accelerator.chips
+    payload = dict(dataclasses.asdict(req), chips=chips, overrides=list(req.overrides))
     payload.pop("accelerator")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(fsdp * tensor))
     env.pop("XLA_FLAGS", None)

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retime", nargs="?", const="", default=None, metavar="TASKS",
                    help="do not answer: measure the TTFT of the recorded, timed answers again on this machine, "
                         "for these comma-separated tasks (none given: every task); the report is rewritten")
+    p.add_argument("--kl", nargs="?", const="", default=None, metavar="TASKS",
+                   help="do not answer: measure, for the recorded answers, each cache mode's teacher-forced "
+                        "KL(text || cache) on the text path's answer (none given: every task); the report is rewritten")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,14 +35,22 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.config.eval_schema import load_eval_config
 
     cfg = load_eval_config(args.config, args.overrides)  # every config problem, before data or model
+    from psynth_jax.inference import hosts
+
+    hosts.initialize()  # a pod's processes join here, before any JAX computation
     check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
     from psynth_jax.eval.report import RESULTS_MD
     from psynth_jax.eval.runner import run_eval
     from psynth_jax.formats.run_lock import run_dir_session
 
     retime = None if args.retime is None else [t for t in args.retime.split(",") if t]
-    with run_dir_session(cfg.out_dir, "psynth eval", "out_dir", disposable=OUT_DIR_DISPOSABLE):
-        outcome = run_eval(cfg, quiet=args.quiet, retime=retime)
+    kl = None if args.kl is None else [t for t in args.kl.split(",") if t]
+    if retime is not None and kl is not None:
+        raise ValueError("--retime and --kl: one at a time")
+    with run_dir_session(cfg.out_dir, "psynth eval", "out_dir", primary=hosts.is_main(), disposable=OUT_DIR_DISPOSABLE):
+        outcome = run_eval(cfg, quiet=args.quiet, retime=retime, kl=kl)
+    if not hosts.is_main():  # process 0 merged the answers and wrote the report
+        return 0
     print((outcome.run_dir / RESULTS_MD).read_text())
     print(f"wrote {outcome.run_dir}/ (results.json, results.md, plots)", file=sys.stderr)
     return 0

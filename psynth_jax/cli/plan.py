@@ -23,10 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-tokens", type=int, default=4096, help="eval: tokens per branch")
     p.add_argument("--prompt-tokens", type=int, default=256, help="eval: synthesizer prompt tokens")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON here")
+    p.add_argument("--mesh-only", action="store_true",
+                   help="only check that the config's mesh fits the slice's chips (no compile: seconds)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from psynth_jax.bench.memory_plan import PlanRequest, config_kind, format_plan, run_plan
+    from psynth_jax.bench.memory_plan import PlanRequest, config_kind, format_plan, mesh_fits, run_plan
     from psynth_jax.config.accelerators import parse_accelerator
 
     if not Path(args.config).is_file():
@@ -37,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     req = PlanRequest(config=args.config, overrides=tuple(args.overrides), accelerator=parse_accelerator(args.accelerator),
                       kind=config_kind(args.config), branches=args.branches, branch_tokens=args.branch_tokens,
                       prompt_tokens=args.prompt_tokens)
+    if args.mesh_only:
+        data, fsdp, tensor = mesh_fits(req)
+        print(f"mesh data={data} fsdp={fsdp} tensor={tensor} fits {req.accelerator}")
+        return 0
     print(f"[psynth plan] compiling on fake CPU devices shaped like {req.accelerator} ...", file=sys.stderr, flush=True)
     plan = run_plan(req)
     print(format_plan(plan))

@@ -29,14 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails on a bad config before any compute
-    check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
-
     import jax
 
     from psynth_jax.formats.run_lock import run_dir_session
-    from psynth_jax.train.trainer import Trainer, maybe_initialize_distributed
+    from psynth_jax.inference import hosts
+    from psynth_jax.train.trainer import Trainer
 
-    maybe_initialize_distributed()
+    hosts.initialize()  # a pod's processes join here, before any JAX computation
+    check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
     with run_dir_session(cfg.checkpoint.dir, "psynth train", "checkpoint.dir", primary=jax.process_index() == 0,
                          disposable=RUN_DIR_DISPOSABLE):
         summary = Trainer(cfg, quiet=args.quiet, restart=args.restart).train()

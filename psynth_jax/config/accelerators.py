@@ -48,6 +48,16 @@ class Accelerator:
     chip: Chip
     chips: int
 
+    @property
+    def chips_per_host(self) -> int:
+        """Chips one host (one JAX process) drives: a single-host slice or node all of them; a
+        multi-host Cloud TPU slice 4 per host; a GPU node all of its GPUs."""
+        if self.chip.name.startswith("v") and self.chips > 8:
+            return 4
+        if self.chip.name in ("v4", "v5p") and self.chips > 4:
+            return 4
+        return self.chips
+
     def __str__(self) -> str:
         return f"{self.chips} x {self.chip.description}"
 

@@ -24,6 +24,8 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import jax
+
 from psynth_jax.data.build import example_rng
 from psynth_jax.data.examples import Branch, SynthesisExample, read_examples, to_json_line
 from psynth_jax.data.problems import Problem
@@ -132,14 +134,20 @@ def distill_batches(
     max_new_tokens: int,
     seed: int,
     worker_sampling: SamplingConfig | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> Iterator[list[SynthesisExample]]:
-    """Yield the examples of each batch as soon as it is done (batches: `plan_batches`)."""
+    """Yield the examples of each batch as soon as it is done (batches: `plan_batches`).
+
+    share: (index, count): only every count-th planned batch from `index` (one process's share of
+    a multi-process run; the plan is the same on every process, so the shares are disjoint).
+    """
     from psynth_jax.inference.sampling import SamplingConfig
 
     if batch_size < 1 or min([k] if isinstance(k, int) else k, default=0) < 1:
         raise ValueError(f"need k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")
     sampling = worker_sampling or SamplingConfig(temperature=WORKER_TEMPERATURE, top_p=WORKER_TOP_P)
-    for kk, batch in plan_batches(items, k, batch_size, seed):
+    index, count = share
+    for kk, batch in plan_batches(items, k, batch_size, seed)[index::count]:
         s = batch_seed(seed, batch)
         synth.family = batch[0].family  # the family's prompt templates, for workers and the text path
         if batch[0].given:
@@ -159,7 +167,46 @@ def distill_batches(
         ]
 
 
-def done_ids(path: Path) -> set[str]:
+def part_path(path: Path, index: int) -> Path:
+    """Process `index`'s own file beside `path` in a multi-process run: x.jsonl -> x.p<index>.jsonl."""
+    return path.with_name(f"{path.stem}.p{index}{path.suffix}")
+
+
+def _parts(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.p*{path.suffix}"))
+
+
+def merge_parts(path: Path) -> None:
+    """Fold every process's part file into `path` (each id once, `path`'s own lines first), then
+    remove the parts; written to a temporary file and renamed, so an interruption loses nothing."""
+    parts = _parts(path)
+    if not parts:
+        return
+    seen, lines = set(), []
+    for source in [path, *parts]:
+        if not source.is_file():
+            continue
+        for line in source.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                eid = json.loads(line)["id"]
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn last line of an interrupted process: redone by the next run
+            if eid not in seen:
+                seen.add(eid)
+                lines.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.merging")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    for part in parts:
+        part.unlink()
+
+
+def known_ids(path: Path) -> set[str]:
+    """Ids in `path` and in every process's part file beside it (read only: nothing repaired)."""
+    return {i for f in [path, *_parts(path)] if f.is_file() for i in done_ids(f, repair=False)}
+
+
+def done_ids(path: Path, repair: bool = True) -> set[str]:
     """Ids already written to a jsonl output. A torn last line (the run was killed mid-write) is
     cut off; a torn line anywhere else is an error."""
     if not path.exists():
@@ -175,7 +222,7 @@ def done_ids(path: Path) -> set[str]:
             print(f"[psynth] dropping an incomplete last line of {path}", file=sys.stderr)
             break
         good.append(line if line.endswith("\n") else line + "\n")
-    if good != lines:
+    if good != lines and repair:
         path.write_text("".join(good), encoding="utf-8")
     return ids
 
@@ -193,22 +240,40 @@ def distill_to_jsonl(
     worker_sampling: SamplingConfig | None = None,
 ) -> int:
     """Append the distillation examples of `items` not yet in `path` (resumable: each batch is
-    flushed as it completes, finished ids are skipped on restart). Returns how many were added."""
+    flushed as it completes, finished ids are skipped on restart). Returns how many this process added.
+
+    Several processes (a pod): each generates its share of the batches into its own part file
+    (`part_path`), then process 0 merges them into `path` (`merge_parts`) once all are done, so
+    every example is built exactly once; a relaunch reads `path` and every part.
+    """
     from tqdm import tqdm
 
-    done = done_ids(path)
+    from psynth_jax.inference import hosts
+
+    index, count = jax.process_index(), jax.process_count()
+    own = path if count == 1 else part_path(path, index)
+    done = done_ids(own) | {i for other in [path, *_parts(path)] if other != own and other.is_file()
+                            for i in done_ids(other, repair=False)}
     pending = [item for item in items if f"distillation/{item.id}" not in done]
-    if not pending:
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batches = distill_batches(pending, synth, k=k, batch_size=batch_size, worker_tokens=worker_tokens,
-                              max_new_tokens=max_new_tokens, seed=seed, worker_sampling=worker_sampling)
-    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(pending), desc="distill", unit="ex") as bar:
-        for examples in batches:
-            f.writelines(to_json_line(e) for e in examples)
-            f.flush()
-            bar.update(len(examples))
-    return len(pending)
+    added = 0
+    if pending:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        batches = distill_batches(pending, synth, k=k, batch_size=batch_size, worker_tokens=worker_tokens,
+                                  max_new_tokens=max_new_tokens, seed=seed, worker_sampling=worker_sampling,
+                                  share=(index, count))
+        with open(own, "a", encoding="utf-8") as f, tqdm(total=len(pending), desc="distill", unit="ex",
+                                                          disable=not hosts.is_main()) as bar:
+            for examples in batches:
+                f.writelines(to_json_line(e) for e in examples)
+                f.flush()
+                added += len(examples)
+                bar.update(len(examples) * count)
+    if count > 1:
+        hosts.barrier("psynth_distill_generated")
+        if hosts.is_main():
+            merge_parts(path)
+        hosts.barrier("psynth_distill_merged")
+    return added
 
 
 def run_cache_path(run_dir: Path, src: DataSourceConfig, d: DataConfig, model_source: str) -> Path:

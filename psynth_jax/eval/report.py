@@ -61,8 +61,23 @@ def build_results(
         "complete": len(records) == sum(n_examples.values()) * len(cfg.modes),
         **summarize(records, list(examples), list(cfg.modes)),
         "f1": f1_by_mode(examples, records, list(cfg.modes)),
+        "kl_from_text": kl_by_mode(examples, records, list(cfg.modes)),
         "session": session,
     }
+
+
+def kl_by_mode(examples: dict[str, list[EvalExample]], records: Sequence[ModeRecord], modes: Sequence[str]
+               ) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Mean teacher-forced KL(text || mode) per task (and "all") and cache mode, over the examples
+    measured (`psynth eval --kl`), with their count; {} when none was measured."""
+    measured = [r for r in records if r.kl_from_text is not None and r.mode in modes]
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
+    for task in [*examples, "all"]:
+        for mode in modes:
+            vals = [r.kl_from_text for r in measured if r.mode == mode and (task == "all" or r.task == task)]
+            if vals:
+                out.setdefault(task, {})[mode] = {"mean": sum(vals) / len(vals), "n": len(vals)}
+    return out
 
 
 def f1_by_mode(examples: dict[str, list[EvalExample]], records: Sequence[ModeRecord], modes: Sequence[str]
@@ -91,6 +106,10 @@ def write_report(run_dir: Path, results: dict[str, Any], records: Sequence[ModeR
     if plots.ttft_plot(records, run_dir / TTFT_PNG):
         made.append(TTFT_PNG)
     (run_dir / RESULTS_MD).write_text(render_markdown(results, made))
+
+
+def _kl(results: dict[str, Any], task: str) -> str:
+    return ", ".join(f"{m} {v['mean']:.3f} (n={v['n']})" for m, v in results["kl_from_text"][task].items())
 
 
 def _pct(x: float | None) -> str:
@@ -154,8 +173,12 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         if task in results.get("f1", {}):
             f1s = ", ".join(f"{m} {_pct(v)}" for m, v in results["f1"][task].items())
             out += ["", f"Accuracy above is exact match; mean token F1 % of the same answers: {f1s}."]
+        if task in results.get("kl_from_text", {}):
+            out += ["", f"Teacher-forced KL(text || mode) per token on the text path's answer: {_kl(results, task)}."]
     if len(results["tasks"]) > 1:
         out += ["", "## all datasets (pooled)", "", *_table(results["overall"], untrained)]
+        if "all" in results.get("kl_from_text", {}):
+            out += ["", f"Teacher-forced KL(text || mode), pooled: {_kl(results, 'all')}."]
     if plots:
         out += ["", "## plots", "", *(f"![{Path(p).stem}]({p})" for p in plots)]
     s = results["session"]

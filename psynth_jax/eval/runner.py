@@ -96,7 +96,12 @@ class EvalRunner:
         self.cfg = cfg
         self.quiet = quiet
         self.examples = load_examples(cfg)
-        self.store = RunStore(cfg.out_dir, fingerprint(cfg), dump_eval_config(cfg))
+        import jax
+
+        # several processes (a pod): each answers every P-th chunk into its own part files (store.py)
+        self.process, self.processes = jax.process_index(), jax.process_count()
+        self.store = RunStore(cfg.out_dir, fingerprint(cfg), dump_eval_config(cfg),
+                              part=self.process if self.processes > 1 else None)
         self._model = model
         self.synth: Any = None  # ParallelSynthesis, built on first need
         self.trained_mapper: Any = None  # the adapter's mapper (the identity one without an adapter)
@@ -109,14 +114,31 @@ class EvalRunner:
 
     # ------------------------------------------------------------------------------ driver
     def run(self) -> EvalOutcome:
+        """Answer every configured (task, example, mode) not yet recorded; write the report.
+
+        With several processes each takes every P-th chunk (chunks are fixed by the config, so
+        the shares are disjoint and together every chunk), on its own devices; process 0 merges
+        the part files and writes the report once all are done.
+        """
+        from psynth_jax.inference import hosts
+
         t0 = time.perf_counter()
-        wanted = self._wanted()
+        chunks = [(task, chunk) for task, exs in self.examples.items()
+                  for chunk in make_chunks(exs, self.cfg.batch_size, self.cfg.num_workers)]
+        mine = hosts.process_share(chunks, self.process, self.processes)
+        wanted = [(task, ex.id, m) for task, chunk in mine for ex in chunk for m in self.cfg.modes]
         done = sum(key in self.store.records for key in wanted)
-        with tqdm(total=len(wanted), initial=done, desc="eval", unit="answer", disable=self.quiet,
+        with tqdm(total=len(wanted), initial=done, desc="eval", unit="answer", disable=self.quiet or self.process != 0,
                   file=sys.stderr, dynamic_ncols=True) as bar:
-            for task, exs in self.examples.items():
-                for chunk in make_chunks(exs, self.cfg.batch_size, self.cfg.num_workers):
-                    self._run_chunk(task, chunk, bar)
+            for task, chunk in mine:
+                self._run_chunk(task, chunk, bar)
+        if self.processes > 1:
+            hosts.barrier("psynth_eval_answered")
+            if self.process == 0:
+                self.store.merge_parts()
+                self.store = RunStore(self.cfg.out_dir, fingerprint(self.cfg), dump_eval_config(self.cfg))
+            else:
+                return EvalOutcome(self.store.dir, {}, dict(self.computed))
         return self._report(t0)
 
     def retime(self, tasks: Sequence[str] | None = None) -> EvalOutcome:
@@ -128,6 +150,8 @@ class EvalRunner:
         timing is appended as a record superseding the old one (records.jsonl keeps both lines;
         the later one counts), so an interruption loses nothing: a rerun times what is left.
         """
+        if self.processes > 1:
+            raise ValueError("--retime measures one device's latency: run it as a single process")
         t0 = time.perf_counter()
         names = list(self.examples) if not tasks else list(tasks)
         unknown = [t for t in names if t not in self.examples]
@@ -154,6 +178,51 @@ class EvalRunner:
                                                                     device=self.device)])
                         self.computed["retimed"] += 1
                     bar.update(1)
+        self._caches.clear()
+        return self._report(t0)
+
+    def measure_kl(self, tasks: Sequence[str] | None = None) -> EvalOutcome:
+        """For every answered example: the teacher-forced KL(text || cache mode) of each cache mode,
+        on the text path's own answer (`ParallelSynthesis.teacher_forced_kl`); answers untouched.
+
+        Each measured record is appended again with `kl_from_text` set (superseding the old line),
+        so an interruption loses nothing; a rerun measures what is left. Needs the text mode's record.
+        """
+        if self.processes > 1:
+            raise ValueError("--kl: run it as a single process")
+        t0 = time.perf_counter()
+        names = list(self.examples) if not tasks else list(tasks)
+        unknown = [t for t in names if t not in self.examples]
+        if unknown:
+            raise ValueError(f"cannot measure the KL of {unknown}: not among this config's tasks {list(self.examples)}")
+        if "text" not in self.cfg.modes:
+            raise ValueError("--kl compares each cache mode with the text path: `modes` must include text")
+        cache_modes = [m for m in self.cfg.modes if MODE_SPECS[m].path == "cache"]
+        todo = [(t, ex) for t in names for ex in self.examples[t]
+                if (t, ex.id, "text") in self.store.records and self.store.records[(t, ex.id, "text")].error is None
+                and any((t, ex.id, m) in self.store.records and self.store.records[(t, ex.id, m)].error is None
+                        and self.store.records[(t, ex.id, m)].kl_from_text is None for m in cache_modes)]
+        with tqdm(total=len(todo), desc="kl", unit="example", disable=self.quiet, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for task, ex in todo:
+                self._ensure_synth()
+                self.synth.family = ex.family
+                self._caches.clear()
+                answer = self.synth.tok.encode(self.store.records[(task, ex.id, "text")].text, add_special_tokens=False)
+                texts = [self._branch_set(ex).texts[j] for j in self._branch_set(ex).usable()]
+                done = []
+                for mode in cache_modes:
+                    old = self.store.records.get((task, ex.id, mode))
+                    if old is None or old.error is not None or old.kl_from_text is not None:
+                        continue
+                    spec = MODE_SPECS[mode]
+                    self.synth.set_mapper(self.trained_mapper if spec.trained_mapper else self.identity_mapper)
+                    (kl,) = self.synth.teacher_forced_kl([ex.question], self._branch_caches([ex]), [texts], [answer],
+                                                         lora=spec.lora)
+                    done.append(dataclasses.replace(old, kl_from_text=kl))
+                self.store.add_records(done)
+                self.computed["kl_measured"] += len(done)
+                bar.update(1)
         self._caches.clear()
         return self._report(t0)
 
@@ -222,7 +291,7 @@ class EvalRunner:
             mapper_trained = lora_trained = False
         self.trained_mapper = synth.mapper
         self.identity_mapper = make_mapper("affine_length", model.cfg.num_kv_heads)  # last layer 0: identity
-        self.store.save_weights({
+        weights = {
             "adapter": self.cfg.adapter,
             "description": description,
             "handoff": synth.handoff.as_dict(),
@@ -232,7 +301,9 @@ class EvalRunner:
             "model": {"source": m.source if self._model is None else Path(model.source).name,
                       "checkpoint": Path(model.source).name, "family": model.cfg.family,
                       "num_layers": model.cfg.num_layers, "dtype": model.dtype_name, "attn_impl": m.attn_impl},
-        })
+        }
+        if self.process == 0:
+            self.store.save_weights(weights)
         import jax
 
         kind, backend = jax.devices()[0].device_kind, jax.default_backend()
@@ -240,15 +311,18 @@ class EvalRunner:
         self.synth = synth
 
     def _mesh(self) -> tuple[Any, Any]:
-        """(mesh, sharding rules) of the eval config: requests data-parallel, the model split over
-        fsdp x tensor; a given model keeps the mesh it was loaded on."""
+        """(mesh, sharding rules) of the eval config over this process's devices: requests split
+        over data, the model over fsdp x tensor; a given model keeps the mesh it was loaded on."""
         from psynth_jax.model.sharding import Rules, mesh_of
+
+        import jax
 
         rules = Rules((r.name, r.axes) for r in self.cfg.mesh.rules)
         if self._model is not None and self._model.mesh is not None:
             return self._model.mesh, self._model.rules
         m = self.cfg.mesh
-        return mesh_of((m.data, m.fsdp, m.tensor)), rules
+        # each process's own devices: processes split the chunks, not the model
+        return mesh_of((m.data, m.fsdp, m.tensor), jax.local_devices()), rules
 
     # ------------------------------------------------------------------------ worker stage
     def _ensure_branches(self, task: str, chunk: list[EvalExample]) -> None:
@@ -382,11 +456,16 @@ class EvalRunner:
 
 
 def run_eval(cfg: EvalConfig, *, model: Any = None, quiet: bool = False,
-             retime: Sequence[str] | None = None) -> EvalOutcome:
+             retime: Sequence[str] | None = None, kl: Sequence[str] | None = None) -> EvalOutcome:
     """Run (or resume) the evaluation `cfg` describes; write results.json / results.md / plots.
 
     retime: instead, measure the TTFT of these tasks' recorded answers again (`EvalRunner.retime`;
-    an empty list: every task).
+    an empty list: every task). kl: instead, measure the teacher-forced KL(text || cache mode) of
+    these tasks' answers (`EvalRunner.measure_kl`; an empty list: every task).
     """
     runner = EvalRunner(cfg, model=model, quiet=quiet)
-    return runner.run() if retime is None else runner.retime(retime)
+    if retime is not None:
+        return runner.retime(retime)
+    if kl is not None:
+        return runner.measure_kl(kl)
+    return runner.run()

@@ -77,6 +77,9 @@ class ModeRecord:
     breakdown: dict[str, float]
     device: str
     error: str | None = None
+    # cache modes: mean per-token KL(text path || this mode) teacher-forced on the text path's answer
+    # (`psynth eval --kl`); None: not measured
+    kl_from_text: float | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -95,10 +98,15 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlLog:
-    """An append-only JSON-lines file whose torn last line (an interrupted write) is repaired on open."""
+    """An append-only JSON-lines file whose torn last line (an interrupted write) is repaired on open.
 
-    def __init__(self, path: Path):
+    repair=False reads another process's file: a torn last line is skipped, not cut off (that
+    process may be writing it).
+    """
+
+    def __init__(self, path: Path, repair: bool = True):
         self.path = path
+        self.repair = repair
         self.rows: list[dict[str, Any]] = list(self._read_and_repair())
 
     def _read_and_repair(self) -> Iterator[dict[str, Any]]:
@@ -111,7 +119,7 @@ class JsonlLog:
                 yield json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{self.path}:{number}: corrupt line ({err}); remove it to resume") from None
-        if len(complete) < len(data):
+        if len(complete) < len(data) and self.repair:
             with self.path.open("r+b") as f:
                 f.truncate(len(complete))
 
@@ -124,20 +132,69 @@ class JsonlLog:
         self.rows.extend(rows)
 
 
-class RunStore:
-    """The branches and records of one run directory, keyed for resuming."""
+def part_name(name: str, part: int | None) -> str:
+    """records.jsonl -> records.p<part>.jsonl (None: the file itself)."""
+    if part is None:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.p{part}{dot}{suffix}"
 
-    def __init__(self, out_dir: str | Path, meta: dict[str, Any], config_yaml: str):
+
+class RunStore:
+    """The branches and records of one run directory, keyed for resuming.
+
+    part: in a multi-process eval, process i appends to its own branches.p<i>.jsonl and
+    records.p<i>.jsonl (no two processes write one file); every process reads them all, so a
+    resumed run skips what any process finished, and `merge_parts` (process 0, once every
+    process is done) folds them into branches.jsonl / records.jsonl, each key once.
+    """
+
+    def __init__(self, out_dir: str | Path, meta: dict[str, Any], config_yaml: str, part: int | None = None):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._check_meta(meta)
-        (self.dir / CONFIG).write_text(config_yaml)
-        self._branches = JsonlLog(self.dir / BRANCHES)
-        self._records = JsonlLog(self.dir / RECORDS)
-        self.branches = {(r["task"], r["id"]): BranchSet(**r) for r in self._branches.rows}
-        self.records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in self._records.rows}
+        self.part = part
+        self._check_meta(meta, write=part in (None, 0))
+        if part in (None, 0):
+            (self.dir / CONFIG).write_text(config_yaml)
+        self._branches = JsonlLog(self.dir / part_name(BRANCHES, part))
+        self._records = JsonlLog(self.dir / part_name(RECORDS, part))
+        self.branches = {(r["task"], r["id"]): BranchSet(**r) for r in self._rows(BRANCHES)}
+        self.records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in self._rows(RECORDS)}
 
-    def _check_meta(self, meta: dict[str, Any]) -> None:
+    def _files(self, name: str) -> list[Path]:
+        """The merged file, then every process's part, in order (later lines supersede earlier)."""
+        stem, _, suffix = name.partition(".")
+        parts = sorted(self.dir.glob(f"{stem}.p*.{suffix}"), key=lambda p: int(p.name.split(".")[1][1:]))
+        return [p for p in [self.dir / name, *parts] if p.is_file()]
+
+    def _rows(self, name: str) -> list[dict[str, Any]]:
+        own = self._branches if name == BRANCHES else self._records
+        return [r for path in self._files(name)
+                for r in (own.rows if path == own.path else JsonlLog(path, repair=False).rows)]
+
+    def merge_parts(self) -> None:
+        """Fold every process's part files into branches.jsonl / records.jsonl (each key once, the
+        latest line winning), written to a temporary file and renamed, then remove the parts."""
+        for name, key in ((BRANCHES, ("task", "id")), (RECORDS, ("task", "id", "mode"))):
+            files = self._files(name)
+            if len(files) <= 1 and (not files or files[0].name == name):
+                continue
+            merged: dict[tuple, dict[str, Any]] = {}
+            for path in files:
+                for row in JsonlLog(path).rows:
+                    merged[tuple(row[k] for k in key)] = row
+            tmp = self.dir / f".{name}.merging"
+            with tmp.open("w", encoding="utf-8") as f:
+                for row in merged.values():
+                    f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.dir / name)
+            for path in files:
+                if path.name != name:
+                    path.unlink()
+
+    def _check_meta(self, meta: dict[str, Any], write: bool = True) -> None:
         """Refuse to mix runs: stored branches/records must come from the same result-defining config."""
         path = self.dir / RUN_META
         if path.is_file():
@@ -148,7 +205,7 @@ class RunStore:
                 details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
                 raise ValueError(f"{self.dir} holds an eval run with a different config ({details}); "
                                  "resume it with the same values or choose another out_dir")
-        else:
+        elif write:
             path.write_text(json.dumps(meta, indent=2) + "\n")
 
     def weights(self) -> dict[str, Any] | None:

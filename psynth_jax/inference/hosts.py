@@ -34,8 +34,9 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 300
 
 
-class DistributedSetupError(RuntimeError):
-    """The processes could not be joined (unreachable coordinator, inconsistent settings)."""
+class DistributedSetupError(ValueError):
+    """The processes could not be joined (unreachable coordinator, inconsistent settings): a setup
+    error the CLI reports in one line."""
 
 
 def explicit_launch() -> tuple[str, int, int] | None:

@@ -119,7 +119,7 @@ def state_from_source(
         spec, target = variable.get_value(), sharding.get_value()
         if path[-1] in ("lora_a", "lora_b"):
             key, sub = jax.random.split(key)
-            value = jax.device_put(init_lora(spec.shape, path[-1], sub), target)
+            value = jax.device_put(np.asarray(init_lora(spec.shape, path[-1], sub)), target)  # same on every process
         else:
             value = jax.make_array_from_callback(
                 spec.shape, target, lambda index, p=path, shape=spec.shape: read_leaf(source, p, shape, index, dtype))

@@ -247,6 +247,46 @@ class ParallelSynthesis:
         convs = [prompts.single_agent_messages(q, self.family) for q in questions]
         return self._plain_path("single", convs, max_new_tokens, sampling, seed)
 
+    def teacher_forced_kl(
+        self, questions: Sequence[str], branches: BranchCaches, branch_texts: Sequence[Sequence[str]],
+        answers: Sequence[Sequence[int]], *, lora: bool = True,
+    ) -> list[float]:
+        """Per request: the mean over `answers[b]`'s tokens of KL(text path || cache path), both
+        teacher-forced on that answer (the text path's own greedy answer, typically).
+
+        Each path prefills [its prompt | answer] (`core.text_prefill`: every branch as text, LoRA
+        off; `core.cache_prefill` over the prepared branch caches, LoRA as `lora`) and the
+        next-token distributions at the answer's positions are compared: how far the cache path
+        is from reading what the text path reads, token by token.
+        """
+        self._check_lora(lora)
+        k = branches.num_branches
+        m = self.model
+        out = []
+        with self._mesh():
+            for b, (q, texts, answer) in enumerate(zip(questions, branch_texts, answers, strict=True)):
+                if not answer:
+                    out.append(float("nan"))
+                    continue
+                text_ids = self.gen.chat_tokens(prompts.text_synth_messages(q, list(texts), self.family))
+                synth_ids = self.gen.chat_tokens(prompts.cache_synth_messages(q, k, self.family))
+                text_seq, synth_seq = text_ids + list(answer), synth_ids + list(answer)
+                width = bucket(len(text_seq))
+                tokens, lengths = pad_batch([text_seq], width)
+                text_logits, _ = core.jit_text_prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
+                                                       num_slots=width, attn_impl=self.attn_impl, output="all")
+                one = jax.tree.map(lambda x: x[:, b : b + 1] if x.ndim == 6 else x[b : b + 1], branches)
+                width = bucket(len(synth_seq))
+                cache = core.jit_prepare(one, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=width)
+                tokens, lengths = pad_batch([synth_seq], width)
+                cache_logits, _ = core.jit_cache_prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
+                                                         cache, lora=lora, attn_impl=self.attn_impl, output="all")
+                n = len(answer)
+                p_t = jax.nn.log_softmax(text_logits[0, len(text_ids) - 1 : len(text_ids) - 1 + n], axis=-1)
+                p_c = jax.nn.log_softmax(cache_logits[0, len(synth_ids) - 1 : len(synth_ids) - 1 + n], axis=-1)
+                out.append(float(jax.numpy.mean(jax.numpy.sum(jax.numpy.exp(p_t) * (p_t - p_c), axis=-1))))
+        return out
+
     # ---------------------------------------------------------------- helpers
     def _plain_path(
         self, name: str, convs: Sequence[Messages], max_new_tokens: int, sampling: SamplingConfig, seed: int

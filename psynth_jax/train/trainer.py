@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import statistics
 import sys
@@ -29,10 +28,11 @@ from tqdm import tqdm
 from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape, validate
 from psynth_jax.config.loader import read_yaml_mapping
 from psynth_jax.config.resume import differing_fields
+from psynth_jax.inference import hosts
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.interop.tokenizer import stop_token_ids
-from psynth_jax.model.sharding import Rules, make_mesh
+from psynth_jax.model.sharding import Rules, batch_sharding, make_mesh
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.convention import Handoff
 from psynth_jax.synthesis.mapper import make_mapper
@@ -45,27 +45,25 @@ from psynth_jax.train.step import batch_shardings, make_eval_step, make_optimize
 AGREEMENT_TOKENS = 24
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() on multi-process launches (GPU env vars or a TPU pod)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
-        )
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
-
-
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """When to stop and save: every process at the same step.
+
+    One process: SIGTERM sets a flag the loop checks after each step. Several processes (a pod):
+    the runtime's preemption notifier catches SIGTERM on whichever host gets it, and every
+    process learns at the same sync step (hosts.preemption_agreed), so all save that step, once.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.local = jax.process_count() == 1
+        self.flag = False
+        if self.local:  # multi-process: JAX's notifier owns SIGTERM (a Python handler would hide it)
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        return self.flag if self.local else hosts.preemption_agreed(step)
 
 
 def _batch_dict(batch: Any) -> dict[str, np.ndarray]:
@@ -157,9 +155,9 @@ class Trainer:
             stage = load_stage(d, "train", self._distill)
         else:  # given examples: no per-source report
             stage = LoadedStage(d.stage or "train", list(examples), [])
+        index, count = self._batch_share()
         self.train_iter, self.data_stats = make_train_iterator(
-            d, self.model.tokenizer, examples=stage.examples, shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            d, self.model.tokenizer, examples=stage.examples, shard_index=index, shard_count=count,
         )
         self.data_summary = data_summary(stage, self.data_stats)
         self._log(f"data summary (saved as data_summary.json):\n{format_summary(self.data_summary)}")
@@ -172,11 +170,35 @@ class Trainer:
             it, self.eval_stats = make_train_iterator(d, self.model.tokenizer, examples=eval_examples, split="eval")
             self.eval_batches = [_batch_dict(b) for b in it]
 
+    def _batch_share(self) -> tuple[int, int]:
+        """(index, count) of the rows of each global batch this process reads: the rows its devices
+        hold under the batch sharding (every row when the batch is not split across processes)."""
+        rows = self.cfg.data.batch_size
+        sharding = batch_shardings({"x": np.zeros((rows,))}, self.mesh, self.rules)["x"]
+        spans = {(s[0].start or 0, s[0].stop if s[0].stop is not None else rows)
+                 for s in sharding.addressable_devices_indices_map((rows,)).values()}
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != hi - lo or rows % (hi - lo) or lo % (hi - lo):
+            raise ValueError(f"data.batch_size={rows}: this process's devices hold rows {sorted(spans)}, not one "
+                             "contiguous share; choose a batch size the mesh's batch axes divide")
+        return lo // (hi - lo), rows // (hi - lo)
+
     def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        shardings = batch_shardings(batch, self.mesh, self.rules)
+        """The global batch from this process's rows (`_batch_share`): no process holds another's."""
         if jax.process_count() == 1:
-            return jax.device_put(batch, shardings)
-        return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+            return jax.device_put(batch, batch_shardings(batch, self.mesh, self.rules))
+        rows = self.cfg.data.batch_size  # the global batch: its sharding, not the local rows', decides
+        out = {}
+        for k, v in batch.items():
+            shape = (rows, *np.shape(v)[1:])
+            out[k] = jax.make_array_from_process_local_data(batch_sharding(shape, self.mesh, self.rules), v, shape)
+        return out
+
+    def _global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A batch every process holds whole (the eval batches): each places the shards it owns."""
+        shardings = batch_shardings(batch, self.mesh, self.rules)
+        return {k: jax.make_array_from_callback(np.shape(v), shardings[k], lambda idx, v=v: v[idx])
+                for k, v in batch.items()}
 
     # ----------------------------------------------------------- checkpoints
     def _train_state(self) -> dict[str, Any]:
@@ -236,7 +258,7 @@ class Trainer:
             return {}
         ce, n, rates = 0.0, 0.0, []
         for batch in self.eval_batches:
-            dev = jax.device_put(batch, batch_shardings(batch, self.mesh, self.rules))
+            dev = self._global_batch(batch)
             m = jax.device_get(self._eval_fn(self.trainable, self.frozen, dev))
             ce += float(m["ce"]) * float(m["target_tokens"])
             n += float(m["target_tokens"])
@@ -272,6 +294,19 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.quiet or jax.process_index() != 0,
                    dynamic_ncols=True)
         tokens_seen, t0 = 0.0, time.perf_counter()
+        pending: list[tuple[int, Any]] = []  # (step, device metrics) not fetched yet
+
+        def flush() -> None:
+            """Fetch the pending steps' metrics: one host sync every log_every steps, not every step."""
+            if not pending:
+                return
+            fetched = jax.device_get([m for _, m in pending])
+            tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+            for (step, _), m in zip(pending, fetched):
+                self._record(metrics, writer, step, dict({k: float(v) for k, v in m.items()}, tokens_per_s=tok_s))
+            bar.set_postfix(loss=f"{float(fetched[-1]['loss']):.4f}", tok_s=f"{tok_s:.0f}")
+            pending.clear()
+
         while self.step < t.steps:
             batch = _batch_dict(next(self.train_iter))
             if self.opts.kl_weight == 0:  # the text-path arrays only feed the KL teacher: fewer shapes
@@ -279,27 +314,29 @@ class Trainer:
             dev = self._device_batch(batch)
             if self._step_fn is None:
                 self._step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, self.rules,
-                                                self.trainable, self.opt_state, self.frozen, batch)
+                                                self.trainable, self.opt_state, self.frozen, dev)
             self.trainable, self.opt_state, m = self._step_fn(self.trainable, self.opt_state, self.frozen, dev)
             self.step += 1
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            pending.append((self.step, m))
             tokens_seen += float(batch["synth_len"].sum() + batch["branch_len"].sum() + batch["branch_prefix_len"].sum())
-            tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
-            m["tokens_per_s"] = tok_s
-            self._record(metrics, writer, self.step, m)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < t.steps:
+            stop = preempt.requested(self.step)
+            evaluate = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < t.steps
+            save = self.step % cfg.checkpoint.every_steps == 0
+            if self.step % cfg.log_every == 0 or stop or evaluate or save:
+                flush()
+            if evaluate:
                 self._record(metrics, writer, self.step, self.evaluate())
-            if self.step % cfg.checkpoint.every_steps == 0:
+            if save:
                 self.save()
-            if preempt.requested:
-                self._log(f"SIGTERM: saving step {self.step} and exiting")
+            if stop:
+                self._log(f"preemption (SIGTERM): every process saves step {self.step} and exits")
                 self.save(force=True)
                 self.checkpointer.close()
                 bar.close()
                 metrics.close()
                 sys.exit(143)
+        flush()
         bar.close()
         self.save(force=True)
         self._record(metrics, writer, self.step, self.evaluate())
