@@ -33,6 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from psynth_jax.model.flash import KeyBlock, flash_attention
 from psynth_jax.model.kv_cache import write_rows
 
 IMPLEMENTATIONS = ("xla", "cudnn", "xla_split", "splash")
@@ -62,6 +63,7 @@ def attend(
     *,
     impl: str = "xla",
     chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    stacked: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D].
 
@@ -72,11 +74,13 @@ def attend(
     what keeps a decode step from copying a whole layer cache (see `xla_attention`). Query rows
     that see no key at all (padding) return zeros in the XLA path, and finite values without
     meaning in "splash". chunk=None: k/v already hold the chunk (the dense reference, XLA only).
+    stacked = (k_stack, v_stack, layer): the whole stacked cache [L,B,S,Hkv,D] that k/v are
+    layer `layer` of; the XLA path then reads it in place (see `xla_attention`).
     """
     if impl == "xla":
         if chunk is None:
             return dense_attention(q, k, v, mask)
-        return xla_attention(q, k, v, mask, chunk)
+        return xla_attention(q, k, v, mask, chunk, stacked)
     if impl in ("cudnn", "xla_split", "splash"):
         if mask.explicit is not None or chunk is None:
             raise ValueError(f"attention {impl!r} takes cache layouts only (no explicit mask); use impl='xla'")
@@ -98,22 +102,30 @@ def xla_attention(
     v_cache: jax.Array,
     mask: AttentionMask,
     chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    stacked: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """The XLA path: the chunk's attention over the cache as it was plus the chunk itself.
 
-    A decode step (T == 1) attends over [cache | own key] without writing the key into the
-    layer cache first: writing into a slice of the stacked [L,B,S,...] cache inside the layer
-    scan makes XLA copy the layer's whole cache several times per step (slice, scatter,
-    write-back), which dominated decode time. Its mask is the post-write rule split in two
-    (`split_mask`), so explicit masks keep their meaning. A longer chunk (prefill) writes itself
-    into a copy of the layer cache and runs the dense reference: the copy is small next to
-    prefill compute, and attending over S + T keys would add T x T work per layer.
+    Neither the layer cache nor the chunk is written or copied first: writing into a slice of
+    the stacked [L,B,S,...] cache inside the layer scan makes XLA copy the layer's whole cache
+    (slice, scatter, write-back) on every layer. The post-write mask is split in two instead
+    (`split_mask` / `split_slots`): keys of the cache as it was outside the chunk's slots, and
+    the chunk's own keys at its slots.
+    - T > 1 (prefill, extend): blockwise attention with an online softmax (flash.py) over the
+      two key blocks: memory O(T x tile), not O(T x S), also under jax.grad. With `stacked`
+      (the layer scan's whole cache and this layer's index) the cache tiles are read from the
+      stack in place: the scan's per-layer slice k/v then only carries gradients, and XLA
+      drops it instead of copying the layer cache for the tile loop.
+    - T == 1 (decode): one pass of multiply-reduces over the cache in its own layout.
+    - explicit masks (reference layouts of tests) with T > 1: the chunk is written into a copy
+      of the cache and the dense reference runs on it.
     """
     k_chunk, v_chunk, start, _ = chunk
     if q.shape[1] > 1:
-        k = write_rows(k_cache, k_chunk, start)
-        v = write_rows(v_cache, v_chunk, start)
-        return dense_attention(q, k, v, mask)
+        if mask.explicit is not None:
+            return dense_attention(q, write_rows(k_cache, k_chunk, start), write_rows(v_cache, v_chunk, start), mask)
+        blocks = cache_blocks(q, k_cache, v_cache, k_chunk, v_chunk, mask, start, stacked)
+        return flash_attention(blocks, mask.q_slots, scale=q.shape[-1] ** -0.5)
     vis_cache, vis_chunk = split_mask(mask.dense(), start, k_cache.shape[1], k_chunk.shape[1])
     b, _, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -134,6 +146,35 @@ def xla_attention(
     ob = jnp.sum(pb[..., None] * v_chunk[:, :, :, None, :].astype(jnp.float32), axis=1)
     out = jnp.where(denom[..., None] > 0, (oa + ob) / jnp.maximum(denom, 1e-30)[..., None], 0.0)
     return out.reshape(b, 1, hq, d).astype(q.dtype)
+
+
+def cache_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array,
+                 mask: AttentionMask, start: jax.Array,
+                 stacked: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> tuple[KeyBlock, KeyBlock]:
+    """The slot-rule mask over [cache as it was | chunk] as two flash key blocks (no copy of either)."""
+    (cache_slot, cache_valid), (chunk_slot, chunk_valid) = split_slots(mask.kv_valid, start, k_chunk.shape[1])
+    qn = q[:, None]
+    src = {}
+    if stacked is not None:
+        k_stack, v_stack, layer = stacked
+        src = dict(k_src=k_stack, v_src=v_stack, layer=layer)
+    return (KeyBlock(qn, k_cache[:, None], v_cache[:, None], cache_slot[:, None], cache_valid[:, None], **src),
+            KeyBlock(qn, k_chunk[:, None], v_chunk[:, None], chunk_slot[:, None], chunk_valid[:, None]))
+
+
+def split_slots(kv_valid: jax.Array, start: jax.Array, t: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Post-write validity [B,S] -> ((slots, valid) of the cache as it was, (slots, valid) of the chunk).
+
+    The chunk lands at slots [w, w + T), w = clip(start, 0, S - T) (dynamic_update_slice's
+    clamp), so those slots show the chunk's keys, not what the cache held there before. With
+    the query slots of the mask, key slot <= query slot then gives exactly `mask.dense()`.
+    """
+    b, s = kv_valid.shape
+    w = jnp.clip(start.astype(jnp.int32), 0, s - t)[:, None]  # [B, 1]
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+    outside = (slots < w) | (slots >= w + t)
+    chunk_slot = w + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return (slots, kv_valid & outside), (chunk_slot, jnp.take_along_axis(kv_valid, chunk_slot, axis=1))
 
 
 def split_mask(full: jax.Array, start: jax.Array, num_slots: int, t: int) -> tuple[jax.Array, jax.Array]:
