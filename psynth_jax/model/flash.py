@@ -51,11 +51,11 @@ class KeyBlock:
 
     q: [B, N, T, Hq, D]; k, v: [B, N, S, Hkv, D]; slot: [B, N, S] int32; valid: [B, N, S] bool;
     bias: [B, N, T, Hq] float32 or None; v_scale, v_shift: [B, N, Hq] float32 or None.
-    k_src, v_src, layer: optionally the stacked arrays [L, B, N, S, Hkv, D] (or [L, B, S, Hkv, D]
-    when N = 1) that k and v are
-    layer `layer` of (int32 scalar). Tiles are then read from the stack in place, and k, v
-    only carry the gradient: a layer slice of a stacked cache handed to a loop would otherwise
-    be materialised as a copy on every layer. The VJP returns zeros for k_src and v_src.
+    k_src, v_src, layer: optionally the stacked arrays [L, B*N, S, Hkv, D] (a KV cache's layout)
+    that k and v are layer `layer` of (int32 scalar). Tiles are then read from the stack in
+    place, and k, v only carry the gradient: a layer slice of a stacked cache handed to a loop
+    would otherwise be materialised as a copy on every layer. The VJP returns zeros for k_src
+    and v_src.
     kv_grad: whether the VJP computes cotangents for k and v (static; zeros otherwise).
     """
 
@@ -167,11 +167,10 @@ def _key_tile(blk: KeyBlock, tk: _Tiling, j: jax.Array):
     valid = _slice(blk.valid, k0, tk.size, 2) & tk.fresh(j, s_len)[None, None, :]
     if blk.k_src is None:
         k_t, v_t = _slice(blk.k, k0, tk.size, 2), _slice(blk.v, k0, tk.size, 2)
-    else:  # straight from the stack [L,B,(N,)S,H,D] at (layer, k0); no N axis: N = 1
+    else:  # straight from the stack [L, B*N, S, H, D] at (layer, k0)
         zero = jnp.zeros((), jnp.int32)
-        lead = blk.k_src.ndim - 4  # B or B, N
-        at = (blk.layer.astype(jnp.int32),) + (zero,) * lead + (k0, zero, zero)
-        size = (1,) + blk.k.shape[:lead] + (tk.size,) + blk.k.shape[3:]
+        at = (blk.layer.astype(jnp.int32), zero, k0, zero, zero)
+        size = (1, blk.k_src.shape[1], tk.size) + blk.k_src.shape[3:]
         shape = blk.k.shape[:2] + (tk.size,) + blk.k.shape[3:]
         k_t = jax.lax.dynamic_slice(blk.k_src, at, size).reshape(shape)
         v_t = jax.lax.dynamic_slice(blk.v_src, at, size).reshape(shape)
