@@ -136,6 +136,39 @@ def test_flash_branch_blocks_equal_materialised_keys():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=5e-6, rtol=1e-4, err_msg=name)
 
 
+def test_span_blocks_read_only_each_rows_span():
+    """Per-row spans (the zero-copy view's kept slots): tiles follow each row's span, gathered from
+    the stack, windows clamped at the row end; equal to masking every other slot, gradients too."""
+    b, nb, t, s, hq, hkv, d = 2, 3, 5, 23, 4, 2, 8
+    qn = jnp.asarray(RNG.randn(b, nb, t, hq, d), jnp.float32)
+    stack_k, stack_v = (jnp.asarray(RNG.randn(2, b * nb, s, hkv, d), jnp.float32) for _ in range(2))
+    start = jnp.asarray([[0, 4, 15], [9, 2, 20]], jnp.int32)
+    length = jnp.asarray([[7, 11, 8], [14, 3, 3]], jnp.int32)  # 15 + 8 and 20 + 3 end at the row's end
+    bias = jnp.asarray(RNG.randn(b, nb, t, hq), jnp.float32)
+    slots = jnp.arange(s)[None, None, :]
+    valid = (slots >= start[..., None]) & (slots < (start + length)[..., None])
+    shape = (b, nb, s, hkv, d)
+
+    def attn(qn, bias, spans):
+        k, v = stack_k[1].reshape(shape), stack_v[1].reshape(shape)
+        if spans:
+            blk = KeyBlock(qn, k, v, None, None, bias=bias, k_src=stack_k, v_src=stack_v, layer=jnp.int32(1),
+                           span_start=start, span_len=length, kv_grad=False)
+        else:
+            blk = KeyBlock(qn, k, v, jnp.full((b, nb, s), ALWAYS, jnp.int32), valid, bias=bias, kv_grad=False)
+        return flash_attention((blk,), jnp.zeros((b, t), jnp.int32), scale=d**-0.5, block_q=2, block_k=4)
+
+    np.testing.assert_allclose(np.asarray(jax.jit(attn, static_argnums=2)(qn, bias, True)),
+                               np.asarray(attn(qn, bias, False)), atol=2e-6)
+    w = jnp.asarray(RNG.randn(b, t, hq, d), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, c, spans: (attn(q, c, spans) * w).sum(), argnums=(0, 1)), static_argnums=2)
+    for got, want in zip(grad(qn, bias, True), grad(qn, bias, False)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="kv_grad=False"):
+        KeyBlock(qn, stack_k[1].reshape(shape), stack_v[1].reshape(shape), None, None, span_start=start,
+                 span_len=length)
+
+
 def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 

@@ -35,7 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from psynth_jax.model.flash import ALWAYS, KeyBlock, flash_attention
+from psynth_jax.model.flash import KeyBlock, flash_attention
 from psynth_jax.model.kv_cache import write_rows
 from psynth_jax.model.rope import apply_rope
 
@@ -211,14 +211,15 @@ def view_block(view: LayerView, q_pre: jax.Array, q: jax.Array, positions: jax.A
       q . (a R(-P) k) = a (R(P) q) . k (RoPE rotations are orthogonal and compose additively);
     - score bias: scale * b_k_i * sum(q) for every key of branch i (q . b = b sum(q));
     - values: a_v_i (p . v) + b_v_i sum(p), folded into the softmax accumulation;
-    - keys: the worker rows as they are, valid on each row's kept span, seen by every query.
+    - keys: the worker rows as they are, each row's kept span only (flash.py's span tiles: no
+      work on a worker's prompt slots or unused room), seen by every query.
     q_pre: queries before RoPE [B,T,Hq,D]; q: after RoPE at `positions` [B,T].
     The worker K/V carry no gradient (the backbone is frozen); the mapper's scalars and the
     queries do.
     """
     b, t, hq, d = q.shape
     nb = view.starts.shape[1]
-    rows, s_w, hkv = view.k.shape[:3]
+    s_w, hkv = view.k.shape[1:3]
     g = hq // hkv
     f32 = jnp.float32
 
@@ -228,15 +229,12 @@ def view_block(view: LayerView, q_pre: jax.Array, q: jax.Array, positions: jax.A
     qv = apply_rope(q_pre[:, None], positions[:, None, :] + view.offsets[:, :, None], inv_freq)  # [B,K,T,Hq,D]
     qv = (qv.astype(f32) * per_q_head(view.k_scale)[:, :, None, :, None]).astype(q.dtype)
     bias = (d**-0.5) * per_q_head(view.k_shift)[:, :, None, :] * q.astype(f32).sum(-1)[:, None]  # [B,K,T,Hq]
-    s = jnp.arange(s_w, dtype=jnp.int32)
-    first = view.starts[..., None]
-    valid = (s >= first) & (s < first + view.lengths[..., None])  # [B,K,S_w]
     shape = (b, nb, s_w, hkv, d)
     return KeyBlock(
         q=qv, k=jax.lax.stop_gradient(view.k).reshape(shape), v=jax.lax.stop_gradient(view.v).reshape(shape),
-        slot=jnp.full((b, nb, s_w), ALWAYS, jnp.int32), valid=valid, bias=bias,
-        v_scale=per_q_head(view.v_scale), v_shift=per_q_head(view.v_shift),
+        slot=None, valid=None, bias=bias, v_scale=per_q_head(view.v_scale), v_shift=per_q_head(view.v_shift),
         k_src=jax.lax.stop_gradient(view.k_stack), v_src=jax.lax.stop_gradient(view.v_stack), layer=view.layer,
+        span_start=view.starts, span_len=view.lengths,
         kv_grad=False,
     )
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score (finite: exp(NEG - m) == 0, no NaN)
+FLOOR = -1e30  # the running max starts here: far above NEG (exp(NEG - FLOOR) == 0 exactly, so masked
+#                scores need no second mask) and far below any real score
 ALWAYS = -(2**30)  # slot of a key every query sees (a branch block of the zero-copy view)
 BLOCK_Q = 256  # tile sizes: ~1-2 MB of float32 scores per tile at 9-16 heads, measured best on CPU
 BLOCK_K = 512
@@ -56,21 +58,32 @@ class KeyBlock:
     place, and k, v only carry the gradient: a layer slice of a stacked cache handed to a loop
     would otherwise be materialised as a copy on every layer. The VJP returns zeros for k_src
     and v_src.
+    span_start, span_len: optionally [B, N] int32: the block's keys are exactly slots
+    [span_start, span_start + span_len) of each row, every one seen by every query (slot and
+    valid are then None), and the tiles follow each row's span (tile j: its positions
+    [j * tile, (j + 1) * tile), gathered per row), so no work goes to the other slots of the
+    rows (a worker's prompt, unused room). Needs kv_grad=False (tiles are gathered, not sliced).
     kv_grad: whether the VJP computes cotangents for k and v (static; zeros otherwise).
     """
 
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    slot: jax.Array
-    valid: jax.Array
+    slot: jax.Array | None
+    valid: jax.Array | None
     bias: jax.Array | None = None
     v_scale: jax.Array | None = None
     v_shift: jax.Array | None = None
     k_src: jax.Array | None = None
     v_src: jax.Array | None = None
     layer: jax.Array | None = None
+    span_start: jax.Array | None = None
+    span_len: jax.Array | None = None
     kv_grad: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def __post_init__(self) -> None:
+        if self.span_start is not None and self.kv_grad:
+            raise ValueError("a KeyBlock with per-row spans gathers its tiles: it needs kv_grad=False")
 
 
 class _Tiling(NamedTuple):
@@ -79,8 +92,10 @@ class _Tiling(NamedTuple):
 
     @classmethod
     def of(cls, n: int, block: int) -> "_Tiling":
-        size = max(min(n, block), 1)
-        return cls(size, -(-n // size))
+        """ceil(n / block) tiles of equal size (at most `block`): the last one overlaps the one
+        before by fewer rows than there are tiles, instead of by up to a whole tile."""
+        count = max(-(-n // max(block, 1)), 1)
+        return cls(max(-(-n // count), 1), count)
 
     def start(self, i: jax.Array, n: int) -> jax.Array:
         """First row of tile i: i * size, the last tile moved back to end at row n."""
@@ -92,7 +107,7 @@ class _Tiling(NamedTuple):
 
 
 def flash_attention(blocks: tuple[KeyBlock, ...], q_slot: jax.Array, *, scale: float,
-                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+                    block_q: int | None = None, block_k: int | None = None) -> jax.Array:
     """Attention of T queries over every block's keys -> [B, T, Hq, D] in the queries' dtype.
 
     q_slot [B, T] int32: the slot of each query (visibility rule above). All blocks share the
@@ -100,6 +115,7 @@ def flash_attention(blocks: tuple[KeyBlock, ...], q_slot: jax.Array, *, scale: f
     """
     if not blocks:
         raise ValueError("flash_attention needs at least one key block")
+    block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
     return _flash(_Static(float(scale), int(block_q), int(block_k)), tuple(blocks), q_slot)
 
 
@@ -115,12 +131,22 @@ def _split_heads(x: jax.Array, hkv: int) -> jax.Array:
     return x.reshape(x.shape[:3] + (hkv, -1) + x.shape[4:])
 
 
-def _scores(st: _Static, q_t: jax.Array, k_t: jax.Array, bias_t: jax.Array | None) -> jax.Array:
-    """q_t [B,N,Tq,Hkv,G,D], k_t [B,N,Tk,Hkv,D] -> float32 scores [B,N,Hkv,G,Tq,Tk] (before masking)."""
-    s = jnp.einsum("bnqkgd,bntkd->bnkgqt", q_t, k_t, preferred_element_type=jnp.float32) * st.scale
-    if bias_t is not None:  # [B,N,Tq,Hkv,G]
-        s = s + jnp.moveaxis(bias_t, 2, -1)[..., None]
-    return s
+def _scores(st: _Static, q_t: jax.Array, k_t: jax.Array, bias_t: jax.Array | None, vis: jax.Array) -> jax.Array:
+    """q_t [B,N,Hkv,G,Tq,D], k_t [B,N,Tk,Hkv,D], bias_t [B,N,Hkv,G,Tq] -> float32 scores
+    [B,N,Hkv,G,Tq,Tk], NEG where not visible."""
+    s = jnp.einsum("bnkgqd,bntkd->bnkgqt", q_t, k_t, preferred_element_type=jnp.float32) * st.scale
+    if bias_t is not None:
+        s = s + bias_t[..., None]
+    return jnp.where(vis, s, NEG)
+
+
+def _query_tile(blk: KeyBlock, q0: jax.Array, tq: int, hkv: int) -> tuple[jax.Array, jax.Array | None]:
+    """A block's queries [B,N,Hkv,G,Tq,D] and score bias [B,N,Hkv,G,Tq] (float32) at rows
+    [q0, q0 + tq), laid out once per query tile for the batched dots of every key tile."""
+    q_t = jnp.moveaxis(_split_heads(_slice(blk.q, q0, tq, 2), hkv), 2, 4)
+    if blk.bias is None:
+        return q_t, None
+    return q_t, jnp.moveaxis(_split_heads(_slice(blk.bias, q0, tq, 2).astype(jnp.float32), hkv), 2, 4)
 
 
 def _visible(slot_t: jax.Array, valid_t: jax.Array, qs_t: jax.Array) -> jax.Array:
@@ -134,7 +160,7 @@ def _affine(x: jax.Array | None, hkv: int) -> jax.Array | None:
     return None if x is None else x.astype(jnp.float32).reshape(x.shape[:2] + (hkv, -1, 1))
 
 
-def _loop(count: int, body, init):
+def _loop(count: int | jax.Array, body, init):
     """carry = body(i, carry) for i in range(count), as a `lax.while_loop`.
 
     Not a scan: under jax.grad, JAX's partial evaluation of a scan nested in another scan (the
@@ -160,8 +186,19 @@ def _add_at(x: jax.Array, start: jax.Array, update: jax.Array, axis: int) -> jax
     return jax.lax.dynamic_update_slice_in_dim(x, cur + update.astype(x.dtype), start, axis=axis)
 
 
+def _key_tiling(blk: KeyBlock, block_k: int) -> _Tiling:
+    """The key tiles of a block; with spans, as many as the longest span needs (a traced count)."""
+    s_len = blk.k.shape[2]
+    if blk.span_start is None:
+        return _Tiling.of(s_len, block_k)
+    size = max(min(block_k, s_len), 1)
+    return _Tiling(size, (jnp.max(blk.span_len) + size - 1) // size)
+
+
 def _key_tile(blk: KeyBlock, tk: _Tiling, j: jax.Array):
     """Tile j of a block's keys: (k, v, slot, valid with already-covered keys masked, start)."""
+    if blk.span_start is not None:
+        return _span_tile(blk, tk, j)
     s_len = blk.k.shape[2]
     k0 = tk.start(j, s_len)
     valid = _slice(blk.valid, k0, tk.size, 2) & tk.fresh(j, s_len)[None, None, :]
@@ -175,6 +212,28 @@ def _key_tile(blk: KeyBlock, tk: _Tiling, j: jax.Array):
         k_t = jax.lax.dynamic_slice(blk.k_src, at, size).reshape(shape)
         v_t = jax.lax.dynamic_slice(blk.v_src, at, size).reshape(shape)
     return k_t, v_t, _slice(blk.slot, k0, tk.size, 2), valid, k0
+
+
+def _span_tile(blk: KeyBlock, tk: _Tiling, j: jax.Array):
+    """Tile j of a span block: positions [j * size, (j + 1) * size) of every row's span, gathered
+    from slots span_start + position (a read window clamped into the row; the positions the tile
+    owns stay inside it, the others are masked)."""
+    b, n, s_len = blk.k.shape[:3]
+    rows = b * n
+    start, length = blk.span_start.reshape(rows, 1), blk.span_len.reshape(rows, 1)
+    first = jnp.clip(start + j * tk.size, 0, s_len - tk.size)  # [rows, 1]
+    slots = first + jnp.arange(tk.size, dtype=jnp.int32)[None, :]  # [rows, size]
+    rel = slots - start
+    valid = (rel >= j * tk.size) & (rel < (j + 1) * tk.size) & (rel < length)
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    shape = (b, n, tk.size) + blk.k.shape[3:]
+    if blk.k_src is None:
+        k_t, v_t = (x.reshape((rows,) + x.shape[2:])[row, slots] for x in (blk.k, blk.v))
+    else:
+        layer = blk.layer.astype(jnp.int32)
+        k_t, v_t = blk.k_src[layer, row, slots], blk.v_src[layer, row, slots]
+    slot = jnp.full((b, n, tk.size), ALWAYS, jnp.int32)
+    return k_t.reshape(shape), v_t.reshape(shape), slot, valid.reshape(b, n, tk.size), None
 
 
 def _live(slot_t: jax.Array, valid_t: jax.Array, qs_t: jax.Array) -> jax.Array:
@@ -194,7 +253,7 @@ def _forward(st: _Static, blocks: tuple[KeyBlock, ...], q_slot: jax.Array) -> tu
         out, lse = carry
         q0 = tq.start(i, t)
         qs_t = _slice(q_slot, q0, tq.size, 1)
-        state = (jnp.full((b, hkv, g, tq.size), NEG, jnp.float32), jnp.zeros((b, hkv, g, tq.size), jnp.float32),
+        state = (jnp.full((b, hkv, g, tq.size), FLOOR, jnp.float32), jnp.zeros((b, hkv, g, tq.size), jnp.float32),
                  jnp.zeros((b, hkv, g, tq.size, d), jnp.float32))
         for blk in blocks:
             state = _block_forward(st, blk, q0, tq.size, qs_t, state)
@@ -215,9 +274,8 @@ def _forward(st: _Static, blocks: tuple[KeyBlock, ...], q_slot: jax.Array) -> tu
 def _block_forward(st: _Static, blk: KeyBlock, q0: jax.Array, tq: int, qs_t: jax.Array, state):
     """Fold one block's key tiles into the online-softmax state of one query tile."""
     hkv = blk.k.shape[3]
-    tk = _Tiling.of(blk.k.shape[2], st.block_k)
-    q_t = _split_heads(_slice(blk.q, q0, tq, 2), hkv)  # [B,N,Tq,Hkv,G,D]
-    bias_t = None if blk.bias is None else _split_heads(_slice(blk.bias, q0, tq, 2).astype(jnp.float32), hkv)
+    tk = _key_tiling(blk, st.block_k)
+    q_t, bias_t = _query_tile(blk, q0, tq, hkv)
     a, c = _affine(blk.v_scale, hkv), _affine(blk.v_shift, hkv)
 
     def step(j, state):
@@ -225,10 +283,9 @@ def _block_forward(st: _Static, blk: KeyBlock, q0: jax.Array, tq: int, qs_t: jax
 
         def update(state):
             m, l, acc = state
-            vis = _visible(slot_t, valid_t, qs_t)
-            s = jnp.where(vis, _scores(st, q_t, k_t, bias_t), NEG)
+            s = _scores(st, q_t, k_t, bias_t, _visible(slot_t, valid_t, qs_t))
             m_new = jnp.maximum(m, s.max(axis=(1, 5)))
-            p = jnp.where(vis, jnp.exp(s - m_new[:, None, ..., None]), 0.0)  # [B,N,Hkv,G,Tq,Tk]
+            p = jnp.exp(s - m_new[:, None, ..., None])  # [B,N,Hkv,G,Tq,Tk]; 0 where masked
             corr = jnp.exp(m - m_new)
             pv = jnp.einsum("bnkgqt,bntkd->bnkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
             if a is not None:
@@ -253,9 +310,9 @@ def _block_backward(st: _Static, blk: KeyBlock, q_slot: jax.Array, lse: jax.Arra
     dk = scale dS^T q, dv = a P^T dout, da = sum P (dout . v), dc = sum P sum(dout).
     """
     b, n, t, hq, d = blk.q.shape
-    s_len, hkv = blk.k.shape[2], blk.k.shape[3]
+    hkv = blk.k.shape[3]
     g = hq // hkv
-    tq, tk = _Tiling.of(t, st.block_q), _Tiling.of(s_len, st.block_k)
+    tq, tk = _Tiling.of(t, st.block_q), _key_tiling(blk, st.block_k)
     a, c = _affine(blk.v_scale, hkv), _affine(blk.v_shift, hkv)
     f32 = jnp.float32
     zeros = {
@@ -274,11 +331,10 @@ def _block_backward(st: _Static, blk: KeyBlock, q_slot: jax.Array, lse: jax.Arra
 
             def grads(inner):
                 dq, dbias, da, dc, dk_t, dv_t = inner
-                q_t = _split_heads(_slice(blk.q, q0, tq.size, 2), hkv)
-                bias_t = None if blk.bias is None else _split_heads(_slice(blk.bias, q0, tq.size, 2).astype(f32), hkv)
+                q_t, bias_t = _query_tile(blk, q0, tq.size, hkv)
                 vis = _visible(slot_t, valid_t, qs_t) & tq.fresh(i, t)[:, None]  # a query row counts once
                 lse_t = _slice(lse, q0, tq.size, 3)[:, None, ..., None]
-                p = jnp.where(vis, jnp.exp(_scores(st, q_t, k_t, bias_t) - lse_t), 0.0)  # [B,N,Hkv,G,Tq,Tk]
+                p = jnp.exp(_scores(st, q_t, k_t, bias_t, vis) - lse_t)  # [B,N,Hkv,G,Tq,Tk]; 0 where masked
                 do_t = _slice(dout, q0, tq.size, 1)  # [B,Tq,Hkv,G,D]
                 dov = jnp.einsum("bqkgd,bntkd->bnkgqt", do_t.astype(v_t.dtype), v_t, preferred_element_type=f32)
                 dp = dov if a is None else dov * a[..., None]
@@ -294,7 +350,7 @@ def _block_backward(st: _Static, blk: KeyBlock, q_slot: jax.Array, lse: jax.Arra
                 if dc is not None:
                     dc = dc + (p.sum(axis=5) * _slice(dsum, q0, tq.size, 3)[:, None]).sum(axis=4)
                 if blk.kv_grad:
-                    dk_t = dk_t + st.scale * jnp.einsum("bnkgqt,bnqkgd->bntkd", ds.astype(q_t.dtype), q_t,
+                    dk_t = dk_t + st.scale * jnp.einsum("bnkgqt,bnkgqd->bntkd", ds.astype(q_t.dtype), q_t,
                                                         preferred_element_type=f32)
                     pa = p if a is None else p * a[..., None]
                     dv_t = dv_t + jnp.einsum("bnkgqt,bqkgd->bntkd", pa.astype(do_t.dtype), do_t,
