@@ -182,9 +182,9 @@ def decode_attention(blocks: tuple[KeyBlock, ...], q_slot: jax.Array, *, scale: 
 class LayerView:
     """One layer of a kv_cache.BranchView as a Block reads it (built by the Decoder's layer scan).
 
-    k, v: this layer's worker rows [B*K, S_w, Hkv, D] (the scan's slice: read by decode steps,
-    dropped by XLA in prefill); k_stack, v_stack [L, B*K, S_w, Hkv, D] and `layer`: where
-    prefill tiles are read in place; starts, lengths, offsets [B, K]; k_scale ... v_shift [B, K, Hkv].
+    k, v: this layer's worker rows [B*K, S_w, Hkv, D], the scan's slice: the key block's shape,
+    never read (XLA drops it); k_stack, v_stack [L, B*K, S_w, Hkv, D] and `layer`: where the
+    tiles are read in place; starts, lengths, offsets [B, K]; k_scale ... v_shift [B, K, Hkv].
     """
 
     k: jax.Array
