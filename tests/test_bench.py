@@ -143,6 +143,8 @@ def test_sweep_rows_have_the_torch_peer(sweep):
             assert r[key] > 0 and math.isfinite(r[key]), key
         assert r["text_vs_peer"] == pytest.approx(r["text_ttft_ms"] / r["peer_text_ttft_ms"])
         assert r["cache_vs_peer"] == pytest.approx(r["cache_ttft_ms"] / r["peer_cache_ttft_ms"])
+        best_text = min(r["text_ttft_ms"], r["peer_text_ttft_ms"])
+        assert r["speedup_vs_best_text"] == pytest.approx(best_text / r["cache_ttft_ms"])
         assert set(r["peer_times_ms"]) == {k[:-3] for k in PEER_KEYS}
         assert all(len(v) == 1 for v in r["peer_times_ms"].values())
     raw = json.loads((out / "ttft_peer.json").read_text())  # the peer's own JSON is kept
@@ -182,6 +184,7 @@ def test_table_marks_out_of_memory_paths():
     (dict(ks=[0], ls=[8]), "positive"),
     (dict(ks=[1], ls=[8], mapper_kind="nope"), "unknown mapper"),
     (dict(ks=[1], ls=[8], cache_path="copy"), "unknown cache path"),
+    (dict(ks=[1], ls=[8], cache_path="view", attn_impl="xla_split"), "needs attn_impl='xla'"),
     (dict(ks=[64], ls=[1024]), "exceeds the model's 32768 positions"),
 ])
 def test_sweep_rejects_bad_settings_before_building_a_model(kwargs, match):

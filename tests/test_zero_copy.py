@@ -219,7 +219,8 @@ def test_zero_copy_reads_worker_rows_in_place(step):
 @pytest.mark.parametrize("convention", ["output_tokens", "release"])
 def test_pipeline_zero_copy_equals_materialised(tmp_path, convention):
     """ParallelSynthesis(zero_copy=True): the cache path from live workers and from stored tokens
-    gives the materialised path's first logits and answers, both handoff conventions."""
+    gives the materialised path's first logits and answers, both handoff conventions; the same
+    worker rows serve a second synthesis unchanged."""
     from psynth_jax.interop.loader import load_model
     from psynth_jax.synthesis import prompts
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
@@ -239,10 +240,12 @@ def test_pipeline_zero_copy_equals_materialised(tmp_path, convention):
     got = synth.cache_path(questions, w.branches, max_new_tokens=8)
     np.testing.assert_allclose(got.first_logits, ref.first_logits, atol=2e-5, rtol=1e-4)
     assert got.tokens == ref.tokens
+    again = synth.cache_path(questions, w.branches, max_new_tokens=8)  # the worker rows serve again
+    assert again.tokens == got.tokens and np.array_equal(again.first_logits, got.first_logits)
     prefixes = [[synth.gen.chat_tokens(c) for c in row] for row in convs]
     stored = synth.branches_from_tokens(prefixes, w.tokens, w.stopped)
-    again = synth.cache_path(questions, stored, max_new_tokens=8)
-    np.testing.assert_allclose(again.first_logits, ref.first_logits, atol=2e-5, rtol=1e-4)
-    assert again.tokens == ref.tokens
+    rebuilt = synth.cache_path(questions, stored, max_new_tokens=8)
+    np.testing.assert_allclose(rebuilt.first_logits, ref.first_logits, atol=2e-5, rtol=1e-4)
+    assert rebuilt.tokens == ref.tokens
     with pytest.raises(ValueError, match="attn_impl='xla' only"):
         ParallelSynthesis(model, zero_copy=True, attn_impl="xla_split")

@@ -2,8 +2,8 @@
 
 For each point (K, L) both synthesis paths are timed in the same run, on the same backbone:
 
-- cache path (METHOD.md section 3), `cache_path="view"` (the default, synthesis/core.py's
-  zero-copy path): the branches sit in worker rows [P prompt slots | L kept slots] as the
+- cache path (METHOD.md section 3), `cache_path="view"` (synthesis/core.py's zero-copy path;
+  the default with XLA attention, the only kernel that reads a view): the branches sit in worker rows [P prompt slots | L kept slots] as the
   workers left them; `core.jit_prepare_view` (the mapper's per-(layer, branch) scalars and the
   synthesizer's empty cache) -> `core.jit_cache_prefill` of the prompt attending to the rows in
   place, LoRA on -> first sampled token. `cache_path="materialised"` (the reference): the kept
@@ -131,9 +131,12 @@ def _random_branches(key: jax.Array, offset: jax.Array, *, shape: tuple[int, ...
 
 
 def _check_sweep(cfg: ModelConfig, ks: Sequence[int], ls: Sequence[int], prompt_tokens: int, batch: int,
-                 new_tokens: int, worker_prompt_tokens: int, mapper_kind: str, cache_path: str = "view") -> None:
+                 new_tokens: int, worker_prompt_tokens: int, mapper_kind: str, cache_path: str = "view",
+                 attn_impl: str = "xla") -> None:
     if cache_path not in CACHE_PATHS:
         raise ValueError(f"unknown cache path {cache_path!r}; choose one of {CACHE_PATHS}")
+    if cache_path == "view" and attn_impl != "xla":
+        raise ValueError(f"the zero-copy cache path (view) needs attn_impl='xla', got {attn_impl!r}")
     if not ks or not ls:
         raise ValueError("need at least one K and one L")
     bad = [x for x in list(ks) + list(ls) if int(x) <= 0]
@@ -172,7 +175,7 @@ def run_ttft_sweep(
     verbose: bool = True,
     roofline: Roofline | None = None,
     peer_rows: Sequence[dict[str, Any]] | None = None,
-    cache_path: str = "view",
+    cache_path: str = "auto",
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -184,10 +187,13 @@ def run_ttft_sweep(
     warmup: measure the first point once more before the sweep and discard it.
     roofline: adds the cost-model floors, floor ratios and text MFU to every row.
     peer_rows: rows of a PyTorch peer sweep (psynth_jax.bench.peer, same points), merged by (K, L).
-    cache_path: "view" (zero-copy, the default) or "materialised" (the reference); module docstring.
+    cache_path: "view" (zero-copy) or "materialised" (the reference), see the module docstring;
+    "auto": view with XLA attention, materialised with the fused kernels (`resolve_cache_path`).
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
-    _check_sweep(cfg, ks, ls, prompt_tokens, batch, new_tokens, worker_prompt_tokens, mapper_kind, cache_path)
+    cache_path = resolve_cache_path(cache_path, attn_impl)
+    _check_sweep(cfg, ks, ls, prompt_tokens, batch, new_tokens, worker_prompt_tokens, mapper_kind, cache_path,
+                 attn_impl)
     say = (lambda *a, **k: print(*a, **k, flush=True)) if verbose else (lambda *a, **k: None)
 
     model = random_model(cfg, dtype=dtype, lora=LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), seed=seed)
@@ -334,12 +340,16 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
 
 
 def peer_ratios(row: dict[str, Any]) -> dict[str, float]:
-    """JAX time / PyTorch peer time of each path, where both were measured."""
+    """JAX time / PyTorch peer time of each path, and the cache path's speedup over the faster of
+    the two text paths (a slow text baseline cannot inflate it), where measured."""
     out = {}
     for path in ("text", "cache"):
         ours, theirs = row.get(f"{path}_ttft_ms"), row.get(f"peer_{path}_ttft_ms")
         if ours is not None and theirs:
             out[f"{path}_vs_peer"] = ours / theirs
+    texts = [t for t in (row.get("text_ttft_ms"), row.get("peer_text_ttft_ms")) if t]
+    if texts and row.get("cache_ttft_ms"):
+        out["speedup_vs_best_text"] = min(texts) / row["cache_ttft_ms"]
     return out
 
 
@@ -407,6 +417,8 @@ def sweep_metadata(
         definitions.update(peer.get("definitions", {}))
         definitions["peer_first_call_ms"] = "the peer's first call per function at that point (cuBLAS/SDPA warm-up)"
         definitions["peer_times_ms"] = "the peer's timed calls, ms"
+        definitions["speedup_vs_best_text"] = ("min(text_ttft_ms, peer_text_ttft_ms) / cache_ttft_ms: the speedup over "
+                                               "the faster text path of the run")
     meta = base_metadata("ttft", cfg, arch=arch, hub=hub, dtype=dtype, attn_impl=attn_impl, command=command,
                          repeats=repeats, seed=seed, schema_version=SCHEMA_VERSION, weights_note=WEIGHTS_NOTE)
     return {
@@ -450,9 +462,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-positions", type=int, default=None, metavar="N",
                    help="raise the architecture's position limit to N (weights are random, so positions past "
                         "the trained length cost the same; e.g. 8 x 1024 branch tokens + a prompt at SmolLM2's 8192)")
-    p.add_argument("--cache-path", default="view", choices=list(CACHE_PATHS),
-                   help="view: the zero-copy cache path (attention reads the worker rows in place); "
-                        "materialised: branch K/V copied, re-encoded, mapped and packed first (the reference)")
+    p.add_argument("--cache-path", default="auto", choices=["auto", *CACHE_PATHS],
+                   help="view: the zero-copy cache path (attention reads the worker rows in place; --attn-impl xla "
+                        "only); materialised: branch K/V copied, re-encoded, mapped and packed first (the reference); "
+                        "auto: view with xla attention, materialised with the fused kernels")
     p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank (on in the cache path)")
     p.add_argument("--worker-prompt-tokens", type=int, default=64,
                    help="RoPE offset P of every branch (its worker prompt), undone by the re-encoding")
@@ -474,12 +487,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "over pre-built branch caches; runs in a child process before the JAX sweep")
 
 
+def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
+    """"auto" -> "view" with XLA attention (the only kernel that reads a view), else "materialised"."""
+    if cache_path != "auto":
+        return cache_path
+    return "view" if attn_impl == "xla" else "materialised"
+
+
 def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
     """The canonical command line that reproduces this sweep (recorded in the JSON)."""
     argv = ["psynth", "bench", "ttft", "--arch", arch, "--ks", ",".join(map(str, args.ks)),
             "--ls", ",".join(map(str, args.ls)), "--prompt-tokens", str(args.prompt_tokens),
             "--batch", str(args.batch), "--dtype", dtype, "--attn-impl", args.attn_impl, "--mapper", args.mapper,
-            "--cache-path", getattr(args, "cache_path", "view")]
+            "--cache-path", resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl)]
     if getattr(args, "max_positions", None):
         argv += ["--max-positions", str(args.max_positions)]
     argv += ["--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
@@ -533,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
         ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch, dtype=dtype,
         attn_impl=args.attn_impl, repeats=args.repeats, mapper_kind=args.mapper, lora_rank=args.lora_rank,
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
-        warmup=not args.no_warmup, cache_path=getattr(args, "cache_path", "view"),
+        warmup=not args.no_warmup, cache_path=resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl),
     )
     meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), roofline=roofline,
                           peer=peer["metadata"] if peer else None, **settings)

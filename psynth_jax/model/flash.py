@@ -16,7 +16,9 @@ sharing each query; N = 1 for a cache) and may carry, per sub-block:
 - a score bias per query (the cache mapper's beta_k * sum(q));
 - an affine on its value contribution, a * (p . v) + b * sum(p) (alpha_v, beta_v).
 Visibility, per block: key s of sub-block n is seen by query t iff `valid[b, n, s]` and
-`slot[b, n, s] <= q_slot[b, t]`. A query that sees no key returns zeros.
+`slot[b, n, s] <= q_slot[b, t]`; or, for a block given per-row spans (the view), iff s lies in
+its row's span, the tiles then following each row's span. A query that sees no key returns
+zeros.
 
 The VJP is the flash-attention backward: it keeps only the inputs, the output and the
 per-query log-sum-exp, and recomputes each tile's probabilities; so `jax.grad` through it
@@ -24,9 +26,10 @@ never holds a [T, S] array either. Gradients with respect to a block's keys and 
 only computed when its `kv_grad` is set (the zero-copy view's branch K/V are constants of the
 frozen backbone, and its caller stops their gradient explicitly).
 
-Tiles of a length that `block_*` does not divide: the last tile is moved back to end at the
-last row (it overlaps the one before), and its rows already covered are masked (keys) or
-dropped from the gradient (queries); so no input is ever padded or copied.
+Tiles: ceil(n / block) of equal size; when that does not divide n, the last one is moved back
+to end at the last row (overlapping the one before by fewer rows than there are tiles), and its
+rows already covered are masked (keys) or dropped from the gradient (queries); so no input is
+ever padded or copied. The loops are `lax.while_loop`s (see `_loop` for why not scans).
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score (finite: exp(NEG 
 FLOOR = -1e30  # the running max starts here: far above NEG (exp(NEG - FLOOR) == 0 exactly, so masked
 #                scores need no second mask) and far below any real score
 ALWAYS = -(2**30)  # slot of a key every query sees (a branch block of the zero-copy view)
-BLOCK_Q = 256  # tile sizes: ~1-2 MB of float32 scores per tile at 9-16 heads, measured best on CPU
-BLOCK_K = 512
+BLOCK_Q = 256  # tile sizes: the best of 64-1024 measured on the 2-core CPU (SmolLM2's 9 heads):
+BLOCK_K = 512  # smaller tiles lose more to per-iteration overhead than they gain in cache
 
 
 @jax.tree_util.register_dataclass
