@@ -228,13 +228,22 @@ def _span_tile(blk: KeyBlock, tk: _Tiling, j: jax.Array):
     slots = first + jnp.arange(tk.size, dtype=jnp.int32)[None, :]  # [rows, size]
     rel = slots - start
     valid = (rel >= j * tk.size) & (rel < (j + 1) * tk.size) & (rel < length)
-    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
     shape = (b, n, tk.size) + blk.k.shape[3:]
     if blk.k_src is None:
-        k_t, v_t = (x.reshape((rows,) + x.shape[2:])[row, slots] for x in (blk.k, blk.v))
+        src_k, src_v = (x.reshape((1, rows) + x.shape[2:]) for x in (blk.k, blk.v))
+        layer = jnp.zeros((), jnp.int32)
     else:
-        layer = blk.layer.astype(jnp.int32)
-        k_t, v_t = blk.k_src[layer, row, slots], blk.v_src[layer, row, slots]
+        src_k, src_v, layer = blk.k_src, blk.v_src, blk.layer.astype(jnp.int32)
+
+    zero = jnp.zeros((), jnp.int32)
+
+    def one_row(row: jax.Array, f: jax.Array) -> jax.Array:  # row [L, S, H, D] -> [size, H, D] at (layer, f)
+        return jax.lax.dynamic_slice(row, (layer, f, zero, zero), (1, tk.size) + row.shape[2:])[0]
+
+    def rows_at(src: jax.Array) -> jax.Array:  # a gather batched over the rows (each row's own window)
+        return jax.vmap(one_row, in_axes=(1, 0))(src, first[:, 0])
+
+    k_t, v_t = rows_at(src_k), rows_at(src_v)
     slot = jnp.full((b, n, tk.size), ALWAYS, jnp.int32)
     return k_t.reshape(shape), v_t.reshape(shape), slot, valid.reshape(b, n, tk.size), None
 
