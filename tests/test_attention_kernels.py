@@ -83,6 +83,25 @@ def test_write_layers_places_like_write_rows_per_layer(starts, t):
     np.testing.assert_array_equal(np.asarray(jax.jit(write_layers)(buf, new, start)), np.asarray(want))
 
 
+@pytest.mark.parametrize("starts,lens,t", [([13, 5], [6, 6], 6), ([11, 0], [3, 5], 5)])
+def test_split_layout_gradients_equal_the_xla_paths(starts, lens, t):
+    """The split layout's merge weights come from a log-sum-exp jax returns without a gradient; its
+    backward is the XLA path's, so query, cache and chunk gradients are the reference's (they were
+    off by half the reference's scale before)."""
+    q, k_new, v_new, start, n, k_old, v_old, mask = _chunk_layout(starts, lens, t)
+    out_w = jnp.asarray(RNG.randn(*q.shape), jnp.float32)
+    rows = (jnp.arange(t)[None, :] < n[:, None])[..., None, None]  # padding query rows carry no loss
+
+    def loss(impl):
+        def f(q, k_old, v_old, k_new, v_new):
+            out = attend(q, k_old, v_old, mask, impl=impl, chunk=(k_new, v_new, start, n))
+            return jnp.sum(jnp.where(rows, out, 0.0) * out_w)
+        return jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k_old, v_old, k_new, v_new)
+
+    for name, a, b in zip(("q", "k cache", "v cache", "k chunk", "v chunk"), loss("xla_split"), loss("xla")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=0, err_msg=name)
+
+
 def test_fused_layout_refuses_explicit_masks():
     x = jnp.zeros((1, 2, 2, 8))
     mask = AttentionMask(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), explicit=jnp.ones((1, 2, 2), bool))

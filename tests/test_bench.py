@@ -15,8 +15,8 @@ from psynth_jax.cli import bench as bench_cli
 from psynth_jax.model.presets import PRESETS, hub_id, preset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TIME_KEYS = ("cache_reencode_assemble_ms", "cache_mapper_ms", "cache_prepare_ms", "cache_prefill_ms",
-             "cache_ttft_ms", "text_ttft_ms")
+TIME_KEYS = ("cache_prepare_ms", "cache_prefill_ms", "cache_ttft_ms", "text_ttft_ms")
+MATERIALISED_KEYS = ("cache_reencode_assemble_ms", "cache_mapper_ms")  # parts of its preparation
 PEER_KEYS = ("peer_text_ttft_ms", "peer_cache_ttft_ms")
 
 
@@ -87,7 +87,7 @@ def test_sweep_json_has_metadata_and_rows(sweep):
     assert meta["command"].startswith("psynth bench ttft --arch tiny-llama --ks 1,2 --ls 8")
     assert meta["command"].endswith("--torch-peer")
     assert [(r["K"], r["L"]) for r in rows] == [(1, 8), (2, 8)]
-    assert meta["schema_version"] == 2
+    assert meta["schema_version"] == 3 and meta["cache_path"] == "view"
     roof = meta["roofline"]
     assert roof["dtype"] == "float32" and roof["platform"] == meta["device"]["platform"]
     assert roof["matmul_flops_per_s"] > 0 and roof["bandwidth_bytes_per_s"] > 0
@@ -143,6 +143,8 @@ def test_sweep_rows_have_the_torch_peer(sweep):
             assert r[key] > 0 and math.isfinite(r[key]), key
         assert r["text_vs_peer"] == pytest.approx(r["text_ttft_ms"] / r["peer_text_ttft_ms"])
         assert r["cache_vs_peer"] == pytest.approx(r["cache_ttft_ms"] / r["peer_cache_ttft_ms"])
+        best_text = min(r["text_ttft_ms"], r["peer_text_ttft_ms"])
+        assert r["speedup_vs_best_text"] == pytest.approx(best_text / r["cache_ttft_ms"])
         assert set(r["peer_times_ms"]) == {k[:-3] for k in PEER_KEYS}
         assert all(len(v) == 1 for v in r["peer_times_ms"].values())
     raw = json.loads((out / "ttft_peer.json").read_text())  # the peer's own JSON is kept
@@ -181,11 +183,22 @@ def test_table_marks_out_of_memory_paths():
     (dict(ks=[], ls=[8]), "at least one K"),
     (dict(ks=[0], ls=[8]), "positive"),
     (dict(ks=[1], ls=[8], mapper_kind="nope"), "unknown mapper"),
+    (dict(ks=[1], ls=[8], cache_path="copy"), "unknown cache path"),
+    (dict(ks=[1], ls=[8], cache_path="view", attn_impl="xla_split"), "needs attn_impl='xla'"),
     (dict(ks=[64], ls=[1024]), "exceeds the model's 32768 positions"),
 ])
 def test_sweep_rejects_bad_settings_before_building_a_model(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ttft.run_ttft_sweep(preset("tiny-llama"), verbose=False, **kwargs)
+
+
+def test_materialised_cache_path_times_its_parts():
+    """--cache-path materialised: the reference path, with its preparation's parts timed too."""
+    rows = ttft.run_ttft_sweep(preset("tiny-llama"), ks=[2], ls=[8], prompt_tokens=8, new_tokens=8, repeats=1,
+                               warmup=False, verbose=False, cache_path="materialised")
+    for key in TIME_KEYS + MATERIALISED_KEYS:
+        assert rows[0][key] > 0 and math.isfinite(rows[0][key]), key
+    assert "view_slots" not in rows[0]
 
 
 def test_bench_plugs_into_psynth_main(monkeypatch):

@@ -103,8 +103,8 @@ def test_dry_run_prints_every_step_with_flags_psynth_accepts():
         assert argv[0] == sys.executable and argv[1:4] == ["-m", "psynth_jax.cli.main", "bench"]
         parsed = parser.parse_args(argv[3:])  # argparse exits on any flag psynth does not know
         assert parsed.out == f"/tmp/work/{name}"
-        if getattr(parsed, "attn_impl", None) is not None:
-            assert parsed.attn_impl == "cudnn" and parsed.dtype == "bfloat16"
+        if getattr(parsed, "attn_impl", None) is not None:  # cuDNN everywhere but the zero-copy step (XLA's)
+            assert parsed.attn_impl == ("xla" if name == "zerocopy14b" else "cudnn") and parsed.dtype == "bfloat16"
         step = next(s for s in gpu_check.STEPS if s.name == name)
         if step.roofline:
             assert parsed.roofline_json == "/tmp/work/roofline/roofline.json"
@@ -112,6 +112,7 @@ def test_dry_run_prints_every_step_with_flags_psynth_accepts():
     assert by_name["kernels"].impl == "cudnn" and by_name["kernels"].dtypes == ["bfloat16", "float32"]
     assert (by_name["ttft7b"].ks, by_name["ttft7b"].ls, by_name["ttft7b"].arch) == ([2, 8], [1024, 2048], "qwen2.5-7b")
     assert (by_name["ttft14b"].ks, by_name["ttft14b"].ls, by_name["ttft14b"].arch) == ([3], [4096], "qwen3-14b")
+    assert (by_name["zerocopy14b"].cache_path, by_name["zerocopy14b"].ks) == ("view", [3])
     assert (by_name["peer7b"].ks, by_name["peer7b"].ls) == ([8], [2048])
     assert (by_name["peer14b"].ks, by_name["peer14b"].ls) == ([3], [4096])
     assert by_name["decode"].cache_tokens == [16384]

@@ -117,7 +117,7 @@ STEPS: tuple[Step, ...] = (
                "--ls", "1024,2048", "--prompt-tokens", "128", "--repeats", "5", "--no-plot"),
          smoke=("--arch", "tiny-qwen2", *SMOKE_COMMON, "--ks", "2,8", "--ls", "16,32", "--prompt-tokens", "8",
                 "--new-tokens", "8", "--repeats", "2", "--no-warmup", "--no-plot"),
-         cap_s=95, estimate="15 GB random weights ~8 s; 4 points x 5 compiles ~60 s; 8x2048 text "
+         cap_s=85, estimate="15 GB random weights ~8 s; 4 points x 5 compiles ~60 s; 8x2048 text "
                             "2.7e14 FLOP ~0.4 s x 7: ~75 s"),
     Step("ttft14b", "the release's setting: Qwen3-14B shape, K 3 x L 4096", "ttft", result="ttft.json",
          roofline=True, no_roofline=("--no-roofline",),
@@ -126,6 +126,14 @@ STEPS: tuple[Step, ...] = (
          smoke=("--arch", "tiny-qwen3", *SMOKE_COMMON, "--ks", "3", "--ls", "48", "--prompt-tokens", "8",
                 "--new-tokens", "8", "--repeats", "2", "--no-warmup", "--no-plot"),
          cap_s=50, estimate="30 GB weights ~12 s; 5 compiles ~20 s; text 3.6e14 FLOP ~0.5 s x 8: ~40 s"),
+    Step("zerocopy14b", "the zero-copy cache path (branch K/V read in place; XLA blockwise attention) at the "
+                        "release's setting, Qwen3-14B shape, K 3 x L 4096", "ttft", result="ttft.json",
+         roofline=True, no_roofline=("--no-roofline",),
+         full=("--arch", "qwen3-14b", "--dtype", "bfloat16", "--attn-impl", "xla", "--cache-path", "view",
+               "--ks", "3", "--ls", "4096", "--prompt-tokens", "128", "--repeats", "3", "--no-plot"),
+         smoke=("--arch", "tiny-qwen3", *SMOKE_COMMON, "--cache-path", "view", "--ks", "3", "--ls", "48",
+                "--prompt-tokens", "8", "--new-tokens", "8", "--repeats", "2", "--no-warmup", "--no-plot"),
+         cap_s=30, estimate="30 GB weights ~12 s; 5 compiles ~12 s; blockwise XLA attention, ~2x cuDNN: ~26 s"),
     Step("peer7b", "PyTorch + transformers SDPA peer, Qwen2.5-7B shape, 8 x 2048", "peer", result="peer.json",
          env=PEER_ENV,
          full=("--arch", "qwen2.5-7b", "--dtype", "bfloat16", "--ks", "8", "--ls", "2048", "--prompt-tokens", "128",
@@ -140,7 +148,7 @@ STEPS: tuple[Step, ...] = (
                "--repeats", "3"),
          smoke=("--arch", "tiny-qwen3", "--dtype", "float32", "--ks", "3", "--ls", "48", "--prompt-tokens", "8",
                 "--repeats", "2"),
-         cap_s=40, estimate="as peer7b with 30 GB of weights and 12.4k-token forwards ~0.8 s: ~30 s"),
+         cap_s=35, estimate="as peer7b with 30 GB of weights and 12.4k-token forwards ~0.8 s: ~30 s"),
     Step("decode", "decode ms/token over a 16k-token cache against the bandwidth floor (Qwen2.5-7B, B=1)",
          "decode", result="decode.json", roofline=True,
          full=("--arch", "qwen2.5-7b", "--dtype", "bfloat16", "--attn-impl", "cudnn", "--cache-tokens", "16384",

@@ -217,7 +217,7 @@ class TrainSetup:
     """The trainer's pieces, built the way `Trainer.__init__` and `Trainer.train` build them."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: str, attn_impl: str, remat: bool, lora: LoRAConfig,
-                 mapper_kind: str, lr: float, batch: dict[str, np.ndarray], seed: int):
+                 mapper_kind: str, lr: float, batch: dict[str, np.ndarray], seed: int, zero_copy: bool = False):
         from flax import nnx
 
         from psynth_jax.model.loaded import random_model
@@ -235,7 +235,7 @@ class TrainSetup:
         self.tx = make_optimizer(lr, 1000)  # AdamW, constant lr, no clipping: the release defaults
         self.trainable, self.opt_state, self.frozen = place_train_state(
             trainable, self.tx.init(trainable), frozen, self.mesh, rules)
-        self.opts = ObjectiveConfig(remat=remat, attn_impl=attn_impl)
+        self.opts = ObjectiveConfig(remat=remat, attn_impl=attn_impl, zero_copy=zero_copy)
         self.batch = jax.device_put(batch, batch_shardings(batch, self.mesh, rules))
         self.step_fn = make_train_step(self.graphdefs, self.tx, self.opts, self.mesh, rules, self.trainable,
                                        self.opt_state, self.frozen, batch)
@@ -292,7 +292,7 @@ def time_train_steps(setup: TrainSetup, repeats: int) -> tuple[Timing, list[floa
 def measure_train(cfg: ModelConfig, *, remat: bool, dtype: str, attn_impl: str, batch: int, branches: int,
                   branch_tokens: int, branch_prefix_tokens: int, live_tokens: int, lora_rank: int,
                   mapper_kind: str, lr: float, repeats: int, peak: float, seed: int,
-                  reference_shape: bool) -> dict[str, Any]:
+                  reference_shape: bool, zero_copy: bool = False) -> dict[str, Any]:
     """Build the trainer's step with this remat setting, time it, and derive tokens/s and MFU."""
     lora = LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank)
     tokens = batch * (branches * (branch_prefix_tokens + branch_tokens) + live_tokens)
@@ -302,14 +302,14 @@ def measure_train(cfg: ModelConfig, *, remat: bool, dtype: str, attn_impl: str, 
         "remat": remat, "remat_str": "on" if remat else "off", "dtype": dtype, "batch": batch, "branches": branches,
         "branch_tokens": branch_tokens, "branch_prefix_tokens": branch_prefix_tokens, "live_tokens": live_tokens,
         "tokens_per_step": tokens, "flops": flops, "model_flops_per_step": flops["model_flops_per_step"],
-        "hardware_flops_per_step": flops["hardware_flops_per_step"], "peak_tflops": peak,
+        "hardware_flops_per_step": flops["hardware_flops_per_step"], "peak_tflops": peak, "zero_copy": zero_copy,
     }
     data = synthetic_batch(cfg, batch=batch, branches=branches, branch_tokens=branch_tokens,
                            branch_prefix_tokens=branch_prefix_tokens, live_tokens=live_tokens, seed=seed)
     setup = None
     try:
         setup = TrainSetup(cfg, dtype=dtype, attn_impl=attn_impl, remat=remat, lora=lora, mapper_kind=mapper_kind,
-                           lr=lr, batch=data, seed=seed)
+                           lr=lr, batch=data, seed=seed, zero_copy=zero_copy)
         row["trainable_params"], row["frozen_params"] = setup.num_trainable, setup.num_frozen
         t, losses, delta, unchanged = time_train_steps(setup, repeats)
     except OutOfMemory as err:
@@ -354,6 +354,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
                    help="cache mapper kind")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the release's)")
+    p.add_argument("--zero-copy", action="store_true",
+                   help="train through the zero-copy cache path (the synthesizer attends to the branch rows in place)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s in the compute dtype for MFU; default: from --roofline-json, else the "
                         "measured matmul peak")
@@ -379,12 +381,12 @@ def run(args: argparse.Namespace) -> int:
                        and args.live_tokens == REFERENCE["live_tokens"] and args.branch_prefix_tokens == 0
                        and args.batch == 1)
     meta = base_metadata("train", cfg, arch=arch, hub=hub, dtype=dtype, attn_impl=args.attn_impl,
-                         command=command_line("train", args, _OPTIONS, arch=arch, dtype=dtype),
+                         command=command_line("train", args, _OPTIONS, ("zero_copy",), arch=arch, dtype=dtype),
                          repeats=args.repeats, seed=args.seed)
     meta.update(
         shape, remat=args.remat, compute_dtype=dtype,
         lora={"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "targets": list(LoRAConfig().targets)},
-        mapper_kind=args.mapper, optimizer=f"AdamW lr {args.lr}, weight decay 0, no clipping (make_optimizer)",
+        mapper_kind=args.mapper, zero_copy=args.zero_copy, optimizer=f"AdamW lr {args.lr}, weight decay 0, no clipping (make_optimizer)",
         step_function="psynth_jax.train.step.make_train_step: the Trainer's jitted step (1-device mesh)",
         objective="cross-entropy on the target tokens only (kl_weight 0, the release's objective)",
         batch_placement="the synthetic batch is put on the device once; the trainer also transfers each step's "
@@ -410,7 +412,8 @@ def run(args: argparse.Namespace) -> int:
             say("train", f"remat {'on' if remat else 'off'}: compiling + timing {args.repeats} steps")
             rows.append(measure_train(cfg, remat=remat, dtype=dtype, attn_impl=args.attn_impl, lora_rank=args.lora_rank,
                                       mapper_kind=args.mapper, lr=args.lr, repeats=args.repeats, peak=peak,
-                                      seed=args.seed, reference_shape=reference_shape, **shape))
+                                      seed=args.seed, reference_shape=reference_shape, zero_copy=args.zero_copy,
+                                      **shape))
     print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
     if reference_shape:
         for r in rows:

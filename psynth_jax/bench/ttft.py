@@ -2,10 +2,15 @@
 
 For each point (K, L) both synthesis paths are timed in the same run, on the same backbone:
 
-- cache path (METHOD.md section 3): `core.prepare` (RoPE re-encoding + cache mapper +
-  assembly, one jit) -> `core.jit_cache_prefill` of the synthesizer prompt over the prepared cache with
-  the LoRA on -> first sampled token. Its parts are also timed alone: re-encode + assemble without
-  the mapper, the mapper alone, the whole preparation, and the prompt prefill alone.
+- cache path (METHOD.md section 3), `cache_path="view"` (synthesis/core.py's zero-copy path;
+  the default with XLA attention, the only kernel that reads a view): the branches sit in worker rows [P prompt slots | L kept slots] as the
+  workers left them; `core.jit_prepare_view` (the mapper's per-(layer, branch) scalars and the
+  synthesizer's empty cache) -> `core.jit_cache_prefill` of the prompt attending to the rows in
+  place, LoRA on -> first sampled token. `cache_path="materialised"` (the reference): the kept
+  K/V already copied out (BranchCaches), `core.jit_prepare` (RoPE re-encoding + mapper +
+  assembly, one jit) -> the prefill over the prepared cache; there the re-encoding + assembly
+  without the mapper and the mapper alone are timed too. Both: the preparation alone and the
+  prompt prefill alone.
 - text path (METHOD.md section 4): `core.jit_text_prefill` of K*L branch tokens + the prompt, LoRA
   off -> first sampled token.
 
@@ -24,6 +29,7 @@ the sweep) the transformers + SDPA times of both paths and the JAX/peer ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import shlex
@@ -44,12 +50,14 @@ from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.handoff import BranchCaches, assemble, reencode
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper, map_caches
 
-SCHEMA_VERSION = 2  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields
+SCHEMA_VERSION = 3  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields; 3: cache_path
+CACHE_PATHS = ("view", "materialised")
 WEIGHTS_NOTE = "random weights, branch KV and tokens: timing does not depend on their values"
 
 # (column title, row key, format) of the printed table
@@ -57,7 +65,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("K", "K", "{:>3d}"),
     ("L", "L", "{:>6d}"),
     ("K*L", "branch_tokens", "{:>7d}"),
-    ("reenc+asm", "cache_reencode_assemble_ms", "{:>9.2f}"),
+    ("reenc+asm", "cache_reencode_assemble_ms", "{:>9.2f}"),  # materialised path only
     ("mapper", "cache_mapper_ms", "{:>7.2f}"),
     ("prepare", "cache_prepare_ms", "{:>8.2f}"),
     ("prefill", "cache_prefill_ms", "{:>8.2f}"),
@@ -96,6 +104,19 @@ def _mapper_only(branches: BranchCaches, mapper_def: nnx.GraphDef, mapper_state:
     return map_caches(nnx.merge(mapper_def, mapper_state), branches.k, branches.v, branches.lengths)
 
 
+def _random_worker_view(key: jax.Array, prompt_tokens: int, k: int, *, shape: tuple[int, ...], dtype: Any
+                       ) -> BranchView:
+    """A BranchView of random worker rows [layers, B*K, P + L, Hkv, D]: each row's last L slots
+    kept (the output), re-encoded by -P; identity mapper until prepared."""
+    kk, kv = jax.random.split(key)
+    rows, width = shape[1], shape[2]
+    cache = KVCache(k=jax.random.normal(kk, shape, dtype), v=jax.random.normal(kv, shape, dtype),
+                    valid=jnp.ones((rows, width), bool), end=jnp.full((rows,), width, jnp.int32),
+                    next_pos=jnp.full((rows,), width, jnp.int32))
+    p = jnp.full((rows,), prompt_tokens, jnp.int32)
+    return core.view(cache, p, jnp.full((rows,), width - prompt_tokens, jnp.int32), p, num_requests=rows // k)
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
 def _random_branches(key: jax.Array, offset: jax.Array, *, shape: tuple[int, ...], dtype: Any) -> BranchCaches:
     """Random BranchCaches [layers, B, K, L, Hkv, D]; every branch full (length L) at RoPE offset."""
@@ -110,7 +131,12 @@ def _random_branches(key: jax.Array, offset: jax.Array, *, shape: tuple[int, ...
 
 
 def _check_sweep(cfg: ModelConfig, ks: Sequence[int], ls: Sequence[int], prompt_tokens: int, batch: int,
-                 new_tokens: int, worker_prompt_tokens: int, mapper_kind: str) -> None:
+                 new_tokens: int, worker_prompt_tokens: int, mapper_kind: str, cache_path: str = "view",
+                 attn_impl: str = "xla") -> None:
+    if cache_path not in CACHE_PATHS:
+        raise ValueError(f"unknown cache path {cache_path!r}; choose one of {CACHE_PATHS}")
+    if cache_path == "view" and attn_impl != "xla":
+        raise ValueError(f"the zero-copy cache path (view) needs attn_impl='xla', got {attn_impl!r}")
     if not ks or not ls:
         raise ValueError("need at least one K and one L")
     bad = [x for x in list(ks) + list(ls) if int(x) <= 0]
@@ -149,6 +175,7 @@ def run_ttft_sweep(
     verbose: bool = True,
     roofline: Roofline | None = None,
     peer_rows: Sequence[dict[str, Any]] | None = None,
+    cache_path: str = "auto",
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -160,9 +187,13 @@ def run_ttft_sweep(
     warmup: measure the first point once more before the sweep and discard it.
     roofline: adds the cost-model floors, floor ratios and text MFU to every row.
     peer_rows: rows of a PyTorch peer sweep (psynth_jax.bench.peer, same points), merged by (K, L).
+    cache_path: "view" (zero-copy) or "materialised" (the reference), see the module docstring;
+    "auto": view with XLA attention, materialised with the fused kernels (`resolve_cache_path`).
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
-    _check_sweep(cfg, ks, ls, prompt_tokens, batch, new_tokens, worker_prompt_tokens, mapper_kind)
+    cache_path = resolve_cache_path(cache_path, attn_impl)
+    _check_sweep(cfg, ks, ls, prompt_tokens, batch, new_tokens, worker_prompt_tokens, mapper_kind, cache_path,
+                 attn_impl)
     say = (lambda *a, **k: print(*a, **k, flush=True)) if verbose else (lambda *a, **k: None)
 
     model = random_model(cfg, dtype=dtype, lora=LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), seed=seed)
@@ -179,6 +210,7 @@ def run_ttft_sweep(
             gd, st, mapper_def, mapper_state, cfg, k, l, prompt_tokens=prompt_tokens, batch=batch,
             cache_dtype=cache_dtype, attn_impl=attn_impl, repeats=reps, sampling=sampling,
             worker_prompt_tokens=worker_prompt_tokens, new_tokens=new_tokens, key=jax.random.fold_in(key, i),
+            cache_path=cache_path,
         )
 
     peers = {(int(r["K"]), int(r["L"])): r for r in (peer_rows or ())}
@@ -218,7 +250,8 @@ def run_ttft_sweep(
 
 def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int,
                    batch: int, cache_dtype, attn_impl: str, repeats: int, sampling: SamplingConfig,
-                   worker_prompt_tokens: int, new_tokens: int, key: jax.Array) -> dict[str, Any]:
+                   worker_prompt_tokens: int, new_tokens: int, key: jax.Array, cache_path: str = "view"
+                   ) -> dict[str, Any]:
     kb, kp, kt = jax.random.split(key, 3)
     extra = prompt_tokens + new_tokens  # synthesizer slots after the branch region
     text_len = k * l + prompt_tokens
@@ -237,25 +270,38 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
 
     # ------------------------------------------------------------ cache path
     try:
-        shape = (cfg.num_layers, batch, k, l, cfg.num_kv_heads, cfg.head_dim)
-        branches = jax.block_until_ready(
-            _random_branches(kb, jnp.int32(worker_prompt_tokens), shape=shape, dtype=cache_dtype))
         prompt = jax.random.randint(kp, (batch, prompt_tokens), 0, cfg.vocab_size, jnp.int32)
         prompt_len = jnp.full((batch,), prompt_tokens, jnp.int32)
+        if cache_path == "view":
+            rows_shape = (cfg.num_layers, batch * k, worker_prompt_tokens + l, cfg.num_kv_heads, cfg.head_dim)
+            branches = jax.block_until_ready(
+                _random_worker_view(kb, worker_prompt_tokens, k, shape=rows_shape, dtype=cache_dtype))
+            row["view_slots"] = batch * k * (worker_prompt_tokens + l)
 
-        def prepare():
-            return core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
+            def prepare():
+                view, cache = core.jit_prepare_view(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
+                return cache, view
+        else:
+            shape = (cfg.num_layers, batch, k, l, cfg.num_kv_heads, cfg.head_dim)
+            branches = jax.block_until_ready(
+                _random_branches(kb, jnp.int32(worker_prompt_tokens), shape=shape, dtype=cache_dtype))
 
-        def prefill(cache):
-            return core.jit_cache_prefill(gd, st, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl)[0]
+            def prepare():
+                return core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra), None
+
+            row["cache_reencode_assemble_ms"] = record("cache_reencode_assemble", time_calls(
+                lambda: _reencode_assemble(branches, cfg=cfg, extra_slots=extra), repeats))
+            row["cache_mapper_ms"] = record("cache_mapper", time_calls(
+                lambda: _mapper_only(branches, mapper_def, mapper_state), repeats))
+
+        def prefill(prepared):
+            cache, view = prepared
+            return core.jit_cache_prefill(gd, st, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl,
+                                          view=view)[0]
 
         def cache_ttft():
             return runtime.first_token(prefill(prepare()), jax.random.key(0), sampling)
 
-        row["cache_reencode_assemble_ms"] = record("cache_reencode_assemble", time_calls(
-            lambda: _reencode_assemble(branches, cfg=cfg, extra_slots=extra), repeats))
-        row["cache_mapper_ms"] = record("cache_mapper", time_calls(
-            lambda: _mapper_only(branches, mapper_def, mapper_state), repeats))
         row["cache_prepare_ms"] = record("cache_prepare", time_calls(prepare, repeats))
         row["cache_prefill_ms"] = record("cache_prefill", time_calls(prefill, repeats, setup=prepare))
         t = time_calls(cache_ttft, repeats)
@@ -294,12 +340,16 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
 
 
 def peer_ratios(row: dict[str, Any]) -> dict[str, float]:
-    """JAX time / PyTorch peer time of each path, where both were measured."""
+    """JAX time / PyTorch peer time of each path, and the cache path's speedup over the faster of
+    the two text paths (a slow text baseline cannot inflate it), where measured."""
     out = {}
     for path in ("text", "cache"):
         ours, theirs = row.get(f"{path}_ttft_ms"), row.get(f"peer_{path}_ttft_ms")
         if ours is not None and theirs:
             out[f"{path}_vs_peer"] = ours / theirs
+    texts = [t for t in (row.get("text_ttft_ms"), row.get("peer_text_ttft_ms")) if t]
+    if texts and row.get("cache_ttft_ms"):
+        out["speedup_vs_best_text"] = min(texts) / row["cache_ttft_ms"]
     return out
 
 
@@ -338,7 +388,7 @@ def sweep_metadata(
     prompt_tokens: int, batch: int, dtype: str, attn_impl: str, repeats: int, mapper_kind: str,
     lora_rank: int = 16, worker_prompt_tokens: int = 64, new_tokens: int = 64, seed: int = 0,
     warmup: bool = True, command: str | None = None, roofline: Roofline | None = None,
-    peer: dict[str, Any] | None = None,
+    peer: dict[str, Any] | None = None, cache_path: str = "view",
 ) -> dict[str, Any]:
     """Everything needed to read (and reproduce) a sweep's rows.
 
@@ -346,10 +396,14 @@ def sweep_metadata(
     peer: the PyTorch peer's metadata (psynth_jax.bench.peer.peer_metadata) when it ran.
     """
     definitions = {
-        "cache_reencode_assemble_ms": "RoPE re-encoding by -P + packing, no mapper (own jit)",
-        "cache_mapper_ms": "cache mapper alone on the branch K/V (own jit)",
-        "cache_prepare_ms": "core.prepare: re-encode + mapper + assemble, one jit (as the pipeline)",
-        "cache_prefill_ms": "core.jit_cache_prefill of the prompt over the prepared cache, LoRA on",
+        "cache_path": "view: zero-copy (core.jit_prepare_view, the prompt attends to worker rows [P | L] in "
+                      "place); materialised: the reference (core.jit_prepare over copied-out branch K/V)",
+        "cache_reencode_assemble_ms": "materialised only: RoPE re-encoding by -P + packing, no mapper (own jit)",
+        "cache_mapper_ms": "materialised only: cache mapper alone on the branch K/V (own jit)",
+        "cache_prepare_ms": "view: core.jit_prepare_view (mapper scalars + the synthesizer's empty cache); "
+                            "materialised: core.jit_prepare (re-encode + mapper + assemble, one jit)",
+        "cache_prefill_ms": "core.jit_cache_prefill of the prompt over the prepared cache (and view), LoRA on",
+        "view_slots": "view only: worker-row slots the prompt's attention reads, B*K*(P + L) (P masked)",
         "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
         "text_ttft_ms": "core.jit_text_prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
         "speedup": "text_ttft_ms / cache_ttft_ms, same run",
@@ -363,11 +417,14 @@ def sweep_metadata(
         definitions.update(peer.get("definitions", {}))
         definitions["peer_first_call_ms"] = "the peer's first call per function at that point (cuBLAS/SDPA warm-up)"
         definitions["peer_times_ms"] = "the peer's timed calls, ms"
+        definitions["speedup_vs_best_text"] = ("min(text_ttft_ms, peer_text_ttft_ms) / cache_ttft_ms: the speedup over "
+                                               "the faster text path of the run")
     meta = base_metadata("ttft", cfg, arch=arch, hub=hub, dtype=dtype, attn_impl=attn_impl, command=command,
                          repeats=repeats, seed=seed, schema_version=SCHEMA_VERSION, weights_note=WEIGHTS_NOTE)
     return {
         **meta,
         "mapper_kind": mapper_kind,
+        "cache_path": cache_path,
         "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "targets": list(LoRAConfig().targets),
                  "cache_path": "on", "text_path": "off"},
         "ks": list(ks),
@@ -402,6 +459,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (cudnn: GPU only)")
     p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
                    help="cache mapper kind")
+    p.add_argument("--max-positions", type=int, default=None, metavar="N",
+                   help="raise the architecture's position limit to N (weights are random, so positions past "
+                        "the trained length cost the same; e.g. 8 x 1024 branch tokens + a prompt at SmolLM2's 8192)")
+    p.add_argument("--cache-path", default="auto", choices=["auto", *CACHE_PATHS],
+                   help="view: the zero-copy cache path (attention reads the worker rows in place; --attn-impl xla "
+                        "only); materialised: branch K/V copied, re-encoded, mapped and packed first (the reference); "
+                        "auto: view with xla attention, materialised with the fused kernels")
     p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank (on in the cache path)")
     p.add_argument("--worker-prompt-tokens", type=int, default=64,
                    help="RoPE offset P of every branch (its worker prompt), undone by the re-encoding")
@@ -423,12 +487,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "over pre-built branch caches; runs in a child process before the JAX sweep")
 
 
+def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
+    """"auto" -> "view" with XLA attention (the only kernel that reads a view), else "materialised"."""
+    if cache_path != "auto":
+        return cache_path
+    return "view" if attn_impl == "xla" else "materialised"
+
+
 def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
     """The canonical command line that reproduces this sweep (recorded in the JSON)."""
     argv = ["psynth", "bench", "ttft", "--arch", arch, "--ks", ",".join(map(str, args.ks)),
             "--ls", ",".join(map(str, args.ls)), "--prompt-tokens", str(args.prompt_tokens),
             "--batch", str(args.batch), "--dtype", dtype, "--attn-impl", args.attn_impl, "--mapper", args.mapper,
-            "--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
+            "--cache-path", resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl)]
+    if getattr(args, "max_positions", None):
+        argv += ["--max-positions", str(args.max_positions)]
+    argv += ["--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
             "--out", str(args.out)] + (["--no-warmup"] if args.no_warmup else [])
     if getattr(args, "no_roofline", False):
@@ -448,6 +522,10 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.bench.roofline import format_roofline, load_roofline, measure_roofline
 
     cfg, arch, hub = resolve_arch(args.arch)
+    if getattr(args, "max_positions", None):
+        if args.max_positions <= 0:
+            raise ValueError(f"--max-positions must be positive, got {args.max_positions}")
+        cfg = dataclasses.replace(cfg, max_position_embeddings=args.max_positions)
     out = Path(args.out)
     peer = None
     if getattr(args, "torch_peer", False):
@@ -475,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
         ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch, dtype=dtype,
         attn_impl=args.attn_impl, repeats=args.repeats, mapper_kind=args.mapper, lora_rank=args.lora_rank,
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
-        warmup=not args.no_warmup,
+        warmup=not args.no_warmup, cache_path=resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl),
     )
     meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), roofline=roofline,
                           peer=peer["metadata"] if peer else None, **settings)
@@ -484,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.num_kv_heads} KV heads x {cfg.head_dim}), RANDOM weights, {dtype}, attn={args.attn_impl}, "
           f"on {dev['device_kind']} [{dev['platform']}]", file=sys.stderr, flush=True)
     print(f"[bench ttft] times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
-          f"prompt {args.prompt_tokens} tokens", file=sys.stderr, flush=True)
+          f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}", file=sys.stderr, flush=True)
     rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, **settings)
     meta["device"]["host_load_avg_1m_end"] = load_average()
     json_path = write_json(out / "ttft.json", meta, rows)

@@ -114,11 +114,14 @@ def fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     """The fields that decide stored branches and records: a resumed run must agree on all of them.
 
     An unset or default handoff is left out, so runs made before the setting existed resume (the
-    adapter, which an unset handoff defers to, is part of the fingerprint).
+    adapter, which an unset handoff defers to, is part of the fingerprint); so is the default
+    (materialised) cache path.
     """
     out = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FIELDS}
     if cfg.handoff is None or cfg.handoff == HandoffConfig():
         del out["handoff"]
+    if not cfg.model.zero_copy:
+        out["model"] = {k: v for k, v in out["model"].items() if k != "zero_copy"}
     return out
 
 

@@ -41,6 +41,7 @@ class ModelSourceConfig:
     source: str = "smollm2-135m"
     dtype: Dtype = "bfloat16"  # parameter dtype of the frozen backbone
     attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA), splash (TPU Pallas; shard_map under a mesh)
+    zero_copy: bool = False  # the synthesizer reads branch K/V in the worker rows (re-encoding and mapper folded into attention); attn_impl xla only
 
 
 @_frozen

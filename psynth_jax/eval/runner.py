@@ -275,7 +275,7 @@ class EvalRunner:
                                                                         mesh=mesh, rules=rules)
         first = next(exs[0].family for exs in self.examples.values() if exs)
         synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, timing_repeats=0,  # see _time
-                                  mesh=mesh)
+                                  mesh=mesh, zero_copy=m.zero_copy)
         chosen = self.cfg.handoff  # None: the adapter's recorded handoff, else the default
         if self.cfg.adapter is not None:
             from psynth_jax.interop.importer import load_adapter_into

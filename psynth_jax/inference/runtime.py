@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psynth_jax.inference.sampling import SamplingConfig, sample
-from psynth_jax.model.kv_cache import KVCache
+from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.transformer import Decoder, Output
 
 
@@ -48,11 +48,13 @@ def lengths_mask(lengths: jax.Array, width: int) -> jax.Array:
 
 
 def extend_fn(model: Decoder, cache: KVCache, tokens: jax.Array, lengths: jax.Array, *, lora: bool = False,
-              attn_impl: str = "xla", remat: bool = False) -> tuple[jax.Array, KVCache]:
+              attn_impl: str = "xla", remat: bool = False, view: BranchView | None = None) -> tuple[jax.Array, KVCache]:
     """Right-padded chunks [B, T] (true lengths [B]) after what `cache` holds: final-norm hidden
-    states [B, T, D] and the cache with the chunk written (pure: callable inside any jit)."""
+    states [B, T, D] and the cache with the chunk written (pure: callable inside any jit).
+
+    view: branch caches read in place besides `cache` (the zero-copy cache path)."""
     return model(tokens, model.shard_cache(cache), lengths_mask(lengths, tokens.shape[1]), lora=lora,
-                 attn_impl=attn_impl, output="hidden", remat=remat)
+                 attn_impl=attn_impl, output="hidden", remat=remat, view=view)
 
 
 def prefill_fn(model: Decoder, tokens: jax.Array, lengths: jax.Array, *, num_slots: int, lora: bool = False,
@@ -132,11 +134,13 @@ def decode_loop(
     stop_ids: tuple[int, ...],
     lora: bool,
     attn_impl: str,
+    view: BranchView | None = None,
 ) -> Generation:
     """Sample up to `max_new_tokens` tokens after a prefill, feeding each one back in.
 
     Runs inside the caller's jit. Every generated token, the final one included, is written to
     the cache, so the cache ends holding the whole output (what worker branches hand over).
+    view: branch caches every step also reads in place (the zero-copy cache path).
     """
     b = first_logits.shape[0]
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -150,7 +154,8 @@ def decode_loop(
 
     def body(carry):
         i, cur, done, out, cache, rng = carry
-        logits, cache = model(cur[:, None], cache, (~done)[:, None], lora=lora, attn_impl=attn_impl, output="last")
+        logits, cache = model(cur[:, None], cache, (~done)[:, None], lora=lora, attn_impl=attn_impl, output="last",
+                              view=view)
         finished = done | jnp.isin(cur, stops) | (i + 1 >= max_new_tokens)
         rng, sub = jax.random.split(rng)
         nxt = jnp.where(finished, 0, sample(logits, sub, sampling))
@@ -211,13 +216,15 @@ def extend(
     lora: bool = False,
     attn_impl: str = "xla",
     output: Output = "last",
+    view: BranchView | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """`extend_fn` + `select_outputs`, compiled once per shape; the cache is donated.
+    """`extend_fn` + `select_outputs`, compiled once per shape; the cache is donated (a view is not).
 
-    The synthesizer prefill of the cache path: the prompt follows the assembled branch caches.
+    The synthesizer prefill of the cache path: the prompt follows the assembled branch caches
+    (or, with `view`, attends to the worker rows in place).
     """
     model = _merge(graphdef, state)
-    h, cache = extend_fn(model, cache, tokens, lengths, lora=lora, attn_impl=attn_impl)
+    h, cache = extend_fn(model, cache, tokens, lengths, lora=lora, attn_impl=attn_impl, view=view)
     return select_outputs(model, h, lengths, output), cache
 
 
@@ -238,12 +245,13 @@ def continue_generation(
     stop_ids: tuple[int, ...] = (),
     lora: bool = False,
     attn_impl: str = "xla",
+    view: BranchView | None = None,
 ) -> Generation:
     """Decode from the logits a prefill/extend returned (the token loop inside jit)."""
     model = _merge(graphdef, state)
     return decode_loop(
         model, first_logits, cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
-        stop_ids=stop_ids, lora=lora, attn_impl=attn_impl,
+        stop_ids=stop_ids, lora=lora, attn_impl=attn_impl, view=view,
     )
 
 

@@ -8,9 +8,11 @@ with their worker prompts in one sequence, block-diagonal, used as the from-scra
 of the cache handoff) pass an `explicit` boolean mask, which only the XLA path accepts.
 
 Implementations:
-- "xla": masked softmax in float32. Handles every mask. `dense_attention` (over a cache that
-  already holds the chunk) is the reference in tests; a decode step reads the cache as it was
-  plus its own key instead, which keeps XLA from copying the layer cache (`xla_attention`).
+- "xla": float32 softmax over the cache as it was plus the chunk's own keys, never a written
+  copy of the layer cache (`xla_attention`): blockwise with an online softmax for prefill and
+  extend (flash.py), one multiply-reduce pass for a decode step. The only implementation that
+  reads a zero-copy branch view (`view_block`). `dense_attention`, the masked softmax over a
+  cache that already holds the chunk, is the reference in tests and serves explicit masks.
 - "cudnn": cuDNN flash attention on GPU, with the layout given as sequence lengths and offsets
   (attention_kernels.split_attention). Needs the chunk's own keys/values and the contiguous
   cache invariant of kv_cache.py; refuses explicit masks rather than silently ignoring them.
@@ -29,11 +31,15 @@ Implementations:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from psynth_jax.model.flash import KeyBlock, flash_attention
 from psynth_jax.model.kv_cache import write_rows
+from psynth_jax.model.rope import apply_rope
 
 IMPLEMENTATIONS = ("xla", "cudnn", "xla_split", "splash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -62,6 +68,8 @@ def attend(
     *,
     impl: str = "xla",
     chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    stacked: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    view: KeyBlock | None = None,
 ) -> jax.Array:
     """Grouped-query attention. q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D].
 
@@ -72,11 +80,18 @@ def attend(
     what keeps a decode step from copying a whole layer cache (see `xla_attention`). Query rows
     that see no key at all (padding) return zeros in the XLA path, and finite values without
     meaning in "splash". chunk=None: k/v already hold the chunk (the dense reference, XLA only).
+    stacked = (k_stack, v_stack, layer): the whole stacked cache [L,B,S,Hkv,D] that k/v are
+    layer `layer` of; the XLA path then reads it in place (see `xla_attention`).
+    view: the zero-copy branch view's key block (`view_block`), seen by every query besides
+    the cache and the chunk; the XLA path only.
     """
     if impl == "xla":
         if chunk is None:
             return dense_attention(q, k, v, mask)
-        return xla_attention(q, k, v, mask, chunk)
+        return xla_attention(q, k, v, mask, chunk, stacked, view)
+    if view is not None:
+        raise ValueError(f"attention {impl!r} cannot read a zero-copy branch view; use impl='xla' "
+                         "(or the materialised cache path)")
     if impl in ("cudnn", "xla_split", "splash"):
         if mask.explicit is not None or chunk is None:
             raise ValueError(f"attention {impl!r} takes cache layouts only (no explicit mask); use impl='xla'")
@@ -85,11 +100,43 @@ def attend(
             from psynth_jax.model.splash import splash_attention
 
             return splash_attention(q, k, v, k_chunk, v_chunk, start, chunk_len)
-        from psynth_jax.model.attention_kernels import split_attention
-
-        kernel = "cudnn" if impl == "cudnn" else "xla"
-        return split_attention(q, k, v, k_chunk, v_chunk, start, chunk_len, kernel=kernel)
+        return _split(impl, q, k, v, k_chunk, v_chunk, mask, start, chunk_len)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _split(impl, q, k, v, k_chunk, v_chunk, mask, start, chunk_len):
+    """The split layout (cuDNN, or XLA's kernel for "xla_split"), differentiated as the XLA path.
+
+    jax.nn.dot_product_attention returns the log-sum-exp that merges the two calls without a
+    gradient (stop_gradient in XLA's implementation, dropped by cuDNN's backward rule), so
+    differentiating the merge directly gives wrong query and key gradients. The backward is
+    therefore the blockwise XLA attention's (flash.py) over the same layout: exact, memory
+    O(tile), at the price of one XLA forward recomputed in the backward pass.
+    """
+    from psynth_jax.model.attention_kernels import split_attention
+
+    kernel = "cudnn" if impl == "cudnn" else "xla"
+    return split_attention(q, k, v, k_chunk, v_chunk, start, chunk_len, kernel=kernel)
+
+
+def _split_fwd(impl, q, k, v, k_chunk, v_chunk, mask, start, chunk_len):
+    return _split(impl, q, k, v, k_chunk, v_chunk, mask, start, chunk_len), (q, k, v, k_chunk, v_chunk, mask, start,
+                                                                              chunk_len)
+
+
+def _split_bwd(impl, res, g):
+    q, k, v, k_chunk, v_chunk, mask, start, chunk_len = res
+
+    def reference(q, k, v, kc, vc):
+        return xla_attention(q, k, v, mask, (kc, vc, start, chunk_len))
+
+    grads = jax.vjp(reference, q, k, v, k_chunk, v_chunk)[1](g)
+    no_grad = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731 (integer / boolean inputs)
+    return (*grads, jax.tree.map(no_grad, mask), no_grad(start), no_grad(chunk_len))
+
+
+_split.defvjp(_split_fwd, _split_bwd)
 
 
 def xla_attention(
@@ -98,55 +145,161 @@ def xla_attention(
     v_cache: jax.Array,
     mask: AttentionMask,
     chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    stacked: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    view: KeyBlock | None = None,
 ) -> jax.Array:
     """The XLA path: the chunk's attention over the cache as it was plus the chunk itself.
 
-    A decode step (T == 1) attends over [cache | own key] without writing the key into the
-    layer cache first: writing into a slice of the stacked [L,B,S,...] cache inside the layer
-    scan makes XLA copy the layer's whole cache several times per step (slice, scatter,
-    write-back), which dominated decode time. Its mask is the post-write rule split in two
-    (`split_mask`), so explicit masks keep their meaning. A longer chunk (prefill) writes itself
-    into a copy of the layer cache and runs the dense reference: the copy is small next to
-    prefill compute, and attending over S + T keys would add T x T work per layer.
+    Neither the layer cache nor the chunk is written or copied first: writing into a slice of
+    the stacked [L,B,S,...] cache inside the layer scan makes XLA copy the layer's whole cache
+    (slice, scatter, write-back) on every layer. The post-write mask is split in two instead
+    (`split_slots`): keys of the cache as it was outside the chunk's slots, and the chunk's own
+    keys at its slots; a zero-copy branch view adds a third block.
+    - T > 1 (prefill, extend): blockwise attention with an online softmax (flash.py) over the
+      key blocks: memory O(T x tile), not O(T x S), also under jax.grad. With `stacked` (the
+      layer scan's whole cache and this layer's index) the cache tiles are read from the stack
+      in place: the scan's per-layer slice k/v then only carries gradients, and XLA drops it
+      instead of copying the layer cache for the tile loop.
+    - T == 1 (decode): one pass of multiply-reduces over the cache and the token's own key
+      (`decode_attention`); over a branch view too, the tile loop of flash.py, which reads the
+      worker rows from the stack in place (XLA would copy a layer of them for the reduce).
+    - explicit masks (reference layouts of tests): the chunk is written into a copy of the
+      cache and the dense reference runs on it.
     """
     k_chunk, v_chunk, start, _ = chunk
-    if q.shape[1] > 1:
-        k = write_rows(k_cache, k_chunk, start)
-        v = write_rows(v_cache, v_chunk, start)
-        return dense_attention(q, k, v, mask)
-    vis_cache, vis_chunk = split_mask(mask.dense(), start, k_cache.shape[1], k_chunk.shape[1])
-    b, _, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    qg = q[:, 0].reshape(b, 1, hkv, hq // hkv, d).astype(jnp.float32) * (d**-0.5)  # [B,1,K,G,D]
-    # multiply-reduce, not einsum: reads the cache in its [B,S,K,D] layout (a dot would first
-    # copy it into a transposed one)
-    la = jnp.sum(qg * k_cache[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,S,K,G]
-    lb = jnp.sum(qg * k_chunk[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,1,K,G]
-    va = vis_cache[:, 0, :, None, None]
-    vb = vis_chunk[:, 0, :, None, None]
-    la = jnp.where(va, la, _MASK_VALUE)
-    lb = jnp.where(vb, lb, _MASK_VALUE)
-    m = jnp.maximum(la.max(axis=1, keepdims=True), lb.max(axis=1, keepdims=True))
-    pa = jnp.where(va, jnp.exp(la - m), 0.0)
-    pb = jnp.where(vb, jnp.exp(lb - m), 0.0)
-    denom = pa.sum(axis=1) + pb.sum(axis=1)  # [B,K,G]
-    oa = jnp.sum(pa[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B,K,G,D]
-    ob = jnp.sum(pb[..., None] * v_chunk[:, :, :, None, :].astype(jnp.float32), axis=1)
-    out = jnp.where(denom[..., None] > 0, (oa + ob) / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-    return out.reshape(b, 1, hq, d).astype(q.dtype)
+    if mask.explicit is not None:
+        if view is not None:
+            raise ValueError("an explicit attention mask cannot be combined with a zero-copy branch view")
+        return dense_attention(q, write_rows(k_cache, k_chunk, start), write_rows(v_cache, v_chunk, start), mask)
+    blocks = cache_blocks(q, k_cache, v_cache, k_chunk, v_chunk, mask, start, stacked)
+    if view is not None:
+        blocks = (view,) + blocks
+    scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1 and view is None:
+        return decode_attention(blocks, mask.q_slots, scale=scale)
+    return flash_attention(blocks, mask.q_slots, scale=scale)
 
 
-def split_mask(full: jax.Array, start: jax.Array, num_slots: int, t: int) -> tuple[jax.Array, jax.Array]:
-    """A post-write visibility [B,T,S] -> (over the cache as it was [B,T,S], over the chunk [B,T,T]).
+def decode_attention(blocks: tuple[KeyBlock, ...], q_slot: jax.Array, *, scale: float) -> jax.Array:
+    """One query per row over every block's keys, as multiply-reduces -> [B, 1, Hq, D].
+
+    Reads each block's k/v [B,N,S,Hkv,D] in its own layout (a dot would first copy the cache
+    into a transposed one) in one pass: a decode step is bound by reading the cache. Blocks
+    without score bias or value affine (the cache and the chunk); a row that sees no key
+    returns zeros.
+    """
+    b, _, _, hq, d = blocks[0].q.shape
+    hkv = blocks[0].k.shape[3]
+    g = hq // hkv
+    f32 = jnp.float32
+    logits, visible = [], []
+    for blk in blocks:
+        n = blk.k.shape[1]
+        qb = blk.q[:, :, 0].reshape(b, n, 1, hkv, g, d).astype(f32) * scale  # [B,N,1,Hkv,G,D]
+        lg = jnp.sum(qb * blk.k[:, :, :, :, None, :].astype(f32), axis=-1)  # [B,N,S,Hkv,G]
+        vis = (blk.valid & (blk.slot <= q_slot[:, :1, None]))[..., None, None]  # [B,N,S,1,1]
+        logits.append(jnp.where(vis, lg, _MASK_VALUE))
+        visible.append(vis)
+    m = jnp.max(jnp.stack([lg.max(axis=(1, 2)) for lg in logits]), axis=0)  # [B,Hkv,G]
+    denom, out = 0.0, 0.0
+    for blk, lg, vis in zip(blocks, logits, visible):
+        p = jnp.where(vis, jnp.exp(lg - m[:, None, None]), 0.0)  # [B,N,S,Hkv,G]
+        o = jnp.sum(p[..., None] * blk.v[:, :, :, :, None, :].astype(f32), axis=2)  # [B,N,Hkv,G,D]
+        denom = denom + p.sum(axis=(1, 2))
+        out = out + o.sum(axis=1)
+    out = jnp.where(denom[..., None] > 0, out / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+    return out.reshape(b, 1, hq, d).astype(blocks[0].q.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerView:
+    """One layer of a kv_cache.BranchView as a Block reads it (built by the Decoder's layer scan).
+
+    k, v: this layer's worker rows [B*K, S_w, Hkv, D], the scan's slice: the key block's shape,
+    never read (XLA drops it); k_stack, v_stack [L, B*K, S_w, Hkv, D] and `layer`: where the
+    tiles are read in place; starts, lengths, offsets [B, K]; k_scale ... v_shift [B, K, Hkv].
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_stack: jax.Array
+    v_stack: jax.Array
+    layer: jax.Array
+    starts: jax.Array
+    lengths: jax.Array
+    offsets: jax.Array
+    k_scale: jax.Array
+    k_shift: jax.Array
+    v_scale: jax.Array
+    v_shift: jax.Array
+
+
+def view_block(view: LayerView, q_pre: jax.Array, q: jax.Array, positions: jax.Array,
+               inv_freq: jax.Array) -> KeyBlock:
+    """The zero-copy branch view as one key block of K sub-blocks (one per branch).
+
+    With k the worker's key (at its worker position), P the offset and (a, b) the mapper's
+    affine, the materialised path attends to k' = a R(-P) k + b and v' = a_v v + b_v. Here:
+    - queries: branch i sees R(P_i) q, i.e. q_pre rotated to position + P_i, scaled by a_k_i:
+      q . (a R(-P) k) = a (R(P) q) . k (RoPE rotations are orthogonal and compose additively);
+    - score bias: scale * b_k_i * sum(q) for every key of branch i (q . b = b sum(q));
+    - values: a_v_i (p . v) + b_v_i sum(p), folded into the softmax accumulation;
+    - keys: the worker rows as they are, each row's kept span only (flash.py's span tiles: no
+      work on a worker's prompt slots or unused room), seen by every query.
+    q_pre: queries before RoPE [B,T,Hq,D]; q: after RoPE at `positions` [B,T].
+    The worker K/V carry no gradient (the backbone is frozen); the mapper's scalars and the
+    queries do.
+    """
+    b, t, hq, d = q.shape
+    nb = view.starts.shape[1]
+    s_w, hkv = view.k.shape[1:3]
+    g = hq // hkv
+    f32 = jnp.float32
+
+    def per_q_head(x):  # [B, K, Hkv] -> [B, K, Hq]
+        return jnp.repeat(x.astype(f32), g, axis=-1)
+
+    qv = apply_rope(q_pre[:, None], positions[:, None, :] + view.offsets[:, :, None], inv_freq)  # [B,K,T,Hq,D]
+    qv = (qv.astype(f32) * per_q_head(view.k_scale)[:, :, None, :, None]).astype(q.dtype)
+    bias = (d**-0.5) * per_q_head(view.k_shift)[:, :, None, :] * q.astype(f32).sum(-1)[:, None]  # [B,K,T,Hq]
+    shape = (b, nb, s_w, hkv, d)
+    return KeyBlock(
+        q=qv, k=jax.lax.stop_gradient(view.k).reshape(shape), v=jax.lax.stop_gradient(view.v).reshape(shape),
+        slot=None, valid=None, bias=bias, v_scale=per_q_head(view.v_scale), v_shift=per_q_head(view.v_shift),
+        k_src=jax.lax.stop_gradient(view.k_stack), v_src=jax.lax.stop_gradient(view.v_stack), layer=view.layer,
+        span_start=view.starts, span_len=view.lengths,
+        kv_grad=False,
+    )
+
+
+def cache_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_chunk: jax.Array, v_chunk: jax.Array,
+                 mask: AttentionMask, start: jax.Array,
+                 stacked: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> tuple[KeyBlock, KeyBlock]:
+    """The slot-rule mask over [cache as it was | chunk] as two flash key blocks (no copy of either)."""
+    (cache_slot, cache_valid), (chunk_slot, chunk_valid) = split_slots(mask.kv_valid, start, k_chunk.shape[1])
+    qn = q[:, None]
+    src = {}
+    if stacked is not None:
+        k_stack, v_stack, layer = stacked
+        src = dict(k_src=k_stack, v_src=v_stack, layer=layer)
+    return (KeyBlock(qn, k_cache[:, None], v_cache[:, None], cache_slot[:, None], cache_valid[:, None], **src),
+            KeyBlock(qn, k_chunk[:, None], v_chunk[:, None], chunk_slot[:, None], chunk_valid[:, None]))
+
+
+def split_slots(kv_valid: jax.Array, start: jax.Array, t: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Post-write validity [B,S] -> ((slots, valid) of the cache as it was, (slots, valid) of the chunk).
 
     The chunk lands at slots [w, w + T), w = clip(start, 0, S - T) (dynamic_update_slice's
-    clamp): those slots show the chunk's keys, not what the cache held there before.
+    clamp), so those slots show the chunk's keys, not what the cache held there before. With
+    the query slots of the mask, key slot <= query slot then gives exactly `mask.dense()`.
     """
-    w = jnp.clip(start.astype(jnp.int32), 0, num_slots - t)[:, None]  # [B, 1]
-    s = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
-    outside = (s < w) | (s >= w + t)  # [B, S]
-    chunk_slots = jnp.broadcast_to((w + jnp.arange(t, dtype=jnp.int32)[None, :])[:, None, :], full.shape[:2] + (t,))
-    return full & outside[:, None, :], jnp.take_along_axis(full, chunk_slots, axis=2)
+    b, s = kv_valid.shape
+    w = jnp.clip(start.astype(jnp.int32), 0, s - t)[:, None]  # [B, 1]
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+    outside = (slots < w) | (slots >= w + t)
+    chunk_slot = w + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return (slots, kv_valid & outside), (chunk_slot, jnp.take_along_axis(kv_valid, chunk_slot, axis=1))
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:

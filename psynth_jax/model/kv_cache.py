@@ -87,3 +87,48 @@ def write_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     slots = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     return buf.at[:, rows, slots].set(new.astype(buf.dtype), unique_indices=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BranchView:
+    """K branch caches per request, read where the workers left them (the zero-copy cache path).
+
+    The materialised handoff copies each branch's kept K/V out of the worker rows, rotates the
+    keys by -P_i, applies the cache mapper and packs the result into a synthesizer cache. A view
+    does none of that: the synthesizer's attention reads the worker rows in place and folds
+    the same algebra into the queries and the softmax (attention.view_block):
+    q . (a_k R(-P) k + b_k) = a_k (R(P) q) . k + b_k sum(q), and p . (a_v v + b_v) = a_v (p . v) + b_v sum(p).
+    The worker cache is never written, so one set of worker rows can serve several syntheses.
+
+    k, v: the worker caches [L, B*K, S_w, Hkv, D] (rows request-major, slot == worker position).
+    starts, lengths [B, K]: each row's kept span, slots [start, start + length).
+    offsets [B, K]: the RoPE shift the materialised path applies to the kept keys (-offset),
+    the worker prompt length P.
+    k_scale, k_shift, v_scale, v_shift [L, B, K, Hkv] float32: the mapper's affine per (layer,
+    branch, KV head); ones and zeros are the identity.
+    The synthesizer's own tokens (prompt, answer) go into an ordinary KVCache beside it, whose
+    positions start at max_i lengths_i, as after the materialised branch region.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    starts: jax.Array
+    lengths: jax.Array
+    offsets: jax.Array
+    k_scale: jax.Array
+    k_shift: jax.Array
+    v_scale: jax.Array
+    v_shift: jax.Array
+
+    @property
+    def num_requests(self) -> int:
+        return self.starts.shape[0]
+
+    @property
+    def num_branches(self) -> int:
+        return self.starts.shape[1]
+
+    def layer_arrays(self) -> tuple[jax.Array, ...]:
+        """The per-layer arrays (a layer scan's xs): k, v and the four mapper scalars."""
+        return self.k, self.v, self.k_scale, self.k_shift, self.v_scale, self.v_shift

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psynth_jax.model.attention import AttentionMask, attend
+from psynth_jax.model.attention import AttentionMask, LayerView, attend, view_block
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import KVCache, write_layers, write_rows
+from psynth_jax.model.kv_cache import BranchView, KVCache, write_layers, write_rows
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
 from psynth_jax.model.sharding import CACHE_AXES, Rules, constrain
 
@@ -134,7 +134,7 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, k_cache, v_cache, positions, write_start, chunk_len, mask: AttentionMask, inv_freq,
-                 *, lora: bool, attn_impl: str):
+                 *, lora: bool, attn_impl: str, stacked=None, view: LayerView | None = None):
         b, t, _ = x.shape
         h = self.attn_norm(x)
         q = self.q(h, lora).reshape(b, t, self.num_heads, self.head_dim)
@@ -142,9 +142,12 @@ class Block(nnx.Module):
         v = self.v(h, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q_pre = q
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len))
+        branches = None if view is None else view_block(view, q_pre, q, positions, inv_freq)
+        a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len), stacked=stacked,
+                   view=branches)
         x = x + self.o(a.reshape(b, t, -1), lora)
         h = self.mlp_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(h, lora)) * self.up(h, lora), lora)
@@ -208,6 +211,7 @@ class Decoder(nnx.Module):
         output: Output = "all",
         visibility: jax.Array | None = None,
         remat: bool = False,
+        view: BranchView | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Run `tokens` [B, T] after what `cache` holds; return (outputs, updated cache).
 
@@ -234,10 +238,23 @@ class Decoder(nnx.Module):
         layer_def, layer_state = nnx.split(self.layers)
         n = token_valid.sum(axis=1).astype(jnp.int32)
 
+        # The attention reads each layer's cache tiles from the whole stack (no gradient through
+        # it); the scan's per-layer slices k_c/v_c carry the gradient and are dropped by XLA
+        # where nothing reads them (a loop over a slice would copy it; attention.xla_attention).
+        stacked_k, stacked_v = jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
+
+        view_xs = () if view is None else view.layer_arrays()
+
         def body(x, xs):
-            state, k_c, v_c = xs
+            state, k_c, v_c, layer, *view_layer = xs
             block = nnx.merge(layer_def, state)
-            x, k, v = block(x, k_c, v_c, positions, start, n, mask, inv_freq, lora=lora, attn_impl=attn_impl)
+            layer_view = None
+            if view is not None:
+                vk, vv, ks, kb, vs, vb = view_layer
+                layer_view = LayerView(vk, vv, view.k, view.v, layer, view.starts, view.lengths, view.offsets,
+                                       ks, kb, vs, vb)
+            x, k, v = block(x, k_c, v_c, positions, start, n, mask, inv_freq, lora=lora, attn_impl=attn_impl,
+                            stacked=(stacked_k, stacked_v, layer), view=layer_view)
             return x, (k, v)
 
         if remat:
@@ -245,7 +262,8 @@ class Decoder(nnx.Module):
         # The layers read the cache as it was and return only the chunk's keys/values, which are
         # written into every layer at once afterwards (in place when the cache is donated or a
         # loop carry): no layer's cache is copied; a decode step writes O(new tokens) bytes.
-        x, (k_chunk, v_chunk) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v))
+        layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        x, (k_chunk, v_chunk) = jax.lax.scan(body, x, (layer_state, cache.k, cache.v, layers, *view_xs))
         new_cache = self.shard_cache(KVCache(k=write_layers(cache.k, k_chunk, start), v=write_layers(cache.v, v_chunk, start),
                                              valid=kv_valid, end=start + n, next_pos=cache.next_pos + n))
         h = self.norm(x)

@@ -13,6 +13,16 @@ wrappers take the model as (graphdef, state) and compile once per shape bucket.
     text_prefill   the text-concatenation prompt from scratch (LoRA off)
     decode         runtime.continue_generation from a prefill's last logits
 
+The zero-copy cache path (the materialised one above is its reference, equal up to rounding):
+
+    branch_view    worker rows prefilled as in branch_kv -> a BranchView of the kept spans, in place
+    view           a worker decode cache -> a BranchView of the kept spans (no copy)
+    prepare_view   the mapper's per-(layer, branch) scalars + an empty cache for the synthesizer's
+                   own tokens: no branch K/V is read, copied or written
+    cache_prefill / decode with `view=`: the attention reads the worker rows where they are and
+                   folds the re-encoding and the mapper into the queries and the softmax
+                   (model/attention.py view_block); XLA attention only
+
 The two prefills are the runtime's LM primitives (`runtime.extend_fn` / `prefill_fn`, jitted as
 `runtime.extend` / `prefill`): the cache path is `extend` over a prepared cache, LoRA on.
 
@@ -26,15 +36,16 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from psynth_jax.inference import runtime
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import KVCache
+from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.sharding import Rules, constrain
 from psynth_jax.model.transformer import Decoder
 from psynth_jax.synthesis.handoff import BranchCaches, assemble, extract_branches, reencode
-from psynth_jax.synthesis.mapper import Mapper, map_caches
+from psynth_jax.synthesis.mapper import Mapper, affine_scalars, map_caches
 
 decode = runtime.continue_generation  # jitted: sample the answer after a prefill (cache donated)
 decode_loop = runtime.decode_loop  # the same token loop, pure (inside a caller's jit)
@@ -83,11 +94,58 @@ def prepare(mapper: Mapper, branches: BranchCaches, cfg: ModelConfig, extra_slot
     return assemble(dataclasses.replace(branches, k=k, v=v), extra_slots)
 
 
+def view(cache: KVCache, kept_start: jax.Array, kept_len: jax.Array, offsets: jax.Array, *,
+         num_requests: int) -> BranchView:
+    """Worker cache rows (B*K, request-major) as a BranchView of slots [kept_start, + kept_len):
+    the rows themselves, not a copy; identity mapper until `prepare_view`. Cheap enough to call
+    unjitted (a jit would have to return the worker cache as a new buffer).
+
+    offsets [B*K]: each row's worker prompt length P (the RoPE shift the attention folds in).
+    """
+    shape = (num_requests, -1)
+    start = kept_start.reshape(shape).astype(jnp.int32)
+    ones = jnp.ones((cache.k.shape[0],) + start.shape + (cache.k.shape[3],), jnp.float32)
+    return BranchView(k=cache.k, v=cache.v, starts=start, lengths=kept_len.reshape(shape).astype(jnp.int32),
+                      offsets=offsets.reshape(shape).astype(jnp.int32), k_scale=ones, k_shift=jnp.zeros_like(ones),
+                      v_scale=ones, v_shift=jnp.zeros_like(ones))
+
+
+def branch_view(model: Decoder, rows: jax.Array, row_len: jax.Array, kept_start: jax.Array, kept_len: jax.Array,
+                offsets: jax.Array, *, num_requests: int, attn_impl: str = "xla", remat: bool = False) -> BranchView:
+    """`branch_kv` without the copy: the prefilled worker rows themselves, viewed at their kept spans."""
+    cache = model.empty_cache(rows.shape[0], rows.shape[1])
+    _, cache = model(rows, cache, runtime.lengths_mask(row_len, rows.shape[1]), lora=False, attn_impl=attn_impl,
+                     output="hidden", remat=remat)
+    return view(jax.lax.stop_gradient(cache), kept_start, kept_len, offsets, num_requests=num_requests)
+
+
+def prepare_view(mapper: Mapper, branches: BranchView, cfg: ModelConfig, extra_slots: int
+                 ) -> tuple[BranchView, KVCache]:
+    """The zero-copy preparation: the mapper's scalars per (layer, request, branch, KV head)
+    (differentiable in the mapper) and an empty cache of `extra_slots` for the synthesizer's own
+    tokens, its positions starting at max_i L_i as after the materialised branch region. Reads
+    and writes no branch K/V: its cost does not grow with the branches' length."""
+    scalars, live = _view_parts(mapper, branches.lengths, cfg, extra_slots, branches.k.shape[3], branches.k.dtype)
+    return dataclasses.replace(branches, **scalars), live
+
+
+def _view_parts(mapper: Mapper, lengths: jax.Array, cfg: ModelConfig, extra_slots: int, num_kv_heads: int,
+                dtype: jnp.dtype) -> tuple[dict[str, jax.Array], KVCache]:
+    """`prepare_view`'s arrays: the four mapper scalars [L, B, K, Hkv] and the synthesizer's empty cache."""
+    ak, bk, av, bv = (jnp.broadcast_to(x, x.shape[:-1] + (num_kv_heads,)).astype(jnp.float32)
+                      for x in affine_scalars(mapper, lengths, cfg.num_layers))
+    live = KVCache.zeros(cfg, lengths.shape[0], extra_slots, dtype)
+    live = dataclasses.replace(live, next_pos=jnp.max(lengths, axis=1).astype(jnp.int32))
+    return dict(k_scale=ak, k_shift=bk, v_scale=av, v_shift=bv), live
+
+
 def cache_prefill(model: Decoder, cache: KVCache, tokens: jax.Array, lengths: jax.Array, *, lora: bool = True,
-                  attn_impl: str = "xla", remat: bool = False) -> tuple[jax.Array, KVCache]:
+                  attn_impl: str = "xla", remat: bool = False, view: BranchView | None = None
+                  ) -> tuple[jax.Array, KVCache]:
     """The synthesizer prompt [B, T] over the prepared cache, LoRA on: hidden states [B, T, D] and
-    the cache with the prompt written (`runtime.extend_fn`)."""
-    return runtime.extend_fn(model, cache, tokens, lengths, lora=lora, attn_impl=attn_impl, remat=remat)
+    the cache with the prompt written (`runtime.extend_fn`). view: the zero-copy path's mapped
+    BranchView (then `cache` holds only the synthesizer's own tokens, from `prepare_view`)."""
+    return runtime.extend_fn(model, cache, tokens, lengths, lora=lora, attn_impl=attn_impl, remat=remat, view=view)
 
 
 text_prefill = runtime.prefill_fn  # the text-concatenation prompt from scratch (LoRA off)
@@ -119,11 +177,36 @@ def jit_prepare(branches: BranchCaches, mapper_def: nnx.GraphDef, mapper_state: 
 
 
 def jit_cache_prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array,
-                      cache: KVCache, *, lora: bool = True, attn_impl: str = "xla", output: str = "last"
-                      ) -> tuple[jax.Array, KVCache]:
+                      cache: KVCache, *, lora: bool = True, attn_impl: str = "xla", output: str = "last",
+                      view: BranchView | None = None) -> tuple[jax.Array, KVCache]:
     """`cache_prefill` + `runtime.select_outputs`, compiled once per shape (`runtime.extend`, LoRA on by
-    default); the prepared cache is donated."""
-    return runtime.extend(graphdef, state, tokens, lengths, cache, lora=lora, attn_impl=attn_impl, output=output)
+    default); the prepared cache is donated (a view is only read)."""
+    return runtime.extend(graphdef, state, tokens, lengths, cache, lora=lora, attn_impl=attn_impl, output=output,
+                          view=view)
 
 
 jit_text_prefill = runtime.prefill  # text_prefill + runtime.select_outputs (LoRA off)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_requests", "attn_impl"))
+def jit_branch_view(graphdef: nnx.GraphDef, state: nnx.State, rows: jax.Array, row_len: jax.Array,
+                    kept_start: jax.Array, kept_len: jax.Array, offsets: jax.Array, *, num_requests: int,
+                    attn_impl: str = "xla") -> BranchView:
+    """`branch_view`, compiled once per rows shape."""
+    return branch_view(nnx.merge(graphdef, state), rows, row_len, kept_start, kept_len, offsets,
+                       num_requests=num_requests, attn_impl=attn_impl)
+
+
+def jit_prepare_view(branches: BranchView, mapper_def: nnx.GraphDef, mapper_state: nnx.State, *,
+                     cfg: ModelConfig, extra_slots: int) -> tuple[BranchView, KVCache]:
+    """`prepare_view`, compiled once per view shape. Only the branch lengths enter the jit: a jit
+    that returned the worker rows it was given would hand back copies of them."""
+    scalars, live = _jit_view_parts(branches.lengths, mapper_def, mapper_state, cfg=cfg, extra_slots=extra_slots,
+                                    num_kv_heads=branches.k.shape[3], dtype=branches.k.dtype)
+    return dataclasses.replace(branches, **scalars), live
+
+
+@functools.partial(jax.jit, static_argnames=("mapper_def", "cfg", "extra_slots", "num_kv_heads", "dtype"))
+def _jit_view_parts(lengths: jax.Array, mapper_def: nnx.GraphDef, mapper_state: nnx.State, *, cfg: ModelConfig,
+                    extra_slots: int, num_kv_heads: int, dtype: jnp.dtype) -> tuple[dict[str, jax.Array], KVCache]:
+    return _view_parts(nnx.merge(mapper_def, mapper_state), lengths, cfg, extra_slots, num_kv_heads, dtype)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import KVCache
+from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
 
 
@@ -53,10 +53,11 @@ class BranchCaches:
         return self.k.shape[3]
 
 
-def check_branches(branches: BranchCaches, cfg: ModelConfig, max_branch_tokens: int | None = None) -> None:
-    """Host-side validation with errors that name the problem (call before jitted work)."""
+def check_branches(branches: BranchCaches | BranchView, cfg: ModelConfig, max_branch_tokens: int | None = None) -> None:
+    """Host-side validation with errors that name the problem (call before jitted work); copied
+    branch caches or a zero-copy view of worker rows alike."""
     want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    got = (branches.k.shape[0], branches.k.shape[4], branches.k.shape[5])
+    got = (branches.k.shape[0], branches.k.shape[-2], branches.k.shape[-1])
     if got != want:
         raise ValueError(
             f"branch caches have (layers, kv_heads, head_dim)={got} but the synthesizer model has {want}: "

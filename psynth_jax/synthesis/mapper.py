@@ -117,6 +117,15 @@ def make_mapper(kind: str, num_kv_heads: int, hidden: int = 32, seed: int = 0, *
     return classes[kind](num_kv_heads, hidden, rngs=nnx.Rngs(seed))
 
 
+def affine_scalars(mapper: Mapper, lengths: jax.Array, num_layers: int) -> tuple[jax.Array, ...]:
+    """(alpha_k, beta_k, alpha_v, beta_v), each [layers, B, K, 1 or H], for branch lengths [B, K].
+
+    What both cache paths apply: `map_caches` to the branch K/V themselves, the zero-copy path
+    (core.prepare_view) inside the synthesizer's attention.
+    """
+    return mapper.scales(mapper_features(lengths, lengths.shape[-1], num_layers))
+
+
 def map_caches(mapper: Mapper, k: jax.Array, v: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Apply the mapper to branch caches k/v [layers, B, K, L, H, D] with lengths [B, K].
 
@@ -124,9 +133,7 @@ def map_caches(mapper: Mapper, k: jax.Array, v: jax.Array, lengths: jax.Array) -
     (per head for per-head mappers), broadcast over tokens and channels. Computed in float32,
     returned in the cache dtype.
     """
-    num_layers, _, num_branches = k.shape[:3]
-    feats = mapper_features(lengths, num_branches, num_layers)  # [layers, B, K, 3]
-    ak, bk, av, bv = mapper.scales(feats)  # each [layers, B, K, 1 or H]
+    ak, bk, av, bv = affine_scalars(mapper, lengths, k.shape[0])  # each [layers, B, K, 1 or H]
 
     def affine(x, a, b):
         a = a[:, :, :, None, :, None]  # -> [layers, B, K, 1, H|1, 1]

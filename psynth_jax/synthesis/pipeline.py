@@ -27,6 +27,7 @@ from psynth_jax.inference import runtime
 from psynth_jax.inference.generator import Generator, bucket, check_length, pad_batch
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.inference.timing import time_calls
+from psynth_jax.model.kv_cache import BranchView
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.sharding import state_shardings
 from psynth_jax.synthesis import core, prompts
@@ -41,7 +42,7 @@ Messages = list[dict[str, str]]
 class WorkerOutputs:
     """K branches per request: their kept KV (device), output tokens, texts, and whether each stopped."""
 
-    branches: BranchCaches
+    branches: BranchCaches | BranchView  # copied out, or (zero_copy) the worker rows viewed in place
     tokens: list[list[list[int]]]  # [B][K] output tokens, stop token stripped
     texts: list[list[str]]
     stopped: list[list[bool]]  # [B][K] the branch ended on a stop token (else: token budget)
@@ -65,6 +66,9 @@ class ParallelSynthesis:
 
     handoff: which worker KV is handed over and when workers stop (synthesis/convention.py).
     mesh: where requests and caches live (default: the model's own mesh, one device if none).
+    zero_copy: hand the branches over as views of the worker rows (core.view / branch_view) and
+    synthesize by attending to them in place: no branch K/V is copied, re-encoded or mapped
+    (XLA attention only). Default off: the materialised path, the reference.
     """
 
     def __init__(
@@ -78,7 +82,11 @@ class ParallelSynthesis:
         timing_repeats: int = 3,
         handoff: Handoff = Handoff(),
         mesh: Mesh | None = None,
+        zero_copy: bool = False,
     ):
+        if zero_copy and attn_impl != "xla":
+            raise ValueError(f"zero_copy reads branch caches in place with attn_impl='xla' only, got {attn_impl!r}")
+        self.zero_copy = zero_copy
         self.model = model
         self.mesh = mesh if mesh is not None else model.mesh
         self.gen = Generator(model, attn_impl=attn_impl, mesh=self.mesh)
@@ -129,9 +137,12 @@ class ParallelSynthesis:
         prefix = np.asarray([len(p) for p in flat], np.int32)
         start, kept = self.handoff.kept_span(prefix, out_len, stopped)
         with self._mesh():
-            branches = core.jit_extract(g.cache, jnp.asarray(start), jnp.asarray(kept), jnp.asarray(prefix),
-                                        num_requests=b, branch_slots=bucket(max_new_tokens),
-                                        rules=self.model.rules)
+            if self.zero_copy:
+                branches = core.view(g.cache, self._put(start), self._put(kept), self._put(prefix), num_requests=b)
+            else:
+                branches = core.jit_extract(g.cache, jnp.asarray(start), jnp.asarray(kept), jnp.asarray(prefix),
+                                            num_requests=b, branch_slots=bucket(max_new_tokens),
+                                            rules=self.model.rules)
         tokens = [[toks[i * k + j, : out_len[i * k + j]].tolist() for j in range(k)] for i in range(b)]
         texts = [[self.tok.decode(t) for t in row] for row in tokens]
         stops = [[bool(stopped[i * k + j]) for j in range(k)] for i in range(b)]
@@ -140,9 +151,9 @@ class ParallelSynthesis:
     def branches_from_tokens(
         self, prefixes: Sequence[Sequence[Sequence[int]]], outputs: Sequence[Sequence[Sequence[int]]],
         stopped: Sequence[Sequence[bool]] | None = None,
-    ) -> BranchCaches:
+    ) -> BranchCaches | BranchView:
         """Branch caches from stored tokens: prefill [worker prompt | output] (LoRA off) and keep the
-        span the handoff convention hands over, as the worker held it.
+        span the handoff convention hands over, as the worker held it (zero_copy: view it in place).
 
         prefixes / outputs / stopped: [B][K]; every request needs the same K, and a prefix, an
         output (and a stop flag) per branch. stopped: whether each output ended on a stop token
@@ -170,6 +181,10 @@ class ParallelSynthesis:
         check_length(self.cfg.max_position_embeddings, width, 0, "branch prefix + output")
         tokens, lens = pad_batch(rows, width)
         with self._mesh():
+            if self.zero_copy:
+                return core.jit_branch_view(
+                    self.model.graphdef, self.model.state, self._put(tokens), self._put(lens), self._put(start),
+                    self._put(kept), self._put(prefix), num_requests=b, attn_impl=self.attn_impl)
             return core.jit_branch_kv(
                 self.model.graphdef, self.model.state, self._put(tokens), self._put(lens), self._put(start),
                 self._put(kept), self._put(prefix), num_requests=b, branch_slots=bucket(int(kept.max())),
@@ -180,14 +195,15 @@ class ParallelSynthesis:
     def cache_path(
         self,
         questions: Sequence[str],
-        branches: BranchCaches,
+        branches: BranchCaches | BranchView,
         *,
         max_new_tokens: int = 256,
         lora: bool = True,
         sampling: SamplingConfig = SamplingConfig(),
         seed: int = 0,
     ) -> PathResult:
-        """Synthesize from branch KV: re-encode + map + prefill the prompt over [caches | prompt]."""
+        """Synthesize from branch KV: re-encode + map + prefill the prompt over [caches | prompt]
+        (a BranchView: the mapper's scalars, then the prompt attends to the worker rows in place)."""
         check_branches(branches, self.cfg, self.max_branch_tokens)
         if len(questions) != branches.num_requests:
             raise ValueError(f"{len(questions)} questions for {branches.num_requests} requests of branch caches")
@@ -202,13 +218,22 @@ class ParallelSynthesis:
         tokens, lengths = self._put(tokens), self._put(lengths)
         extra = bucket(width + max_new_tokens)
         m = self.model
+        in_place = isinstance(branches, BranchView)
+        if in_place and self.attn_impl != "xla":
+            raise ValueError(f"a zero-copy branch view needs attn_impl='xla', this synthesizer has {self.attn_impl!r}")
 
-        def prepare():
-            return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
+        def prepare():  # -> (the synthesizer's starting cache, the mapped view or None)
+            if in_place:
+                view, cache = core.jit_prepare_view(branches, self.mapper_def, self.mapper_state, cfg=self.cfg,
+                                                    extra_slots=extra)
+                return cache, view
+            return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg,
+                                    extra_slots=extra), None
 
-        def prefill(cache):
+        def prefill(prepared):
+            cache, view = prepared
             return core.jit_cache_prefill(m.graphdef, m.state, tokens, lengths, cache, lora=lora,
-                                          attn_impl=self.attn_impl)
+                                          attn_impl=self.attn_impl, view=view)
 
         def ttft():
             logits, _ = prefill(prepare())
@@ -220,10 +245,12 @@ class ParallelSynthesis:
                 "prefill_s": self._median(lambda: prefill(prepare())[0]),
             }
             total = self._median(ttft)
-            logits, cache = prefill(prepare())
+            prepared = prepare()
+            logits, cache = prefill(prepared)
             g = core.decode(
                 m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
                 sampling=sampling, stop_ids=self.gen.stop_ids, lora=lora, attn_impl=self.attn_impl,
+                view=prepared[1],
             )
         texts, toks = self._decode(g)
         return PathResult("cache", texts, toks, total, breakdown, [len(p) for p in prompt_ids],

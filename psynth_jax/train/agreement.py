@@ -17,7 +17,7 @@ import numpy as np
 from psynth_jax.inference.runtime import select_outputs
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.synthesis import core
-from psynth_jax.train.objective import ObjectiveConfig, branch_caches, merge_trainable
+from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, synthesizer_cache
 
 
 def _prompt_len(mask: jax.Array) -> jax.Array:
@@ -33,16 +33,16 @@ def greedy_both_paths(graphdefs, trainable, frozen, batch, *, max_new_tokens: in
     greedy = SamplingConfig()
     key = jax.random.key(0)
 
-    def decode(h, lengths, cache, lora):
+    def decode(h, lengths, cache, lora, view=None):
         return core.decode_loop(model, select_outputs(model, h, lengths, "last"), cache, key,
                                 max_new_tokens=max_new_tokens, sampling=greedy, stop_ids=stop_ids, lora=lora,
-                                attn_impl=opts.attn_impl)
+                                attn_impl=opts.attn_impl, view=view)
 
     tokens = batch["synth_tokens"]
     lengths = _prompt_len(batch["loss_mask"])
-    cache = core.prepare(mapper, branch_caches(model, batch, opts), model.cfg, tokens.shape[1] + max_new_tokens)
-    h, cache = core.cache_prefill(model, cache, tokens, lengths, lora=True, attn_impl=opts.attn_impl)
-    cached = decode(h, lengths, cache, True)
+    cache, view = synthesizer_cache(model, mapper, batch, opts, tokens.shape[1] + max_new_tokens)
+    h, cache = core.cache_prefill(model, cache, tokens, lengths, lora=True, attn_impl=opts.attn_impl, view=view)
+    cached = decode(h, lengths, cache, True, view)
     text = batch["text_tokens"]
     text_len = _prompt_len(batch["text_loss_mask"])
     h, cache = core.text_prefill(model, text, text_len, num_slots=text.shape[1] + max_new_tokens,

@@ -9,6 +9,9 @@ For a batch of B examples x K branches, through the same functions inference use
    top of it (gradient -> LoRA); cross-entropy on target tokens only, prompt tokens masked.
 Optionally a token-level KL to the text-concatenation teacher: `core.text_prefill` (same backbone,
 LoRA off, every branch as text) over the same target tokens.
+With `zero_copy` steps 1-2 are `core.branch_view` + `core.prepare_view`: the synthesizer attends to
+the prefilled branch rows in place, the mapper's scalars folded into its attention (the gradient
+reaches the mapper through them), and no branch K/V is copied, mapped or held twice.
 
 The LM head never sees every position: the target positions are gathered first (they are
 contiguous per row), then projected a chunk of `logit_chunk` positions at a time, rematerialised
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.transformer import Decoder, LoRAParam
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.convention import Handoff
@@ -40,10 +44,12 @@ class ObjectiveConfig:
     attn_impl: str = "xla"
     handoff: Handoff = Handoff()
     logit_chunk: int = 128  # target positions projected to the vocabulary at a time
+    zero_copy: bool = False  # the zero-copy cache path (core.prepare_view); XLA attention only
 
 
-def branch_caches(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> BranchCaches:
-    """The branches' kept KV: batch rows [B, K, Tb] prefilled by the frozen backbone.
+def branch_caches(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> BranchCaches | BranchView:
+    """The branches' kept KV: batch rows [B, K, Tb] prefilled by the frozen backbone (copied out as
+    BranchCaches, or viewed in place with `zero_copy`).
 
     Training branches are complete texts: each is taken to have ended on a stop token (what
     matters only to the "release" convention, which then keeps the last prompt token too).
@@ -52,16 +58,31 @@ def branch_caches(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveCo
     prefix = batch["branch_prefix_len"].reshape(-1)
     out_len = batch["branch_len"].reshape(-1)
     start, kept = opts.handoff.kept_span(prefix, out_len, jnp.ones_like(out_len, bool))
-    return core.branch_kv(model, batch["branch_tokens"].reshape(b * k, tb), prefix + out_len, start, kept, prefix,
+    rows = batch["branch_tokens"].reshape(b * k, tb)
+    if opts.zero_copy:
+        return core.branch_view(model, rows, prefix + out_len, start, kept, prefix, num_requests=b,
+                                attn_impl=opts.attn_impl)
+    return core.branch_kv(model, rows, prefix + out_len, start, kept, prefix,
                           num_requests=b, branch_slots=tb, attn_impl=opts.attn_impl)
+
+
+def synthesizer_cache(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig,
+                      extra_slots: int) -> tuple[KVCache, BranchView | None]:
+    """What the synthesizer starts from: the prepared cache and no view, or (zero_copy) an empty
+    cache of its own and the mapped view of the branch rows."""
+    branches = branch_caches(model, batch, opts)
+    if opts.zero_copy:
+        view, cache = core.prepare_view(mapper, branches, model.cfg, extra_slots)
+        return cache, view
+    return core.prepare(mapper, branches, model.cfg, extra_slots), None
 
 
 def student_hidden(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> jax.Array:
     """Final-norm hidden states [B, Ts, D] of the synthesizer over [prompt | target] on the mapped caches."""
     tokens = batch["synth_tokens"]
-    cache = core.prepare(mapper, branch_caches(model, batch, opts), model.cfg, tokens.shape[1])
+    cache, view = synthesizer_cache(model, mapper, batch, opts, tokens.shape[1])
     h, _ = core.cache_prefill(model, cache, tokens, batch["synth_len"], lora=True, attn_impl=opts.attn_impl,
-                              remat=opts.remat)
+                              remat=opts.remat, view=view)
     return h
 
 

@@ -110,7 +110,7 @@ class Trainer:
         self.handoff = Handoff(cfg.handoff.convention, cfg.handoff.stop_tokens)
         self.opts = ObjectiveConfig(ce_weight=t.loss.ce_weight, kl_weight=t.loss.kl_weight,
                                     kl_temperature=t.loss.kl_temperature, remat=t.remat,
-                                    attn_impl=cfg.model.attn_impl, handoff=self.handoff)
+                                    attn_impl=cfg.model.attn_impl, handoff=self.handoff, zero_copy=cfg.model.zero_copy)
         self.stop_ids = stop_token_ids(self.model.tokenizer, self.model.cfg.eos_token_ids)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._data(examples, eval_examples)
