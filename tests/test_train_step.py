@@ -126,10 +126,26 @@ def run(shape, devices):
         losses.append(float(m["loss"]))
     q_spec = str(frozen["layers"]["q"]["kernel"][...].sharding.spec)
     return losses, [np.asarray(x) for x in jax.tree.leaves(trainable)], q_spec
+def gathered_shapes():
+    # the result shapes of every all-gather in the sharded step, the loss cut into 4 LM-head chunks
+    import re
+    lm = random_model(TINY, lora=LoRAConfig(rank=4, alpha=8.0), seed=0)
+    graphdefs, trainable, frozen = split_trainable(nnx.merge(lm.graphdef, lm.state),
+                                                   make_mapper("affine_length", TINY.num_kv_heads, seed=0))
+    tx = make_optimizer(1e-2, 10)
+    opt_state = tx.init(trainable)
+    batch = synthetic_batch(b=4)
+    mesh, rules = make_mesh((2, 2, 2), jax.devices()), Rules()
+    trainable, opt_state, frozen = place_train_state(trainable, opt_state, frozen, mesh, rules)
+    step = make_train_step(graphdefs, tx, ObjectiveConfig(kl_weight=0.5, logit_chunk=4), mesh, rules, trainable,
+                           opt_state, frozen, batch)
+    hlo = step.lower(trainable, opt_state, frozen, batch).compile().as_text()
+    return [[int(d) for d in m.group(1).split(",")] for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*? all-gather\(", hlo)]
 single_losses, single_params, _ = run((1, 1, 1), jax.devices()[:1])
 sharded_losses, sharded_params, q_spec = run((2, 2, 2), jax.devices())
 diff = max(float(np.abs(a - b).max()) for a, b in zip(single_params, sharded_params))
-print(json.dumps({"single": single_losses, "sharded": sharded_losses, "param_diff": diff, "q_spec": q_spec}))
+print(json.dumps({"single": single_losses, "sharded": sharded_losses, "param_diff": diff, "q_spec": q_spec,
+                  "gathered": gathered_shapes()}))
 """
 
 
@@ -145,3 +161,8 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     np.testing.assert_allclose(r["sharded"], r["single"], atol=1e-5, rtol=0)
     assert r["param_diff"] <= 1e-5
     assert "fsdp" in r["q_spec"] and "tensor" in r["q_spec"]  # the backbone really is sharded
+    # What psynth plan caught at 14B: the LM head gathered once (not once per loss chunk: 4 here),
+    # and no device ever holds every row's branch cache [L, B*K, S, H, D] (B*K = 12).
+    head = [TINY.hidden_size, TINY.vocab_size]
+    assert 1 <= sum(shape == head for shape in r["gathered"]) <= 2, r["gathered"]
+    assert not [s for s in r["gathered"] if len(s) == 5 and s[:2] == [TINY.num_layers, 12]], r["gathered"]

@@ -275,8 +275,13 @@ def run_plan(req: PlanRequest, timeout_s: int = 3000) -> dict[str, Any]:
     chips = req.accelerator.chips_per_host if req.kind == "eval" else req.accelerator.chips
     payload = dict(dataclasses.asdict(req), chips=chips, overrides=list(req.overrides))
     payload.pop("accelerator")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(fsdp * tensor))
-    env.pop("XLA_FLAGS", None)
+    # The CPU compiler has no bf16 arithmetic: it converts bf16 weights to f32 for every dot, and
+    # its loop-invariant code motion would hoist those converts out of the layer loop, keeping an
+    # f32 copy of every layer's weights alive at once (2x the parameters, an artifact no TPU / GPU
+    # compile has). Without that pass only the running layer's copy exists: a conservative
+    # overestimate by about one layer's weights in f32 per device.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(fsdp * tensor),
+               XLA_FLAGS="--xla_disable_hlo_passes=while-loop-invariant-code-motion")
     proc = subprocess.run([sys.executable, "-m", "psynth_jax.bench.memory_plan", json.dumps(payload)], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN ")]

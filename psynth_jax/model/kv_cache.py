@@ -84,8 +84,17 @@ def write_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """
     b, s, t = buf.shape[1], buf.shape[2], new.shape[2]
     first = jnp.clip(start.astype(jnp.int32), 0, s - t)
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     slots = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        # Under a mesh the rows are sharded: a scatter with the batch as a batching dimension stays
+        # per shard, where explicit row indices make the partitioner all-gather every row's cache
+        # onto every device (measured by `psynth plan`: [L, B, S, H, D] per device).
+        def one(rows_buf, rows_new, row_slots):  # [L, S, ...], [L, T, ...], [T]
+            return rows_buf.at[:, row_slots].set(rows_new, unique_indices=True)
+
+        return jax.vmap(one, in_axes=(1, 1, 0), out_axes=1)(buf, new.astype(buf.dtype), slots)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     return buf.at[:, rows, slots].set(new.astype(buf.dtype), unique_indices=True)
 
 

@@ -194,9 +194,18 @@ class Decoder(nnx.Module):
                        valid=constrain(cache.valid, ("batch", "cache_slots"), rules),
                        end=constrain(cache.end, ("batch",), rules), next_pos=constrain(cache.next_pos, ("batch",), rules))
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Final-norm hidden states -> float32 logits."""
+    def head_weight(self) -> jax.Array:
+        """The LM head [D, V], gathered over the embed axis (vocab stays on its rule's mesh axes).
+
+        For callers that project several chunks: they gather it once and pass it to `logits`, where
+        each chunk's own projection would all-gather an FSDP-sharded head again, with every copy live
+        at once (measured by `psynth plan`: one head per chunk)."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return constrain(w, (None, "vocab"), self.rules)
+
+    def logits(self, h: jax.Array, head: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states -> float32 logits (`head`: a `head_weight()` already gathered)."""
+        w = head if head is not None else self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     def __call__(

@@ -21,7 +21,9 @@ in favour of unreadable ones.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -144,8 +146,11 @@ class _OrphanedLoopCallbacks:
     RuntimeError reaches sys.unraisablehook (one traceback per array: about 36 for a small run).
     They carry nothing: the failure itself is reported with the step it concerns. This hook drops
     exactly those (RuntimeError "Event loop is closed" raised in call_soon_threadsafe) and passes
-    everything else on to the previous hook. After a failed restore, `drain` waits until the
-    callbacks stop arriving; the hook stays until the Checkpointer closes for any later ones.
+    everything else on to the previous hook. The reads that failed themselves end as asyncio tasks
+    whose exception nobody retrieves; when they are collected, asyncio logs "Task exception was
+    never retrieved" with the read's traceback. A filter on the asyncio logger drops exactly those
+    (a traceback through Orbax's deserialization). After a failed restore, `drain` waits until the
+    callbacks stop arriving; both stay until the Checkpointer closes for any later ones.
     """
 
     def __init__(self) -> None:
@@ -156,6 +161,7 @@ class _OrphanedLoopCallbacks:
         if self.previous is None:
             self.previous = sys.unraisablehook
             sys.unraisablehook = self
+            logging.getLogger("asyncio").addFilter(self._filter_unretrieved)
 
     def drain(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
         """Wait until the abandoned reads of a failed restore have all called back (none for
@@ -164,11 +170,21 @@ class _OrphanedLoopCallbacks:
         while self.dropped != seen and time.monotonic() < deadline:
             seen = self.dropped
             time.sleep(quiet_s)
+            gc.collect()  # the failed reads' tasks log their unretrieved exception when collected
 
     def uninstall(self) -> None:
         if self.previous is not None and sys.unraisablehook is self:
             sys.unraisablehook = self.previous
+        logging.getLogger("asyncio").removeFilter(self._filter_unretrieved)
         self.previous = None
+
+    def _filter_unretrieved(self, record: logging.LogRecord) -> bool:
+        """False (drop) for an unretrieved exception of a failed restore's read."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if str(record.msg).startswith("Task exception was never retrieved") and _raised_in_orbax_read(exc):
+            self.dropped += 1
+            return False
+        return True
 
     def __call__(self, unraisable: Any) -> None:
         if _is_orphaned_loop_callback(unraisable.exc_value):
@@ -183,6 +199,15 @@ def _is_orphaned_loop_callback(exc: BaseException | None) -> bool:
     tb = exc.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _raised_in_orbax_read(exc: BaseException | None) -> bool:
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename and "deserializ" in tb.tb_frame.f_code.co_name:
             return True
         tb = tb.tb_next
     return False

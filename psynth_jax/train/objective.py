@@ -14,8 +14,8 @@ the prefilled branch rows in place, the mapper's scalars folded into its attenti
 reaches the mapper through them), and no branch K/V is copied, mapped or held twice.
 
 The LM head never sees every position: the target positions are gathered first (they are
-contiguous per row), then projected a chunk of `logit_chunk` positions at a time, rematerialised
-in the backward pass, and chunks past the batch's longest target are skipped. So the float32
+contiguous per row), then projected a chunk of `logit_chunk` positions at a time (an unrolled
+loop of checkpointed chunks), rematerialised in the backward pass. So the float32
 logits held at once are [B, logit_chunk, V], never [B, T, V], for the student and the teacher alike.
 """
 
@@ -125,34 +125,31 @@ def synthesis_loss(
         ht, _, _ = _targets(teacher_hidden(model, batch, opts), batch["text_tokens"], tmask, width)
     else:
         ht = jnp.zeros((hs.shape[0], width, 0), hs.dtype)
-    longest = valid.sum(axis=1).max()
     tmp = opts.kl_temperature
+    head = model.head_weight()  # gathered once for every chunk, forward and backward
 
     @jax.checkpoint
-    def chunk_terms(hs_c, ht_c, ids_c, valid_c):
-        logits = model.logits(hs_c)  # [B, C, V] float32
+    def chunk_terms(head, hs_c, ht_c, ids_c, valid_c):
+        logits = model.logits(hs_c, head)  # [B, C, V] float32
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -(jnp.take_along_axis(logp, ids_c[..., None], axis=-1)[..., 0] * valid_c).sum()
         if not use_kl:
             return nll, jnp.float32(0.0)
-        p_t = jax.nn.log_softmax(model.logits(ht_c) / tmp, axis=-1)
+        p_t = jax.nn.log_softmax(model.logits(ht_c, head) / tmp, axis=-1)
         p_s = jax.nn.log_softmax(logits / tmp, axis=-1)
         kl = ((jnp.exp(p_t) * (p_t - p_s)).sum(-1) * valid_c).sum()
         return nll, kl
 
-    def body(carry, xs):
-        j0, hs_c, ht_c, ids_c, valid_c = xs
-        terms = jax.lax.cond(j0 < longest, lambda: chunk_terms(hs_c, ht_c, ids_c, valid_c),
-                             lambda: (jnp.float32(0.0), jnp.float32(0.0)))
-        return (carry[0] + terms[0], carry[1] + terms[1]), None
-
-    def chunks(x):  # [B, W, ...] -> [W / C, B, C, ...]
-        return jnp.moveaxis(x.reshape((x.shape[0], width // chunk, chunk) + x.shape[2:]), 1, 0)
-
-    starts = jnp.arange(0, width, chunk)
-    (nll_sum, kl_sum), _ = jax.lax.scan(
-        body, (jnp.float32(0.0), jnp.float32(0.0)),
-        (starts, chunks(hs), chunks(ht), chunks(ids), chunks(valid.astype(jnp.float32))))
+    # A Python loop over the (static) chunks, neither a scan nor conditionals: a scan's backward
+    # stacks the LM head (a constant of every iteration) once per chunk, and a conditional copies it
+    # into each branch's operands ([D, V] per chunk; both measured with psynth plan). The head is an
+    # argument of the checkpointed chunks: closed over, it would be re-gathered inside each one.
+    nll_sum, kl_sum = jnp.float32(0.0), jnp.float32(0.0)
+    validf = valid.astype(jnp.float32)
+    for j0 in range(0, width, chunk):
+        part = slice(j0, j0 + chunk)
+        terms = chunk_terms(head, hs[:, part], ht[:, part], ids[:, part], validf[:, part])
+        nll_sum, kl_sum = nll_sum + terms[0], kl_sum + terms[1]
     n_tokens = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
     nll = nll_sum / n_tokens
     metrics = {"ce": nll, "target_tokens": valid.sum().astype(jnp.float32)}
