@@ -113,7 +113,7 @@ def test_flash_branch_blocks_equal_materialised_keys():
     k, v = (jnp.asarray(RNG.randn(b, nb, s, hkv, d), jnp.float32) for _ in range(2))
     valid = jnp.asarray(RNG.rand(b, nb, s) < 0.7)
     bias = jnp.asarray(RNG.randn(b, nb, t, hq), jnp.float32)
-    av, bv = jnp.asarray(1 + 0.1 * RNG.randn(b, nb, hq), jnp.float32), jnp.asarray(0.1 * RNG.randn(b, nb, hq), jnp.float32)
+    av, bv = jnp.asarray(1 + 0.1 * RNG.randn(b, nb, hkv), jnp.float32), jnp.asarray(0.1 * RNG.randn(b, nb, hkv), jnp.float32)
     slot = jnp.full((b, nb, s), ALWAYS, jnp.int32)
 
     def reference(qn, k, v, bias, av, bv):
@@ -121,7 +121,8 @@ def test_flash_branch_blocks_equal_materialised_keys():
         sc = jnp.einsum("bnthd,bnshd->bhtns", qn, kk) * d**-0.5 + jnp.transpose(bias, (0, 3, 2, 1))[..., None]
         sc = jnp.where(valid[:, None, None], sc, -1e30)
         p = jax.nn.softmax(sc.reshape(b, hq, t, -1), axis=-1).reshape(sc.shape)
-        return jnp.einsum("bhtns,bnshd->bthd", p, av[:, :, None, :, None] * vv + bv[:, :, None, :, None])
+        ah, bh = jnp.repeat(av, g, axis=2), jnp.repeat(bv, g, axis=2)  # one affine per key/value head
+        return jnp.einsum("bhtns,bnshd->bthd", p, ah[:, :, None, :, None] * vv + bh[:, :, None, :, None])
 
     def flash(qn, k, v, bias, av, bv):
         blk = KeyBlock(qn, k, v, slot, valid, bias=bias, v_scale=av, v_shift=bv)

@@ -266,7 +266,7 @@ def view_block(view: LayerView, q_pre: jax.Array, q: jax.Array, positions: jax.A
     shape = (b, nb, s_w, hkv, d)
     return KeyBlock(
         q=qv, k=jax.lax.stop_gradient(view.k).reshape(shape), v=jax.lax.stop_gradient(view.v).reshape(shape),
-        slot=None, valid=None, bias=bias, v_scale=per_q_head(view.v_scale), v_shift=per_q_head(view.v_shift),
+        slot=None, valid=None, bias=bias, v_scale=view.v_scale, v_shift=view.v_shift,
         k_src=jax.lax.stop_gradient(view.k_stack), v_src=jax.lax.stop_gradient(view.v_stack), layer=view.layer,
         span_start=view.starts, span_len=view.lengths,
         kv_grad=False,

@@ -55,7 +55,8 @@ class KeyBlock:
     """Keys (and the queries as they see them) of one attention block; see the module docstring.
 
     q: [B, N, T, Hq, D]; k, v: [B, N, S, Hkv, D]; slot: [B, N, S] int32; valid: [B, N, S] bool;
-    bias: [B, N, T, Hq] float32 or None; v_scale, v_shift: [B, N, Hq] float32 or None.
+    bias: [B, N, T, Hq] float32 or None; v_scale, v_shift: [B, N, Hkv] float32 or None (one
+    affine per key/value head, as the cache mapper has).
     k_src, v_src, layer: optionally the stacked arrays [L, B*N, S, Hkv, D] (a KV cache's layout)
     that k and v are layer `layer` of (int32 scalar). Tiles are then read from the stack in
     place, and k, v only carry the gradient: a layer slice of a stacked cache handed to a loop
@@ -158,9 +159,23 @@ def _visible(slot_t: jax.Array, valid_t: jax.Array, qs_t: jax.Array) -> jax.Arra
     return vis[:, :, None, None]
 
 
-def _affine(x: jax.Array | None, hkv: int) -> jax.Array | None:
-    """[B,N,Hq] -> [B,N,Hkv,G,1] (broadcast over a tile's query rows), float32."""
-    return None if x is None else x.astype(jnp.float32).reshape(x.shape[:2] + (hkv, -1, 1))
+def _affine(x: jax.Array | None) -> jax.Array | None:
+    """[B,N,Hkv] -> [B,N,Hkv,1,1] (broadcast over a tile's query groups and rows), float32."""
+    return None if x is None else x.astype(jnp.float32)[..., None, None]
+
+
+def _mapped_values(v_t: jax.Array, a: jax.Array | None, c: jax.Array | None) -> jax.Array:
+    """A value tile [B,N,Tk,Hkv,D] under the block's affine, a v + c, in v's dtype (what the
+    materialised cache mapper stores): applied to the tile copy the gather makes anyway, so the
+    softmax accumulation is one plain contraction over (sub-block, key)."""
+    if a is None and c is None:
+        return v_t
+    y = v_t.astype(jnp.float32)
+    if a is not None:
+        y = y * a[:, :, None, :, 0]
+    if c is not None:
+        y = y + c[:, :, None, :, 0]
+    return y.astype(v_t.dtype)
 
 
 def _loop(count: int | jax.Array, body, init):
@@ -190,11 +205,16 @@ def _add_at(x: jax.Array, start: jax.Array, update: jax.Array, axis: int) -> jax
 
 
 def _key_tiling(blk: KeyBlock, block_k: int) -> _Tiling:
-    """The key tiles of a block; with spans, as many as the longest span needs (a traced count)."""
+    """The key tiles of a block; with spans, as many as the longest span needs (a traced count).
+
+    Span tiles are a power of two in size (at most block_k and the row): a worker's kept span
+    is its output, and output budgets are usually powers of two, which then tile with no masked
+    slot (a tile of the whole row would also read the worker's prompt: 20% of it at 64 + 256).
+    """
     s_len = blk.k.shape[2]
     if blk.span_start is None:
         return _Tiling.of(s_len, block_k)
-    size = max(min(block_k, s_len), 1)
+    size = 1 << (max(min(block_k, s_len), 1).bit_length() - 1)
     return _Tiling(size, (jnp.max(blk.span_len) + size - 1) // size)
 
 
@@ -288,7 +308,7 @@ def _block_forward(st: _Static, blk: KeyBlock, q0: jax.Array, tq: int, qs_t: jax
     hkv = blk.k.shape[3]
     tk = _key_tiling(blk, st.block_k)
     q_t, bias_t = _query_tile(blk, q0, tq, hkv)
-    a, c = _affine(blk.v_scale, hkv), _affine(blk.v_shift, hkv)
+    a, c = _affine(blk.v_scale), _affine(blk.v_shift)
 
     def step(j, state):
         k_t, v_t, slot_t, valid_t, _ = _key_tile(blk, tk, j)
@@ -299,12 +319,9 @@ def _block_forward(st: _Static, blk: KeyBlock, q0: jax.Array, tq: int, qs_t: jax
             m_new = jnp.maximum(m, s.max(axis=(1, 5)))
             p = jnp.exp(s - m_new[:, None, ..., None])  # [B,N,Hkv,G,Tq,Tk]; 0 where masked
             corr = jnp.exp(m - m_new)
-            pv = jnp.einsum("bnkgqt,bntkd->bnkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
-            if a is not None:
-                pv = pv * a[..., None]
-            if c is not None:
-                pv = pv + (c * p.sum(axis=5))[..., None]
-            return m_new, l * corr + p.sum(axis=(1, 5)), acc * corr[..., None] + pv.sum(axis=1)
+            vm = _mapped_values(v_t, a, c)
+            pv = jnp.einsum("bnkgqt,bntkd->bkgqd", p.astype(vm.dtype), vm, preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(axis=(1, 5)), acc * corr[..., None] + pv
 
         return jax.lax.cond(_live(slot_t, valid_t, qs_t), update, lambda s_: s_, state)
 
@@ -325,13 +342,13 @@ def _block_backward(st: _Static, blk: KeyBlock, q_slot: jax.Array, lse: jax.Arra
     hkv = blk.k.shape[3]
     g = hq // hkv
     tq, tk = _Tiling.of(t, st.block_q), _key_tiling(blk, st.block_k)
-    a, c = _affine(blk.v_scale, hkv), _affine(blk.v_shift, hkv)
+    a, c = _affine(blk.v_scale), _affine(blk.v_shift)
     f32 = jnp.float32
     zeros = {
         "q": jnp.zeros((b, n, t, hkv, g, d), f32),
         "bias": None if blk.bias is None else jnp.zeros((b, n, t, hkv, g), f32),
-        "a": None if a is None else jnp.zeros(a.shape[:-1], f32),
-        "c": None if c is None else jnp.zeros(c.shape[:-1], f32),
+        "a": None if a is None else jnp.zeros(a.shape[:3], f32),
+        "c": None if c is None else jnp.zeros(c.shape[:3], f32),
     }
 
     def key_step(j, acc):
@@ -358,9 +375,9 @@ def _block_backward(st: _Static, blk: KeyBlock, q_slot: jax.Array, lse: jax.Arra
                 if dbias is not None:
                     dbias = _add_at(dbias, q0, jnp.moveaxis(ds.sum(axis=5), 4, 2), 2)
                 if da is not None:
-                    da = da + (p * dov).sum(axis=(4, 5))
+                    da = da + (p * dov).sum(axis=(3, 4, 5))
                 if dc is not None:
-                    dc = dc + (p.sum(axis=5) * _slice(dsum, q0, tq.size, 3)[:, None]).sum(axis=4)
+                    dc = dc + (p.sum(axis=5) * _slice(dsum, q0, tq.size, 3)[:, None]).sum(axis=(3, 4))
                 if blk.kv_grad:
                     dk_t = dk_t + st.scale * jnp.einsum("bnkgqt,bnkgqd->bntkd", ds.astype(q_t.dtype), q_t,
                                                         preferred_element_type=f32)
@@ -382,17 +399,14 @@ def _block_backward(st: _Static, blk: KeyBlock, q_slot: jax.Array, lse: jax.Arra
     init = (zeros["q"], zeros["bias"], zeros["a"], zeros["c"], full, full)
     dq, dbias, da, dc, dk, dv = _loop(tk.count, key_step, init)
 
-    def heads(x):  # [B,N,Hkv,G] -> [B,N,Hq]
-        return None if x is None else x.reshape(b, n, hq)
-
     return KeyBlock(
         q=dq.reshape(b, n, t, hq, d).astype(blk.q.dtype),
         k=dk.astype(blk.k.dtype) if blk.kv_grad else jnp.zeros_like(blk.k),
         v=dv.astype(blk.v.dtype) if blk.kv_grad else jnp.zeros_like(blk.v),
         slot=None, valid=None, k_src=None, v_src=None, layer=None,
         bias=None if dbias is None else dbias.reshape(b, n, t, hq).astype(blk.bias.dtype),
-        v_scale=None if da is None else heads(da).astype(blk.v_scale.dtype),
-        v_shift=None if dc is None else heads(dc).astype(blk.v_shift.dtype),
+        v_scale=None if da is None else da.astype(blk.v_scale.dtype),
+        v_shift=None if dc is None else dc.astype(blk.v_shift.dtype),
         kv_grad=blk.kv_grad,
     )
 
