@@ -70,8 +70,9 @@ def loading_facts(directory: Path, mesh_shape) -> dict:
             "num_sharded_leaves": len(sharded), "num_leaves": len(leaves)}
 
 
-def synthesis_run(directory: Path, mesh_shape) -> dict:
-    """Workers, cache path, text path and single agent, all greedy, on `mesh_shape`: tokens and logits."""
+def synthesis_run(directory: Path, mesh_shape, zero_copy: bool = False) -> dict:
+    """Workers, cache path, text path and single agent, all greedy, on `mesh_shape`: tokens and logits;
+    with `zero_copy`, also the zero-copy cache path (the synthesizer reading the worker rows in place)."""
     mesh = make_mesh(mesh_shape) if mesh_shape != (1, 1, 1) else make_mesh(mesh_shape, jax.devices()[:1])
     model = loader.load_model(directory, lora=LoRAConfig(rank=4, alpha=8.0), mesh=mesh)
     synth = ParallelSynthesis(model, timing_repeats=0)
@@ -84,9 +85,15 @@ def synthesis_run(directory: Path, mesh_shape) -> dict:
     text = synth.text_path(QUESTIONS, w.texts, max_new_tokens=8)
     single = synth.single_agent(QUESTIONS, max_new_tokens=8)
     k_spec = str(w.branches.k.sharding.spec) if hasattr(w.branches.k.sharding, "spec") else ""
-    return {"workers": w.tokens, "cache": cache.tokens, "rebuilt": again.tokens, "text": text.tokens,
-            "single": single.tokens, "cache_logits": cache.first_logits.tolist(),
-            "text_logits": text.first_logits.tolist(), "branch_k_spec": k_spec}
+    out = {"workers": w.tokens, "cache": cache.tokens, "rebuilt": again.tokens, "text": text.tokens,
+           "single": single.tokens, "cache_logits": cache.first_logits.tolist(),
+           "text_logits": text.first_logits.tolist(), "branch_k_spec": k_spec}
+    if zero_copy:
+        zc = ParallelSynthesis(model, timing_repeats=0, zero_copy=True)
+        wz = zc.run_workers(convs, max_new_tokens=10, sampling=SamplingConfig(), seed=0)
+        viewed = zc.cache_path(QUESTIONS, wz.branches, max_new_tokens=8)
+        out.update(zero_copy=viewed.tokens, zero_copy_logits=viewed.first_logits.tolist())
+    return out
 
 
 def eval_records(directory: Path, mesh_shape, out_dir: Path) -> list:
@@ -112,8 +119,10 @@ def main(root: str, out: str) -> None:
         family = family_dir.name.removeprefix("tiny_")
         facts["loading"][family] = {name: loading_facts(family_dir, shape) for name, shape in MESHES.items()}
         meshes = MESHES if family == "llama" else {"data2_fsdp2_tensor2": MESHES["data2_fsdp2_tensor2"]}
-        facts["synthesis"][family] = {"one_device": synthesis_run(family_dir, (1, 1, 1)),
-                                      **{n: synthesis_run(family_dir, s) for n, s in meshes.items()}}
+        zc = family == "llama"  # the zero-copy path once, on one device and on the 2 x 2 x 2 mesh
+        facts["synthesis"][family] = {
+            "one_device": synthesis_run(family_dir, (1, 1, 1), zero_copy=zc),
+            **{n: synthesis_run(family_dir, s, zero_copy=zc and n == "data2_fsdp2_tensor2") for n, s in meshes.items()}}
     llama = root_dir / "tiny_llama"
     facts["eval"] = {"one_device": eval_records(llama, (1, 1, 1), root_dir / "eval_1"),
                      "data2_fsdp2_tensor2": eval_records(llama, (2, 2, 2), root_dir / "eval_8")}

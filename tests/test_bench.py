@@ -66,10 +66,10 @@ def test_unknown_arch_lists_presets(capsys):
 # ------------------------------------------------------------- sweep + CLI
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One CLI run: roofline measured, PyTorch peer in its child process, both plots."""
+    """One CLI run: roofline measured, PyTorch peer in its child process, profiles, both plots."""
     out = tmp_path_factory.mktemp("bench")
     rc = bench_cli.main(["ttft", "--arch", "tiny-llama", "--ks", "1,2", "--ls", "8", "--prompt-tokens", "8",
-                         "--new-tokens", "8", "--repeats", "1", "--torch-peer", "--out", str(out)])
+                         "--new-tokens", "8", "--repeats", "1", "--torch-peer", "--profile", "--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "ttft.json").read_text())
 
@@ -85,7 +85,7 @@ def test_sweep_json_has_metadata_and_rows(sweep):
     assert meta["num_params"] == preset("tiny-llama").num_params()
     assert meta["lora"]["rank"] == 16 and meta["mapper_kind"] == "affine_length"
     assert meta["command"].startswith("psynth bench ttft --arch tiny-llama --ks 1,2 --ls 8")
-    assert meta["command"].endswith("--torch-peer")
+    assert meta["command"].endswith("--torch-peer --profile")
     assert [(r["K"], r["L"]) for r in rows] == [(1, 8), (2, 8)]
     assert meta["schema_version"] == 3 and meta["cache_path"] == "view"
     roof = meta["roofline"]
@@ -110,6 +110,20 @@ def test_sweep_rows_have_positive_times_and_same_run_ratio(sweep):
         assert r["cache_slots"] == r["text_slots"]  # same decode room: a fair attention width
         assert set(r["first_call_ms"]) == set(r["times_ms"]) == {k[:-3] for k in TIME_KEYS}
         assert all(len(v) == 1 for v in r["times_ms"].values())  # --repeats 1
+
+
+def test_sweep_rows_have_the_cache_prefill_profile(sweep):
+    """--profile: per point, the prefill's op self times by kind (its matmuls among them, one per
+    layer for each projection) and the Perfetto trace."""
+    out, data = sweep
+    layers = preset("tiny-llama").num_layers
+    for r in data["rows"]:
+        prof = r["cache_profile"]
+        assert prof["calls"] == 3 and prof["op_ms"] > 0 and prof["by_kind_ms"]["dot"] > 0
+        assert sum(prof["by_kind_share"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert any(o["kind"] == "dot" and o["count"] == layers for o in prof["top_ops"]), prof["top_ops"]
+        assert list((out / "profile" / f"K{r['K']}_L{r['L']}").rglob("*.trace.json.gz"))
+    assert "cache_profile" in data["metadata"]["definitions"]
 
 
 def test_sweep_rows_roofline_fields_are_quotients_of_stored_fields(sweep):

@@ -70,6 +70,19 @@ def test_a_mesh_changes_no_logit_and_no_greedy_token(facts, family):
     assert "data" in runs["data2_fsdp2_tensor2"]["branch_k_spec"]  # branch caches split over requests
 
 
+def test_zero_copy_on_a_mesh_equals_the_materialised_path_on_one_device(facts):
+    """The synthesizer reading the worker rows in place, with rows and heads split over the
+    2 x 2 x 2 mesh: the same greedy tokens and first logits as the materialised cache path on one
+    device (and as the zero-copy path there)."""
+    runs = facts["synthesis"]["llama"]
+    one, mesh = runs["one_device"], runs["data2_fsdp2_tensor2"]
+    assert one["zero_copy"] == one["cache"] and mesh["zero_copy"] == one["cache"]
+    for got in (one, mesh):
+        diff = float(np.abs(np.asarray(got["zero_copy_logits"]) - np.asarray(one["cache_logits"])).max())
+        print("zero-copy vs materialised first logits, max abs diff", f"{diff:.2e}")
+        assert diff <= 1e-4
+
+
 def test_eval_on_a_mesh_writes_the_one_device_records(facts):
     one, many = facts["eval"]["one_device"], facts["eval"]["data2_fsdp2_tensor2"]
     assert len(one) == 2 * 6 and one == many

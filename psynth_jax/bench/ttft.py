@@ -44,6 +44,7 @@ from flax import nnx
 
 from psynth_jax.bench.common import (arch_type, base_metadata, int_list, load_average, resolve_arch, resolve_dtype,
                                       write_json)
+from psynth_jax.bench.profile import profile_jit
 from psynth_jax.bench.roofline import ROOFLINE_DEFINITIONS, Roofline, roofline_fields
 from psynth_jax.inference import runtime
 from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
@@ -176,6 +177,7 @@ def run_ttft_sweep(
     roofline: Roofline | None = None,
     peer_rows: Sequence[dict[str, Any]] | None = None,
     cache_path: str = "auto",
+    profile_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -189,6 +191,9 @@ def run_ttft_sweep(
     peer_rows: rows of a PyTorch peer sweep (psynth_jax.bench.peer, same points), merged by (K, L).
     cache_path: "view" (zero-copy) or "materialised" (the reference), see the module docstring;
     "auto": view with XLA attention, materialised with the fused kernels (`resolve_cache_path`).
+    profile_dir: also profile the cache prefill at every point (bench/profile.py: self time per
+    XLA op, by kind), after its timing: a Perfetto trace in profile_dir/K{k}_L{l}/, the summary
+    in the row's `cache_profile`.
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
     cache_path = resolve_cache_path(cache_path, attn_impl)
@@ -205,12 +210,12 @@ def run_ttft_sweep(
 
     points = [(k, l) for k in ks for l in ls]
 
-    def measure(i: int, k: int, l: int, reps: int) -> dict[str, Any]:
+    def measure(i: int, k: int, l: int, reps: int, profile: bool = True) -> dict[str, Any]:
         return _measure_point(
             gd, st, mapper_def, mapper_state, cfg, k, l, prompt_tokens=prompt_tokens, batch=batch,
             cache_dtype=cache_dtype, attn_impl=attn_impl, repeats=reps, sampling=sampling,
             worker_prompt_tokens=worker_prompt_tokens, new_tokens=new_tokens, key=jax.random.fold_in(key, i),
-            cache_path=cache_path,
+            cache_path=cache_path, profile_dir=Path(profile_dir) if profile and profile_dir is not None else None,
         )
 
     peers = {(int(r["K"]), int(r["L"])): r for r in (peer_rows or ())}
@@ -232,7 +237,7 @@ def run_ttft_sweep(
         if warmup:  # a process's first executions run slow (allocator, thread pools): discard one pass
             if verbose:
                 print("[bench ttft] warm-up pass on the first point (discarded)", file=sys.stderr, flush=True)
-            warm_first = measure(0, *points[0], 1)["first_call_ms"]
+            warm_first = measure(0, *points[0], 1, profile=False)["first_call_ms"]
             gc.collect()
         say(format_header(columns))
         for i, (k, l) in enumerate(points):
@@ -250,8 +255,8 @@ def run_ttft_sweep(
 
 def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int,
                    batch: int, cache_dtype, attn_impl: str, repeats: int, sampling: SamplingConfig,
-                   worker_prompt_tokens: int, new_tokens: int, key: jax.Array, cache_path: str = "view"
-                   ) -> dict[str, Any]:
+                   worker_prompt_tokens: int, new_tokens: int, key: jax.Array, cache_path: str = "view",
+                   profile_dir: Path | None = None) -> dict[str, Any]:
     kb, kp, kt = jax.random.split(key, 3)
     extra = prompt_tokens + new_tokens  # synthesizer slots after the branch region
     text_len = k * l + prompt_tokens
@@ -307,6 +312,14 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         t = time_calls(cache_ttft, repeats)
         row["cache_ttft_ms"] = record("cache_ttft", t)
         row["cache_ttft_min_ms"] = t.min_ms
+        if profile_dir is not None:
+            def cache_prefill(state, cache, view):  # one module (nested jits inline): the profiled call
+                return core.jit_cache_prefill(gd, state, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl,
+                                              view=view)[0]
+
+            prof = profile_jit(cache_prefill, lambda: (st, *prepare()), profile_dir / f"K{k}_L{l}")
+            row["cache_profile"] = prof.summary()
+            print(f"[bench ttft] K={k} L={l} cache prefill profile:\n{prof.format()}", file=sys.stderr, flush=True)
     except OutOfMemory as err:
         row["cache_error"] = f"out of memory: {err}"
     finally:
@@ -403,6 +416,10 @@ def sweep_metadata(
         "cache_prepare_ms": "view: core.jit_prepare_view (mapper scalars + the synthesizer's empty cache); "
                             "materialised: core.jit_prepare (re-encode + mapper + assemble, one jit)",
         "cache_prefill_ms": "core.jit_cache_prefill of the prompt over the prepared cache (and view), LoRA on",
+        "cache_profile": "--profile only: the cache prefill compiled as one module and traced over 3 calls after the "
+                         "timing; self time per XLA op (nested ops subtracted, summed over threads), by kind (dot, "
+                         "exp, reduce, copy, gather, dynamic-slice, elementwise, control) and the top ops with the "
+                         "JAX operation each comes from (bench/profile.py)",
         "view_slots": "view only: worker-row slots the prompt's attention reads, B*K*(P + L) (P masked)",
         "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
         "text_ttft_ms": "core.jit_text_prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
@@ -482,6 +499,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     roof.add_argument("--roofline-json", default=None, metavar="PATH",
                       help="reuse a measured roofline (a roofline.json of `psynth bench roofline`, or a ttft.json) "
                            "instead of measuring it before the sweep")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the cache prefill at every point after timing it: self time per XLA op and "
+                        "per kind (dot, exp, copy, ...) in each row's cache_profile, Perfetto traces in OUT/profile/")
     p.add_argument("--torch-peer", action="store_true",
                    help="also time the same architecture in PyTorch + transformers (SDPA): text prefill and prompt "
                         "over pre-built branch caches; runs in a child process before the JAX sweep")
@@ -511,6 +531,8 @@ def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
         argv += ["--roofline-json", str(args.roofline_json)]
     if getattr(args, "torch_peer", False):
         argv.append("--torch-peer")
+    if getattr(args, "profile", False):
+        argv.append("--profile")
     return shlex.join(argv)
 
 
@@ -555,6 +577,7 @@ def run(args: argparse.Namespace) -> int:
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
         warmup=not args.no_warmup, cache_path=resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl),
     )
+    profile_dir = out / "profile" if getattr(args, "profile", False) else None
     meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), roofline=roofline,
                           peer=peer["metadata"] if peer else None, **settings)
     dev = meta["device"]
@@ -563,7 +586,8 @@ def run(args: argparse.Namespace) -> int:
           f"on {dev['device_kind']} [{dev['platform']}]", file=sys.stderr, flush=True)
     print(f"[bench ttft] times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
           f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}", file=sys.stderr, flush=True)
-    rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, **settings)
+    rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, profile_dir=profile_dir,
+                          **settings)
     meta["device"]["host_load_avg_1m_end"] = load_average()
     json_path = write_json(out / "ttft.json", meta, rows)
     print(f"[bench ttft] wrote {json_path}", file=sys.stderr)
