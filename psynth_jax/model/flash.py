@@ -14,7 +14,8 @@ the worker rows holding the branch keys. A block holds N parallel sub-blocks (N 
 sharing each query; N = 1 for a cache) and may carry, per sub-block:
 - its own view of the queries (q rotated by a RoPE shift: q . R(-P) k = R(P) q . k);
 - a score bias per query (the cache mapper's beta_k * sum(q));
-- an affine on its value contribution, a * (p . v) + b * sum(p) (alpha_v, beta_v).
+- an affine on its values per key/value head, p . (a v + b) = a (p . v) + b sum(p) (alpha_v,
+  beta_v), applied to each value tile as it is read.
 Visibility, per block: key s of sub-block n is seen by query t iff `valid[b, n, s]` and
 `slot[b, n, s] <= q_slot[b, t]`; or, for a block given per-row spans (the view), iff s lies in
 its row's span, the tiles then following each row's span. A query that sees no key returns
