@@ -109,7 +109,8 @@ from psynth_jax.train.step import make_optimizer, make_train_step, place_train_s
 from train_fixtures import TINY, synthetic_batch
 
 assert jax.device_count() == 8, jax.devices()
-def run(shape, devices):
+def placed_step(shape, devices, objective):
+    # the tiny model's train state placed on the mesh, its jitted step and a batch
     lm = random_model(TINY, lora=LoRAConfig(rank=4, alpha=8.0), seed=0)
     graphdefs, trainable, frozen = split_trainable(nnx.merge(lm.graphdef, lm.state),
                                                    make_mapper("affine_length", TINY.num_kv_heads, seed=0))
@@ -118,8 +119,10 @@ def run(shape, devices):
     batch = synthetic_batch(b=4)
     mesh, rules = make_mesh(shape, devices), Rules()
     trainable, opt_state, frozen = place_train_state(trainable, opt_state, frozen, mesh, rules)
-    step = make_train_step(graphdefs, tx, ObjectiveConfig(kl_weight=0.5), mesh, rules, trainable, opt_state, frozen,
-                           batch)
+    step = make_train_step(graphdefs, tx, objective, mesh, rules, trainable, opt_state, frozen, batch)
+    return step, trainable, opt_state, frozen, batch
+def run(shape, devices):
+    step, trainable, opt_state, frozen, batch = placed_step(shape, devices, ObjectiveConfig(kl_weight=0.5))
     losses = []
     for _ in range(2):
         trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
@@ -129,16 +132,8 @@ def run(shape, devices):
 def gathered_shapes():
     # the result shapes of every all-gather in the sharded step, the loss cut into 4 LM-head chunks
     import re
-    lm = random_model(TINY, lora=LoRAConfig(rank=4, alpha=8.0), seed=0)
-    graphdefs, trainable, frozen = split_trainable(nnx.merge(lm.graphdef, lm.state),
-                                                   make_mapper("affine_length", TINY.num_kv_heads, seed=0))
-    tx = make_optimizer(1e-2, 10)
-    opt_state = tx.init(trainable)
-    batch = synthetic_batch(b=4)
-    mesh, rules = make_mesh((2, 2, 2), jax.devices()), Rules()
-    trainable, opt_state, frozen = place_train_state(trainable, opt_state, frozen, mesh, rules)
-    step = make_train_step(graphdefs, tx, ObjectiveConfig(kl_weight=0.5, logit_chunk=4), mesh, rules, trainable,
-                           opt_state, frozen, batch)
+    step, trainable, opt_state, frozen, batch = placed_step((2, 2, 2), jax.devices(),
+                                                            ObjectiveConfig(kl_weight=0.5, logit_chunk=4))
     hlo = step.lower(trainable, opt_state, frozen, batch).compile().as_text()
     return [[int(d) for d in m.group(1).split(",")] for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*? all-gather\(", hlo)]
 single_losses, single_params, _ = run((1, 1, 1), jax.devices()[:1])

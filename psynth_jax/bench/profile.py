@@ -20,6 +20,8 @@ import dataclasses
 import gzip
 import json
 import re
+import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,9 +175,6 @@ def profile_jit(fn: Callable[..., Any], args_fn: Callable[[], tuple], out_dir: s
     args_fn builds fresh arguments for every call (outside the traced window's timing of
     interest, e.g. a cache the call donates); the first call compiles and is not traced.
     """
-    import statistics
-    import time
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jitted = jax.jit(fn)

@@ -165,17 +165,17 @@ def _affine(x: jax.Array | None) -> jax.Array | None:
     return None if x is None else x.astype(jnp.float32)[..., None, None]
 
 
-def _mapped_values(v_t: jax.Array, a: jax.Array | None, c: jax.Array | None) -> jax.Array:
-    """A value tile [B,N,Tk,Hkv,D] under the block's affine, a v + c, in v's dtype (what the
-    materialised cache mapper stores): applied to the tile copy the gather makes anyway, so the
+def _mapped_values(v_t: jax.Array, blk: KeyBlock) -> jax.Array:
+    """A value tile [B,N,Tk,Hkv,D] under the block's affine [B,N,Hkv], a v + c, in v's dtype (what
+    the materialised cache mapper stores): applied to the tile copy the gather makes anyway, so the
     softmax accumulation is one plain contraction over (sub-block, key)."""
-    if a is None and c is None:
+    if blk.v_scale is None and blk.v_shift is None:
         return v_t
     y = v_t.astype(jnp.float32)
-    if a is not None:
-        y = y * a[:, :, None, :, 0]
-    if c is not None:
-        y = y + c[:, :, None, :, 0]
+    if blk.v_scale is not None:
+        y = y * blk.v_scale.astype(jnp.float32)[:, :, None, :, None]
+    if blk.v_shift is not None:
+        y = y + blk.v_shift.astype(jnp.float32)[:, :, None, :, None]
     return y.astype(v_t.dtype)
 
 
@@ -309,7 +309,6 @@ def _block_forward(st: _Static, blk: KeyBlock, q0: jax.Array, tq: int, qs_t: jax
     hkv = blk.k.shape[3]
     tk = _key_tiling(blk, st.block_k)
     q_t, bias_t = _query_tile(blk, q0, tq, hkv)
-    a, c = _affine(blk.v_scale), _affine(blk.v_shift)
 
     def step(j, state):
         k_t, v_t, slot_t, valid_t, _ = _key_tile(blk, tk, j)
@@ -320,7 +319,7 @@ def _block_forward(st: _Static, blk: KeyBlock, q0: jax.Array, tq: int, qs_t: jax
             m_new = jnp.maximum(m, s.max(axis=(1, 5)))
             p = jnp.exp(s - m_new[:, None, ..., None])  # [B,N,Hkv,G,Tq,Tk]; 0 where masked
             corr = jnp.exp(m - m_new)
-            vm = _mapped_values(v_t, a, c)
+            vm = _mapped_values(v_t, blk)
             pv = jnp.einsum("bnkgqt,bntkd->bkgqd", p.astype(vm.dtype), vm, preferred_element_type=jnp.float32)
             return m_new, l * corr + p.sum(axis=(1, 5)), acc * corr[..., None] + pv
 

@@ -200,12 +200,15 @@ class Decoder(nnx.Module):
         For callers that project several chunks: they gather it once and pass it to `logits`, where
         each chunk's own projection would all-gather an FSDP-sharded head again, with every copy live
         at once (measured by `psynth plan`: one head per chunk)."""
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return constrain(w, (None, "vocab"), self.rules)
+        return constrain(self._head(), (None, "vocab"), self.rules)
+
+    def _head(self) -> jax.Array:
+        """The LM head [D, V] as stored: the tied embedding transposed, or its own matrix."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
     def logits(self, h: jax.Array, head: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states -> float32 logits (`head`: a `head_weight()` already gathered)."""
-        w = head if head is not None else self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        w = self._head() if head is None else head
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     def __call__(
