@@ -16,6 +16,7 @@ rows a task holds out for evaluation are never distilled.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -240,35 +241,48 @@ def distill_to_jsonl(
     worker_sampling: SamplingConfig | None = None,
 ) -> int:
     """Append the distillation examples of `items` not yet in `path` (resumable: each batch is
-    flushed as it completes, finished ids are skipped on restart). Returns how many this process added.
+    flushed as it completes, finished ids are skipped on restart). Returns how many were added.
 
-    Several processes (a pod): each generates its share of the batches into its own part file
-    (`part_path`), then process 0 merges them into `path` (`merge_parts`) once all are done, so
-    every example is built exactly once; a relaunch reads `path` and every part.
+    Several processes (a pod), two ways, by where the synthesizer's model lives:
+    - on each process's own devices (`psynth build-data`): each generates its share of the
+      batches into its own part file (`part_path`), then process 0 merges them into `path`
+      (`merge_parts`) once all are done, so every example is built exactly once; a relaunch reads
+      `path` and every part;
+    - on a mesh over every process's devices (the trainer's model): every program runs on every
+      process, so all generate every batch together (requests split over the mesh's batch axes)
+      from the same pending list, process 0's, and process 0 alone writes `path`.
     """
     from tqdm import tqdm
 
     from psynth_jax.inference import hosts
 
     index, count = jax.process_index(), jax.process_count()
-    own = path if count == 1 else part_path(path, index)
-    done = done_ids(own) | {i for other in [path, *_parts(path)] if other != own and other.is_file()
-                            for i in done_ids(other, repair=False)}
+    together = count > 1 and hosts.spans_processes(synth.mesh)
+    if together:
+        done = set(hosts.broadcast_object(sorted(done_ids(path)) if hosts.is_main() else None))
+        own, share = (path if hosts.is_main() else None), (0, 1)
+    else:
+        own = path if count == 1 else part_path(path, index)
+        done = done_ids(own) | {i for other in [path, *_parts(path)] if other != own and other.is_file()
+                                for i in done_ids(other, repair=False)}
+        share = (index, count)
     pending = [item for item in items if f"distillation/{item.id}" not in done]
     added = 0
     if pending:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if own is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         batches = distill_batches(pending, synth, k=k, batch_size=batch_size, worker_tokens=worker_tokens,
                                   max_new_tokens=max_new_tokens, seed=seed, worker_sampling=worker_sampling,
-                                  share=(index, count))
-        with open(own, "a", encoding="utf-8") as f, tqdm(total=len(pending), desc="distill", unit="ex",
-                                                          disable=not hosts.is_main()) as bar:
+                                  share=share)
+        with (open(own, "a", encoding="utf-8") if own is not None else contextlib.nullcontext()) as f, \
+                tqdm(total=len(pending), desc="distill", unit="ex", disable=not hosts.is_main()) as bar:
             for examples in batches:
-                f.writelines(to_json_line(e) for e in examples)
-                f.flush()
+                if f is not None:
+                    f.writelines(to_json_line(e) for e in examples)
+                    f.flush()
                 added += len(examples)
-                bar.update(len(examples) * count)
-    if count > 1:
+                bar.update(len(examples) * (1 if together else count))
+    if count > 1 and not together:
         hosts.barrier("psynth_distill_generated")
         if hosts.is_main():
             merge_parts(path)
@@ -293,10 +307,17 @@ def distill_for_run(model: LoadedModel, src: DataSourceConfig, items: Sequence[D
     from psynth_jax.synthesis.convention import Handoff
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
+    from psynth_jax.inference import hosts
+
     path = run_cache_path(run_dir, src, d, model_source)
     synth = ParallelSynthesis(model, attn_impl=attn_impl, timing_repeats=0, handoff=handoff or Handoff())
     added = distill_to_jsonl(items, synth, path, k=src.k or d.num_branches, batch_size=d.distill_batch_size,
                              worker_tokens=d.distill_worker_tokens, max_new_tokens=d.distill_max_new_tokens,
                              seed=d.seed)
     wanted = {f"distillation/{item.id}" for item in items}
-    return [e for e in read_examples(path) if e.id in wanted], added, path
+    if jax.process_count() > 1 and hosts.spans_processes(model.mesh):  # process 0 wrote it: read it there
+        rows = hosts.broadcast_object([e.to_dict() for e in read_examples(path)] if hosts.is_main() else None)
+        examples = [SynthesisExample.from_dict(r) for r in rows]
+    else:
+        examples = read_examples(path)
+    return [e for e in examples if e.id in wanted], added, path

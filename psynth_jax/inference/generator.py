@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from psynth_jax.inference import runtime
+from psynth_jax.inference import hosts, runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.sharding import batch_sharding
@@ -79,7 +79,7 @@ class Generator:
         """A host array whose leading axis is requests (or branch rows), split over the batch axes."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, batch_sharding(np.shape(x), self.mesh, self.model.rules))
+        return hosts.place(x, batch_sharding(np.shape(x), self.mesh, self.model.rules))
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Apply the checkpoint's chat template with the assistant turn opened."""
@@ -129,7 +129,7 @@ class Generator:
         """Chat conversations -> decoded completions (stop token stripped from the text)."""
         prompts = [self.chat_tokens(m) for m in conversations]
         gen = self.generate_tokens(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, lora=lora)
-        toks, nums, stopped = jax.device_get((gen.tokens, gen.num_tokens, gen.stopped))
+        toks, nums, stopped = hosts.fetch((gen.tokens, gen.num_tokens, gen.stopped))
         out = []
         for row, n, s in zip(toks, nums, stopped):
             ids = [int(t) for t in row[: int(n)]]

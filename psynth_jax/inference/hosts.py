@@ -14,13 +14,22 @@ than hanging or aborting inside the runtime (which JAX does on a registration ti
 
 Then: `is_main()` says who writes logs, reports and progress bars; `process_share(items)` gives
 each process a disjoint share whose union is every item; `barrier(name)` waits for all;
-`preemption_agreed(step)` is True on every process at the same step once any of them received
-SIGTERM (Orbax's / JAX's preemption sync point); `allgather_objects` collects small JSON-able
-values from every process.
+`allgather_objects` / `broadcast_object` exchange small JSON-able values; `preemption_agreed(step)`
+is True on every process at the same step once any of them received SIGTERM (JAX's preemption
+sync point); `fetch(tree)` brings device arrays to every host, whichever devices hold them;
+`place(x, sharding)` builds a global array from a host value every process holds whole.
+
+Host-level coordination (barriers, object exchange) goes through the coordination service's
+key-value store and barriers, with their own timeout (`PSYNTH_BARRIER_TIMEOUT`, default 24 h), not
+through device collectives: processes reach the end of unequal shares of work (eval chunks,
+distillation batches) minutes or hours apart, and a device collective (gloo on CPU) gives up on a
+late peer after its own fixed timeout. A process that dies makes the others' wait fail at once
+(the service notices the missing heartbeat), never hang.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -32,6 +41,9 @@ import numpy as np
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 300
+DEFAULT_BARRIER_TIMEOUT_S = 24 * 3600
+_KV_CHUNK = 1 << 20  # bytes per key-value entry (the service's messages stay small)
+_calls = itertools.count()  # every process makes the same coordination calls in the same order
 
 
 class DistributedSetupError(ValueError):
@@ -110,12 +122,98 @@ def process_share(items: Sequence[T], index: int | None = None, count: int | Non
     return list(items[index::count])
 
 
+def barrier_timeout_s() -> float:
+    """How long a process waits for the others at a barrier or exchange ($PSYNTH_BARRIER_TIMEOUT)."""
+    return float(os.environ.get("PSYNTH_BARRIER_TIMEOUT", DEFAULT_BARRIER_TIMEOUT_S))
+
+
+def _client():
+    from jax._src import distributed  # the coordination service client jax.distributed started
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("several JAX processes but no coordination service client: call hosts.initialize()")
+    return client
+
+
+def _unique(name: str) -> str:
+    return f"psynth/{next(_calls)}/{name}"
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches the same named point (a no-op for one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        _client().wait_at_barrier(_unique(name), int(barrier_timeout_s() * 1000))
 
-        multihost_utils.sync_global_devices(name)
+
+def _put_bytes(key: str, data: bytes) -> None:
+    client = _client()
+    chunks = [data[i : i + _KV_CHUNK] for i in range(0, len(data), _KV_CHUNK)] or [b""]
+    for i, c in enumerate(chunks):
+        client.key_value_set_bytes(f"{key}/{i}", c)
+    client.key_value_set(f"{key}/n", str(len(chunks)))
+
+
+def _get_bytes(key: str) -> bytes:
+    client, ms = _client(), int(barrier_timeout_s() * 1000)
+    n = int(client.blocking_key_value_get(f"{key}/n", ms))
+    return b"".join(client.blocking_key_value_get_bytes(f"{key}/{i}", ms) for i in range(n))
+
+
+def allgather_objects(value: Any) -> list[Any]:
+    """[value of process 0, of process 1, ...] for a JSON-able value (one per process)."""
+    if jax.process_count() == 1:
+        return [value]
+    key = _unique("allgather")
+    _put_bytes(f"{key}/{jax.process_index()}", json.dumps(value).encode())
+    out = [json.loads(_get_bytes(f"{key}/{i}")) for i in range(jax.process_count())]
+    barrier("allgather_read")  # every process has read: the entries can go
+    _client().key_value_delete(f"{key}/{jax.process_index()}")
+    return out
+
+
+def broadcast_object(value: Any) -> Any:
+    """Process 0's `value` on every process (a JSON-able value; the others' arguments are ignored)."""
+    if jax.process_count() == 1:
+        return value
+    key = _unique("broadcast")
+    if is_main():
+        _put_bytes(key, json.dumps(value).encode())
+    got = json.loads(_get_bytes(key))
+    barrier("broadcast_read")
+    if is_main():
+        _client().key_value_delete(key)
+    return got
+
+
+def fetch(tree: Any) -> Any:
+    """Numpy copies of the arrays of `tree` on this host, whole, whichever devices hold them.
+
+    A global array that spans other processes' devices (a mesh over a pod) is gathered from every
+    process: every process must call this at the same point with arrays of the same program, as
+    for any collective."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False) for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array laid out by `sharding` from a host value that every process holds whole.
+
+    On a mesh over several processes each process builds only its own devices' shards (no equality
+    collective, as `jax.device_put` makes, so processes that hold the same value never talk here)."""
+    x = np.asarray(x)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def spans_processes(mesh: Any) -> bool:
+    """Whether `mesh` holds devices of several processes (a program on it runs on every one)."""
+    return mesh is not None and bool(getattr(mesh, "is_multi_process", False))
 
 
 def preemption_agreed(step: int) -> bool:
@@ -125,18 +223,3 @@ def preemption_agreed(step: int) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.reached_preemption_sync_point(step))
-
-
-def allgather_objects(value: Any) -> list[Any]:
-    """[value of process 0, of process 1, ...] for a small JSON-able value (one per process)."""
-    if jax.process_count() == 1:
-        return [value]
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
-    width = int(np.max(sizes))
-    padded = np.zeros((width,), np.uint8)
-    padded[: data.size] = data
-    rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(r[: int(n)]).decode()) for r, n in zip(np.asarray(rows), np.asarray(sizes).reshape(-1))]

@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from psynth_jax.inference import hosts
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
@@ -65,7 +66,7 @@ def check_branches(branches: BranchCaches | BranchView, cfg: ModelConfig, max_br
         )
     if branches.num_branches == 0:
         raise ValueError("K = 0: Parallel-Synthesis needs at least one branch")
-    lengths = jax.device_get(branches.lengths)
+    lengths = hosts.fetch(branches.lengths)
     for b, row in enumerate(lengths):
         for i, n in enumerate(row):
             if n <= 0:

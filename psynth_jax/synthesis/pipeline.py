@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from psynth_jax.inference import runtime
+from psynth_jax.inference import hosts, runtime
 from psynth_jax.inference.generator import Generator, bucket, check_length, pad_batch
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.inference.timing import time_calls
@@ -132,7 +132,7 @@ class ParallelSynthesis:
         flat = [self.gen.chat_tokens(m) for conv in conversations for m in conv]
         g = self.gen.generate_tokens(flat, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                      stop_ids=self.worker_stop_ids)
-        nums, stopped, toks = jax.device_get((g.num_tokens, g.stopped, g.tokens))
+        nums, stopped, toks = hosts.fetch((g.num_tokens, g.stopped, g.tokens))
         out_len = (nums - stopped).astype(np.int32)  # output tokens, the stop token excluded
         prefix = np.asarray([len(p) for p in flat], np.int32)
         start, kept = self.handoff.kept_span(prefix, out_len, stopped)
@@ -140,7 +140,7 @@ class ParallelSynthesis:
             if self.zero_copy:
                 branches = core.view(g.cache, self._put(start), self._put(kept), self._put(prefix), num_requests=b)
             else:
-                branches = core.jit_extract(g.cache, jnp.asarray(start), jnp.asarray(kept), jnp.asarray(prefix),
+                branches = core.jit_extract(g.cache, self._put(start), self._put(kept), self._put(prefix),
                                             num_requests=b, branch_slots=bucket(max_new_tokens),
                                             rules=self.model.rules)
         tokens = [[toks[i * k + j, : out_len[i * k + j]].tolist() for j in range(k)] for i in range(b)]
@@ -210,7 +210,7 @@ class ParallelSynthesis:
         self._check_lora(lora)
         k = branches.num_branches
         prompt_ids = [self.gen.chat_tokens(prompts.cache_synth_messages(q, k, self.family)) for q in questions]
-        max_l = int(jax.device_get(branches.lengths).max())
+        max_l = int(hosts.fetch(branches.lengths).max())
         for i, p in enumerate(prompt_ids):
             check_length(self.cfg.max_position_embeddings, max_l + len(p), max_new_tokens, f"synthesizer request {i}")
         width = bucket(max(len(p) for p in prompt_ids))
@@ -254,7 +254,7 @@ class ParallelSynthesis:
             )
         texts, toks = self._decode(g)
         return PathResult("cache", texts, toks, total, breakdown, [len(p) for p in prompt_ids],
-                          np.asarray(jax.device_get(logits)))
+                          np.asarray(hosts.fetch(logits)))
 
     def text_path(
         self, questions: Sequence[str], branch_texts: Sequence[Sequence[str]], *, max_new_tokens: int = 256,
@@ -343,7 +343,7 @@ class ParallelSynthesis:
             )
         texts, toks = self._decode(g)
         return PathResult(name, texts, toks, total, {"prefill_s": total}, [len(p) for p in prompt_ids],
-                          np.asarray(jax.device_get(logits)))
+                          np.asarray(hosts.fetch(logits)))
 
     def _median(self, fn: Callable[[], jax.Array]) -> float:
         """Median seconds of `timing_repeats` calls after a compile call; nan when timing is off."""
@@ -360,7 +360,7 @@ class ParallelSynthesis:
         return self.gen.put_batch(x)
 
     def _decode(self, g: runtime.Generation) -> tuple[list[str], list[list[int]]]:
-        toks, nums, stopped = jax.device_get((g.tokens, g.num_tokens, g.stopped))
+        toks, nums, stopped = hosts.fetch((g.tokens, g.num_tokens, g.stopped))
         ids = [row[: int(n) - int(s)].tolist() for row, n, s in zip(toks, nums, stopped)]
         return [self.tok.decode(t) for t in ids], ids
 

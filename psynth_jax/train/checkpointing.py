@@ -33,6 +33,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from psynth_jax.inference import hosts
+
 CORRUPT_DIR = "corrupt"
 
 
@@ -107,10 +109,7 @@ class Checkpointer:
                 for step, e in failures:
                     where = self.move_aside(step, e)
                     say(f"checkpoint step {step} is unreadable ({_short(e)}): moved to {where}")
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("psynth_checkpoints_moved_aside")
+            hosts.barrier("psynth_checkpoints_moved_aside")
             self.manager.reload()
         return restored
 

@@ -259,13 +259,13 @@ class Trainer:
         ce, n, rates = 0.0, 0.0, []
         for batch in self.eval_batches:
             dev = self._global_batch(batch)
-            m = jax.device_get(self._eval_fn(self.trainable, self.frozen, dev))
+            m = hosts.fetch(self._eval_fn(self.trainable, self.frozen, dev))
             ce += float(m["ce"]) * float(m["target_tokens"])
             n += float(m["target_tokens"])
             with jax.set_mesh(self.mesh):  # the context mesh splash attention shards over
                 out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
                                         max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids, opts=self.opts)
-            rates += agreement_rates(*out, batch["example_valid"])
+            rates += agreement_rates(*hosts.fetch(out), batch["example_valid"])  # tokens span every process
         return {"eval_ce": ce / max(n, 1.0), "eval_agreement": statistics.fmean(rates) if rates else float("nan")}
 
     # ------------------------------------------------------------------ loop
@@ -300,7 +300,7 @@ class Trainer:
             """Fetch the pending steps' metrics: one host sync every log_every steps, not every step."""
             if not pending:
                 return
-            fetched = jax.device_get([m for _, m in pending])
+            fetched = hosts.fetch([m for _, m in pending])
             tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
             for (step, _), m in zip(pending, fetched):
                 self._record(metrics, writer, step, dict({k: float(v) for k, v in m.items()}, tokens_per_s=tok_s))
