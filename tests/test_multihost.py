@@ -3,11 +3,11 @@
 Every run goes through `psynth_jax.cli.local_pod` (what launch/local_pod.sh runs), the code path
 of a TPU slice: each process joins the JAX runtime (inference/hosts.py), reads its share of every
 global batch, and process 0 writes logs and reports. Checked:
-- training: the same losses (|diff| <= 1e-5) at every step and the same trainable parameters
-  after the last step as the 1-process run, across a SIGTERM to one process (every process saves
+- training: the same losses (|diff| <= 1e-5) at every step, the same held-out loss and greedy
+  agreement, and the same trainable parameters after the last step as the 1-process run, across a SIGTERM to one process (every process saves
   the same step and exits; a relaunch resumes) and a `kill -9` of the other (a relaunch resumes
   from the last checkpoint);
-- eval: the same records as the 1-process run, after a `kill -9` mid-run and a relaunch;
+- eval: tests/test_pods_documented.py (docs/PODS.md's command, with a `kill -9` and a relaunch);
 - distillation (`build-data`): every example built exactly once;
 - an unreachable coordinator and a process count the mesh cannot use fail with a clear error, fast.
 """
@@ -29,6 +29,7 @@ from tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared/data/gsm8k/train.jsonl"
+GSM8K_TEST = GSM8K.with_name("test.jsonl")
 pytestmark = pytest.mark.skipif(not GSM8K.is_file(), reason="../shared/data/gsm8k is not beside the checkout")
 STEPS = 6
 
@@ -54,6 +55,8 @@ lora: {{rank: 4, alpha: 8.0}}
 data:
   train:
     - {{path: {GSM8K}, builder: aggregation, limit: 24}}
+  eval:  # held-out loss and greedy agreement: the tokens of both paths span both processes
+    - {{path: {GSM8K_TEST}, builder: exposure, limit: 4}}
   buckets: [256, 512, 768]
   max_total_tokens: 768
   max_live_tokens: 256
@@ -63,6 +66,7 @@ train: {{steps: {STEPS}, lr: 1.0e-2, compute_dtype: float32}}
 mesh: {{data: 2, fsdp: 2, tensor: 2}}
 checkpoint: {{dir: {tmp / 'run'}, every_steps: 2, async_save: true}}
 log_every: 1
+eval_every: 2
 tensorboard: false
 """)
     return path
@@ -76,7 +80,18 @@ def pod(args: list[str], logs: Path, processes: int = 2, devices: int = 4) -> su
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    """(exit code, output) of a run; past `timeout` it is stopped (SIGTERM: the launcher stops its
+    processes; then SIGKILL) and the test fails with its output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout:.0f} s, stopped; its output:\n{(out or '')[-4000:]}")
     return proc.returncode, out
 
 
@@ -88,13 +103,14 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 400) -> None:
         time.sleep(0.3)
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
+    """{step: metric `key`} of a run's metrics.jsonl (each step's line once)."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if "loss" in r:
+        if key in r:
             assert r["step"] not in out, f"step {r['step']} logged twice"
-            out[r["step"]] = r["loss"]
+            out[r["step"]] = r[key]
     return out
 
 
@@ -161,28 +177,12 @@ def test_two_processes_train_as_one_across_a_preemption_and_a_crash(tmp_path, mo
     worst = max(abs(ours[s] - ref[s]) for s in ref)
     print(f"2x4 vs 1x8: max |loss diff| {worst:.2e} over {STEPS} steps; stopped at {stopped} by SIGTERM")
     assert worst <= 1e-5
+    for key in ("eval_ce", "eval_agreement"):  # held-out evaluation at steps 0, 2, 4 and the last
+        ours, ref = losses(run, key), losses(one_process_run, key)
+        assert sorted(ours) == sorted(ref) == [0, 2, 4, STEPS], (key, ours)
+        assert all(abs(ours[s] - ref[s]) <= 1e-5 for s in ref), (key, ours, ref)
     for a, b in zip(trained(run, model_dir), trained(one_process_run, model_dir)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-
-
-def eval_config(tmp: Path, model_dir: Path, out: str) -> Path:
-    path = tmp / f"{out}.yaml"
-    path.write_text(f"""
-base: {REPO / 'configs/eval_smoke.yaml'}
-model: {{source: {model_dir}, dtype: float32}}
-tasks:
-  - {{name: gsm8k, limit: 4}}
-  - {{name: arc_challenge, limit: 4}}
-modes: [single, text, naive_cache, psynth]
-num_workers: 2
-worker_tokens: 6
-max_new_tokens: 6
-batch_size: 2
-timing_repeats: 0
-mesh: {{data: -1, fsdp: 1, tensor: 2}}
-out_dir: {tmp / out}
-""")
-    return path
 
 
 def records(out: Path) -> list:
@@ -190,25 +190,6 @@ def records(out: Path) -> list:
     keys = [(r["task"], r["id"], r["mode"]) for r in rows]
     assert len(keys) == len(set(keys)), "a record written twice"
     return sorted([r["task"], r["id"], r["mode"], r["text"], r["correct"]] for r in rows)
-
-
-def test_eval_over_two_processes_writes_the_one_process_records_after_a_kill(tmp_path, model_dir):
-    one = subprocess.run([sys.executable, "-m", "psynth_jax.cli.main", "eval", "--config",
-                          str(eval_config(tmp_path, model_dir, "one")), "--quiet"],
-                         env=env_one_process(), cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert one.returncode == 0, one.stderr[-3000:]
-    cmd = ["eval", "--config", str(eval_config(tmp_path, model_dir, "two")), "--quiet"]
-    logs, out = tmp_path / "logs", tmp_path / "two"
-    proc = pod(cmd, logs)
-    part = out / "records.p1.jsonl"
-    wait_for(lambda: part.is_file() and part.read_text().count("\n") >= 2, proc)
-    os.kill(json.loads((logs / "pids.json").read_text())["pids"][1], signal.SIGKILL)
-    code, _ = finish(proc)
-    assert code != 0 and not (out / "results.json").exists()
-    code, text = finish(pod(cmd, logs))
-    assert code == 0, text[-3000:]
-    assert not list(out.glob("*.p*.jsonl"))  # the processes' parts are merged into records.jsonl
-    assert records(out) == records(tmp_path / "one") and len(records(out)) == 8 * 4
 
 
 def test_distillation_over_two_processes_builds_each_example_once(tmp_path, model_dir):
@@ -240,3 +221,89 @@ def test_a_mesh_the_processes_cannot_fill_is_refused(tmp_path, model_dir):
                            devices=4), timeout=300)
     assert code == 2
     assert "impossible mesh" in out and "8 devices" in out
+
+
+def recipe_configs(tmp: Path, model_dir: Path, tag: str) -> tuple[Path, Path, Path]:
+    """The paper's recipe (configs/paper_recipe_smollm2_cpu_stage{1,2}.yaml, eval_recipe_smollm2_cpu.yaml),
+    shrunk: a tiny model, a few rows of two sources per stage, 6 steps on a 2 x 2 x 2 mesh."""
+    data = REPO.parent / "shared/data"
+    small = f"""model: {{source: {model_dir}, dtype: float32}}
+lora: {{rank: 4, alpha: 8.0}}
+mesh: {{data: 2, fsdp: 2, tensor: 2}}
+log_every: 1
+tensorboard: false
+"""
+    stage1, stage2, ev = tmp / f"{tag}_stage1.yaml", tmp / f"{tag}_stage2.yaml", tmp / f"{tag}_eval.yaml"
+    stage1.write_text(f"""base: {REPO / 'configs/paper_recipe_smollm2_cpu_stage1.yaml'}
+{small}data:
+  train:
+    - {{name: chat, path: {data / 'multi_turn_chat/oasst1_en_validation.jsonl'}, builder: exposure, limit: 12}}
+    - {{name: evidence, path: "{data / 'multihop_evidence/*_train*.jsonl'}", builder: aggregation, variant: short,
+       k: [2, 3], limit: 12}}
+  batch_size: 4
+train: {{steps: {STEPS}}}
+checkpoint: {{dir: {tmp / tag / 'stage1'}, every_steps: 2}}
+""")
+    stage2.write_text(f"""base: {REPO / 'configs/paper_recipe_smollm2_cpu_stage2.yaml'}
+{small}data:
+  train:
+    - {{name: distill_math, path: {GSM8K}, builder: distillation, limit: 8}}
+    - {{name: distill_mc, path: {data / 'science_qa/arc_challenge/ARC-Challenge-Dev.filtered.jsonl'},
+       builder: distillation, task: arc_challenge, limit: 8}}
+  eval:
+    - {{name: eval_math, path: {GSM8K_TEST}, builder: distillation, limit: 4}}
+  batch_size: 4
+  distill_worker_tokens: 8
+  distill_max_new_tokens: 8
+  distill_batch_size: 4
+train: {{steps: {STEPS}, init_from: {tmp / tag / 'stage1'}}}
+checkpoint: {{dir: {tmp / tag / 'stage2'}, every_steps: 2}}
+eval_every: 2
+""")
+    ev.write_text(f"""base: {REPO / 'configs/eval_recipe_smollm2_cpu.yaml'}
+model: {{source: {model_dir}, dtype: float32}}
+adapter: {tmp / tag / 'stage2'}
+tasks:
+  - {{name: arc_challenge, limit: 3}}
+  - {{name: multihop_qa, limit: 3}}
+worker_tokens: 6
+max_new_tokens: 6
+batch_size: 2
+timing_repeats: 0
+out_dir: {tmp / tag / 'eval'}
+""")
+    return stage1, stage2, ev
+
+
+@pytest.mark.slow
+def test_the_recipe_on_a_pod_ends_where_one_process_does(tmp_path, model_dir):
+    """Stage 1 -> stage 2 with its distillation -> eval on 2 processes x 4 devices, with a kill -9 of
+    one process in stage 2 and a relaunch: the losses, held-out metrics and eval records of one
+    process on 8 devices."""
+    one = recipe_configs(tmp_path, model_dir, "one")
+    for cfg in one:
+        done = subprocess.run([sys.executable, "-m", "psynth_jax.cli.main", "train" if "stage" in cfg.name else "eval",
+                               "--config", str(cfg), "--quiet"], env=env_one_process(), cwd=REPO, capture_output=True,
+                              text=True, timeout=1800)
+        assert done.returncode == 0, (cfg.name, done.stderr[-3000:])
+    stage1, stage2, ev = recipe_configs(tmp_path, model_dir, "pod")
+    logs = tmp_path / "logs"
+    code, out = finish(pod(["train", "--config", str(stage1), "--quiet"], logs), timeout=1800)
+    assert code == 0, out[-3000:]
+    run2 = tmp_path / "pod/stage2"
+    proc = pod(["train", "--config", str(stage2), "--quiet"], logs)
+    wait_for(lambda: (run2 / "checkpoints").is_dir() and any(checkpoint_steps(run2)), proc, timeout=1500)
+    os.kill(json.loads((logs / "pids.json").read_text())["pids"][1], signal.SIGKILL)
+    code, _ = finish(proc)
+    assert code != 0
+    code, out = finish(pod(["train", "--config", str(stage2), "--quiet"], logs), timeout=1800)
+    assert code == 0, out[-3000:]
+    assert "resumed from step" in out
+    code, out = finish(pod(["eval", "--config", str(ev), "--quiet"], logs), timeout=1800)
+    assert code == 0, out[-3000:]
+    for stage in ("stage1", "stage2"):
+        for key in ("loss", "eval_ce", "eval_agreement"):
+            ours, ref = losses(tmp_path / "pod" / stage, key), losses(tmp_path / "one" / stage, key)
+            assert sorted(ours) == sorted(ref), (stage, key)
+            assert all(abs(ours[s] - ref[s]) <= 1e-5 for s in ref), (stage, key, ours, ref)
+    assert records(tmp_path / "pod/eval") == records(tmp_path / "one/eval")
