@@ -45,3 +45,20 @@ def test_paired_counts_against_text():
     assert (v["n"], v["wins"], v["losses"]) == (5, 2, 2)  # example 4: an error, counted wrong
     assert v["p_mcnemar"] == 1.0
     assert out["overall"]["text"]["vs_text"] == {"n": 5, "wins": 0, "losses": 0, "p_mcnemar": 1.0}
+
+
+@pytest.mark.parametrize("correct,n", [(0, 12), (12, 12), (0, 1), (1, 3), (7, 9)])
+def test_wilson_interval_holds_the_observed_share(correct, n):
+    """At 0 of 12 the closed form's lower end is 2.8e-17, not 0, in floating point; the interval
+    must still hold the accuracy (the report's error bars are accuracy - lower, upper - accuracy)."""
+    lo, hi = wilson_interval(correct, n)
+    assert 0.0 <= lo <= correct / n <= hi <= 1.0
+
+
+def test_the_accuracy_plot_is_drawn_for_a_task_nobody_answered(tmp_path):
+    from psynth_jax.eval.plots import accuracy_plot
+
+    records = [_rec("gsm8k", i, m, False) for i in range(12) for m in ("text", "psynth")]
+    results = {**summarize(records, ["gsm8k"], ["text", "psynth"]), "modes": ["text", "psynth"], "untrained": []}
+    assert accuracy_plot(results, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0

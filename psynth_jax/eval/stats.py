@@ -24,7 +24,8 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # the interval holds p exactly; rounding alone (2.8e-17 above 0 at 0 of 12) must not say otherwise
+    return min(p, max(0.0, center - half)), max(p, min(1.0, center + half))
 
 
 def mcnemar_exact(wins: int, losses: int) -> float:
