@@ -4,7 +4,8 @@ Every run goes through `psynth_jax.cli.local_pod` (what launch/local_pod.sh runs
 of a TPU slice: each process joins the JAX runtime (inference/hosts.py), reads its share of every
 global batch, and process 0 writes logs and reports. Checked:
 - training: the same losses (|diff| <= 1e-5) at every step, the same held-out loss and greedy
-  agreement, and the same trainable parameters after the last step as the 1-process run, across a SIGTERM to one process (every process saves
+  agreement, and the same trainable parameters after the last step as the 1-process run,
+  and a second stage started from it (`train.init_from`) as from the 1-process run, across a SIGTERM to one process (every process saves
   the same step and exits; a relaunch resumes) and a `kill -9` of the other (a relaunch resumes
   from the last checkpoint);
 - eval: tests/test_pods_documented.py (docs/PODS.md's command, with a `kill -9` and a relaunch);
@@ -183,6 +184,17 @@ def test_two_processes_train_as_one_across_a_preemption_and_a_crash(tmp_path, mo
         assert all(abs(ours[s] - ref[s]) <= 1e-5 for s in ref), (key, ours, ref)
     for a, b in zip(trained(run, model_dir), trained(one_process_run, model_dir)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    # 4. a second stage from this run's mapper + LoRA (train.init_from), as a pod's stage 2 starts
+    then = ["train.steps=2", "eval_every=0", "data.eval=[]"]
+    code, out = finish(pod([*cmd, f"train.init_from={run}", f"checkpoint.dir={tmp_path / 'then'}", *then], logs))
+    assert code == 0, out[-3000:]
+    assert f"initialised mapper + LoRA from {run} (its step {STEPS})" in out
+    done = subprocess.run([sys.executable, "-m", "psynth_jax.cli.main", *cmd, f"train.init_from={one_process_run}",
+                           f"checkpoint.dir={tmp_path / 'then_one'}", *then], env=env_one_process(), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, ref = losses(tmp_path / "then"), losses(tmp_path / "then_one")
+    assert sorted(ours) == sorted(ref) == [1, 2] and all(abs(ours[s] - ref[s]) <= 1e-5 for s in ref), (ours, ref)
 
 
 def records(out: Path) -> list:

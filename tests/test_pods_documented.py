@@ -187,3 +187,47 @@ def test_processes_wait_for_a_peer_later_than_a_device_collective_would(tmp_path
     for i, (code, out) in enumerate(outs):
         assert code == 0, out[-3000:]
         assert f"OK {i} [0, 1] {3 << 20} ['from', 0]" in out, out[-3000:]
+
+
+FAILING = textwrap.dedent("""
+    import sys
+    import jax
+    from psynth_jax.cli.main import main
+    from psynth_jax.inference import hosts
+
+    hosts.initialize()
+    jax.devices()
+    if jax.process_index() == 0:
+        hosts.barrier("never")  # process 0 waits for a peer that fails
+    sys.exit(main(["eval", "--config", sys.argv[1], "out_dir=" + sys.argv[2]]))
+""")
+
+
+def test_a_failing_process_exits_at_once_and_the_launcher_stops_the_rest(tmp_path):
+    """A process of a pod that fails must not wait for its peers at the runtime's shutdown barrier
+    (they may be blocked where it will never come): it exits with its code now."""
+    import time
+
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    address = f"127.0.0.1:{free_port()}"
+    procs = []
+    for i in range(2):
+        env = dict(env_one_process(2), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                   PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(REPO / "configs/eval_smoke.yaml"),
+                                       str(blocker / "out")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        t0 = time.monotonic()
+        code, out = finish(procs[1], timeout=120)
+        assert code == 2, out[-3000:]
+        assert "psynth eval: error:" in out and "Not a directory" in out, out[-3000:]
+        assert time.monotonic() - t0 < 90
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

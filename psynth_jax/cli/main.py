@@ -79,7 +79,26 @@ def one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; every failure becomes one line on stderr and an exit code of EXIT_CODES."""
+    """Run a subcommand; every failure becomes one line on stderr and an exit code of EXIT_CODES.
+
+    A process of a pod that fails exits at once: it does not wait for the others at the JAX
+    runtime's shutdown barrier, where they would never come (they are blocked in a collective this
+    process will not join), so the launcher sees the failure now and stops the rest.
+    """
+    code = _run(argv)
+    if code not in (EXIT_OK, EXIT_PREEMPTED) and _in_a_pod():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _in_a_pod() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False) or os.environ.get("PSYNTH_DEBUG"))
     prefix = f"psynth {args.command}: error:"

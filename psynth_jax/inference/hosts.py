@@ -17,7 +17,9 @@ each process a disjoint share whose union is every item; `barrier(name)` waits f
 `allgather_objects` / `broadcast_object` exchange small JSON-able values; `preemption_agreed(step)`
 is True on every process at the same step once any of them received SIGTERM (JAX's preemption
 sync point); `fetch(tree)` brings device arrays to every host, whichever devices hold them;
-`place(x, sharding)` builds a global array from a host value every process holds whole.
+`place(x, sharding)` builds a global array from a host value every process holds whole, and
+`put(tree, shardings)` places arrays that each process holds on its own devices onto a mesh that
+spans processes.
 
 Host-level coordination (barriers, object exchange) goes through the coordination service's
 key-value store and barriers, with their own timeout (`PSYNTH_BARRIER_TIMEOUT`, default 24 h), not
@@ -209,6 +211,21 @@ def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put(tree, shardings)`, also where a target spans other processes' devices and a
+    leaf lives on this process's devices only (a value every process holds the same: a restored
+    checkpoint, a seeded initialisation): the backends have no device-to-device transfer between
+    hosts, so such a leaf goes through the host (`place`)."""
+
+    def one(x: Any, sharding: jax.sharding.Sharding) -> Any:
+        local = not isinstance(x, jax.Array) or x.is_fully_addressable
+        if sharding.is_fully_addressable or not local:
+            return jax.device_put(x, sharding)
+        return place(np.asarray(x), sharding)
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def spans_processes(mesh: Any) -> bool:

@@ -73,7 +73,7 @@ def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
 
     Builds the exact train-state skeleton the trainer saves ({trainable: {lora, mapper},
     opt_state}) from the run's config, so every shape is checked; the optimizer state is
-    restored and dropped. Arrays land on the first local device, whichever mesh saved them.
+    restored and dropped. Arrays land on this process's first device, whichever mesh saved them.
     Imports the training stack (orbax, optax) lazily, here only.
     """
     from psynth_jax.train.checkpointing import Checkpointer
@@ -92,8 +92,9 @@ def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
     tx = make_optimizer(t.lr, t.steps, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                         decay=t.decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum)
     skeleton = jax.eval_shape(lambda tr: {"trainable": tr, "opt_state": tx.init(tr)}, trainable)
-    # restore onto one device, whatever mesh the run was saved from (Orbax needs the target topology)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # restore onto one device of this process, whatever mesh the run was saved from (Orbax needs the
+    # target topology); every process of a pod restores it whole onto its own first device
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), skeleton)
     target = f"{model.source} ({model.cfg.family}, {model.cfg.num_layers} layers)"
     checkpointer = Checkpointer(run_dir, async_save=False)

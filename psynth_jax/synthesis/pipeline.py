@@ -109,7 +109,7 @@ class ParallelSynthesis:
         self.mapper = mapper
         self.mapper_def, state = nnx.split(mapper)
         if self.mesh is not None:  # beside the caches it maps (replicated by the default rules)
-            state = jax.device_put(state, state_shardings(state, self.mesh, self.model.rules))
+            state = hosts.put(state, state_shardings(state, self.mesh, self.model.rules))
         self.mapper_state = state
 
     @property
