@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from psynth_jax.bench.profile import describe_hlo, module_name, profile_jit, self_times
+from psynth_jax.measure.profile import describe_hlo, module_name, profile_jit, self_times
 
 
 def test_self_time_subtracts_nested_events_on_the_same_thread(tmp_path):

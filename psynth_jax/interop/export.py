@@ -36,7 +36,7 @@ from psynth_jax.interop.layout import (
 from psynth_jax.interop.loader import GLOBAL_KEYS, LAYER_KEYS
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.loaded import LoadedModel
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import Mapper
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

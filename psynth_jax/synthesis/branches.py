@@ -1,9 +1,9 @@
-"""The cache handoff's data and its array operations: extract, re-encode, assemble.
+"""Branch caches as arrays: extract the kept spans, re-encode, assemble (the materialised handoff).
 
-For B requests x K branches (METHOD.md sections 1-3):
+For B requests x K branches (METHOD.md sections 1-3), on the `BranchCaches` of model/kv_cache.py:
 1. `extract_branches`: from worker caches (one row per branch), keep the KV of each branch's
    kept span (slots [start_i, start_i + L_i); which span is the handoff convention's,
-   synthesis/convention.py); the rest of the prompt KV is dropped.
+   synthesis/handoff.py); the rest of the prompt KV is dropped.
 2. `reencode`: rotate kept keys by -P_i (exact RoPE shift), P_i the worker prompt's length, so
    every branch's output starts at position 0.
 3. the cache mapper (mapper.map_caches) rescales keys and values per (layer, branch).
@@ -21,37 +21,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from psynth_jax.inference import hosts
+from psynth_jax import distributed
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import BranchView, KVCache
+from psynth_jax.model.kv_cache import BranchCaches, BranchView, KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class BranchCaches:
-    """Output-token KV of K branches per request, padded to a common branch length Lb.
-
-    k, v: [layers, B, K, Lb, kv_heads, head_dim]; lengths L_i [B, K] (kept tokens); offsets [B, K]:
-    the RoPE shift still to undo, the worker prompt length P_i (0 once re-encoded).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-    offsets: jax.Array
-
-    @property
-    def num_requests(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def num_branches(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def branch_slots(self) -> int:
-        return self.k.shape[3]
 
 
 def check_branches(branches: BranchCaches | BranchView, cfg: ModelConfig, max_branch_tokens: int | None = None) -> None:
@@ -66,7 +39,7 @@ def check_branches(branches: BranchCaches | BranchView, cfg: ModelConfig, max_br
         )
     if branches.num_branches == 0:
         raise ValueError("K = 0: Parallel-Synthesis needs at least one branch")
-    lengths = hosts.fetch(branches.lengths)
+    lengths = distributed.fetch(branches.lengths)
     for b, row in enumerate(lengths):
         for i, n in enumerate(row):
             if n <= 0:

@@ -1,7 +1,8 @@
-"""Which worker KV is handed to the synthesizer, and when a worker stops (METHOD.md section 1).
+"""`Handoff`: which worker KV is handed to the synthesizer, and when a worker stops (METHOD.md section 1).
 
 Two slicing conventions, one setting (`handoff.convention`) used alike by workers, branch caches
-rebuilt from stored tokens, training, eval and the benchmarks. A branch whose worker prompt has
+rebuilt from stored tokens, training, eval and the benchmarks; every `Handoff` a config, a flag
+or recorded weights describe is built by `Handoff.from_config`. A branch whose worker prompt has
 P tokens produced L output tokens, then (if `stopped`) a stop token:
 
 - "output_tokens" (the paper's description, our default): keep the KV of the L output tokens,
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from psynth_jax.interop.tokenizer import stop_token_ids
+from psynth_jax.inference.generator import stop_token_ids
 
 Convention = Literal["output_tokens", "release"]
 StopTokens = Literal["chat", "eos_only"]
@@ -68,6 +69,17 @@ class Handoff:
                 raise ValueError("stop_tokens='eos_only' but the tokenizer has no eos token")
             return (int(tokenizer.eos_token_id),)
         return stop_token_ids(tokenizer, eos_ids)
+
+    @classmethod
+    def from_config(cls, section: Any | None = None, *, convention: str | None = None, stop_tokens: str | None = None,
+                    base: "Handoff | None" = None) -> "Handoff":
+        """The handoff a configuration describes: a config's `handoff:` section (any object with
+        `.convention` and `.stop_tokens`; None: no section, `base`), then explicit choices (a flag;
+        None: not chosen), each winning over what comes before it. `base` defaults to Handoff()."""
+        if section is not None:
+            base = cls(section.convention, section.stop_tokens)
+        base = base if base is not None else cls()
+        return cls(convention=convention or base.convention, stop_tokens=stop_tokens or base.stop_tokens)
 
     def as_dict(self) -> dict[str, str]:
         """What runs, adapters and exports record."""
