@@ -1,4 +1,4 @@
-"""bench/profile.py: self times from a real jax.profiler trace, op kinds from compiled HLO, and the
+"""psynth_jax/measure/profile.py: self times from a real jax.profiler trace, op kinds from compiled HLO, and the
 nesting arithmetic on a hand-made trace."""
 
 from __future__ import annotations

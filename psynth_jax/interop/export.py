@@ -10,7 +10,7 @@
   release's embed_tokens / lm_head, adapter.py) carries those tensors again, as PEFT saves them.
 
 Every export records what the weights were trained under in psynth_export.json (and in the
-safetensors metadata): the handoff convention and worker stop tokens (synthesis/convention.py),
+safetensors metadata): the handoff convention and worker stop tokens (synthesis/handoff.py),
 the mapper, the LoRA and the backbone, so an import restores the same synthesizer.
 The release's own layout (cache_mapper.pt + judger_lora/) is release.py.
 

@@ -4,7 +4,7 @@
 export, a plain PEFT adapter, the reference release's checkpoint as it ships), checks that the
 parts it should hold are there, reads and validates all of them against `model` (adapter.py),
 and only then builds the new backbone: a bad folder loads nothing. It also says what the weights
-were trained under (the handoff convention and worker stop tokens, synthesis/convention.py):
+were trained under (the handoff convention and worker stop tokens, synthesis/handoff.py):
 
 - a run: its config's `handoff:`; our exports: what psynth_export.json (or the adapter's
   safetensors metadata) records;

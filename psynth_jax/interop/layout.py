@@ -38,7 +38,7 @@ RELEASE_LORA = "judger_lora"
 RELEASE_META = "checkpoint_meta.json"
 RELEASE_RUN_ARGS = "run_args.json"
 RELEASE_SUBDIRS = ("latest", "step_checkpoints/latest")
-# what the release's runner does: its workers' KV window and their stop token (convention.py)
+# what the release's runner does: its workers' KV window and their stop token (synthesis/handoff.py)
 RELEASE_HANDOFF = Handoff(convention="release", stop_tokens="eos_only")
 
 Kind = Literal["run", "adapter", "release"]
