@@ -5,7 +5,7 @@
 # measures the most important figures, each step in a child process with its own time cap (a
 # step past its cap is killed and recorded; the next one runs). The results folder is rewritten
 # after every step, so a run cut short keeps what it measured. Steps, caps and their estimates:
-# psynth_jax/bench/gpu_check.py (STEPS) and docs/PERFORMANCE.md ("The GPU check").
+# benchmarks/gpu_steps.py (STEPS) and docs/PERFORMANCE.md ("The GPU check").
 #
 # For the long sweep of every point of every table (~25 min), use launch/bench_gpu.sh instead.
 #
@@ -15,7 +15,7 @@
 # Results ($OUT, 3 files): results.json (environment, every step's status, command and JSON, the
 # figures against their targets), summary.md (failures first, then every figure next to its
 # target), gpu_check.log (every step's output). Then, on any machine:
-#   python -m psynth_jax.bench.gpu_check --update-docs "$OUT"   # fills docs/PERFORMANCE.md's cells
+#   python -m benchmarks.gpu_check --update-docs "$OUT"   # fills docs/PERFORMANCE.md's cells
 #
 # Environment:
 #   OUT        results folder (default benchmarks/results/gpu_check)
@@ -42,5 +42,5 @@ if is_dry_run; then ARGS+=(--dry-run); fi
 # the checkout's own code wins over any installed copy, in this process and every step's
 export PYTHONPATH="$PSYNTH_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-show_cmd "$PYTHON" -m psynth_jax.bench.gpu_check "${ARGS[@]}" "$@"
-exec "$PYTHON" -m psynth_jax.bench.gpu_check "${ARGS[@]}" "$@"
+show_cmd "$PYTHON" -m benchmarks.gpu_check "${ARGS[@]}" "$@"
+exec "$PYTHON" -m benchmarks.gpu_check "${ARGS[@]}" "$@"

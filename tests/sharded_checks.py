@@ -75,7 +75,7 @@ def synthesis_run(directory: Path, mesh_shape, zero_copy: bool = False) -> dict:
     with `zero_copy`, also the zero-copy cache path (the synthesizer reading the worker rows in place)."""
     mesh = make_mesh(mesh_shape) if mesh_shape != (1, 1, 1) else make_mesh(mesh_shape, jax.devices()[:1])
     model = loader.load_model(directory, lora=LoRAConfig(rank=4, alpha=8.0), mesh=mesh)
-    synth = ParallelSynthesis(model, timing_repeats=0)
+    synth = ParallelSynthesis(model)
     convs = [[prompts.worker_messages(q)] * 2 for q in QUESTIONS]
     w = synth.run_workers(convs, max_new_tokens=10, sampling=SamplingConfig(), seed=0)
     cache = synth.cache_path(QUESTIONS, w.branches, max_new_tokens=8)
@@ -89,7 +89,7 @@ def synthesis_run(directory: Path, mesh_shape, zero_copy: bool = False) -> dict:
            "single": single.tokens, "cache_logits": cache.first_logits.tolist(),
            "text_logits": text.first_logits.tolist(), "branch_k_spec": k_spec}
     if zero_copy:
-        zc = ParallelSynthesis(model, timing_repeats=0, zero_copy=True)
+        zc = ParallelSynthesis(model, zero_copy=True)
         wz = zc.run_workers(convs, max_new_tokens=10, sampling=SamplingConfig(), seed=0)
         viewed = zc.cache_path(QUESTIONS, wz.branches, max_new_tokens=8)
         out.update(zero_copy=viewed.tokens, zero_copy_logits=viewed.first_logits.tolist())

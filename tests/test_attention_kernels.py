@@ -11,10 +11,11 @@ import pytest
 
 from psynth_jax.inference import runtime
 from psynth_jax.model.loaded import random_model
-from psynth_jax.model.attention import AttentionMask, attend, dense_attention, xla_attention
-from psynth_jax.model.attention_kernels import split_attention
+from psynth_jax.model.kernels.cudnn_split import split_attention
+from psynth_jax.model.kernels.dispatch import attend
+from psynth_jax.model.kernels.xla import dense_attention, xla_attention
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import write_layers, write_rows
+from psynth_jax.model.kv_cache import AttentionMask, write_layers, write_rows
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import make_mapper
@@ -122,9 +123,9 @@ def test_whole_model_split_layout_matches_reference():
     for impl in ("xla", "xla_split"):
         g = runtime.generate(m.graphdef, m.state, toks, lens, jax.random.key(0), max_new_tokens=6,
                              num_slots=24, attn_impl=impl)
-        br = core.jit_extract(g.cache, lens, g.num_tokens, lens, num_requests=1, branch_slots=8)
+        br = core.jit_hand_over(g.cache, lens, g.num_tokens, lens, num_requests=1, branch_slots=8)
         mdef, mstate = nnx.split(make_mapper("affine_length", 2))
-        cache = core.jit_prepare(br, mdef, mstate, cfg=cfg, extra_slots=8)
+        cache, _ = core.jit_prepare(br, mdef, mstate, cfg=cfg, extra_slots=8)
         logits, _ = runtime.extend(m.graphdef, m.state, toks[:1, :5], jnp.asarray([5]), cache, lora=True,
                                    attn_impl=impl)
         outs[impl] = (np.asarray(g.tokens), np.asarray(logits))

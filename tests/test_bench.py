@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from psynth_jax.bench import ttft
-from psynth_jax.bench.plots import plot_ttft
+from benchmarks import ttft
+from benchmarks.plots import plot_ttft
 from psynth_jax.cli import bench as bench_cli
 from psynth_jax.model.presets import PRESETS, hub_id, preset
 
@@ -127,7 +127,7 @@ def test_sweep_rows_have_the_cache_prefill_profile(sweep):
 
 
 def test_sweep_rows_roofline_fields_are_quotients_of_stored_fields(sweep):
-    from psynth_jax.bench.roofline import Roofline, cache_path_cost, text_path_cost
+    from psynth_jax.measure.roofline import Roofline, cache_path_cost, text_path_cost
 
     _, data = sweep
     roof = Roofline.from_dict(data["metadata"]["roofline"])

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psynth_jax.bench import batch as batch_bench
-from psynth_jax.bench import decode as decode_bench
-from psynth_jax.bench import roofline
-from psynth_jax.bench import sampling as sampling_bench
-from psynth_jax.bench import train_step as train_bench
+from benchmarks import batch as batch_bench
+from benchmarks import decode as decode_bench
+from benchmarks import token_sampling as sampling_bench
+from benchmarks import train_step as train_bench
+from psynth_jax.measure import roofline
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.presets import preset
 from psynth_jax.model.transformer import LoRAConfig
@@ -82,7 +82,7 @@ def test_batch_run_writes_consistent_json(tmp_path):
 # ------------------------------------------------------------------ decode
 def test_decode_run_writes_consistent_json(tmp_path):
     argv = ["--arch", "tiny-llama", "--cache-tokens", "48", "--batch", "2", "--steps", "3", "--repeats", "1",
-            "--dtype", "float32", "--out", str(tmp_path)]  # bandwidth measured (roofline.measure_bandwidth)
+            "--dtype", "float32", "--out", str(tmp_path)]  # bandwidth measured (benchmarks.roofline.measure_bandwidth)
     assert _run(decode_bench, argv) == 0
     meta, rows = _load(tmp_path / "decode.json")
     _check_meta(meta, "decode")
@@ -125,6 +125,7 @@ def test_train_run_times_the_trainers_step(tmp_path, monkeypatch):
     """The timed function is train.step.make_train_step's step: it learns LoRA + mapper only."""
     from psynth_jax.train import step as step_mod
 
+    assert train_bench.make_train_step is step_mod.make_train_step  # the trainer's own step
     real, seen = step_mod.make_train_step, []
 
     def spy(*args, **kwargs):
@@ -139,7 +140,7 @@ def test_train_run_times_the_trainers_step(tmp_path, monkeypatch):
             return out
         return wrapped
 
-    monkeypatch.setattr(step_mod, "make_train_step", spy)
+    monkeypatch.setattr(train_bench, "make_train_step", spy)
     argv = ["--arch", "tiny-llama", "--branches", "2", "--branch-tokens", "16", "--branch-prefix-tokens", "4",
             "--live-tokens", "8", "--repeats", "2", "--remat", "on", "--peak-tflops", "0.5", "--dtype", "float32",
             "--out", str(tmp_path)]

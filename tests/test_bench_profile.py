@@ -1,4 +1,4 @@
-"""bench/profile.py: self times from a real jax.profiler trace, op kinds from compiled HLO, and the
+"""psynth_jax/measure/profile.py: self times from a real jax.profiler trace, op kinds from compiled HLO, and the
 nesting arithmetic on a hand-made trace."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from psynth_jax.bench.profile import describe_hlo, module_name, profile_jit, self_times
+from psynth_jax.measure.profile import describe_hlo, module_name, profile_jit, self_times
 
 
 def test_self_time_subtracts_nested_events_on_the_same_thread(tmp_path):

@@ -12,8 +12,10 @@ import types
 import numpy as np
 import pytest
 
-from psynth_jax.bench import roofline as rl
+from benchmarks import roofline as measured
+from benchmarks.ttft_report import roofline_fields
 from psynth_jax.cli import bench as bench_cli
+from psynth_jax.measure import roofline as rl
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.presets import preset
 
@@ -65,24 +67,24 @@ def test_cost_model_tied_embeddings_and_real_shape():
 def test_roofline_fields_without_roofline_and_with_oom():
     row = {"K": 2, "L": 3, "prompt_tokens": 4, "batch": 1, "cache_prepare_ms": 1.0, "cache_ttft_ms": 4.0,
            "text_error": "out of memory"}
-    f = rl.roofline_fields(row, SMALL, None, dtype="bfloat16", lora_rank=2)
+    f = roofline_fields(row, SMALL, None, dtype="bfloat16", lora_rank=2)
     assert f == {"text_flops": 102400, "text_bytes": 13216, "cache_flops": 48000, "cache_bytes": 14112,
                  "prepare_share": 0.25}
     roof = rl.Roofline(1e6, 1e4, "bfloat16", "x", "x")
-    f = rl.roofline_fields(row, SMALL, roof, dtype="bfloat16", lora_rank=2)
+    f = roofline_fields(row, SMALL, roof, dtype="bfloat16", lora_rank=2)
     assert f["cache_floor_ratio"] == pytest.approx(4.0 / f["cache_floor_ms"])
     assert "text_floor_ms" in f and "text_floor_ratio" not in f and "text_mfu" not in f
 
 
 # ------------------------------------------------------------------ measurement
 def test_measurements_are_positive_and_finite_on_cpu():
-    r = rl.measure_roofline(matmul_sizes=(32, 64), bandwidth_mib=1, repeats=2)
+    r = measured.measure_roofline(matmul_sizes=(32, 64), bandwidth_mib=1, repeats=2)
     assert r.dtype == "float32" and r.platform == "cpu"
     for x in (r.matmul_flops_per_s, r.bandwidth_bytes_per_s, r.details["bandwidth"]["copy_bytes_per_s"],
               r.details["bandwidth"]["read_bytes_per_s"]):
         assert x > 0 and math.isfinite(x)
     assert set(r.details["matmul"]["per_size"]) == {"32", "64"}
-    assert rl.measure_matmul_peak((32,), dtype="bfloat16", repeats=1)["flops_per_s"] > 0
+    assert measured.measure_matmul_peak((32,), dtype="bfloat16", repeats=1)["flops_per_s"] > 0
     assert rl.Roofline.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
@@ -128,7 +130,7 @@ def test_module_benchmarks_are_imported_only_when_chosen(monkeypatch):
     parser = argparse.ArgumentParser()
     bench_cli.add_arguments(parser)
     assert calls == []  # building the parser imports no module-backed benchmark
-    from psynth_jax.bench import ttft
+    from benchmarks import ttft
 
     args = parser.parse_args(["ttft", "--ks", "1"])
     assert args._bench is ttft.run and calls == []
@@ -139,7 +141,7 @@ def test_module_benchmarks_are_imported_only_when_chosen(monkeypatch):
 
 
 def test_torch_peer_without_torch_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    from psynth_jax.bench.peer import PeerUnavailable
+    from benchmarks.peer import PeerUnavailable
     from psynth_jax.cli import main as psynth_main
 
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError, find_spec -> None
@@ -158,7 +160,7 @@ def test_peer_first_token_equals_jax_with_the_same_weights():
     import jax
     import jax.numpy as jnp
 
-    from psynth_jax.bench import peer
+    from benchmarks import peer
     from psynth_jax.inference import runtime
     from psynth_jax.interop.export import merged_tensors
     from psynth_jax.model.loaded import random_model
@@ -183,7 +185,7 @@ def test_peer_first_token_equals_jax_with_the_same_weights():
 
 def test_peer_point_times_are_positive():
     pytest.importorskip("torch")
-    from psynth_jax.bench import peer
+    from benchmarks import peer
 
     cfg = preset("tiny-llama")
     model = peer.build_torch_model(cfg, dtype="float32", device="cpu")

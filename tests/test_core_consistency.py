@@ -19,10 +19,11 @@ from flax import nnx
 from psynth_jax.config.schema import DataConfig, DataSourceConfig
 from psynth_jax.data.examples import Branch, SynthesisExample
 from psynth_jax.data.pipeline import make_train_iterator
+from psynth_jax.inference import runtime
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core, prompts
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
 from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, split_trainable, student_hidden, teacher_hidden
@@ -67,18 +68,19 @@ def test_training_logits_equal_inference_logits(tmp_path, family, convention):
     teacher = np.asarray(decoder.logits(teacher_hidden(decoder, batch, opts)))[0]
 
     # inference: ParallelSynthesis from stored token ids, as eval rebuilds worker caches
-    synth = ParallelSynthesis(model, mapper, handoff=handoff, timing_repeats=0)
+    synth = ParallelSynthesis(model, mapper, handoff=handoff)
     q, k = EXAMPLE.question, EXAMPLE.num_branches
     prefixes = [[synth.gen.chat_tokens(prompts.worker_messages(q, "math"))] * k]
     outputs = [[tok(b.output, add_special_tokens=False)["input_ids"] for b in EXAMPLE.branches]]
     branches = synth.branches_from_tokens(prefixes, outputs)
     prompt = synth.gen.chat_tokens(prompts.cache_synth_messages(q, k, "math"))
-    cache = core.jit_prepare(branches, synth.mapper_def, synth.mapper_state, cfg=model.cfg, extra_slots=len(prompt) + 8)
+    cache, _ = core.jit_prepare(branches, synth.mapper_def, synth.mapper_state, cfg=model.cfg,
+                                extra_slots=len(prompt) + 8)
     cache_logits, _ = core.jit_cache_prefill(model.graphdef, model.state, jnp.asarray([prompt]),
                                              jnp.asarray([len(prompt)]), cache, output="all")
     text_prompt = synth.gen.chat_tokens(prompts.text_synth_messages(q, [b.output for b in EXAMPLE.branches], "math"))
-    text_logits, _ = core.jit_text_prefill(model.graphdef, model.state, jnp.asarray([text_prompt]),
-                                           jnp.asarray([len(text_prompt)]), num_slots=len(text_prompt), output="all")
+    text_logits, _ = runtime.prefill(model.graphdef, model.state, jnp.asarray([text_prompt]),
+                                     jnp.asarray([len(text_prompt)]), num_slots=len(text_prompt), output="all")
     first_cache = synth.cache_path([q], branches, max_new_tokens=1).first_logits[0]
     first_text = synth.text_path([q], [[b.output for b in EXAMPLE.branches]], max_new_tokens=1).first_logits[0]
 

@@ -18,7 +18,7 @@ from psynth_jax.data.build import BuildSpec
 from psynth_jax.data.evidence import build_evidence, target_text
 from psynth_jax.data.mixture import apply_cap, apply_weight, weighted_count
 from psynth_jax.data.sources import SourceError, load_stage, read_rows
-from psynth_jax.data.toolcalls import build_tool_calls
+from psynth_jax.data.tool_use import build_tool_calls
 from psynth_jax.formats import splits
 from psynth_jax.formats.multihop import parse_multihop
 from psynth_jax.formats.records import read_records

@@ -72,7 +72,7 @@ def test_batches_hold_one_family_and_one_k():
 def test_distilled_examples_of_several_families_with_a_tiny_backbone():
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
-    synth = ParallelSynthesis(random_tiny_smol(LoRAConfig(rank=4, alpha=8.0)), timing_repeats=0)
+    synth = ParallelSynthesis(random_tiny_smol(LoRAConfig(rank=4, alpha=8.0)))
     math = item_from_problem(parse_problem(read_records(DATA / "gsm8k/test.jsonl")[0], 0, "gsm8k/test"))
     qa, _ = items_from_task("multihop_qa", rows("multihop_evidence/hotpotqa_train100_hipporag.jsonl", 4), "hotpot", 0)
     items = [math, qa[0]]

@@ -57,14 +57,20 @@ def make_config(out_dir: Path, **changes) -> EvalConfig:
     return load_eval_config(path, [f"{k}={v}" for k, v in changes.items()])
 
 
+# the ParallelSynthesis methods a request goes through -> the path they are counted as: the worker
+# stage, and each path's steps (what the runner answers with, and times)
+ENTRY_POINTS = {"run_workers": "run_workers", "single_steps": "single_agent", "text_steps": "text_path",
+                "cache_steps": "cache_path"}
+
+
 class Counter:
-    """Records every ParallelSynthesis call (monkeypatched in): (entry point, requests, max_new_tokens)."""
+    """Records every ParallelSynthesis request (monkeypatched in): (path, requests, max_new_tokens)."""
 
     def __init__(self, monkeypatch, fail_on_cache_call: int | None = None):
         self.calls: list[tuple[str, int, int | None]] = []
-        for name in ("run_workers", "single_agent", "text_path", "cache_path"):
-            original = getattr(ParallelSynthesis, name)
-            monkeypatch.setattr(ParallelSynthesis, name, self._wrap(name, original, fail_on_cache_call))
+        for method, name in ENTRY_POINTS.items():
+            original = getattr(ParallelSynthesis, method)
+            monkeypatch.setattr(ParallelSynthesis, method, self._wrap(name, original, fail_on_cache_call))
 
     def _wrap(self, name, original, fail_on):
         def wrapped(synth, *args, **kwargs):
@@ -206,8 +212,8 @@ def test_bad_config_names_the_field_before_any_load(tmp_path, monkeypatch, overr
     from psynth_jax.cli import eval as eval_cli
 
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("model loaded for a bad config"))
-    with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
-        make_config(tmp_path / "run", **dict([override.split("=", 1)]))
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[")):  # task names: checked where tasks load
+        runner_mod.load_examples(make_config(tmp_path / "run", **dict([override.split("=", 1)])))
     args = argparse.Namespace(config=str(ROOT / "configs/eval_smoke.yaml"), overrides=[override], quiet=True)
     with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
         eval_cli.run(args)
@@ -304,18 +310,17 @@ def test_kl_pass_measures_each_cache_mode_on_the_text_answer(tiny_model, referen
     runner = runner_mod.EvalRunner(make_config(out), model=tiny_model, quiet=True)
     runner._ensure_synth()
     ex = runner.examples["marble_db"][0]
-    runner.synth.family = ex.family
-    answer = runner.synth.tok.encode(after[("marble_db", ex.id, "text")]["text"], add_special_tokens=False)
+    synth = runner._variant(ex.family, trained_mapper=False)  # naive_cache: the identity mapper
+    answer = synth.tok.encode(after[("marble_db", ex.id, "text")]["text"], add_special_tokens=False)
     texts = [runner._branch_set(ex).texts[j] for j in runner._branch_set(ex).usable()]
     branches = runner._branch_caches([ex])
-    (got,) = runner.synth.teacher_forced_kl([ex.question], branches, [texts], [answer], lora=False)
+    (got,) = synth.teacher_forced_kl([ex.question], branches, [texts], [answer], lora=False)
     assert got == pytest.approx(after[("marble_db", ex.id, "naive_cache")]["kl_from_text"], abs=1e-5)
     # the first answer token is predicted at each prompt's last position: the logits the paths sample
     # their first token from (an independent reading of the alignment)
-    runner.synth.set_mapper(runner.identity_mapper)
-    (first,) = runner.synth.teacher_forced_kl([ex.question], branches, [texts], [answer[:1]], lora=False)
-    t = runner.synth.text_path([ex.question], [texts], max_new_tokens=1).first_logits[0]
-    c = runner.synth.cache_path([ex.question], branches, max_new_tokens=1, lora=False).first_logits[0]
+    (first,) = synth.teacher_forced_kl([ex.question], branches, [texts], [answer[:1]], lora=False)
+    t = synth.text_path([ex.question], [texts], max_new_tokens=1).first_logits[0]
+    c = synth.cache_path([ex.question], branches, max_new_tokens=1, lora=False).first_logits[0]
     lt, lc = t - np.logaddexp.reduce(t), c - np.logaddexp.reduce(c)
     assert first == pytest.approx(float(np.sum(np.exp(lt) * (lt - lc))), abs=1e-5)
     again = runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True, kl=[])

@@ -29,7 +29,7 @@ from safetensors import safe_open
 import hf_models
 import release_fixtures as rf
 from psynth_jax.interop.export import export_adapter
-from psynth_jax.interop.importer import import_weights, load_adapter_into
+from psynth_jax.interop.importer import import_weights, with_adapter
 from psynth_jax.interop.loader import load_model
 from psynth_jax.interop.staging import ExportError
 from test_interop_cli import run_cli, synthesizer, write_run
@@ -50,7 +50,7 @@ def ours(tmp_path_factory):
     run = root / "run"
     write_run(base, run, "affine_length")
     synth = synthesizer(base)
-    load_adapter_into(synth, run)
+    synth, _ = with_adapter(synth, run)
     write_run(base, root / "per_head", "per_head_affine")
     return base, run, synth, root / "per_head"
 
@@ -80,7 +80,8 @@ def test_our_run_in_the_release_layout(ours, tmp_path, capsys):
     assert np.abs(torch_logits(peft_model, TOKENS) - jax_logits(synth.model, TOKENS, True)).max() <= 1e-4
     # re-import: the same weights, the same cache-path logits, the run's handoff read back
     again = synthesizer(base)
-    desc = load_adapter_into(again, out).description
+    again, loaded = with_adapter(again, out)
+    desc = loaded.description
     assert desc.endswith("handoff output_tokens/chat (recorded in psynth_export.json)")
     jax.tree.map(np.testing.assert_array_equal, weights_of(again), weights_of(synth))
     np.testing.assert_array_equal(cache_logits(again), cache_logits(synth))
@@ -103,10 +104,10 @@ def test_handoff_is_recorded_in_every_export_and_read_back(ours, tmp_path):
     # the psynth format round trip: the recorded handoff is applied, and the logits are the run's own
     # under that handoff (and not those under the handoff it was trained with: the choice matters)
     again = synthesizer(base)
-    load_adapter_into(again, out / "adapter")
+    again, _ = with_adapter(again, out / "adapter")
     assert again.handoff.as_dict() == want
     same = synthesizer(base)
-    load_adapter_into(same, run, convention="release")
+    same, _ = with_adapter(same, run, convention="release")
     np.testing.assert_array_equal(cache_logits(again), cache_logits(same))
     assert np.abs(cache_logits(again) - cache_logits(synth)).max() > 1e-3
     # chosen to match the release's runner: no warning

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from psynth_jax.inference import runtime
-from psynth_jax.model.attention import AttentionMask, cache_blocks, dense_attention, xla_attention
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.flash import ALWAYS, KeyBlock, flash_attention
-from psynth_jax.model.kv_cache import KVCache, write_rows
+from psynth_jax.model.kernels.flash import ALWAYS, KeyBlock, flash_attention
+from psynth_jax.model.kernels.xla import cache_blocks, dense_attention, xla_attention
+from psynth_jax.model.kv_cache import AttentionMask, KVCache, write_rows
 from psynth_jax.model.loaded import random_model
 
 RNG = np.random.RandomState(0)

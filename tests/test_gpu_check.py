@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psynth_jax.bench import gpu_check, gpu_docs, gpu_figures, kernels
+from benchmarks import gpu_check, gpu_docs, gpu_figures, kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "gpu_check.sh"
@@ -90,7 +90,7 @@ def test_dry_run_prints_every_step_with_flags_psynth_accepts():
     proc, commands = dry_run()
     assert proc.returncode == 0, proc.stderr
     driver, install, *steps = commands
-    assert driver[1:3] == ["-m", "psynth_jax.bench.gpu_check"]
+    assert driver[1:3] == ["-m", "benchmarks.gpu_check"]
     args = argparse_of_driver().parse_args(driver[3:])
     assert (args.out, args.work, args.dry_run, args.smoke) == ("/tmp/out", "/tmp/work", True, False)
     assert install[1:] == ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e",
@@ -191,7 +191,7 @@ def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="--cap takes STEP=SECONDS.*'ttft7b=soon'"):
         gpu_check.parse_caps(["ttft7b=soon"])
     assert [s.name for s in gpu_check.select_steps(None, ["install", "peer14b"])][:2] == ["kernels", "roofline"]
-    proc = subprocess.run([sys.executable, "-m", "psynth_jax.bench.gpu_check", "--dry-run", "--only", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--only", "nope"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2 and "gpu_check: error: unknown step 'nope'" in proc.stderr
 

@@ -127,14 +127,14 @@ SECTIONS = textwrap.dedent("""
 
     @section("release_interop")
     def _():
-        from psynth_jax.interop.importer import import_weights, load_adapter_into
+        from psynth_jax.interop.importer import import_weights, with_adapter
         from psynth_jax.interop.loader import load_model
         from psynth_jax.interop.release import export_release
         from psynth_jax.model.transformer import LoRAConfig
         from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
         synth = ParallelSynthesis(load_model({release_base!r}, lora=LoRAConfig()))
-        loaded = load_adapter_into(synth, {release!r})
+        synth, loaded = with_adapter(synth, {release!r})
         imp = import_weights({release!r}, load_model({release_base!r}))
         warning = export_release(imp.model, imp.mapper, {release_out!r}, handoff=imp.handoff,
                                  embeddings=imp.embeddings)
@@ -228,47 +228,3 @@ def test_gguf_tokenizer_without_torch(no_torch):
     r = no_torch["gguf_tokenizer"]
     assert r["ok"], r.get("error")
     assert r["ids"]
-
-
-# Layers of the flow (docs/ARCHITECTURE.md): a module may import, at module level, only from its
-# own layer or below. Longest prefix wins (interop's loaders sit below inference, its
-# adapter/export importers above synthesis). data / train / eval are siblings that do not import
-# one another at module level. Function-level imports (optional heavy dependencies) are exempt.
-LAYERS = {
-    "psynth_jax.formats": 0, "psynth_jax.config": 0, "psynth_jax.model": 1,
-    "psynth_jax.interop.embedded": 2, "psynth_jax.interop.sources": 2, "psynth_jax.interop.tokenizer": 2,
-    "psynth_jax.interop.loader": 2, "psynth_jax.inference": 3, "psynth_jax.synthesis": 4, "psynth_jax.interop": 5,
-    "psynth_jax.data": 6, "psynth_jax.train": 6, "psynth_jax.eval": 6, "psynth_jax.bench": 7, "psynth_jax.cli": 8,
-}
-
-
-def _layer(module: str) -> tuple[str, int]:
-    hits = [p for p in LAYERS if module == p or module.startswith(p + ".")]
-    assert hits, f"{module} is in no layer: add its package to LAYERS"
-    best = max(hits, key=len)
-    return best, LAYERS[best]
-
-
-def test_module_level_imports_run_down_the_flow():
-    import ast
-
-    root = Path(__file__).resolve().parents[1] / "psynth_jax"
-    upward = []
-    for path in sorted(root.rglob("*.py")):
-        module = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
-        if module == "psynth_jax":
-            continue
-        own, level = _layer(module)
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("psynth_jax"):
-                targets = [node.module]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names if a.name.startswith("psynth_jax")]
-            else:
-                continue
-            for target in targets:
-                other, their = _layer(target)
-                sibling = their == level == LAYERS["psynth_jax.train"] and other != own
-                if their > level or sibling:
-                    upward.append(f"{module} -> {target}")
-    assert upward == []

@@ -24,13 +24,13 @@ import hf_models
 from psynth_jax.cli import export as export_cli
 from psynth_jax.config import ExperimentConfig, dump_config, from_dict
 from psynth_jax.interop.adapter import AdapterError, load_peft_adapter
-from psynth_jax.interop.importer import load_adapter_into
+from psynth_jax.interop.importer import with_adapter
 from psynth_jax.interop.runs import restore_run
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
-from psynth_jax.train.checkpointing import Checkpointer
+from psynth_jax.checkpoints import Checkpointer
 from psynth_jax.train.objective import split_trainable
 from psynth_jax.train.step import make_optimizer
 from test_interop_export import jax_logits, randomize_lora, torch_logits
@@ -99,10 +99,11 @@ def assert_same(a, b) -> None:
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_load_adapter_into_from_run_dir(run_dir):
+def test_with_adapter_from_run_dir(run_dir):
     base, run, saved_lora, saved_mapper = run_dir
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, run).description
+    synth, loaded = with_adapter(synth, run)
+    desc = loaded.description
     assert desc == (f"trained: run {run} step {STEP}, mapper per_head_affine, LoRA r4/a8 on q,k,v,o, "
                     "handoff output_tokens/chat (recorded in the run)")
     assert synth.model.lora == LORA and synth.gen.model is synth.model
@@ -120,7 +121,7 @@ def test_run_saved_on_a_multi_device_mesh_restores_on_one_device(run_dir, tmp_pa
         from psynth_jax.interop.loader import load_model
         from psynth_jax.model.transformer import LoRAConfig
         from psynth_jax.synthesis.mapper import make_mapper
-        from psynth_jax.train.checkpointing import Checkpointer
+        from psynth_jax.checkpoints import Checkpointer
         from psynth_jax.train.objective import split_trainable
         from psynth_jax.model.sharding import Rules, make_mesh, state_shardings
         from psynth_jax.train.step import make_optimizer
@@ -164,7 +165,8 @@ def test_export_cli_from_run_then_demo_loads_the_adapter(run_dir, tmp_path):
     assert (merged / "tokenizer.json").is_file()
     # the adapter dir is what `psynth demo --adapter` reads
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, adapter).description
+    synth, loaded = with_adapter(synth, adapter)
+    desc = loaded.description
     assert desc == (f"adapter: {adapter}, mapper per_head_affine (mapper.safetensors), LoRA r4/a8 on q,k,v,o, "
                     "handoff output_tokens/chat (recorded in psynth_export.json)")
     assert_same(lora_of(synth.model), saved_lora)
@@ -178,10 +180,10 @@ def test_export_cli_merges_an_adapter_dir(run_dir, tmp_path):
     run_cli(["--adapter-dir", str(tmp_path / "adapter"), "--model", str(base), "--out", str(tmp_path / "m"),
              "--merged"])
     assert not (tmp_path / "m" / "adapter_config.json").exists()
-    with_adapter = load_peft_adapter(load_model(base, with_tokenizer=False), tmp_path / "adapter")
+    adapted = load_peft_adapter(load_model(base, with_tokenizer=False), tmp_path / "adapter")
     tokens = np.random.default_rng(1).integers(0, 211, (1, 12))
     merged = load_model(tmp_path / "m", with_tokenizer=False)
-    assert np.abs(jax_logits(merged, tokens, False) - jax_logits(with_adapter, tokens, True)).max() <= 1e-4
+    assert np.abs(jax_logits(merged, tokens, False) - jax_logits(adapted, tokens, True)).max() <= 1e-4
 
 
 def test_plain_peft_dir_without_mapper_gets_the_identity_mapper(run_dir, tmp_path):
@@ -191,7 +193,7 @@ def test_plain_peft_dir_without_mapper_gets_the_identity_mapper(run_dir, tmp_pat
     for name in ("mapper.safetensors", "mapper_config.json", "psynth_export.json"):
         (tmp_path / name).unlink()
     synth = synthesizer(base)
-    loaded = load_adapter_into(synth, tmp_path)
+    synth, loaded = with_adapter(synth, tmp_path)
     assert "mapper: none in the adapter dir, identity" in loaded.description
     assert loaded.description.endswith("handoff output_tokens/chat (recorded in the adapter)")  # safetensors metadata
     assert not loaded.mapper_trained and loaded.lora_trained
@@ -207,7 +209,8 @@ def test_release_layout_adapter_with_cache_mapper_pt(run_dir, tmp_path):
         (tmp_path / name).unlink()
     ref = torch_release_mapper(tmp_path / "cache_mapper.pt")
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, tmp_path).description
+    synth, loaded = with_adapter(synth, tmp_path)
+    desc = loaded.description
     assert desc.startswith(f"release checkpoint: {tmp_path}, mapper affine_length (cache_mapper.pt), "
                            "LoRA r4/a8 on q,k,v,o, handoff ")
     assert_same(lora_of(synth.model), saved_lora)
@@ -224,7 +227,7 @@ def test_errors(run_dir, tmp_path):
     with pytest.raises(SystemExit):  # --run or --adapter-dir is required
         run_cli(["--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="neither a `psynth train` run directory"):
-        load_adapter_into(synthesizer(base), tmp_path)
+        with_adapter(synthesizer(base), tmp_path)
     (tmp_path / "config.yaml").write_text((run / "config.yaml").read_text())
     with pytest.raises(FileNotFoundError, match="no checkpoints/"):
         restore_run(tmp_path, load_model(base, with_tokenizer=False))

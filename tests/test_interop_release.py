@@ -5,7 +5,7 @@ release's training CLI does, on a tiny Qwen3 whose adapter carries embed_tokens 
 tokenizer's 200 tokens against the config's 211. Checked against the real references:
 
 - every way of pointing at the folder (root, latest/, step_checkpoints/latest/, judger_lora/)
-  loads the same weights, through `load_adapter_into`, the eval config's `adapter:`, `psynth
+  loads the same weights, through `with_adapter`, the eval config's `adapter:`, `psynth
   export --adapter-dir` and `psynth demo --adapter`, and selects the release's handoff;
 - the imported backbone's logits equal what the release builds in PyTorch
   (`resize_token_embeddings` + `PeftModel.from_pretrained`), adapter on and off;
@@ -38,12 +38,12 @@ from psynth_jax.cli import export as export_cli
 from psynth_jax.inference import runtime
 from psynth_jax.interop.adapter import AdapterError, load_mapper, load_peft_adapter
 from psynth_jax.interop.export import export_adapter
-from psynth_jax.interop.importer import load_adapter_into
+from psynth_jax.interop.importer import with_adapter
 from psynth_jax.interop.layout import LayoutError
 from psynth_jax.interop.loader import load_model
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.transformer import LoRAConfig
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import mapper_features
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
@@ -66,7 +66,7 @@ def release(tmp_path_factory):
 
 def synthesizer(base: Path) -> ParallelSynthesis:
     """What `psynth demo` builds: the default LoRA (r16/a32 with B = 0), an identity mapper."""
-    return ParallelSynthesis(load_model(base, lora=LoRAConfig()), timing_repeats=0)
+    return ParallelSynthesis(load_model(base, lora=LoRAConfig()))
 
 
 def leaves(tree) -> dict:
@@ -98,7 +98,7 @@ def cache_logits(synth: ParallelSynthesis) -> np.ndarray:
     prefixes = [[[7, 8, 9], [10, 11, 12, 13]]]
     outputs = [[[20, 21, 22, 23, 24], [30, 31, 32]]]
     branches = synth.branches_from_tokens(prefixes, outputs)
-    cache = core.jit_prepare(branches, synth.mapper_def, synth.mapper_state, cfg=synth.cfg, extra_slots=64)
+    cache, _ = core.jit_prepare(branches, synth.mapper_def, synth.mapper_state, cfg=synth.cfg, extra_slots=64)
     prompt = jnp.asarray([[40, 41, 42, 43]], jnp.int32)
     logits, _ = runtime.extend(synth.model.graphdef, synth.model.state, prompt, jnp.asarray([4]), cache, lora=True)
     return np.asarray(logits)
@@ -116,7 +116,7 @@ def imported(release):
     """The published layout loaded into a synthesizer (the reference every other pointing must equal)."""
     base, _, _, published = release
     synth = synthesizer(base)
-    loaded = load_adapter_into(synth, published)
+    synth, loaded = with_adapter(synth, published)
     return synth, loaded
 
 
@@ -154,7 +154,8 @@ def test_every_pointing_at_the_folder_loads_the_same(release, imported, where, t
         "judger_lora": (ckpt / "judger_lora", f"{ckpt} (given its judger_lora/)"),
     }[where]
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, path).description
+    synth, loaded = with_adapter(synth, path)
+    desc = loaded.description
     assert desc.startswith(f"release checkpoint: {shown} step 95, mapper affine_length (cache_mapper.pt), ")
     assert desc.endswith("(selected for a release checkpoint)")
     jax.tree.map(np.testing.assert_array_equal, weights_of(synth), weights_of(imported[0]))
@@ -223,7 +224,8 @@ def test_eval_config_adapter_loads_a_release_folder(release, tmp_path):
 def test_explicit_handoff_wins_and_says_what_was_recorded(release):
     base, _, _, published = release
     synth = synthesizer(base)
-    desc = load_adapter_into(synth, published, convention="output_tokens").description
+    synth, loaded = with_adapter(synth, published, convention="output_tokens")
+    desc = loaded.description
     assert synth.handoff == Handoff(convention="output_tokens", stop_tokens="eos_only")
     assert desc.endswith("handoff output_tokens/eos_only (your choice; the weights were trained under "
                          "release/eos_only)")
@@ -254,7 +256,8 @@ def test_release_round_trip_through_the_release_format(release, imported, tmp_pa
     assert np.abs(jax_logits(imported[0], True) - on).max() <= 1e-4
     # and back in: the same weights, the same cache-path logits (under the same handoff)
     again = synthesizer(base)
-    desc = load_adapter_into(again, out).description
+    again, loaded = with_adapter(again, out)
+    desc = loaded.description
     assert desc.endswith("handoff release/eos_only (recorded in psynth_export.json)")
     jax.tree.map(np.testing.assert_array_equal, weights_of(again), weights_of(imported[0]))
     assert again.handoff == imported[0].handoff
@@ -267,7 +270,8 @@ def test_release_round_trip_through_the_psynth_format(release, imported, tmp_pat
     run_export(["--adapter-dir", str(published), "--model", str(base), "--adapter", "--out", str(out)])
     assert json.loads((out / "psynth_export.json").read_text())["handoff"] == RELEASE.as_dict()
     again = synthesizer(base)
-    assert load_adapter_into(again, out).description.endswith("handoff release/eos_only (recorded in psynth_export.json)")
+    again, loaded = with_adapter(again, out)
+    assert loaded.description.endswith("handoff release/eos_only (recorded in psynth_export.json)")
     jax.tree.map(np.testing.assert_array_equal, weights_of(again), weights_of(imported[0]))
     np.testing.assert_array_equal(cache_logits(again), cache_logits(imported[0]))
 
@@ -314,9 +318,10 @@ def test_mapper_variant_settings_come_from_run_args_without_the_config_file(rele
     shutil.copytree(release[2] / "judger_lora", ckpt / "judger_lora")
     synth = synthesizer(base)
     with pytest.raises(AdapterError, match="takes 2 inputs: metadata_features 'length' or 'num_agents'; which one"):
-        load_adapter_into(synth, ckpt)
+        synth, _ = with_adapter(synth, ckpt)
     (ckpt / "run_args.json").write_text(json.dumps(rf.run_args(base, parallel_kv_mapper_metadata_features="num_agents")))
-    assert "mapper affine_length (metadata_features num_agents) (cache_mapper.pt)" in load_adapter_into(synth, ckpt).description
+    synth, loaded = with_adapter(synth, ckpt)
+    assert "mapper affine_length (metadata_features num_agents) (cache_mapper.pt)" in loaded.description
 
 
 # ------------------------------------------------------------------------ bad input
@@ -373,7 +378,7 @@ def test_bad_folders_name_the_file_and_load_nothing(release, fresh, tmp_path):
     for path, error, match in cases:
         handoff, cfg = synth.handoff, synth.model.cfg
         with pytest.raises(error, match=match):
-            load_adapter_into(synth, path)
+            synth, _ = with_adapter(synth, path)
         jax.tree.map(np.testing.assert_array_equal, weights_of(synth), before)
         assert synth.handoff == handoff and synth.model.cfg == cfg == synth.cfg
 
@@ -385,13 +390,13 @@ def test_parts_a_folder_does_not_promise_load_and_are_named(release, tmp_path):
     lora_only = tmp_path / "lora_only"
     shutil.copytree(ckpt / "judger_lora", lora_only / "judger_lora")
     synth = synthesizer(base)
-    loaded = load_adapter_into(synth, lora_only)
+    synth, loaded = with_adapter(synth, lora_only)
     assert "mapper: no cache_mapper.pt, identity" in loaded.description and not loaded.mapper_trained
     assert not np.asarray(weights_of(synth)["mapper"]["net"]["w1"]).any()  # the identity mapper
     mapper_only = tmp_path / "mapper_only"
     mapper_only.mkdir()
     shutil.copy2(ckpt / "cache_mapper.pt", mapper_only / "cache_mapper.pt")
-    loaded = load_adapter_into(synth, mapper_only)
+    synth, loaded = with_adapter(synth, mapper_only)
     assert "LoRA: no judger_lora/, B = 0" in loaded.description and not loaded.lora_trained
     assert all(not v["lora_b"].any() for v in weights_of(synth)["lora"].values())
     assert synth.cfg.vocab_size == 200  # kept from the previous load: this folder carries no vocabulary

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from psynth_jax.bench.memory_plan import PlanRequest, format_plan, model_config_for, verdict
+from psynth_jax.train.plan import PlanRequest, format_plan, model_config_for, verdict
 from psynth_jax.cli.main import main as psynth
 from psynth_jax.config.accelerators import GIB, parse_accelerator
 

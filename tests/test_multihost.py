@@ -1,7 +1,7 @@
 """A pod rehearsed on one machine: 2 processes x 4 CPU devices against 1 process x 8 devices.
 
 Every run goes through `psynth_jax.cli.local_pod` (what launch/local_pod.sh runs), the code path
-of a TPU slice: each process joins the JAX runtime (inference/hosts.py), reads its share of every
+of a TPU slice: each process joins the JAX runtime (psynth_jax/distributed.py), reads its share of every
 global batch, and process 0 writes logs and reports. Checked:
 - training: the same losses (|diff| <= 1e-5) at every step, the same held-out loss and greedy
   agreement, and the same trainable parameters after the last step as the 1-process run,

@@ -18,7 +18,7 @@ import transformers
 
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.interop.loader import load_model
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
 from tiny_smol import make_tiny_smol
 
@@ -60,7 +60,7 @@ def check_against_generate(tmp_path, torch_model, rows: list[list[int]], eos: in
     tokenizer.save_pretrained(tmp_path)
     model = load_model(tmp_path)
     assert model.tokenizer.eos_token_id == eos
-    synth = ParallelSynthesis(model, handoff=Handoff("release", "eos_only"), timing_repeats=0)
+    synth = ParallelSynthesis(model, handoff=Handoff("release", "eos_only"))
     assert synth.worker_stop_ids == (eos,)
     workers = synth.run_workers([PROMPTS], max_new_tokens=NEW, sampling=SamplingConfig())
     gen, keys, values, pads = hf_greedy(torch_model, rows, eos)
@@ -91,7 +91,7 @@ def check_against_generate(tmp_path, torch_model, rows: list[list[int]], eos: in
 def test_release_workers_keep_the_cache_generate_leaves(tmp_path, family):
     make_tiny_smol(tmp_path, family=family)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    probe = ParallelSynthesis(load_model(tmp_path), timing_repeats=0)
+    probe = ParallelSynthesis(load_model(tmp_path))
     rows = [probe.gen.chat_tokens(p) for p in PROMPTS]
     (a, b), _, _, _ = hf_greedy(torch_model, rows, eos=None)
     # the first branch stops on a token it says 3rd or later (two prompt lengths: a padded batch) ...

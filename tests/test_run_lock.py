@@ -1,4 +1,4 @@
-"""The run-directory lock (psynth_jax.formats.run_lock) and `psynth train` / `psynth eval` behind it.
+"""The run-directory lock (psynth_jax.cli.run_lock) and `psynth train` / `psynth eval` behind it.
 
 A second process on a held directory fails at once, naming the holder (pid, host, since when);
 the lock of a SIGKILLed process is taken over, saying so; a holder this host cannot check is
@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from psynth_jax.cli.main import EXIT_USAGE, main
-from psynth_jax.formats.run_lock import LOCK_NAME, RunDirLocked, RunLock, run_dir_session
+from psynth_jax.cli.run_lock import LOCK_NAME, RunDirLocked, RunLock, run_dir_session
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLDER = textwrap.dedent("""
     import sys
-    from psynth_jax.formats.run_lock import RunLock
+    from psynth_jax.cli.run_lock import RunLock
     RunLock(sys.argv[1], "psynth train", "checkpoint.dir").acquire()
     print("ready", flush=True)
     sys.stdin.read()  # hold until the test closes stdin (or kills us)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from tiny_smol import make_tiny_smol
 
 FAMILIES = ("llama", "qwen2", "qwen3")

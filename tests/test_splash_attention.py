@@ -17,10 +17,11 @@ import pytest
 from flax import nnx
 
 from psynth_jax.inference import runtime
-from psynth_jax.model import splash
-from psynth_jax.model.attention import IMPLEMENTATIONS, AttentionMask, attend, dense_attention
+from psynth_jax.model.kernels import splash
+from psynth_jax.model.kernels.dispatch import IMPLEMENTATIONS, attend
+from psynth_jax.model.kernels.xla import dense_attention
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import write_rows
+from psynth_jax.model.kv_cache import AttentionMask, write_rows
 from psynth_jax.model.transformer import Decoder, LoRAConfig
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import make_mapper
@@ -168,8 +169,8 @@ def test_whole_model_splash_matches_xla():
                                             jnp.asarray([True, i != 1]), attn_impl=impl)
             logs.append(lg)
         # both rows as the branches of one request: their tokens after the prompt
-        br = core.jit_extract(cache, lens, cache.end - lens, lens, num_requests=1, branch_slots=12)
-        synth = core.jit_prepare(br, mdef, mstate, cfg=CFG, extra_slots=8)
+        br = core.jit_hand_over(cache, lens, cache.end - lens, lens, num_requests=1, branch_slots=12)
+        synth, _ = core.jit_prepare(br, mdef, mstate, cfg=CFG, extra_slots=8)
         lg, _ = runtime.extend(gd, st, toks[:1, :5], jnp.asarray([5]), synth, lora=True, attn_impl=impl)
         logs.append(lg)
         out[impl] = [np.asarray(x) for x in logs]

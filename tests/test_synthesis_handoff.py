@@ -22,8 +22,8 @@ from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.rope import apply_rope, inverse_frequencies, shift_keys
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core
-from psynth_jax.synthesis.convention import Handoff
-from psynth_jax.synthesis.handoff import check_branches, extract_branches
+from psynth_jax.synthesis.handoff import Handoff
+from psynth_jax.synthesis.branches import check_branches, extract_branches
 from psynth_jax.synthesis.mapper import make_mapper
 from flax import nnx
 
@@ -68,7 +68,7 @@ def cache_path_logits(m, requests, mapper=None, lora=True, branch_slots=None, ha
     br = branch_caches(m, requests, branch_slots, handoff, stopped)
     mdef, mstate = nnx.split(mapper)
     width = max(len(r[2]) for r in requests)
-    cache = core.jit_prepare(br, mdef, mstate, cfg=CFG, extra_slots=width + 4)
+    cache, _ = core.jit_prepare(br, mdef, mstate, cfg=CFG, extra_slots=width + 4)
     toks = np.zeros((len(requests), width), np.int32)
     for i, (_, _, p) in enumerate(requests):
         toks[i, : len(p)] = p

@@ -3,6 +3,8 @@ decoding), batch invariance, and the errors bad input gets."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,11 @@ import transformers
 
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.interop.loader import load_model
+from psynth_jax.measure.ttft import time_to_first_token
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import prompts
 from psynth_jax.synthesis.mapper import make_mapper
-from psynth_jax.synthesis.pipeline import ParallelSynthesis
+from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult
 from tiny_smol import make_tiny_smol
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?", "What is 12 times 11?"]
@@ -24,7 +27,7 @@ def setup(tmp_path_factory):
     d = make_tiny_smol(tmp_path_factory.mktemp("tiny"))
     model = load_model(d, lora=LoRAConfig(rank=4, alpha=8.0))
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    synth = ParallelSynthesis(model, timing_repeats=1)
+    synth = ParallelSynthesis(model)
     convs = [[prompts.worker_messages(q)] * 2 for q in QUESTIONS]
     workers = synth.run_workers(convs, max_new_tokens=12, sampling=SamplingConfig(1.0, 0.9), seed=3)
     return synth, torch_model, workers
@@ -57,7 +60,7 @@ def test_text_path_equals_plain_greedy_decoding_of_the_concatenated_prompt(setup
         for i, t in enumerate(w.texts[b]):
             assert f"[Sub-agent {i + 1}]:\n{t}" in body
         assert res.tokens[b] == torch_greedy(torch_model, synth.tok, msgs, 10)
-    assert res.ttft_s > 0
+    assert time_to_first_token(synth.text_steps(QUESTIONS, w.texts, max_new_tokens=10), 1).total_s > 0
 
 
 def test_single_agent_equals_plain_greedy_decoding(setup):
@@ -75,7 +78,8 @@ def test_cache_path_batched_equals_alone(setup):
                                          [w.tokens[b]])
         alone = synth.cache_path([QUESTIONS[b]], one, max_new_tokens=10)
         assert alone.tokens[0] == both.tokens[b]
-    assert set(both.breakdown) == {"prepare_s", "prefill_s"}
+    ttft = time_to_first_token(synth.cache_steps(QUESTIONS, w.branches, max_new_tokens=10), 1)
+    assert set(ttft.breakdown) == {"prepare_s", "prefill_s"} and ttft.total_s > 0
     assert both.prompt_tokens[0] < len(synth.gen.chat_tokens(prompts.text_synth_messages(QUESTIONS[0], w.texts[0])))
 
 
@@ -101,13 +105,25 @@ def test_bad_input(setup):
         one = synth.branches_from_tokens([[[1, 2, 3]]], [[[4, 5]]])
         synth.cache_path(QUESTIONS, one)
     with pytest.raises(ValueError, match="mapper was built for 3 KV heads"):
-        synth.set_mapper(make_mapper("per_head_affine", 3))
+        ParallelSynthesis(synth.model, make_mapper("per_head_affine", 3))
     with pytest.raises(ValueError, match="is empty"):
         synth.branches_from_tokens([[[1, 2], [1, 2]]], [[[5], []]])
     with pytest.raises(ValueError, match="unknown task family"):
         ParallelSynthesis(synth.model, family="poetry")
-    no_lora = ParallelSynthesis(load_model(synth.model.source, with_tokenizer=True), timing_repeats=0)
+    no_lora = ParallelSynthesis(load_model(synth.model.source, with_tokenizer=True))
     with pytest.raises(ValueError, match="without a LoRA adapter"):
         no_lora.cache_path(QUESTIONS, w.branches)
     with pytest.raises(ValueError, match="exceeds the model's maximum length"):
         synth.text_path(QUESTIONS, [["word " * 2100], ["x"]], max_new_tokens=4)
+
+
+def test_the_synthesizer_is_built_whole_and_times_nothing(setup):
+    """Mapper, LoRA and handoff are given at construction; a variant is a new synthesizer sharing the
+    backbone; the answers carry no timing (measure/ttft.py times the same steps)."""
+    synth, _, w = setup
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        synth.family = "qa"
+    variant = dataclasses.replace(synth, family="qa")
+    assert (variant.family, synth.family) == ("qa", "math") and variant.model is synth.model
+    assert {f.name for f in dataclasses.fields(PathResult)} == {"name", "texts", "tokens", "prompt_tokens",
+                                                                "first_logits"}

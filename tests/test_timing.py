@@ -1,11 +1,11 @@
-"""The one timer (psynth_jax.inference.timing): what it calls, what it counts, what it raises."""
+"""The one timer (psynth_jax.measure.timing): what it calls, what it counts, what it raises."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
 
-from psynth_jax.inference.timing import OutOfMemory, is_oom, time_calls
+from psynth_jax.measure.timing import OutOfMemory, is_oom, time_calls
 
 
 def test_compile_call_is_separate_and_repeats_are_counted():

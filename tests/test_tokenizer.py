@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from psynth_jax.interop.embedded import default_gguf_path
-from psynth_jax.interop.tokenizer import load_tokenizer, stop_token_ids
+from psynth_jax.inference.generator import stop_token_ids
+from psynth_jax.interop.tokenizer import load_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/test.jsonl"
 

@@ -19,7 +19,7 @@ from psynth_jax.model.kv_cache import BranchView
 from psynth_jax.model.loaded import random_model
 from psynth_jax.model.transformer import LoRAConfig, LoRAParam
 from psynth_jax.synthesis import core
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, split_trainable, synthesis_loss
 from train_fixtures import TINY, synthetic_batch
@@ -87,19 +87,22 @@ def both_paths(cfg, gdef, state, mdef, mstate, handoff, **worker):
 
     def finish(logits, cache, view=None):
         last = jnp.take_along_axis(logits, (plen - 1)[:, None, None], axis=1)[:, 0]
-        g = core.decode(gdef, state, last, cache, jax.random.key(0), view=view, **greedy)
+        g = runtime.continue_generation(gdef, state, last, cache, jax.random.key(0), view=view, **greedy)
         return np.asarray(logits), np.asarray(g.tokens)
 
     if "cache" in worker:  # branches from a worker decode cache: extract (copy) vs view (in place)
-        branches = core.jit_extract(worker["cache"], start, kept, prefix, num_requests=b, branch_slots=16)
-        view = core.view(worker["cache"], start, kept, prefix, num_requests=b)
+        branches = core.jit_hand_over(worker["cache"], start, kept, prefix, num_requests=b, branch_slots=16)
+        view = core.jit_hand_over(worker["cache"], start, kept, prefix, num_requests=b, branch_slots=16,
+                                  zero_copy=True)
     else:  # branches rebuilt from tokens
         branches = core.jit_branch_kv(gdef, state, rows, row_len, start, kept, prefix, num_requests=b,
                                       branch_slots=16)
-        view = core.jit_branch_view(gdef, state, rows, row_len, start, kept, prefix, num_requests=b)
-    cache = core.jit_prepare(branches, mdef, mstate, cfg=cfg, extra_slots=extra)
+        view = core.jit_branch_kv(gdef, state, rows, row_len, start, kept, prefix, num_requests=b, branch_slots=16,
+                                  zero_copy=True)
+    cache, no_view = core.jit_prepare(branches, mdef, mstate, cfg=cfg, extra_slots=extra)
+    assert no_view is None
     ref = finish(*core.jit_cache_prefill(gdef, state, prompt, plen, cache, output="all"))
-    view, live = core.jit_prepare_view(view, mdef, mstate, cfg=cfg, extra_slots=extra)
+    live, view = core.jit_prepare(view, mdef, mstate, cfg=cfg, extra_slots=extra)
     got = finish(*core.jit_cache_prefill(gdef, state, prompt, plen, live, output="all", view=view), view)
     return ref, got
 
@@ -200,12 +203,13 @@ def test_zero_copy_reads_worker_rows_in_place(step):
     mdef, mstate = _mapper("affine_length", cfg.num_kv_heads)
     rows, row_len, prompt, plen = _requests(cfg, width=600)  # longer than one key tile (flash.BLOCK_K)
     start, kept, prefix = _span(Handoff())
-    view = core.jit_branch_view(gdef, state, rows, row_len, start, kept, prefix, num_requests=2)
+    view = core.jit_branch_kv(gdef, state, rows, row_len, start, kept, prefix, num_requests=2, branch_slots=16,
+                              zero_copy=True)
     rows_n, s_w = view.k.shape[1], view.k.shape[2]
     tail = f"{s_w},{cfg.num_kv_heads},{cfg.head_dim}]"
     shapes = (f"f32[{cfg.num_layers},{rows_n},{tail}", f"f32[{rows_n},{tail}", f"f32[2,3,{tail}",
               f"f32[1,{rows_n},{tail}", f"f32[1,2,3,{tail}")
-    prepared, live = core.jit_prepare_view(view, mdef, mstate, cfg=cfg, extra_slots=16)
+    live, prepared = core.jit_prepare(view, mdef, mstate, cfg=cfg, extra_slots=16)
     assert prepared.k is view.k and prepared.v is view.v  # the very worker buffers
     view = prepared
     if step == "prefill":
@@ -229,7 +233,7 @@ def test_pipeline_zero_copy_equals_materialised(tmp_path, convention):
     model = load_model(make_tiny_smol(tmp_path), lora=LoRAConfig(rank=4, alpha=8.0))
     questions = ["What is 12 times 11?", "Tom has 3 apples and buys 4 more. How many apples?"]
     convs = [[prompts.worker_messages(q)] * 2 for q in questions]
-    kw = dict(timing_repeats=0, handoff=Handoff(convention))
+    kw = dict(handoff=Handoff(convention))
     mapper = nnx.merge(*_mapper("per_head_affine", model.cfg.num_kv_heads))
     ref_synth = ParallelSynthesis(model, mapper, **kw)
     synth = ParallelSynthesis(model, mapper, zero_copy=True, **kw)

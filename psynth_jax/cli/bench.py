@@ -1,12 +1,14 @@
-"""`psynth bench <benchmark>`: performance sweeps with random weights of a named architecture.
+"""`psynth bench <benchmark>`: thin entry points to the benchmarks in benchmarks/ (outside the package).
 
     psynth bench ttft --arch tiny-llama --ks 1,2,4 --ls 32,64 --prompt-tokens 32 --out runs/bench
     psynth bench roofline --out runs/bench
 
-Benchmarks are subcommands of their own, listed in BENCHMARKS: each names a module of
-psynth_jax.bench exposing `add_arguments(parser)` and `run(args) -> int`. A module is imported
-only when its subcommand is chosen (building the `psynth` parser imports none of them), so a
-benchmark's dependencies never load for another command.
+Benchmarks are subcommands of their own, listed in BENCHMARKS: each names a module of the
+`benchmarks` package (a top-level package beside psynth_jax, installed with it; also run as
+`python -m benchmarks.<name>` from a checkout) exposing `add_arguments(parser)` and
+`run(args) -> int`. A module is imported by name only when its subcommand is chosen (building the
+`psynth` parser imports none of them), so a benchmark's dependencies never load for another
+command.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ import argparse
 import importlib
 import sys
 
+from psynth_jax.cli.common import UsageError, check_attn_impl, check_out_dir
+
 # benchmark -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "ttft": ("psynth_jax.bench.ttft", "time to first token: text path vs cache path over K branches x L tokens"),
-    "roofline": ("psynth_jax.bench.roofline", "measure the device's matmul peak and memory bandwidth (roofline.json)"),
-    "batch": ("psynth_jax.bench.batch", "batched synthesis: TTFT and output tokens/s per batch size, cache vs text path"),
-    "decode": ("psynth_jax.bench.decode", "synthesizer decode over a long cache: tokens/s against the bandwidth floor"),
-    "train": ("psynth_jax.bench.train_step", "the trainer's step (mapper + LoRA): tokens/s and model FLOPs utilization"),
-    "sampling": ("psynth_jax.bench.sampling", "one sampled token over the vocabulary: greedy, temperature, top-p "
+    "ttft": ("benchmarks.ttft", "time to first token: text path vs cache path over K branches x L tokens"),
+    "roofline": ("benchmarks.roofline", "measure the device's matmul peak and memory bandwidth (roofline.json)"),
+    "batch": ("benchmarks.batch", "batched synthesis: TTFT and output tokens/s per batch size, cache vs text path"),
+    "decode": ("benchmarks.decode", "synthesizer decode over a long cache: tokens/s against the bandwidth floor"),
+    "train": ("benchmarks.train_step", "the trainer's step (mapper + LoRA): tokens/s and model FLOPs utilization"),
+    "sampling": ("benchmarks.token_sampling", "one sampled token over the vocabulary: greedy, temperature, top-p "
                                               "(bisection) vs top-p by sorting"),
-    "kernels": ("psynth_jax.bench.kernels", "correctness: the fused attention path (cudnn) against the XLA reference "
+    "kernels": ("benchmarks.kernels", "correctness: the fused attention path (cudnn) against the XLA reference "
                                             "per layout, and the cache path's greedy tokens per model family"),
-    "peer": ("psynth_jax.bench.peer", "the PyTorch + transformers (SDPA) peer of `bench ttft` alone: text and "
+    "peer": ("benchmarks.peer", "the PyTorch + transformers (SDPA) peer of `bench ttft` alone: text and "
                                       "cache-consuming TTFT"),
-    "gpu-check": ("psynth_jax.bench.gpu_check", "the GPU check: correctness, then the key figures, each step "
+    "gpu-check": ("benchmarks.gpu_check", "the GPU check: correctness, then the key figures, each step "
                                                 "capped in time (launch/gpu_check.sh)"),
 }
 
@@ -57,8 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_common(args: argparse.Namespace) -> None:
     """The options every benchmark shares, checked before any compute: --repeats >= 1 (a median of
     no timed call is nothing), an --attn-impl this machine can run, an --out that can be a directory."""
-    from psynth_jax.cli.common import UsageError, check_attn_impl, check_out_dir
-
     repeats = getattr(args, "repeats", None)
     if repeats is not None and repeats < 1:
         raise UsageError(f"--repeats must be at least 1 (timed calls per measurement), got {repeats}")

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 from psynth_jax.cli.common import UsageError, add_model_arguments, check_attn_impl, check_out_file, positive_int, step
+from psynth_jax.config.schema import DataConfig, DataSourceConfig, SourceFormat
+from psynth_jax.config.typed import ConfigError
+from psynth_jax.config.validate import validate_data
 
 BUILDERS = ("exposure", "aggregation", "distillation")
 VARIANTS = ("candidates", "evidence", "short", "reasoned", "schemas", "calls")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from psynth_jax.config.schema import SourceFormat
-    import typing
-
     p.add_argument("--source", required=True,
                    help="rows: a .jsonl/.json/.parquet/.csv/.tsv file, a glob of them, a dataset folder or a hub id")
     p.add_argument("--builder", required=True, choices=BUILDERS)
@@ -52,9 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from psynth_jax.config.schema import DataConfig, DataSourceConfig
-    from psynth_jax.config.typed import ConfigError
-    from psynth_jax.config.validate import validate_data
     from psynth_jax.data.examples import write_examples
     from psynth_jax.data.sources import load_stage
 
@@ -63,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} must end in .jsonl or .parquet")
     if not 1 <= args.k <= args.max_k:
         raise UsageError(f"--k must be in [1, --max-k={args.max_k}], got {args.k}")
-    from psynth_jax.inference import hosts
+    from psynth_jax import distributed
 
     if args.builder == "distillation":
-        hosts.initialize()  # a pod's processes share the generation (data/distill.py)
+        distributed.initialize()  # a pod's processes share the generation (data/distill.py)
         check_attn_impl(args.attn_impl, "--attn-impl")
     src = DataSourceConfig(path=args.source, builder=args.builder, format=args.format, variant=args.variant,
                            task=args.task, limit=args.limit, split=args.split, subset=args.subset, k=(args.k,))
@@ -82,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     (report,) = stage.sources
     skipped = f" (skipped: {report.skipped})" if report.skipped else ""
     if distiller is not None:
-        added = sum(hosts.allgather_objects(distiller.added))
-        if hosts.is_main():
+        added = sum(distributed.allgather_objects(distiller.added))
+        if distributed.is_main():
             print(f"wrote {added} new distillation examples to {out} ({len(stage.examples)} in all){skipped}")
         return 0
     write_examples(out, stage.examples)
@@ -102,25 +100,24 @@ class _Distiller:
     def __call__(self, src, items: list) -> list:
         from psynth_jax.data.distill import distill_to_jsonl, known_ids
         from psynth_jax.data.examples import read_examples, write_examples
-        from psynth_jax.inference import hosts
+        from psynth_jax import distributed
         from psynth_jax.inference.sampling import SamplingConfig
         from psynth_jax.interop.loader import load_model
         from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
         args, out = self.args, self.out
         work = out if out.suffix == ".jsonl" else out.with_name(out.name + ".partial.jsonl")
-        if work != out and out.exists() and not work.exists() and hosts.is_main():  # resume a finished parquet
+        if work != out and out.exists() and not work.exists() and distributed.is_main():  # resume a finished parquet
             write_examples(work, read_examples(out))
-        hosts.barrier("psynth_build_data_work_file")
+        distributed.barrier("psynth_build_data_work_file")
         done = known_ids(work)
         pending = [item for item in items if f"distillation/{item.id}" not in done]
-        if hosts.is_main():
+        if distributed.is_main():
             print(f"[psynth] {len(items) - len(pending)} of {len(items)} examples already in {work}", file=sys.stderr)
-        if any(hosts.allgather_objects(bool(pending))):  # every process takes part (shares, barriers)
+        if any(distributed.allgather_objects(bool(pending))):  # every process takes part (shares, barriers)
             with step(f"loading {args.model} ({args.dtype})"):
                 model = load_model(args.model, dtype=args.dtype)
-            # timing_repeats=0: no TTFT measurement, each path's prefill runs once
-            synth = ParallelSynthesis(model, attn_impl=args.attn_impl, timing_repeats=0)
+            synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
             self.added = distill_to_jsonl(
                 pending, synth, work, k=args.k, batch_size=args.batch_size, worker_tokens=args.worker_tokens,
                 max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -128,8 +125,8 @@ class _Distiller:
             )
         wanted = {f"distillation/{item.id}" for item in items}
         examples = [e for e in read_examples(work) if e.id in wanted] if work.exists() else []
-        if work != out and hosts.is_main():
+        if work != out and distributed.is_main():
             write_examples(out, read_examples(work))
             work.unlink()
-        hosts.barrier("psynth_build_data_written")
+        distributed.barrier("psynth_build_data_written")
         return examples

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from psynth_jax.config.schema import HandoffConvention, WorkerStopTokens
 from psynth_jax.interop.embedded import DEFAULT_MODEL
 
 
@@ -53,8 +54,6 @@ def add_handoff_arguments(p: argparse.ArgumentParser) -> None:
     """--handoff-convention / --worker-stop-tokens; None when not given, so an explicit choice is
     told apart from the default (trained weights then supply theirs: a release checkpoint selects
     release / eos_only)."""
-    from psynth_jax.config.schema import HandoffConvention, WorkerStopTokens  # the config's names; no jax import
-
     p.add_argument("--handoff-convention", default=None, choices=typing.get_args(HandoffConvention),
                    help="which worker KV the synthesizer receives (default: what the loaded weights were trained "
                         "under, else output_tokens)")

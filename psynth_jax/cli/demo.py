@@ -2,7 +2,9 @@
 
 K sampled workers (LoRA off) -> their output KV handed to the synthesizer -> the cache path,
 the text-concatenation path and the single agent side by side, with answers, correctness and
-the TTFT of the text and cache paths measured in the same run.
+the TTFT of the text and cache paths measured in the same run (psynth_jax/measure/ttft.py, around
+the synthesizer's steps). Heavy imports (jax, the model, evaluation tasks) happen in `run`: the
+`psynth` parser imports every command module.
 """
 
 from __future__ import annotations
@@ -12,11 +14,18 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from psynth_jax.cli.common import (
     UsageError, add_handoff_arguments, add_model_arguments, check_attn_impl, check_out_file, make_cli_mesh,
     positive_int, step,
 )
+from psynth_jax.synthesis import prompts
+
+if TYPE_CHECKING:
+    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+TIMING_REPEATS = 3  # timed calls per TTFT (after a compile call); the median is reported
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,11 +53,9 @@ def _show(title: str, text: str, width: int = 100) -> None:
     print(textwrap.indent(text.strip() or "(empty)", "  "))
 
 
-def check_fits(synth, question: str, args: argparse.Namespace) -> None:
+def check_fits(synth: ParallelSynthesis, question: str, args: argparse.Namespace) -> None:
     """Refuse, before any worker is decoded, a K x --worker-tokens the text path could not fit in
     the model's positions (its prompt holds every branch's text, up to --worker-tokens each)."""
-    from psynth_jax.synthesis import prompts
-
     limit = synth.model.cfg.max_position_embeddings
     frame = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""] * args.k)))
     need = frame + args.k * args.worker_tokens + args.max_new_tokens
@@ -61,13 +68,16 @@ def check_fits(synth, question: str, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from psynth_jax.eval.scoring import extract_answer, score
     from psynth_jax.eval.tasks import load_task
     from psynth_jax.inference.sampling import SamplingConfig
+    from psynth_jax.interop.importer import with_adapter
     from psynth_jax.interop.loader import load_model
+    from psynth_jax.measure.ttft import time_to_first_token
     from psynth_jax.model.transformer import LoRAConfig
-    from psynth_jax.synthesis import prompts
-    from psynth_jax.synthesis.convention import Handoff
+    from psynth_jax.synthesis.handoff import Handoff
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
     if args.out:
@@ -81,17 +91,15 @@ def run(args: argparse.Namespace) -> int:
 
     with step(f"loading {args.model} ({args.dtype})"):
         model = load_model(args.model, dtype=args.dtype, lora=LoRAConfig(), mesh=device_mesh)
-    synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
+    handoff = Handoff.from_config(convention=args.handoff_convention, stop_tokens=args.worker_stop_tokens)
+    synth = ParallelSynthesis(model, attn_impl=args.attn_impl, handoff=handoff)
     check_fits(synth, ex.question, args)
     if args.adapter:
-        from psynth_jax.interop.importer import load_adapter_into
-
         with step(f"loading trained mapper + LoRA from {args.adapter}"):
-            weights = load_adapter_into(synth, args.adapter, convention=args.handoff_convention,
-                                        stop_tokens=args.worker_stop_tokens).description
+            synth, loaded = with_adapter(synth, args.adapter, convention=args.handoff_convention,
+                                         stop_tokens=args.worker_stop_tokens)
+        weights = loaded.description
     else:
-        synth.handoff = Handoff(convention=args.handoff_convention or synth.handoff.convention,
-                                stop_tokens=args.worker_stop_tokens or synth.handoff.stop_tokens)
         weights = (f"untrained: identity mapper (affine_length), LoRA r16/a32 with B = 0, handoff "
                    f"{synth.handoff.convention}/{synth.handoff.stop_tokens}")
 
@@ -108,36 +116,39 @@ def run(args: argparse.Namespace) -> int:
     for i, text in enumerate(workers.texts[0]):
         _show(f"branch {i + 1} ({len(workers.tokens[0][i])} tokens)", text)
 
-    results = {}
-    with step("cache path: re-encode + map branch KV, prefill the prompt over it, decode (LoRA on)"):
-        results["cache"] = synth.cache_path([ex.question], workers.branches, max_new_tokens=args.max_new_tokens)
-    with step("text path: prefill every branch as text, decode (LoRA off)"):
-        results["text"] = synth.text_path([ex.question], workers.texts, max_new_tokens=args.max_new_tokens)
-    with step("single agent"):
-        results["single"] = synth.single_agent([ex.question], max_new_tokens=args.max_new_tokens)
+    paths = {  # the steps of each path: answered once, then timed (measure/ttft.py)
+        "cache": ("cache path: re-encode + map branch KV, prefill the prompt over it, decode (LoRA on)",
+                  lambda: synth.cache_steps([ex.question], workers.branches, max_new_tokens=args.max_new_tokens)),
+        "text": ("text path: prefill every branch as text, decode (LoRA off)",
+                 lambda: synth.text_steps([ex.question], workers.texts, max_new_tokens=args.max_new_tokens)),
+        "single": ("single agent", lambda: synth.single_steps([ex.question], max_new_tokens=args.max_new_tokens)),
+    }
+    results, ttft = {}, {}
+    for name, (title, steps) in paths.items():
+        with step(title):
+            results[name] = synth.answer(steps())
+            ttft[name] = time_to_first_token(steps(), TIMING_REPEATS)
 
     summary = {}
     for name, r in results.items():
         answer = extract_answer(ex, r.texts[0])
         correct = score(ex, r.texts[0])
-        summary[name] = {"answer": answer, "correct": correct, "ttft_s": r.ttft_s, "breakdown": r.breakdown,
-                         "prompt_tokens": r.prompt_tokens[0], "text": r.texts[0]}
+        summary[name] = {"answer": answer, "correct": correct, "ttft_s": ttft[name].total_s,
+                         "breakdown": ttft[name].breakdown, "prompt_tokens": r.prompt_tokens[0], "text": r.texts[0]}
         _show(f"{name} synthesis -> answer {answer!r} ({'correct' if correct else 'wrong'})", r.texts[0])
 
-    c, t = results["cache"], results["text"]
+    c, t = ttft["cache"], ttft["text"]
     branch_tokens = sum(len(x) for x in workers.tokens[0])
     print("\nTime to first token (compile excluded, median of repeats; worker decoding excluded):")
-    print(f"  text path : {t.ttft_s * 1e3:9.1f} ms  (prefill of {t.prompt_tokens[0]} prompt tokens)")
-    print(f"  cache path: {c.ttft_s * 1e3:9.1f} ms  (prepare {c.breakdown['prepare_s'] * 1e3:.1f} ms + "
-          f"prefill of {c.prompt_tokens[0]} live tokens over {branch_tokens} cached branch tokens "
+    print(f"  text path : {t.total_s * 1e3:9.1f} ms  (prefill of {results['text'].prompt_tokens[0]} prompt tokens)")
+    print(f"  cache path: {c.total_s * 1e3:9.1f} ms  (prepare {c.breakdown['prepare_s'] * 1e3:.1f} ms + "
+          f"prefill of {results['cache'].prompt_tokens[0]} live tokens over {branch_tokens} cached branch tokens "
           f"{c.breakdown['prefill_s'] * 1e3:.1f} ms)")
-    print(f"  ratio text/cache: {t.ttft_s / c.ttft_s:.2f}x")
-    import jax
-
+    print(f"  ratio text/cache: {t.total_s / c.total_s:.2f}x")
     print(f"  device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
     if args.out:
         record = {"question": ex.question, "gold": ex.gold, "branches": workers.texts[0], "weights": weights,
-                  "paths": summary, "ttft_ratio_text_over_cache": t.ttft_s / c.ttft_s,
+                  "paths": summary, "ttft_ratio_text_over_cache": t.total_s / c.total_s,
                   "device": jax.devices()[0].device_kind}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2))

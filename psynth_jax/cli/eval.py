@@ -2,7 +2,7 @@
 
 Writes results.json, results.md and plots into the config's out_dir; rerunning the same command
 resumes an interrupted eval (finished answers and stored worker branches are reused). The
-out_dir is locked while the eval runs (psynth_jax.formats.run_lock): a second eval on it fails
+out_dir is locked while the eval runs (psynth_jax/cli/run_lock.py): a second eval on it fails
 at once, naming the holder.
 `--retime [TASKS]` measures the TTFT of a finished run's timed answers again on this machine
 (after timings taken under load, or to time on an accelerator answers computed elsewhere).
@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from psynth_jax.cli.common import check_attn_impl
+from psynth_jax.cli.run_lock import run_dir_session
+from psynth_jax.config.eval_schema import load_eval_config
 
 # written when a session starts; worthless (and in the way of a corrected rerun) without answers
 OUT_DIR_DISPOSABLE = ("run.json", "config.yaml", "weights.json")
@@ -31,25 +35,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from psynth_jax.cli.common import check_attn_impl
-    from psynth_jax.config.eval_schema import load_eval_config
+    # the evaluation stack (and jax) is imported when `psynth eval` runs: the parser imports every command
+    from psynth_jax.eval.tasks import check_task_names
 
     cfg = load_eval_config(args.config, args.overrides)  # every config problem, before data or model
-    from psynth_jax.inference import hosts
-
-    hosts.initialize()  # a pod's processes join here, before any JAX computation
-    check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
+    check_task_names(cfg.tasks)
+    from psynth_jax import distributed
     from psynth_jax.eval.report import RESULTS_MD
     from psynth_jax.eval.runner import run_eval
-    from psynth_jax.formats.run_lock import run_dir_session
+
+    distributed.initialize()  # a pod's processes join here, before any JAX computation
+    check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
 
     retime = None if args.retime is None else [t for t in args.retime.split(",") if t]
     kl = None if args.kl is None else [t for t in args.kl.split(",") if t]
     if retime is not None and kl is not None:
         raise ValueError("--retime and --kl: one at a time")
-    with run_dir_session(cfg.out_dir, "psynth eval", "out_dir", primary=hosts.is_main(), disposable=OUT_DIR_DISPOSABLE):
+    with run_dir_session(cfg.out_dir, "psynth eval", "out_dir", primary=distributed.is_main(), disposable=OUT_DIR_DISPOSABLE):
         outcome = run_eval(cfg, quiet=args.quiet, retime=retime, kl=kl)
-    if not hosts.is_main():  # process 0 merged the answers and wrote the report
+    if not distributed.is_main():  # process 0 merged the answers and wrote the report
         return 0
     print((outcome.run_dir / RESULTS_MD).read_text())
     print(f"wrote {outcome.run_dir}/ (results.json, results.md, plots)", file=sys.stderr)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from psynth_jax.interop.importer import choose_handoff, describe_handoff, import_weights
     from psynth_jax.interop.loader import load_model
-    from psynth_jax.synthesis.convention import Handoff
+    from psynth_jax.synthesis.handoff import Handoff
 
     with step(f"loading {source} ({dtype})"):
         base = load_model(source, dtype=dtype)

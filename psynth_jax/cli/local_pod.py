@@ -3,7 +3,7 @@
     python -m psynth_jax.cli.local_pod --processes 2 --devices 4 -- train --config configs/x.yaml
     launch/local_pod.sh 2 -- eval --config configs/eval_smoke.yaml
 
-Each process gets what a pod host gets (hosts.py): JAX_COORDINATOR_ADDRESS (a free localhost
+Each process gets what a pod host gets (psynth_jax/distributed.py): JAX_COORDINATOR_ADDRESS (a free localhost
 port), JAX_NUM_PROCESSES, JAX_PROCESS_ID, and, on CPU, JAX_PLATFORMS=cpu and
 JAX_NUM_CPU_DEVICES. They run the same command through the same code path as on a TPU slice:
 config, data sharding across processes, checkpoint directory, resume. Like a pod, one failing

@@ -1,7 +1,9 @@
 """`psynth` command line: one subcommand per module, imported only when it runs.
 
-Keeping imports lazy means `psynth generate` on an inference-only box never touches training,
-data or evaluation code (or their dependencies).
+Building the parser imports every command module, so each one imports at its top only what
+its options need (the CLI helpers, the config schema); its command's stack (jax, the model,
+training, data, evaluation) is imported inside `run`. So `psynth generate` on an inference-only
+box never touches training, data or evaluation code (or their dependencies).
 
 Every failure takes one path (`main`): a one-line message `psynth COMMAND: error: ...` that names
 the file (and line), the config field or the flag, and one exit code per kind (EXIT_CODES, also
@@ -14,6 +16,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from psynth_jax.config.typed import ConfigError
 
 # subcommand -> (module under psynth_jax.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (a multi-problem config error keeps its list)."""
-    from psynth_jax.config.typed import ConfigError
-
     text = str(err).strip()
     if isinstance(err, KeyError) and err.args:  # str(KeyError) is the repr of its argument
         text = str(err.args[0])

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from psynth_jax.config.accelerators import parse_accelerator
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a training config or a `psynth eval` config (YAML)")
@@ -28,8 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from psynth_jax.bench.memory_plan import PlanRequest, config_kind, format_plan, mesh_fits, run_plan
-    from psynth_jax.config.accelerators import parse_accelerator
+    from psynth_jax.train.plan import PlanRequest, config_kind, format_plan, mesh_fits, run_plan  # jax, optax
 
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")

@@ -1,6 +1,6 @@
 """`psynth train --config FILE [key=value ...]`: train the cache mapper + synthesizer LoRA.
 
-The run directory (checkpoint.dir) is locked while training (psynth_jax.formats.run_lock): a
+The run directory (checkpoint.dir) is locked while training (psynth_jax.cli.run_lock): a
 second `psynth train` or `psynth eval` on it fails at once, naming the holder. A rerun resumes
 from the newest readable checkpoint; when checkpoints exist and none can be read, it stops and
 says so, and `--restart` moves them aside and trains from step 0.
@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from psynth_jax.cli.common import check_attn_impl
+from psynth_jax.cli.run_lock import run_dir_session
+from psynth_jax.config import load_config
 
 RUN_DIR_DISPOSABLE = ("config.yaml",)  # written at the start of a session; worthless without a checkpoint
 
@@ -25,17 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from psynth_jax.cli.common import check_attn_impl
-    from psynth_jax.config import load_config
-
     cfg = load_config(args.config, args.overrides)  # fails on a bad config before any compute
-    import jax
+    import jax  # the training stack: imported when `psynth train` runs (the parser imports every command)
 
-    from psynth_jax.formats.run_lock import run_dir_session
-    from psynth_jax.inference import hosts
+    from psynth_jax import distributed
     from psynth_jax.train.trainer import Trainer
 
-    hosts.initialize()  # a pod's processes join here, before any JAX computation
+    distributed.initialize()  # a pod's processes join here, before any JAX computation
     check_attn_impl(cfg.model.attn_impl, "model.attn_impl")
     with run_dir_session(cfg.checkpoint.dir, "psynth train", "checkpoint.dir", primary=jax.process_index() == 0,
                          disposable=RUN_DIR_DISPOSABLE):

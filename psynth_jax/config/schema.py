@@ -27,7 +27,7 @@ Builder = Literal["exposure", "aggregation", "distillation"]
 # bfcl: Berkeley Function Calling Leaderboard; examples: rows already built (`psynth build-data`).
 SourceFormat = Literal["auto", "examples", "problems", "oasst", "chat", "flan_cot", "flan", "p3", "multihop", "bfcl"]
 Decay = Literal["none", "cosine", "linear"]
-HandoffConvention = Literal["output_tokens", "release"]  # synthesis/convention.py
+HandoffConvention = Literal["output_tokens", "release"]  # synthesis/handoff.py
 WorkerStopTokens = Literal["chat", "eos_only"]
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +63,7 @@ class MapperConfig:
 
 @_frozen
 class HandoffConfig:
-    """Which worker KV the synthesizer receives and when workers stop (synthesis/convention.py)."""
+    """Which worker KV the synthesizer receives and when workers stop (synthesis/handoff.py)."""
 
     convention: HandoffConvention = "output_tokens"  # "release": the reference release's [P-1, P+G-1) window
     stop_tokens: WorkerStopTokens = "chat"  # "eos_only": stop on tokenizer.eos_token_id only, as the release

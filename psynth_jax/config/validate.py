@@ -193,11 +193,6 @@ def _source_errors(s: DataSourceConfig, where: str, k_min: int, k_max: int) -> l
         elif s.format in AGGREGATION_VARIANTS and s.variant not in AGGREGATION_VARIANTS[s.format]:
             known_here = ", ".join(AGGREGATION_VARIANTS[s.format])
             errors.append(f"{where}.variant: {s.format} rows have variants {known_here}, not {s.variant!r}")
-    if s.task is not None:
-        from psynth_jax.eval.tasks import TASKS  # pure Python; imported here to keep config free of eval code
-
-        if s.builder != "distillation":
-            errors.append(f"{where}.task: only distillation sources read rows with an evaluation task's converter")
-        elif s.task not in TASKS:
-            errors.append(f"{where}.task: unknown task {s.task!r}; known: {', '.join(sorted(TASKS))}")
+    if s.task is not None and s.builder != "distillation":  # the task's name: data/sources.py check_source_tasks
+        errors.append(f"{where}.task: only distillation sources read rows with an evaluation task's converter")
     return errors

@@ -5,7 +5,7 @@
   source's role -> caps and weights (mixture.py) -> `LoadedStage` with a report per source.
 - builders.py (GSM8K / MATH: step split, candidates, split statements; problems.py, chunking.py,
   corruption.py), chat.py (chat rounds), icl.py (worked examples), evidence.py (evidence
-  paragraphs), toolcalls.py (function docs / parallel calls): model-free builders (build.py: what
+  paragraphs), tool_use.py (function docs / parallel calls): model-free builders (build.py: what
   they share); distill.py: distillation for every task family (needs the backbone).
 - tokenize.py: chat-templated token sequences, guards (K range, token limits) and bucket keys.
 - pipeline.py: `make_train_iterator` -> checkpointable iterator of `TrainBatch` (one K per batch).

@@ -23,22 +23,23 @@ import json
 import sys
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
+from tqdm import tqdm
 
+from psynth_jax import distributed
+from psynth_jax.config.schema import DataConfig, DataSourceConfig
 from psynth_jax.data.build import example_rng
 from psynth_jax.data.examples import Branch, SynthesisExample, read_examples, to_json_line
 from psynth_jax.data.problems import Problem
+from psynth_jax.eval.tasks import TASKS, task_converter
 from psynth_jax.formats import splits
+from psynth_jax.inference.sampling import SamplingConfig
+from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.synthesis import prompts
-
-if TYPE_CHECKING:
-    from psynth_jax.config.schema import DataConfig, DataSourceConfig
-    from psynth_jax.inference.sampling import SamplingConfig
-    from psynth_jax.model.loaded import LoadedModel
-    from psynth_jax.synthesis.convention import Handoff
-    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+from psynth_jax.synthesis.handoff import Handoff
+from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
 WORKER_TEMPERATURE, WORKER_TOP_P = 0.7, 0.95
 
@@ -84,8 +85,6 @@ def items_from_task(task: str, rows: Sequence[dict[str, Any]], label: str, seed:
                     ) -> tuple[list[DistillItem], collections.Counter[str]]:
     """Items of rows read by evaluation task `task`'s converter (its family, question, expert
     profiles, given branches), without the rows that task holds out; skipped rows by reason."""
-    from psynth_jax.eval.tasks import TASKS, task_converter  # pure Python: the task definitions
-
     spec = TASKS[task]
     convert = task_converter(task)
     items, skipped = [], collections.Counter()
@@ -142,21 +141,23 @@ def distill_batches(
     share: (index, count): only every count-th planned batch from `index` (one process's share of
     a multi-process run; the plan is the same on every process, so the shares are disjoint).
     """
-    from psynth_jax.inference.sampling import SamplingConfig
-
     if batch_size < 1 or min([k] if isinstance(k, int) else k, default=0) < 1:
         raise ValueError(f"need k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")
     sampling = worker_sampling or SamplingConfig(temperature=WORKER_TEMPERATURE, top_p=WORKER_TOP_P)
     index, count = share
+    by_family = {synth.family: synth}  # a synthesizer with each family's prompt templates (workers, text path)
     for kk, batch in plan_batches(items, k, batch_size, seed)[index::count]:
         s = batch_seed(seed, batch)
-        synth.family = batch[0].family  # the family's prompt templates, for workers and the text path
+        family = batch[0].family
+        if family not in by_family:
+            by_family[family] = dataclasses.replace(synth, family=family)
+        synth_f = by_family[family]
         if batch[0].given:
             texts = [list(item.given) for item in batch]
         else:
             convs = [item.worker_conversations(kk) for item in batch]
-            texts = synth.run_workers(convs, max_new_tokens=worker_tokens, sampling=sampling, seed=s).texts
-        text = synth.text_path([item.question for item in batch], texts, max_new_tokens=max_new_tokens, seed=s)
+            texts = synth_f.run_workers(convs, max_new_tokens=worker_tokens, sampling=sampling, seed=s).texts
+        text = synth_f.text_path([item.question for item in batch], texts, max_new_tokens=max_new_tokens, seed=s)
         yield [
             SynthesisExample(
                 id=f"distillation/{item.id}", family=item.family, question=item.question,
@@ -252,15 +253,11 @@ def distill_to_jsonl(
       process, so all generate every batch together (requests split over the mesh's batch axes)
       from the same pending list, process 0's, and process 0 alone writes `path`.
     """
-    from tqdm import tqdm
-
-    from psynth_jax.inference import hosts
-
     index, count = jax.process_index(), jax.process_count()
-    together = count > 1 and hosts.spans_processes(synth.mesh)
+    together = count > 1 and distributed.spans_processes(synth.mesh)
     if together:
-        done = set(hosts.broadcast_object(sorted(done_ids(path)) if hosts.is_main() else None))
-        own, share = (path if hosts.is_main() else None), (0, 1)
+        done = set(distributed.broadcast_object(sorted(done_ids(path)) if distributed.is_main() else None))
+        own, share = (path if distributed.is_main() else None), (0, 1)
     else:
         own = path if count == 1 else part_path(path, index)
         done = done_ids(own) | {i for other in [path, *_parts(path)] if other != own and other.is_file()
@@ -275,7 +272,7 @@ def distill_to_jsonl(
                                   max_new_tokens=max_new_tokens, seed=seed, worker_sampling=worker_sampling,
                                   share=share)
         with (open(own, "a", encoding="utf-8") if own is not None else contextlib.nullcontext()) as f, \
-                tqdm(total=len(pending), desc="distill", unit="ex", disable=not hosts.is_main()) as bar:
+                tqdm(total=len(pending), desc="distill", unit="ex", disable=not distributed.is_main()) as bar:
             for examples in batches:
                 if f is not None:
                     f.writelines(to_json_line(e) for e in examples)
@@ -283,10 +280,10 @@ def distill_to_jsonl(
                 added += len(examples)
                 bar.update(len(examples) * (1 if together else count))
     if count > 1 and not together:
-        hosts.barrier("psynth_distill_generated")
-        if hosts.is_main():
+        distributed.barrier("psynth_distill_generated")
+        if distributed.is_main():
             merge_parts(path)
-        hosts.barrier("psynth_distill_merged")
+        distributed.barrier("psynth_distill_merged")
     return added
 
 
@@ -304,19 +301,14 @@ def distill_for_run(model: LoadedModel, src: DataSourceConfig, items: Sequence[D
                     ) -> tuple[list[SynthesisExample], int, Path]:
     """(examples of `items`, how many were generated now, the cache file): generated once by the
     backbone (LoRA off; workers stop as `handoff` says) and cached, resumably, under the run directory."""
-    from psynth_jax.synthesis.convention import Handoff
-    from psynth_jax.synthesis.pipeline import ParallelSynthesis
-
-    from psynth_jax.inference import hosts
-
     path = run_cache_path(run_dir, src, d, model_source)
-    synth = ParallelSynthesis(model, attn_impl=attn_impl, timing_repeats=0, handoff=handoff or Handoff())
+    synth = ParallelSynthesis(model, attn_impl=attn_impl, handoff=handoff or Handoff())
     added = distill_to_jsonl(items, synth, path, k=src.k or d.num_branches, batch_size=d.distill_batch_size,
                              worker_tokens=d.distill_worker_tokens, max_new_tokens=d.distill_max_new_tokens,
                              seed=d.seed)
     wanted = {f"distillation/{item.id}" for item in items}
-    if jax.process_count() > 1 and hosts.spans_processes(model.mesh):  # process 0 wrote it: read it there
-        rows = hosts.broadcast_object([e.to_dict() for e in read_examples(path)] if hosts.is_main() else None)
+    if jax.process_count() > 1 and distributed.spans_processes(model.mesh):  # process 0 wrote it: read it there
+        rows = distributed.broadcast_object([e.to_dict() for e in read_examples(path)] if distributed.is_main() else None)
         examples = [SynthesisExample.from_dict(r) for r in rows]
     else:
         examples = read_examples(path)

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from psynth_jax.formats.records import read_records
+
 
 @dataclasses.dataclass(frozen=True)
 class Branch:
@@ -104,6 +106,4 @@ def write_examples(path: str | os.PathLike[str], examples: Iterable[SynthesisExa
 
 def read_examples(source: str | os.PathLike[str]) -> list[SynthesisExample]:
     """Examples from a .jsonl / .json / .parquet file written by write_examples (or a hub id)."""
-    from psynth_jax.formats.records import read_records
-
     return [SynthesisExample.from_dict(r) for r in read_records(source)]

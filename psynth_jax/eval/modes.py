@@ -5,12 +5,17 @@ Every mode answers from the same worker branches of an example (generated once, 
 - text: text-concatenation synthesis, every branch's text in the prompt, LoRA off;
 - naive_cache / mapper_only / lora_only / psynth: the cache path over branch KV rebuilt from the
   stored tokens, with the mapper (identity or trained) and the LoRA (off or on) of the table below.
+
+The worker stage: each example's worker prompts (`worker_conversations`), its K (`num_branches`),
+and the fixed chunks of examples it decodes together (`make_chunks`, seeded by `worker_seed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+import zlib
+from typing import Sequence
 
 from psynth_jax.config.eval_schema import ModeName
 from psynth_jax.eval.example import EvalExample
@@ -67,3 +72,27 @@ def worker_conversations(example: EvalExample, num_workers: int) -> list[Message
     if profiles:
         return [prompts.worker_messages(example.question, example.family, role_hint=p) for p in profiles]
     return [prompts.worker_messages(example.question, example.family)] * num_workers
+
+
+def num_branches(example: EvalExample, num_workers: int) -> int:
+    """K for this example: its given branches, or one per expert profile where the task has them,
+    else `num_workers`."""
+    return len(given_branches(example)) or len(example.extra.get("profiles") or ()) or num_workers
+
+
+def make_chunks(examples: Sequence[EvalExample], size: int, num_workers: int) -> list[list[EvalExample]]:
+    """Consecutive examples with equal K, cut into chunks of at most `size` (deterministic)."""
+    out: list[list[EvalExample]] = []
+    for ex in examples:
+        k = num_branches(ex, num_workers)
+        last = out[-1] if out else None
+        if last and len(last) < size and num_branches(last[0], num_workers) == k:
+            last.append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
+def worker_seed(seed: int, task: str, first_id: str) -> int:
+    """The sampling seed of a worker batch: a function of the config seed and the batch's first example."""
+    return (seed * 1_000_003 + zlib.crc32(f"{task}/{first_id}".encode())) % 2**31

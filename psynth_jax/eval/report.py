@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from psynth_jax.config.eval_schema import EvalConfig
 from psynth_jax.config.typed import to_dict
+from psynth_jax.eval import plots
 from psynth_jax.eval.example import EvalExample
 from psynth_jax.eval.modes import MODE_SPECS
 from psynth_jax.eval.scoring import f1
@@ -99,8 +100,6 @@ def f1_by_mode(examples: dict[str, list[EvalExample]], records: Sequence[ModeRec
 
 def write_report(run_dir: Path, results: dict[str, Any], records: Sequence[ModeRecord]) -> None:
     """results.json, results.md and the PNG plots into `run_dir`."""
-    from psynth_jax.eval import plots
-
     (run_dir / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
     made = [ACCURACY_PNG] if plots.accuracy_plot(results, run_dir / ACCURACY_PNG) else []
     if plots.ttft_plot(records, run_dir / TTFT_PNG):

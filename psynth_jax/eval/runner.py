@@ -28,19 +28,30 @@ import collections
 import dataclasses
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 from tqdm import tqdm
 
+from psynth_jax import distributed
 from psynth_jax.config.eval_schema import EvalConfig, dump_eval_config, fingerprint
 from psynth_jax.eval import report
 from psynth_jax.eval.example import EvalExample
-from psynth_jax.eval.modes import MODE_SPECS, ModeSpec, given_branches, worker_conversations
+from psynth_jax.eval.modes import (MODE_SPECS, ModeSpec, given_branches, make_chunks, worker_conversations,
+                                  worker_seed)
 from psynth_jax.eval.scoring import extract_answer, score_many
 from psynth_jax.eval.store import BranchSet, ModeRecord, RunStore
-from psynth_jax.eval.tasks import load_task
+from psynth_jax.eval.tasks import load_examples
+from psynth_jax.inference.sampling import SamplingConfig
+from psynth_jax.interop.importer import with_adapter
+from psynth_jax.interop.loader import load_model
+from psynth_jax.measure.ttft import time_to_first_token
+from psynth_jax.model.sharding import Rules, mesh_of
+from psynth_jax.model.transformer import LoRAConfig
+from psynth_jax.synthesis.handoff import Handoff
+from psynth_jax.synthesis.mapper import make_mapper
+from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult, PathSteps
 
 
 @dataclasses.dataclass
@@ -52,42 +63,6 @@ class EvalOutcome:
     computed: dict[str, int]  # worker_examples, worker_calls, records, mode_calls, retimed (this session only)
 
 
-def load_examples(cfg: EvalConfig) -> dict[str, list[EvalExample]]:
-    """Every configured task's examples (first `limit` in source order), loaded before any model.
-    A task without examples is an error naming it (an eval of nothing would report 0 of 0)."""
-    out = {}
-    for i, t in enumerate(cfg.tasks):
-        out[t.name] = load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed, fields=t.fields,
-                                branches=t.branches)
-        if not out[t.name]:
-            raise ValueError(f"tasks[{i}] ({t.name}): no examples in {t.path or 'its default source'}")
-    return out
-
-
-def num_branches(example: EvalExample, num_workers: int) -> int:
-    """K for this example: its given branches, or one per expert profile where the task has them,
-    else `num_workers`."""
-    return len(given_branches(example)) or len(example.extra.get("profiles") or ()) or num_workers
-
-
-def make_chunks(examples: Sequence[EvalExample], size: int, num_workers: int) -> list[list[EvalExample]]:
-    """Consecutive examples with equal K, cut into chunks of at most `size` (deterministic)."""
-    out: list[list[EvalExample]] = []
-    for ex in examples:
-        k = num_branches(ex, num_workers)
-        last = out[-1] if out else None
-        if last and len(last) < size and num_branches(last[0], num_workers) == k:
-            last.append(ex)
-        else:
-            out.append([ex])
-    return out
-
-
-def worker_seed(seed: int, task: str, first_id: str) -> int:
-    """The sampling seed of a worker batch: a function of the config seed and the batch's first example."""
-    return (seed * 1_000_003 + zlib.crc32(f"{task}/{first_id}".encode())) % 2**31
-
-
 class EvalRunner:
     """One evaluation session over a run directory (new or resumed)."""
 
@@ -96,16 +71,14 @@ class EvalRunner:
         self.cfg = cfg
         self.quiet = quiet
         self.examples = load_examples(cfg)
-        import jax
-
         # several processes (a pod): each answers every P-th chunk into its own part files (store.py)
         self.process, self.processes = jax.process_index(), jax.process_count()
         self.store = RunStore(cfg.out_dir, fingerprint(cfg), dump_eval_config(cfg),
                               part=self.process if self.processes > 1 else None)
         self._model = model
-        self.synth: Any = None  # ParallelSynthesis, built on first need
-        self.trained_mapper: Any = None  # the adapter's mapper (the identity one without an adapter)
-        self.identity_mapper: Any = None
+        self.synth: ParallelSynthesis | None = None  # with the adapter's mapper and LoRA, built on first need
+        self.identity: ParallelSynthesis | None = None  # the same with the identity mapper
+        self._variants: dict[tuple[str, bool], ParallelSynthesis] = {}  # (task family, trained mapper) -> synth
         self.device = ""
         self.computed: collections.Counter[str] = collections.Counter()
         self._caches: dict[tuple[str, ...], Any] = {}
@@ -120,12 +93,10 @@ class EvalRunner:
         the shares are disjoint and together every chunk), on its own devices; process 0 merges
         the part files and writes the report once all are done.
         """
-        from psynth_jax.inference import hosts
-
         t0 = time.perf_counter()
         chunks = [(task, chunk) for task, exs in self.examples.items()
                   for chunk in make_chunks(exs, self.cfg.batch_size, self.cfg.num_workers)]
-        mine = hosts.process_share(chunks, self.process, self.processes)
+        mine = distributed.process_share(chunks, self.process, self.processes)
         wanted = [(task, ex.id, m) for task, chunk in mine for ex in chunk for m in self.cfg.modes]
         done = sum(key in self.store.records for key in wanted)
         with tqdm(total=len(wanted), initial=done, desc="eval", unit="answer", disable=self.quiet or self.process != 0,
@@ -133,7 +104,7 @@ class EvalRunner:
             for task, chunk in mine:
                 self._run_chunk(task, chunk, bar)
         if self.processes > 1:
-            hosts.barrier("psynth_eval_answered")
+            distributed.barrier("psynth_eval_answered")
             if self.process == 0:
                 self.store.merge_parts()
                 self.store = RunStore(self.cfg.out_dir, fingerprint(self.cfg), dump_eval_config(self.cfg))
@@ -153,10 +124,7 @@ class EvalRunner:
         if self.processes > 1:
             raise ValueError("--retime measures one device's latency: run it as a single process")
         t0 = time.perf_counter()
-        names = list(self.examples) if not tasks else list(tasks)
-        unknown = [t for t in names if t not in self.examples]
-        if unknown:
-            raise ValueError(f"cannot retime {unknown}: not among this config's tasks {list(self.examples)}")
+        names = self._tasks(tasks, "cannot retime")
         if self.cfg.timing_repeats == 0:
             raise ValueError("timing_repeats is 0: set timing_repeats >= 1 to retime")
         todo = [(t, ex) for t in names for ex in self.examples[t] if (t, ex.id) in self.timed]
@@ -168,7 +136,6 @@ class EvalRunner:
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for task, ex in todo:
                 self._ensure_synth()
-                self.synth.family = ex.family
                 self._caches.clear()
                 for mode in self.cfg.modes:
                     old = self.store.records[(task, ex.id, mode)]
@@ -191,10 +158,7 @@ class EvalRunner:
         if self.processes > 1:
             raise ValueError("--kl: run it as a single process")
         t0 = time.perf_counter()
-        names = list(self.examples) if not tasks else list(tasks)
-        unknown = [t for t in names if t not in self.examples]
-        if unknown:
-            raise ValueError(f"cannot measure the KL of {unknown}: not among this config's tasks {list(self.examples)}")
+        names = self._tasks(tasks, "cannot measure the KL of")
         if "text" not in self.cfg.modes:
             raise ValueError("--kl compares each cache mode with the text path: `modes` must include text")
         cache_modes = [m for m in self.cfg.modes if MODE_SPECS[m].path == "cache"]
@@ -206,7 +170,6 @@ class EvalRunner:
                   dynamic_ncols=True) as bar:
             for task, ex in todo:
                 self._ensure_synth()
-                self.synth.family = ex.family
                 self._caches.clear()
                 answer = self.synth.tok.encode(self.store.records[(task, ex.id, "text")].text, add_special_tokens=False)
                 texts = [self._branch_set(ex).texts[j] for j in self._branch_set(ex).usable()]
@@ -216,8 +179,7 @@ class EvalRunner:
                     if old is None or old.error is not None or old.kl_from_text is not None:
                         continue
                     spec = MODE_SPECS[mode]
-                    self.synth.set_mapper(self.trained_mapper if spec.trained_mapper else self.identity_mapper)
-                    (kl,) = self.synth.teacher_forced_kl([ex.question], self._branch_caches([ex]), [texts], [answer],
+                    (kl,) = self._variant(ex.family, spec.trained_mapper).teacher_forced_kl([ex.question], self._branch_caches([ex]), [texts], [answer],
                                                          lora=spec.lora)
                     done.append(dataclasses.replace(old, kl_from_text=kl))
                 self.store.add_records(done)
@@ -225,6 +187,14 @@ class EvalRunner:
                 bar.update(1)
         self._caches.clear()
         return self._report(t0)
+
+    def _tasks(self, tasks: Sequence[str] | None, what: str) -> list[str]:
+        """`tasks` (None or empty: every configured task); a task the config does not list is an error."""
+        names = list(self.examples) if not tasks else list(tasks)
+        unknown = [t for t in names if t not in self.examples]
+        if unknown:
+            raise ValueError(f"{what} {unknown}: not among this config's tasks {list(self.examples)}")
+        return names
 
     def _wanted(self) -> list[tuple[str, str, str]]:
         """Every configured (task, example id, mode), in source order."""
@@ -245,7 +215,6 @@ class EvalRunner:
         if not any(pending.values()):
             return
         self._ensure_synth()
-        self.synth.family = chunk[0].family  # prompt templates of this task (read per call)
         if any(todo for m, todo in pending.items() if MODE_SPECS[m].path != "single"):
             bar.set_postfix_str(f"{task} workers")
             self._ensure_branches(task, chunk)
@@ -263,34 +232,23 @@ class EvalRunner:
         """Load the backbone (LoRA attached, B = 0) and the adapter, on first need only."""
         if self.synth is not None:
             return
-        from psynth_jax.interop.loader import load_model
-        from psynth_jax.model.transformer import LoRAConfig
-        from psynth_jax.synthesis.convention import Handoff
-        from psynth_jax.synthesis.mapper import make_mapper
-        from psynth_jax.synthesis.pipeline import ParallelSynthesis
-
         m = self.cfg.model
         mesh, rules = self._mesh()
         model = self._model if self._model is not None else load_model(m.source, dtype=m.dtype, lora=LoRAConfig(),
                                                                         mesh=mesh, rules=rules)
         first = next(exs[0].family for exs in self.examples.values() if exs)
-        synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, timing_repeats=0,  # see _time
-                                  mesh=mesh, zero_copy=m.zero_copy)
         chosen = self.cfg.handoff  # None: the adapter's recorded handoff, else the default
+        synth = ParallelSynthesis(model, family=first, attn_impl=m.attn_impl, mesh=mesh, zero_copy=m.zero_copy,
+                                  handoff=Handoff.from_config(chosen))
         if self.cfg.adapter is not None:
-            from psynth_jax.interop.importer import load_adapter_into
-
-            loaded = load_adapter_into(synth, self.cfg.adapter, convention=chosen.convention if chosen else None,
-                                       stop_tokens=chosen.stop_tokens if chosen else None)
+            synth, loaded = with_adapter(synth, self.cfg.adapter, convention=chosen.convention if chosen else None,
+                                         stop_tokens=chosen.stop_tokens if chosen else None)
             description, mapper_trained, lora_trained = loaded.description, loaded.mapper_trained, loaded.lora_trained
         else:
-            if chosen is not None:
-                synth.handoff = Handoff(convention=chosen.convention, stop_tokens=chosen.stop_tokens)
             description = (f"untrained: identity mapper, LoRA B = 0, handoff "
                            f"{synth.handoff.convention}/{synth.handoff.stop_tokens}")
             mapper_trained = lora_trained = False
-        self.trained_mapper = synth.mapper
-        self.identity_mapper = make_mapper("affine_length", model.cfg.num_kv_heads)  # last layer 0: identity
+        model = synth.model
         weights = {
             "adapter": self.cfg.adapter,
             "description": description,
@@ -304,19 +262,22 @@ class EvalRunner:
         }
         if self.process == 0:
             self.store.save_weights(weights)
-        import jax
-
         kind, backend = jax.devices()[0].device_kind, jax.default_backend()
         self.device = kind if kind.lower() == backend else f"{kind} ({backend})"
         self.synth = synth
+        # last layer 0: the identity mapper
+        self.identity = dataclasses.replace(synth, mapper=make_mapper("affine_length", model.cfg.num_kv_heads))
+
+    def _variant(self, family: str, trained_mapper: bool) -> ParallelSynthesis:
+        """The synthesizer with `family`'s prompt templates and the trained (or the identity) mapper."""
+        key = (family, trained_mapper)
+        if key not in self._variants:
+            self._variants[key] = dataclasses.replace(self.synth if trained_mapper else self.identity, family=family)
+        return self._variants[key]
 
     def _mesh(self) -> tuple[Any, Any]:
         """(mesh, sharding rules) of the eval config over this process's devices: requests split
         over data, the model over fsdp x tensor; a given model keeps the mesh it was loaded on."""
-        from psynth_jax.model.sharding import Rules, mesh_of
-
-        import jax
-
         rules = Rules((r.name, r.axes) for r in self.cfg.mesh.rules)
         if self._model is not None and self._model.mesh is not None:
             return self._model.mesh, self._model.rules
@@ -339,8 +300,6 @@ class EvalRunner:
             self.store.add_branches(self._decode_workers(task, decode))
 
     def _decode_workers(self, task: str, exs: list[EvalExample]) -> list[BranchSet]:
-        from psynth_jax.inference.sampling import SamplingConfig
-
         cfg = self.cfg
         seed = worker_seed(cfg.seed, task, exs[0].id)
         convs = [worker_conversations(ex, cfg.num_workers) for ex in exs]
@@ -395,35 +354,31 @@ class EvalRunner:
     def _time(self, spec: ModeSpec, ex: EvalExample) -> tuple[float | None, dict[str, float]]:
         """TTFT of one request alone (batch 1, a 1-token budget), whatever batch answered it.
 
-        Only the first `timing_examples` examples of each task are timed (all when None).
-
-        The pipeline times the call: compile run first, then the median of `timing_repeats` runs
-        from its first device work to its first sampled token.
+        Only the first `timing_examples` examples of each task are timed (all when None): the
+        path's steps timed by measure/ttft.py, a compile call first, then the median of
+        `timing_repeats` calls from its first device work to its first sampled token.
         """
         if self.cfg.timing_repeats == 0 or (ex.task, ex.id) not in self.timed:
             return None, {}
-        self.synth.timing_repeats = self.cfg.timing_repeats
-        try:
-            result = self._call(spec, [ex], 1)
-        finally:
-            self.synth.timing_repeats = 0
-        return result.ttft_s, dict(result.breakdown)
+        ttft = time_to_first_token(self._steps(spec, [ex], 1), self.cfg.timing_repeats)
+        return ttft.total_s, dict(ttft.breakdown)
 
-    def _call(self, spec: ModeSpec, exs: list[EvalExample], max_new_tokens: int) -> Any:
-        """One batched call of the synthesizer path behind `spec` (a PathResult)."""
-        from psynth_jax.inference.sampling import SamplingConfig
+    def _call(self, spec: ModeSpec, exs: list[EvalExample], max_new_tokens: int) -> PathResult:
+        """One batched answer of the synthesizer path behind `spec`."""
+        return self._variant(exs[0].family, spec.trained_mapper).answer(self._steps(spec, exs, max_new_tokens))
 
-        cfg, synth = self.cfg, self.synth
+    def _steps(self, spec: ModeSpec, exs: list[EvalExample], max_new_tokens: int) -> PathSteps:
+        """The steps of the synthesizer path behind `spec` for `exs` (one task, so one family)."""
+        cfg, synth = self.cfg, self._variant(exs[0].family, spec.trained_mapper)
         questions = [ex.question for ex in exs]
         kw = dict(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=cfg.synth_temperature),
                   seed=cfg.seed)
         if spec.path == "single":
-            return synth.single_agent(questions, **kw)
+            return synth.single_steps(questions, **kw)
         if spec.path == "text":
             texts = [[self._branch_set(ex).texts[j] for j in self._branch_set(ex).usable()] for ex in exs]
-            return synth.text_path(questions, texts, **kw)
-        synth.set_mapper(self.trained_mapper if spec.trained_mapper else self.identity_mapper)
-        return synth.cache_path(questions, self._branch_caches(exs), lora=spec.lora, **kw)
+            return synth.text_steps(questions, texts, **kw)
+        return synth.cache_steps(questions, self._branch_caches(exs), lora=spec.lora, **kw)
 
     def _branch_caches(self, exs: list[EvalExample]) -> Any:
         """Branch KV of `exs` rebuilt from stored tokens, shared by the cache modes of the chunk."""

@@ -15,17 +15,20 @@ they evaluate only the rows formats/splits.py holds out, which the training buil
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from psynth_jax.config.eval_schema import TaskFields
+from psynth_jax.config.eval_schema import EvalConfig, EvalTaskConfig, TaskFields
+from psynth_jax.config.typed import ConfigError
 from psynth_jax.eval import converters as conv
 from psynth_jax.eval.example import EvalExample
 from psynth_jax.formats import splits, tool_calls
 from psynth_jax.formats.records import DATA_ENV, Row, data_dir, read_records, record_location, shipped_file
 
-__all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "data_dir", "load_task", "task_converter"]
+__all__ = ["EvalExample", "TASKS", "TaskSpec", "DATA_ENV", "check_task_names", "data_dir", "load_examples",
+           "load_task", "task_converter", "unknown_task"]
 
 ConverterFactory = Callable[[TaskFields, "int | None"], conv.Converter]
 
@@ -96,6 +99,23 @@ def _read(source: str | os.PathLike[str], split: str, config: str | None) -> lis
     return rows
 
 
+def unknown_task(name: str, where: str, label: str = "known tasks") -> str | None:
+    """The error of a task name the registry does not know (None when it does), naming `where`."""
+    if name in TASKS:
+        return None
+    known = sorted(TASKS)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}: unknown task {name!r}{hint}; {label}: {', '.join(known)}"
+
+
+def check_task_names(tasks: Sequence[EvalTaskConfig]) -> None:
+    """ConfigError listing every `tasks[i].name` of an eval config that names no task."""
+    errors = [e for i, t in enumerate(tasks) if (e := unknown_task(t.name, f"tasks[{i}].name"))]
+    if errors:
+        raise ConfigError(errors)
+
+
 def load_task(
     name: str,
     path: str | os.PathLike[str] | None = None,
@@ -139,6 +159,19 @@ def load_task(
     examples = [ex for ex in convert_rows(convert, rows, seed, name, source)
                 if splits.is_heldout(spec.heldout, ex.extra["row_id"])]
     return examples if limit is None else examples[:limit]
+
+
+def load_examples(cfg: EvalConfig) -> dict[str, list[EvalExample]]:
+    """Every configured task's examples (first `limit` in source order), loaded before any model.
+    A task without examples is an error naming it (an eval of nothing would report 0 of 0)."""
+    check_task_names(cfg.tasks)
+    out = {}
+    for i, t in enumerate(cfg.tasks):
+        out[t.name] = load_task(t.name, path=t.path, limit=t.limit, seed=cfg.seed, fields=t.fields,
+                                branches=t.branches)
+        if not out[t.name]:
+            raise ValueError(f"tasks[{i}] ({t.name}): no examples in {t.path or 'its default source'}")
+    return out
 
 
 def convert_rows(convert: conv.Converter, rows: list[Row], seed: int, task: str,

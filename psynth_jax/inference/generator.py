@@ -1,4 +1,4 @@
-"""Host-side generation API: chat templating, length checks, shape bucketing, batching, placement.
+"""Host-side generation API: chat templating, stop tokens, length checks, shape bucketing, batching, placement.
 
 Prompts are right-padded to a bucket length (a multiple of `BUCKET`) so that the jitted
 `runtime.generate` compiles once per bucket rather than once per prompt length. On a mesh
@@ -11,25 +11,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from psynth_jax.inference import hosts, runtime
+from psynth_jax import distributed
+from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.sharding import batch_sharding
-from psynth_jax.interop.tokenizer import stop_token_ids
 
 BUCKET = 64
+CHAT_STOP_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
 
 
 def bucket(n: int, multiple: int = BUCKET) -> int:
     """Round n up to a multiple of `multiple` (at least one multiple)."""
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def stop_token_ids(tokenizer: Any, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Token ids that end a chat turn: eos plus the common end-of-turn markers present in the vocab."""
+    ids = set(extra)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for marker in CHAT_STOP_MARKERS:
+        if marker in vocab:
+            ids.add(int(vocab[marker]))
+    return tuple(sorted(ids))
 
 
 def check_length(cfg_max: int, prompt_len: int, new_tokens: int, what: str = "prompt") -> None:
@@ -79,7 +92,7 @@ class Generator:
         """A host array whose leading axis is requests (or branch rows), split over the batch axes."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return hosts.place(x, batch_sharding(np.shape(x), self.mesh, self.model.rules))
+        return distributed.place(x, batch_sharding(np.shape(x), self.mesh, self.model.rules))
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Apply the checkpoint's chat template with the assistant turn opened."""
@@ -129,7 +142,7 @@ class Generator:
         """Chat conversations -> decoded completions (stop token stripped from the text)."""
         prompts = [self.chat_tokens(m) for m in conversations]
         gen = self.generate_tokens(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, lora=lora)
-        toks, nums, stopped = hosts.fetch((gen.tokens, gen.num_tokens, gen.stopped))
+        toks, nums, stopped = distributed.fetch((gen.tokens, gen.num_tokens, gen.stopped))
         out = []
         for row, n, s in zip(toks, nums, stopped):
             ids = [int(t) for t in row[: int(n)]]

@@ -10,7 +10,7 @@
   release's embed_tokens / lm_head, adapter.py) carries those tensors again, as PEFT saves them.
 
 Every export records what the weights were trained under in psynth_export.json (and in the
-safetensors metadata): the handoff convention and worker stop tokens (synthesis/convention.py),
+safetensors metadata): the handoff convention and worker stop tokens (synthesis/handoff.py),
 the mapper, the LoRA and the backbone, so an import restores the same synthesizer.
 The release's own layout (cache_mapper.pt + judger_lora/) is release.py.
 
@@ -36,7 +36,7 @@ from psynth_jax.interop.layout import (
 from psynth_jax.interop.loader import GLOBAL_KEYS, LAYER_KEYS
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.loaded import LoadedModel
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import Mapper
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

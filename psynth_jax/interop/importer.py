@@ -4,17 +4,18 @@
 export, a plain PEFT adapter, the reference release's checkpoint as it ships), checks that the
 parts it should hold are there, reads and validates all of them against `model` (adapter.py),
 and only then builds the new backbone: a bad folder loads nothing. It also says what the weights
-were trained under (the handoff convention and worker stop tokens, synthesis/convention.py):
+were trained under (the handoff convention and worker stop tokens, synthesis/handoff.py):
 
 - a run: its config's `handoff:`; our exports: what psynth_export.json (or the adapter's
   safetensors metadata) records;
 - a release checkpoint: the release's own handoff, `Handoff("release", "eos_only")`;
 - a plain PEFT adapter: nothing (None).
 
-`load_adapter_into(synth, path)` applies an import to a ParallelSynthesis (LoRA and vocabulary in
-place, mapper, `synth.handoff`) and returns one line saying what it loaded and chose. An
-explicit handoff choice (`convention=` / `stop_tokens=`, from `--handoff-convention`,
-`--worker-stop-tokens` or an eval config's `handoff:` section) wins over the recorded one.
+`with_adapter(synth, path)` builds the ParallelSynthesis that runs an import: `synth`'s settings
+with the imported backbone (LoRA and vocabulary), mapper and handoff, and one line saying what it
+loaded and chose. An explicit handoff choice (`convention=` / `stop_tokens=`, from
+`--handoff-convention`, `--worker-stop-tokens` or an eval config's `handoff:` section) wins over
+the recorded one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from psynth_jax.interop.adapter import (
     AdapterError, PeftWeights, apply_peft_adapter, describe_lora, describe_mapper, load_mapper, read_peft_adapter,
@@ -34,11 +34,10 @@ from psynth_jax.interop.layout import (
     LayoutError, ReleaseRecords, recorded_handoff, release_records, resolve,
 )
 from psynth_jax.model.loaded import LoadedModel
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.interop.runs import restore_run
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
-
-if TYPE_CHECKING:
-    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
 
 def describe_handoff(h: Handoff) -> str:
@@ -65,10 +64,8 @@ def import_weights(path: str | Path, model: LoadedModel) -> Imported:
     """Read the weights at `path` for `model` (see the module docstring); `model` is not changed."""
     layout = resolve(path)
     if layout.kind == "run":
-        from psynth_jax.interop.runs import restore_run
-
         run = restore_run(layout.root, model)
-        handoff = Handoff(**dataclasses.asdict(run.config.handoff))
+        handoff = Handoff.from_config(run.config.handoff)
         parts = [f"trained: run {layout.root} step {run.step}", f"mapper {describe_mapper(run.mapper)}",
                  describe_lora(run.model.lora)]
         return Imported(layout, run.model, run.mapper, handoff, "recorded in the run", False, parts)
@@ -168,8 +165,8 @@ def choose_handoff(current: Handoff, imported: Handoff | None, source: str, *, c
     An explicit `convention` / `stop_tokens` (None: not chosen) wins; the rest comes from what
     the weights were trained under, else stays `current`.
     """
-    base = imported if imported is not None else current
-    chosen = Handoff(convention=convention or base.convention, stop_tokens=stop_tokens or base.stop_tokens)
+    chosen = Handoff.from_config(convention=convention, stop_tokens=stop_tokens,
+                                 base=imported if imported is not None else current)
     if convention is None and stop_tokens is None:
         if imported is None:
             return chosen, f"handoff {describe_handoff(chosen)} (none recorded in the weights: kept)"
@@ -182,10 +179,10 @@ def choose_handoff(current: Handoff, imported: Handoff | None, source: str, *, c
 
 @dataclasses.dataclass(frozen=True)
 class LoadedWeights:
-    """What `load_adapter_into` did: its one-line description and which parts were trained."""
+    """What `with_adapter` loaded: its one-line description and which parts were trained."""
 
     description: str
-    handoff: Handoff  # now `synth.handoff`
+    handoff: Handoff  # the new synthesizer's
     mapper_trained: bool  # False: the folder had no mapper (identity now)
     lora_trained: bool  # False: the folder had no LoRA (B = 0 now)
 
@@ -193,25 +190,21 @@ class LoadedWeights:
         return self.description
 
 
-def load_adapter_into(synth: ParallelSynthesis, path: str | Path, *, convention: str | None = None,
-                      stop_tokens: str | None = None) -> LoadedWeights:
-    """Load trained weights (any folder `import_weights` reads) into a ParallelSynthesis; say in one
-    line what was loaded and which handoff was chosen.
+def with_adapter(synth: ParallelSynthesis, path: str | Path, *, convention: str | None = None,
+                 stop_tokens: str | None = None) -> tuple[ParallelSynthesis, LoadedWeights]:
+    """`synth` with the trained weights at `path` (any folder `import_weights` reads), and one line
+    saying what was loaded and which handoff was chosen.
 
-    The LoRA (and an adapter's vocabulary) replace the weights of `synth.model` in place: the
-    pipeline and its generator hold that same LoadedModel, so both see them. The mapper goes
-    through `synth.set_mapper`; a folder without one gives the identity mapper (what the release
-    computes without cache_mapper.pt). `synth.handoff` is set by `choose_handoff`. Nothing
-    changes when the folder fails to load.
+    The new synthesizer has `synth`'s settings, the imported backbone (its LoRA and an adapter's
+    vocabulary; the other arrays shared), the imported mapper (a folder without one gives the
+    identity mapper, what the release computes without cache_mapper.pt) and the handoff
+    `choose_handoff` picks. `synth` itself is unchanged, also when the folder fails to load.
     """
     imported = import_weights(path, synth.model)
     handoff, how = choose_handoff(synth.handoff, imported.handoff, imported.handoff_source,
                                   convention=convention, stop_tokens=stop_tokens)
-    mapper = imported.mapper if imported.mapper is not None else make_mapper("affine_length", synth.cfg.num_kv_heads)
-    synth.set_mapper(mapper)
-    m = imported.model
-    synth.model.cfg, synth.model.graphdef, synth.model.state, synth.model.lora = m.cfg, m.graphdef, m.state, m.lora
-    synth.cfg = m.cfg
-    synth.handoff = handoff
+    mapper = imported.mapper if imported.mapper is not None else make_mapper("affine_length",
+                                                                             imported.model.cfg.num_kv_heads)
+    new = dataclasses.replace(synth, model=imported.model, mapper=mapper, handoff=handoff)
     lora = imported.layout.kind == "run" or imported.layout.lora_dir is not None
-    return LoadedWeights(f"{imported.describe()}, {how}", handoff, imported.mapper is not None, lora)
+    return new, LoadedWeights(f"{imported.describe()}, {how}", handoff, imported.mapper is not None, lora)

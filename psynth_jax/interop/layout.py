@@ -1,6 +1,6 @@
 """What a directory of trained synthesizer weights is, where its parts are, and what it records.
 
-Every importer (`psynth demo --adapter`, `load_adapter_into`, `psynth export --adapter-dir`, the
+Every importer (`psynth demo --adapter`, `with_adapter`, `psynth export --adapter-dir`, the
 eval config's `adapter:`) resolves its path here first, so all of them accept the same folders:
 
 - a `psynth train` run directory (config.yaml + checkpoints/);
@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +38,7 @@ RELEASE_LORA = "judger_lora"
 RELEASE_META = "checkpoint_meta.json"
 RELEASE_RUN_ARGS = "run_args.json"
 RELEASE_SUBDIRS = ("latest", "step_checkpoints/latest")
-# what the release's runner does: its workers' KV window and their stop token (convention.py)
+# what the release's runner does: its workers' KV window and their stop token (synthesis/handoff.py)
 RELEASE_HANDOFF = Handoff(convention="release", stop_tokens="eos_only")
 
 Kind = Literal["run", "adapter", "release"]

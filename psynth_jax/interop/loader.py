@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from psynth_jax.interop.embedded import DEFAULT_MODEL, default_gguf_path
 from psynth_jax.interop.sources import CheckpointError, TensorSource, open_source
+from psynth_jax.interop.tokenizer import load_tokenizer
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.loaded import LoadedModel, abstract_decoder, parse_dtype
 from psynth_jax.model.sharding import Rules, single_device_mesh, state_shardings
@@ -152,7 +153,5 @@ def load_model(
     graphdef, state = state_from_source(cfg, src, jdtype, lora, seed, mesh=mesh, rules=rules)
     tokenizer = None
     if with_tokenizer:
-        from psynth_jax.interop.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(path)
     return LoadedModel(cfg, graphdef, state, dtype, str(path), lora, tokenizer, mesh)

@@ -26,7 +26,7 @@ from psynth_jax.interop.layout import RELEASE_HANDOFF, RELEASE_LORA, RELEASE_MAP
 from psynth_jax.interop.staging import ExportError
 from psynth_jax.interop.torch_pickle import write_torch_state_dict
 from psynth_jax.model.loaded import LoadedModel
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import Mapper
 
 HANDOFF_NOTE = "HANDOFF_WARNING.txt"

@@ -1,25 +1,23 @@
 """Restore a `psynth train` run's newest checkpoint (LoRA + mapper) onto a backbone.
 
-Imports the training stack (orbax, optax) lazily, inside `restore_run` only, so the inference
-path can import this module on a box without them.
+Only the run's {lora, mapper} item is read (psynth_jax/checkpoints.py, a partial restore): no
+optimizer is built and nothing of the training stack is imported. Orbax itself, an optional
+dependency of the inference path, is imported inside `restore_run` only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import nnx
 
+from psynth_jax.config import ExperimentConfig, load_config
 from psynth_jax.interop.adapter import AdapterError, describe_lora, with_lora
 from psynth_jax.model.loaded import LoadedModel, parse_dtype
 from psynth_jax.model.transformer import Decoder, LoRAConfig, LoRAParam
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
-
-if TYPE_CHECKING:
-    from psynth_jax.config import ExperimentConfig
 
 
 @dataclasses.dataclass
@@ -34,50 +32,21 @@ class TrainedRun:
 
 def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The ExperimentConfig saved in a run directory (its config.yaml)."""
-    from psynth_jax.config import load_config
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no config.yaml in {run_dir}: not a `psynth train` run directory")
     return load_config(path)
 
 
-def _shape_mismatches(checkpointer: Any, skeleton: Any) -> list[str]:
-    """Trainable leaves whose shape in the newest checkpoint differs from `skeleton`'s, named.
-
-    Checked from Orbax's metadata before restoring, so a run trained on another backbone fails
-    with the tensor names instead of an error from inside Orbax's asynchronous reads.
-    """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    step = checkpointer.manager.latest_step()
-    if step is None:
-        return []
-    try:
-        saved = ocp.StandardCheckpointHandler().metadata(
-            epath.Path(str(checkpointer.directory)) / str(step) / "train")["trainable"]
-    except Exception:  # unreadable metadata: restore_latest warns and falls back to an older step
-        return []
-
-    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in flat}
-
-    have, want = shapes(saved), shapes(skeleton["trainable"])
-    return [f"{k}: saved {have.get(k)}, needed {v}" for k, v in want.items() if have.get(k) != v]
-
-
 def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
     """Restore the newest readable checkpoint of `run_dir` onto `model`'s backbone.
 
-    Builds the exact train-state skeleton the trainer saves ({trainable: {lora, mapper},
-    opt_state}) from the run's config, so every shape is checked; the optimizer state is
-    restored and dropped. Arrays land on this process's first device, whichever mesh saved them.
-    Imports the training stack (orbax, optax) lazily, here only.
+    Builds the exact skeleton of the trainable item the trainer saves ({lora, mapper}) from the
+    run's config, so every shape is checked (from the checkpoint's metadata first, naming the
+    tensors, then by the restore). Arrays land on this process's first device, whichever mesh saved
+    them (every process of a pod restores the run whole onto its own first device).
     """
-    from psynth_jax.train.checkpointing import Checkpointer
-    from psynth_jax.train.step import make_optimizer
+    from psynth_jax.checkpoints import Checkpointer, leaf_shapes  # orbax: imported when a run is read, not before
 
     cfg = run_config(run_dir)
     if not (Path(run_dir) / "checkpoints").is_dir():
@@ -87,23 +56,21 @@ def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
     abstract = nnx.eval_shape(lambda: Decoder(model.cfg, lora=lora, dtype=dtype, rngs=nnx.Rngs(0)))
     _, lora_state, _ = nnx.split(abstract, LoRAParam, ...)
     mdef, mapper_state = nnx.split(make_mapper(cfg.mapper.kind, model.cfg.num_kv_heads, cfg.mapper.hidden))
-    trainable = {"lora": lora_state, "mapper": mapper_state}
-    t = cfg.train
-    tx = make_optimizer(t.lr, t.steps, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-                        decay=t.decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum)
-    skeleton = jax.eval_shape(lambda tr: {"trainable": tr, "opt_state": tx.init(tr)}, trainable)
-    # restore onto one device of this process, whatever mesh the run was saved from (Orbax needs the
-    # target topology); every process of a pod restores it whole onto its own first device
+    # restore onto one device of this process (jax.devices()[0] is process 0's), whatever mesh the run
+    # was saved from: Orbax needs the target topology
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), skeleton)
+    skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            {"trainable": {"lora": lora_state, "mapper": mapper_state}})
     target = f"{model.source} ({model.cfg.family}, {model.cfg.num_layers} layers)"
     checkpointer = Checkpointer(run_dir, async_save=False)
     try:
-        mismatches = _shape_mismatches(checkpointer, skeleton)
+        have = checkpointer.latest_shapes("trainable")
+        mismatches = [f"{k}: saved {have.get(k)}, needed {v}" for k, v in leaf_shapes(skeleton["trainable"]).items()
+                      if have and have.get(k) != v]
         if mismatches:
             raise AdapterError(f"run {run_dir} (trained on {cfg.model.source}) does not fit {target}: "
                                + "; ".join(mismatches[:3]))
-        got = checkpointer.restore_latest(skeleton)
+        got = checkpointer.restore_latest(skeleton, partial=True)
     finally:
         checkpointer.close()
     if got is None:
@@ -113,3 +80,4 @@ def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
     restored = state["trainable"]
     return TrainedRun(model=with_lora(model, lora, nnx.to_pure_dict(restored["lora"])),
                       mapper=nnx.merge(mdef, restored["mapper"]), step=step, config=cfg)
+

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import ml_dtypes
 import numpy as np
+from huggingface_hub import snapshot_download
 
 from psynth_jax.formats.text_files import InputFileError, read_json_object
 
@@ -188,7 +189,7 @@ class GGUFSource:
     }
 
     def __init__(self, path: str | Path):
-        import gguf
+        import gguf  # GGUF files only: a box that reads none may lack the package (the GPU check's does)
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -271,7 +272,7 @@ class GGUFSource:
 
     def read(self, name: str, index: Index | None = None) -> np.ndarray:
         """Dequantize only the rows `index` selects (a matrix is stored row by row), then its columns."""
-        from gguf.quants import dequantize
+        from gguf.quants import dequantize  # GGUF files only (see __init__)
 
         t = self._tensors[name]
         shape = self.shape(name)
@@ -299,8 +300,6 @@ def open_source(source: str | Path) -> TensorSource:
         return SafetensorsSource(path)
     if str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"checkpoint path not found: {source}")
-    from huggingface_hub import snapshot_download
-
     local = snapshot_download(
         str(source), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
     )

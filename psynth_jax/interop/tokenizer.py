@@ -8,7 +8,6 @@ builds the fast tokenizer and chat template with transformers' GGUF tokenizer co
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -26,6 +25,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 def gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """A fast tokenizer (with chat template and special tokens) from a GGUF file, without torch."""
+    # GGUF files only: a box that reads none may lack the package (the GPU check's does)
     import gguf
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
@@ -43,15 +43,3 @@ def gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
         config[name] = tokens[token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(meta["general.architecture"], groups["tokenizer"])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """Token ids that end a chat turn: eos plus the common end-of-turn markers present in the vocab."""
-    ids = set(extra)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"):
-        if marker in vocab:
-            ids.add(int(vocab[marker]))
-    return tuple(sorted(ids))

@@ -1,4 +1,4 @@
-"""The one KV-cache type used by every path: worker decode, branch handoff, synthesizer, decode.
+"""The one KV-cache type and every branch-cache type: what each stage of the flow hands the next.
 
 Layout: keys/values [layers, batch, slots, kv_heads, head_dim]. A *slot* is a storage index; the
 RoPE *position* a key was embedded at is separate, because Parallel-Synthesis stores several
@@ -9,11 +9,19 @@ branches that all start at position 0 side by side in slot space. Per row:
 - `end[b]`: the next slot a new token is written to.
 - `next_pos[b]`: the RoPE position the next token gets.
 
-A query written at slot s attends to every valid key at a slot <= s. Invariant kept by every
-writer here: valid slots are contiguous, `valid[b, s] == (s < end[b])` (padding only ever ends
-a chunk, and the next write starts at `end`); fused attention kernels rely on it. For a plain prompt this is
+A query written at slot s attends to every valid key at a slot <= s (`AttentionMask`, the one
+visibility rule every attention kernel implements). Invariant kept by every writer here: valid
+slots are contiguous, `valid[b, s] == (s < end[b])` (padding only ever ends a chunk, and the
+next write starts at `end`); fused attention kernels rely on it. For a plain prompt this is
 ordinary causal attention; for a synthesizer whose prompt is written after the branch region it
 means "every real branch token plus the earlier prompt tokens", the layout of METHOD.md section 3.
+
+The branch caches a worker hands the synthesizer come in two forms, both here so that every
+stage (synthesis, training, the decoder's attention) shares one definition:
+- `BranchCaches`: the kept K/V copied out of the worker rows, K branches per request (the
+  materialised cache path; synthesis/branches.py re-encodes, maps and assembles them);
+- `BranchView`: the worker rows themselves, viewed at their kept spans (the zero-copy path), and
+  `LayerView`, one layer of it as the decoder's layer scan hands it to the attention.
 """
 
 from __future__ import annotations
@@ -66,6 +74,30 @@ class KVCache:
             )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMask:
+    """Which keys each query sees: the slot rule above, or an explicit boolean mask.
+
+    Query t of row b sits at slot `q_slots[b, t]` and sees key slot s iff `kv_valid[b, s]` and
+    `s <= q_slots[b, t]`. Causal prompts, right-padding, decode steps and the "all branch tokens +
+    causal prompt" layout are all this rule. Layouts outside it (several branches with their worker
+    prompts in one sequence, the from-scratch reference of the cache handoff in tests) pass
+    `explicit`, which only the XLA kernel accepts.
+    """
+
+    q_slots: jax.Array  # [B, T] int32
+    kv_valid: jax.Array  # [B, S] bool
+    explicit: jax.Array | None = None  # [B, T, S] bool: replaces the slot rule (XLA only)
+
+    def dense(self) -> jax.Array:
+        """Boolean [B, T, S] visibility."""
+        if self.explicit is not None:
+            return self.explicit
+        s = jnp.arange(self.kv_valid.shape[1], dtype=jnp.int32)
+        return self.kv_valid[:, None, :] & (s[None, None, :] <= self.q_slots[:, :, None])
+
+
 def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Write new [B, T, ...] into buf [B, S, ...] at per-row slot offsets start [B]."""
 
@@ -100,13 +132,40 @@ def write_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class BranchCaches:
+    """Output-token KV of K branches per request, padded to a common branch length Lb.
+
+    k, v: [layers, B, K, Lb, kv_heads, head_dim]; lengths L_i [B, K] (kept tokens); offsets [B, K]:
+    the RoPE shift still to undo, the worker prompt length P_i (0 once re-encoded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    offsets: jax.Array
+
+    @property
+    def num_requests(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_branches(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def branch_slots(self) -> int:
+        return self.k.shape[3]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class BranchView:
     """K branch caches per request, read where the workers left them (the zero-copy cache path).
 
     The materialised handoff copies each branch's kept K/V out of the worker rows, rotates the
     keys by -P_i, applies the cache mapper and packs the result into a synthesizer cache. A view
     does none of that: the synthesizer's attention reads the worker rows in place and folds
-    the same algebra into the queries and the softmax (attention.view_block):
+    the same algebra into the queries and the softmax (kernels/view.py):
     q . (a_k R(-P) k + b_k) = a_k (R(P) q) . k + b_k sum(q), and p . (a_v v + b_v) = a_v (p . v) + b_v sum(p).
     The worker cache is never written, so one set of worker rows can serve several syntheses.
 
@@ -141,3 +200,28 @@ class BranchView:
     def layer_arrays(self) -> tuple[jax.Array, ...]:
         """The per-layer arrays (a layer scan's xs): k, v and the four mapper scalars."""
         return self.k, self.v, self.k_scale, self.k_shift, self.v_scale, self.v_shift
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerView:
+    """One layer of a BranchView as a Block reads it (built by the Decoder's layer scan).
+
+    k, v: this layer's worker rows [B*K, S_w, Hkv, D], the scan's slice: the key block's shape,
+    never read (XLA drops it); k_stack, v_stack [L, B*K, S_w, Hkv, D] and `layer`: where the
+    tiles are read in place; starts, lengths, offsets [B, K]; k_scale ... v_shift [B, K, Hkv].
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_stack: jax.Array
+    v_stack: jax.Array
+    layer: jax.Array
+    starts: jax.Array
+    lengths: jax.Array
+    offsets: jax.Array
+    k_scale: jax.Array
+    k_shift: jax.Array
+    v_scale: jax.Array
+    v_shift: jax.Array
+

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -51,6 +52,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("mapper", ()),
 )
 CACHE_AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")  # KVCache.k / .v
+BRANCH_AXES = ("layers", "batch", None, "cache_slots", "kv_heads", "head_dim")  # BranchCaches.k / .v
 
 
 class ShardingError(ValueError):
@@ -162,8 +164,6 @@ def logical_axes(variable: Any, where: str) -> tuple[str, ...]:
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     """A NamedSharding per leaf of an NNX state (abstract or concrete), from its logical axes."""
-    from flax import nnx
-
     def one(path: tuple, variable: Any) -> Any:
         where = _path_name(path)
         names = logical_axes(variable, where)

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psynth_jax.model.attention import AttentionMask, LayerView, attend, view_block
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import BranchView, KVCache, write_layers, write_rows
+from psynth_jax.model.kernels.dispatch import attend
+from psynth_jax.model.kernels.view import view_block
+from psynth_jax.model.kv_cache import AttentionMask, BranchView, KVCache, LayerView, write_layers, write_rows
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
 from psynth_jax.model.sharding import CACHE_AXES, Rules, constrain
 
@@ -252,7 +253,7 @@ class Decoder(nnx.Module):
 
         # The attention reads each layer's cache tiles from the whole stack (no gradient through
         # it); the scan's per-layer slices k_c/v_c carry the gradient and are dropped by XLA
-        # where nothing reads them (a loop over a slice would copy it; attention.xla_attention).
+        # where nothing reads them (a loop over a slice would copy it; kernels/xla.py).
         stacked_k, stacked_v = jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
 
         view_xs = () if view is None else view.layer_arrays()

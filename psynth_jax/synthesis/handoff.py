@@ -1,141 +1,95 @@
-"""The cache handoff's data and its array operations: extract, re-encode, assemble.
+"""`Handoff`: which worker KV is handed to the synthesizer, and when a worker stops (METHOD.md section 1).
 
-For B requests x K branches (METHOD.md sections 1-3):
-1. `extract_branches`: from worker caches (one row per branch), keep the KV of each branch's
-   kept span (slots [start_i, start_i + L_i); which span is the handoff convention's,
-   synthesis/convention.py); the rest of the prompt KV is dropped.
-2. `reencode`: rotate kept keys by -P_i (exact RoPE shift), P_i the worker prompt's length, so
-   every branch's output starts at position 0.
-3. the cache mapper (mapper.map_caches) rescales keys and values per (layer, branch).
-4. `assemble`: pack each request's branches contiguously in worker order into a synthesizer
-   `KVCache` whose valid slots are exactly the kept branch tokens, with `next_pos = max_i L_i`
-   so the synthesizer prompt is prefilled at positions max_i L_i + j.
+Two slicing conventions, one setting (`handoff.convention`) used alike by workers, branch caches
+rebuilt from stored tokens, training, eval and the benchmarks; every `Handoff` a config, a flag
+or recorded weights describe is built by `Handoff.from_config`. A branch whose worker prompt has
+P tokens produced L output tokens, then (if `stopped`) a stop token:
 
-synthesis/core.py composes these into the cache path (`prepare` = 2-4) that every consumer uses.
+- "output_tokens" (the paper's description, our default): keep the KV of the L output tokens,
+  slots [P, P + L); the mapper's length input is L; the synthesizer prompt starts at max_i L_i.
+- "release" (what the reference release's inference code computes, and what its trained weights
+  expect): HF `generate` never computes the KV of the last sampled token, and the release keeps
+  the last G cache positions, G = generated tokens including the stop token (G = L + stopped).
+  So the kept KV is slots [P - 1, P + G - 1): the last prompt token, then the first G - 1
+  generated tokens (for a stopped branch: every output token). Length input G; the prompt
+  starts at max_i G_i. (The release's batched generation keeps its batch's largest G for every
+  row, padding KV included; with its batch of 1 that is this same window.)
+
+In both, keys are re-encoded by -P, so output token j sits at position j (the release's extra
+prompt token at -1). `stop_tokens` picks the tokens that end a worker: "chat" = eos plus the
+chat end-of-turn markers in the vocabulary, "eos_only" = `tokenizer.eos_token_id` only (the
+release's workers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 
-from psynth_jax.inference import hosts
-from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import BranchView, KVCache
-from psynth_jax.model.rope import apply_rope, inverse_frequencies
+from psynth_jax.inference.generator import stop_token_ids
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class BranchCaches:
-    """Output-token KV of K branches per request, padded to a common branch length Lb.
-
-    k, v: [layers, B, K, Lb, kv_heads, head_dim]; lengths L_i [B, K] (kept tokens); offsets [B, K]:
-    the RoPE shift still to undo, the worker prompt length P_i (0 once re-encoded).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-    offsets: jax.Array
-
-    @property
-    def num_requests(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def num_branches(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def branch_slots(self) -> int:
-        return self.k.shape[3]
+Convention = Literal["output_tokens", "release"]
+StopTokens = Literal["chat", "eos_only"]
+CONVENTIONS: tuple[str, ...] = ("output_tokens", "release")
+STOP_TOKENS: tuple[str, ...] = ("chat", "eos_only")
 
 
-def check_branches(branches: BranchCaches | BranchView, cfg: ModelConfig, max_branch_tokens: int | None = None) -> None:
-    """Host-side validation with errors that name the problem (call before jitted work); copied
-    branch caches or a zero-copy view of worker rows alike."""
-    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    got = (branches.k.shape[0], branches.k.shape[-2], branches.k.shape[-1])
-    if got != want:
-        raise ValueError(
-            f"branch caches have (layers, kv_heads, head_dim)={got} but the synthesizer model has {want}: "
-            "caches from a different model shape cannot be consumed"
-        )
-    if branches.num_branches == 0:
-        raise ValueError("K = 0: Parallel-Synthesis needs at least one branch")
-    lengths = hosts.fetch(branches.lengths)
-    for b, row in enumerate(lengths):
-        for i, n in enumerate(row):
-            if n <= 0:
-                raise ValueError(f"branch {i} of request {b} is empty (0 output tokens)")
-            if max_branch_tokens is not None and n > max_branch_tokens:
-                raise ValueError(
-                    f"branch {i} of request {b} has {n} tokens, over the budget of {max_branch_tokens} per branch"
-                )
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+    """The slicing convention and the worker stop tokens; hashable (a static jit argument)."""
 
+    convention: Convention = "output_tokens"
+    stop_tokens: StopTokens = "chat"
 
-def extract_branches(
-    cache: KVCache, starts: jax.Array, lengths: jax.Array, offsets: jax.Array, *, num_requests: int,
-    branch_slots: int,
-) -> BranchCaches:
-    """Worker cache rows (B*K, request-major) -> BranchCaches holding slots [starts, starts + lengths).
+    def __post_init__(self) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"unknown handoff convention {self.convention!r}; choose one of {CONVENTIONS}")
+        if self.stop_tokens not in STOP_TOKENS:
+            raise ValueError(f"unknown worker stop tokens {self.stop_tokens!r}; choose one of {STOP_TOKENS}")
 
-    offsets [B*K]: the RoPE shift each row's keys need (its worker prompt length P).
-    """
-    j = jnp.arange(branch_slots, dtype=jnp.int32)
-    idx = jnp.clip(starts[:, None] + j[None, :], 0, cache.num_slots - 1)  # [B*K, Lb]
-    keep = j[None, :] < lengths[:, None]
+    def kept_span(self, prefix_len: Any, output_len: Any, stopped: Any) -> tuple[Any, Any]:
+        """(first kept slot, kept length) per branch, from its prompt length P, its output length
+        L (stop token excluded) and whether it ended on a stop token. numpy or jax arrays of any
+        equal shape (arithmetic only, so it also runs on traced values inside a jit).
 
-    def take(x):  # [layers, B*K, S, H, D] -> [layers, B, K, Lb, H, D]
-        g = jnp.take_along_axis(x, idx[None, :, :, None, None], axis=2)
-        g = jnp.where(keep[None, :, :, None, None], g, jnp.zeros((), g.dtype))
-        return g.reshape((x.shape[0], num_requests, -1) + g.shape[2:])
+        The RoPE shift of every branch is -P whatever the convention.
+        """
+        if self.convention == "output_tokens":
+            return prefix_len, output_len
+        if isinstance(prefix_len, np.ndarray) and (prefix_len < 1).any():
+            raise ValueError("the release convention keeps the last prompt token: every worker prompt needs >= 1 token")
+        return prefix_len - 1, output_len + (stopped * 1).astype(output_len.dtype)
 
-    shape = (num_requests, -1)
-    return BranchCaches(
-        k=take(cache.k), v=take(cache.v), lengths=lengths.reshape(shape).astype(jnp.int32),
-        offsets=offsets.reshape(shape).astype(jnp.int32),
-    )
+    def stop_ids(self, tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """Token ids that end a worker's output under this setting."""
+        if self.stop_tokens == "eos_only":
+            if tokenizer.eos_token_id is None:
+                raise ValueError("stop_tokens='eos_only' but the tokenizer has no eos token")
+            return (int(tokenizer.eos_token_id),)
+        return stop_token_ids(tokenizer, eos_ids)
 
+    @classmethod
+    def from_config(cls, section: Any | None = None, *, convention: str | None = None, stop_tokens: str | None = None,
+                    base: "Handoff | None" = None) -> "Handoff":
+        """The handoff a configuration describes: a config's `handoff:` section (any object with
+        `.convention` and `.stop_tokens`; None: no section, `base`), then explicit choices (a flag;
+        None: not chosen), each winning over what comes before it. `base` defaults to Handoff()."""
+        if section is not None:
+            base = cls(section.convention, section.stop_tokens)
+        base = base if base is not None else cls()
+        return cls(convention=convention or base.convention, stop_tokens=stop_tokens or base.stop_tokens)
 
-def reencode(branches: BranchCaches, cfg: ModelConfig) -> BranchCaches:
-    """Exact RoPE shift of every branch's keys by -offsets: branch i then occupies [0, L_i)."""
-    inv_freq = jnp.asarray(inverse_frequencies(cfg))
-    delta = jnp.broadcast_to(-branches.offsets[None, :, :, None], branches.k.shape[:4])
-    k = apply_rope(branches.k, delta, inv_freq)
-    return dataclasses.replace(branches, k=k, offsets=jnp.zeros_like(branches.offsets))
+    def as_dict(self) -> dict[str, str]:
+        """What runs, adapters and exports record."""
+        return {"convention": self.convention, "stop_tokens": self.stop_tokens}
 
-
-def assemble(branches: BranchCaches, extra_slots: int) -> KVCache:
-    """Pack each request's branches contiguously (worker order) into a synthesizer KVCache.
-
-    Slots [0, sum_i L_i) hold the branch tokens, then `extra_slots` + padding for the prompt and
-    decoding. `end = sum_i L_i` so the prompt follows the last branch token directly; its RoPE
-    positions start at `next_pos = max_i L_i`.
-    """
-    layers, b, k, lb = branches.k.shape[:4]
-    lengths = branches.lengths
-    cum_end = jnp.cumsum(lengths, axis=1)  # [B, K]
-    total = cum_end[:, -1]
-    s = jnp.arange(k * lb, dtype=jnp.int32)
-    branch = jax.vmap(lambda ce: jnp.searchsorted(ce, s, side="right"))(cum_end)  # [B, K*Lb]
-    branch = jnp.minimum(branch, k - 1)
-    start = jnp.take_along_axis(cum_end - lengths, branch, axis=1)
-    src = branch * lb + (s[None, :] - start)
-    valid = s[None, :] < total[:, None]
-    src = jnp.where(valid, src, 0)
-
-    def pack(x):  # [layers, B, K, Lb, H, D] -> [layers, B, K*Lb + extra, H, D]
-        flat = x.reshape((layers, b, k * lb) + x.shape[4:])
-        g = jnp.take_along_axis(flat, src[None, :, :, None, None], axis=2)
-        g = jnp.where(valid[None, :, :, None, None], g, jnp.zeros((), g.dtype))
-        return jnp.pad(g, ((0, 0), (0, 0), (0, extra_slots), (0, 0), (0, 0)))
-
-    return KVCache(
-        k=pack(branches.k), v=pack(branches.v),
-        valid=jnp.pad(valid, ((0, 0), (0, extra_slots))),
-        end=total.astype(jnp.int32), next_pos=jnp.max(lengths, axis=1).astype(jnp.int32),
-    )
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Handoff":
+        """Inverse of as_dict; None or {} is the default."""
+        d = dict(d or {})
+        unknown = set(d) - {"convention", "stop_tokens"}
+        if unknown:
+            raise ValueError(f"unknown handoff fields {sorted(unknown)}")
+        return cls(**d)

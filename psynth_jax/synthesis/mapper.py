@@ -121,7 +121,7 @@ def affine_scalars(mapper: Mapper, lengths: jax.Array, num_layers: int) -> tuple
     """(alpha_k, beta_k, alpha_v, beta_v), each [layers, B, K, 1 or H], for branch lengths [B, K].
 
     What both cache paths apply: `map_caches` to the branch K/V themselves, the zero-copy path
-    (core.prepare_view) inside the synthesizer's attention.
+    (core.prepare of a BranchView) inside the synthesizer's attention.
     """
     return mapper.scales(mapper_features(lengths, lengths.shape[-1], num_layers))
 

@@ -1,10 +1,14 @@
 """Batched Parallel-Synthesis: worker stage, cache path, text-concatenation path, single agent.
 
 All three synthesis paths take B requests at once (B x K branches for the worker stage) and
-are compositions of the synthesis core (core.py): nothing here computes attention, caches or
-the handoff itself. TTFT is measured the same way for every path: from the start of the path's
-first device work to the first sampled token being ready, compilation excluded (each timed
-closure runs once to compile first). Worker generation is excluded, as in the paper.
+are compositions of the synthesis core (core.py) and the runtime: nothing here computes
+attention, caches or the handoff itself. `ParallelSynthesis` is built whole (backbone with its
+LoRA, mapper, handoff) and never changes; a variant is a new one (`dataclasses.replace`).
+
+Each path is first described as `PathSteps`, its device work up to the first token as calls
+(prepare, prefill, first token) plus the decode that follows; `answer` runs them once. It times
+nothing: the TTFT of a path is measured around the same steps by psynth_jax/measure/ttft.py
+(worker generation excluded, as in the paper).
 
 On a mesh (the model's, `LoadedModel.mesh`, or one passed in): requests are data-parallel over
 the mesh's batch axes and every array is laid out by the model's sharding rules
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +27,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from psynth_jax.inference import hosts, runtime
+from psynth_jax import distributed
+from psynth_jax.inference import runtime
 from psynth_jax.inference.generator import Generator, bucket, check_length, pad_batch
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.inference.timing import time_calls
-from psynth_jax.model.kv_cache import BranchView
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.kv_cache import BranchCaches, BranchView
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.model.sharding import state_shardings
 from psynth_jax.synthesis import core, prompts
-from psynth_jax.synthesis.convention import Handoff
-from psynth_jax.synthesis.handoff import BranchCaches, check_branches
+from psynth_jax.synthesis.branches import check_branches
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import Mapper, make_mapper
 
 Messages = list[dict[str, str]]
@@ -42,75 +47,97 @@ Messages = list[dict[str, str]]
 class WorkerOutputs:
     """K branches per request: their kept KV (device), output tokens, texts, and whether each stopped."""
 
-    branches: BranchCaches | BranchView  # copied out, or (zero_copy) the worker rows viewed in place
+    branches: core.Branches  # copied out, or (zero_copy) the worker rows viewed in place
     tokens: list[list[list[int]]]  # [B][K] output tokens, stop token stripped
     texts: list[list[str]]
     stopped: list[list[bool]]  # [B][K] the branch ended on a stop token (else: token budget)
 
 
+@dataclasses.dataclass(frozen=True)
+class PathSteps:
+    """One synthesis path for B requests, as the device calls that make it (nothing has run yet).
+
+    prepare() -> what prefill starts from (cache path: (the synthesizer's cache, the mapped view or
+    None); the text paths: None); prefill(prepared) -> (last-token logits [B, V], cache);
+    first_token(logits) -> the first sampled tokens; decode(logits, cache, prepared) -> the answer's
+    Generation. Each call is jitted and may be repeated (a prefill consumes what prepare made). mesh():
+    the context every call runs in.
+    """
+
+    name: str
+    prompt_tokens: list[int]  # live tokens prefilled per request
+    prepare: Callable[[], Any]
+    prefill: Callable[[Any], tuple[jax.Array, Any]]
+    first_token: Callable[[jax.Array], jax.Array]
+    decode: Callable[[jax.Array, Any, Any], runtime.Generation]
+    mesh: Callable[[], contextlib.AbstractContextManager]
+
+
 @dataclasses.dataclass
 class PathResult:
-    """One synthesis path's answers for B requests, with its TTFT (seconds, median of repeats)."""
+    """One synthesis path's answers for B requests."""
 
     name: str
     texts: list[str]
     tokens: list[list[int]]
-    ttft_s: float
-    breakdown: dict[str, float]  # parts of the TTFT (prepare / prefill), seconds
     prompt_tokens: list[int]  # live tokens prefilled per request
     first_logits: np.ndarray  # [B, V] float32: the logits the first token was sampled from
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class ParallelSynthesis:
     """The synthesizer around one backbone: workers (LoRA off) and the three synthesis paths.
 
-    handoff: which worker KV is handed over and when workers stop (synthesis/convention.py).
+    model: the backbone with its LoRA (B = 0 untrained); mapper: the cache mapper (default: the
+    release's, identity at init); handoff: which worker KV is handed over and when workers stop
+    (synthesis/handoff.py); family: the task family whose prompt templates the paths use.
     mesh: where requests and caches live (default: the model's own mesh, one device if none).
-    zero_copy: hand the branches over as views of the worker rows (core.view / branch_view) and
+    zero_copy: hand the branches over as views of the worker rows (core.hand_over) and
     synthesize by attending to them in place: no branch K/V is copied, re-encoded or mapped
     (XLA attention only). Default off: the materialised path, the reference.
+    Immutable: a different mapper, family or handoff is another `ParallelSynthesis`
+    (`dataclasses.replace(synth, mapper=...)`), sharing the backbone's arrays.
     """
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        mapper: Mapper | None = None,
-        *,
-        family: str = "math",
-        attn_impl: str = "xla",
-        max_branch_tokens: int | None = None,
-        timing_repeats: int = 3,
-        handoff: Handoff = Handoff(),
-        mesh: Mesh | None = None,
-        zero_copy: bool = False,
-    ):
-        if zero_copy and attn_impl != "xla":
-            raise ValueError(f"zero_copy reads branch caches in place with attn_impl='xla' only, got {attn_impl!r}")
-        self.zero_copy = zero_copy
-        self.model = model
-        self.mesh = mesh if mesh is not None else model.mesh
-        self.gen = Generator(model, attn_impl=attn_impl, mesh=self.mesh)
-        self.tok = model.tokenizer
-        self.cfg = model.cfg
-        self.family = family
-        prompts.task_prompts(family)  # fail early on an unknown family
-        self.attn_impl = attn_impl
-        self.max_branch_tokens = max_branch_tokens
-        self.timing_repeats = timing_repeats
-        self.handoff = handoff
-        self.set_mapper(mapper if mapper is not None else make_mapper("affine_length", self.cfg.num_kv_heads))
+    model: LoadedModel
+    mapper: Mapper | None = None
+    _: dataclasses.KW_ONLY
+    family: str = "math"
+    attn_impl: str = "xla"
+    max_branch_tokens: int | None = None
+    handoff: Handoff = Handoff()
+    mesh: Mesh | None = None
+    zero_copy: bool = False
+    gen: Generator = dataclasses.field(init=False, repr=False)  # derived from the fields above
+    mapper_def: nnx.GraphDef = dataclasses.field(init=False, repr=False)
+    mapper_state: nnx.State = dataclasses.field(init=False, repr=False)
 
-    def set_mapper(self, mapper: Mapper) -> None:
-        heads = getattr(mapper, "num_kv_heads", self.cfg.num_kv_heads)
-        if heads != self.cfg.num_kv_heads:
-            raise ValueError(
-                f"mapper was built for {heads} KV heads but the model has {self.cfg.num_kv_heads}"
-            )
-        self.mapper = mapper
-        self.mapper_def, state = nnx.split(mapper)
-        if self.mesh is not None:  # beside the caches it maps (replicated by the default rules)
-            state = hosts.put(state, state_shardings(state, self.mesh, self.model.rules))
-        self.mapper_state = state
+    def __post_init__(self) -> None:
+        if self.zero_copy and self.attn_impl != "xla":
+            raise ValueError(f"zero_copy reads branch caches in place with attn_impl='xla' only, got {self.attn_impl!r}")
+        prompts.task_prompts(self.family)  # fail early on an unknown family
+        cfg = self.model.cfg
+        mapper = self.mapper if self.mapper is not None else make_mapper("affine_length", cfg.num_kv_heads)
+        heads = getattr(mapper, "num_kv_heads", cfg.num_kv_heads)
+        if heads != cfg.num_kv_heads:
+            raise ValueError(f"mapper was built for {heads} KV heads but the model has {cfg.num_kv_heads}")
+        mesh = self.mesh if self.mesh is not None else self.model.mesh
+        mapper_def, mapper_state = nnx.split(mapper)
+        if mesh is not None:  # beside the caches it maps (replicated by the default rules)
+            mapper_state = distributed.put(mapper_state, state_shardings(mapper_state, mesh, self.model.rules))
+        for name, value in (("mapper", mapper), ("mesh", mesh), ("mapper_def", mapper_def),
+                            ("mapper_state", mapper_state),
+                            ("gen", Generator(self.model, attn_impl=self.attn_impl, mesh=mesh))):
+            object.__setattr__(self, name, value)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def tok(self) -> Any:
+        """The backbone's tokenizer."""
+        return self.model.tokenizer
 
     @property
     def worker_stop_ids(self) -> tuple[int, ...]:
@@ -132,17 +159,14 @@ class ParallelSynthesis:
         flat = [self.gen.chat_tokens(m) for conv in conversations for m in conv]
         g = self.gen.generate_tokens(flat, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                      stop_ids=self.worker_stop_ids)
-        nums, stopped, toks = hosts.fetch((g.num_tokens, g.stopped, g.tokens))
+        nums, stopped, toks = distributed.fetch((g.num_tokens, g.stopped, g.tokens))
         out_len = (nums - stopped).astype(np.int32)  # output tokens, the stop token excluded
         prefix = np.asarray([len(p) for p in flat], np.int32)
         start, kept = self.handoff.kept_span(prefix, out_len, stopped)
         with self._mesh():
-            if self.zero_copy:
-                branches = core.view(g.cache, self._put(start), self._put(kept), self._put(prefix), num_requests=b)
-            else:
-                branches = core.jit_extract(g.cache, self._put(start), self._put(kept), self._put(prefix),
-                                            num_requests=b, branch_slots=bucket(max_new_tokens),
-                                            rules=self.model.rules)
+            branches = core.jit_hand_over(g.cache, self._put(start), self._put(kept), self._put(prefix),
+                                          num_requests=b, branch_slots=bucket(max_new_tokens),
+                                          zero_copy=self.zero_copy, rules=self.model.rules)
         tokens = [[toks[i * k + j, : out_len[i * k + j]].tolist() for j in range(k)] for i in range(b)]
         texts = [[self.tok.decode(t) for t in row] for row in tokens]
         stops = [[bool(stopped[i * k + j]) for j in range(k)] for i in range(b)]
@@ -151,7 +175,7 @@ class ParallelSynthesis:
     def branches_from_tokens(
         self, prefixes: Sequence[Sequence[Sequence[int]]], outputs: Sequence[Sequence[Sequence[int]]],
         stopped: Sequence[Sequence[bool]] | None = None,
-    ) -> BranchCaches | BranchView:
+    ) -> core.Branches:
         """Branch caches from stored tokens: prefill [worker prompt | output] (LoRA off) and keep the
         span the handoff convention hands over, as the worker held it (zero_copy: view it in place).
 
@@ -181,27 +205,17 @@ class ParallelSynthesis:
         check_length(self.cfg.max_position_embeddings, width, 0, "branch prefix + output")
         tokens, lens = pad_batch(rows, width)
         with self._mesh():
-            if self.zero_copy:
-                return core.jit_branch_view(
-                    self.model.graphdef, self.model.state, self._put(tokens), self._put(lens), self._put(start),
-                    self._put(kept), self._put(prefix), num_requests=b, attn_impl=self.attn_impl)
             return core.jit_branch_kv(
                 self.model.graphdef, self.model.state, self._put(tokens), self._put(lens), self._put(start),
                 self._put(kept), self._put(prefix), num_requests=b, branch_slots=bucket(int(kept.max())),
-                attn_impl=self.attn_impl,
+                zero_copy=self.zero_copy, attn_impl=self.attn_impl,
             )
 
     # --------------------------------------------------------- synthesis paths
-    def cache_path(
-        self,
-        questions: Sequence[str],
-        branches: BranchCaches | BranchView,
-        *,
-        max_new_tokens: int = 256,
-        lora: bool = True,
-        sampling: SamplingConfig = SamplingConfig(),
-        seed: int = 0,
-    ) -> PathResult:
+    def cache_steps(
+        self, questions: Sequence[str], branches: core.Branches, *, max_new_tokens: int = 256, lora: bool = True,
+        sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+    ) -> PathSteps:
         """Synthesize from branch KV: re-encode + map + prefill the prompt over [caches | prompt]
         (a BranchView: the mapper's scalars, then the prompt attends to the worker rows in place)."""
         check_branches(branches, self.cfg, self.max_branch_tokens)
@@ -210,69 +224,70 @@ class ParallelSynthesis:
         self._check_lora(lora)
         k = branches.num_branches
         prompt_ids = [self.gen.chat_tokens(prompts.cache_synth_messages(q, k, self.family)) for q in questions]
-        max_l = int(hosts.fetch(branches.lengths).max())
+        max_l = int(distributed.fetch(branches.lengths).max())
         for i, p in enumerate(prompt_ids):
             check_length(self.cfg.max_position_embeddings, max_l + len(p), max_new_tokens, f"synthesizer request {i}")
-        width = bucket(max(len(p) for p in prompt_ids))
-        tokens, lengths = pad_batch(prompt_ids, width)
-        tokens, lengths = self._put(tokens), self._put(lengths)
+        if isinstance(branches, BranchView) and self.attn_impl != "xla":
+            raise ValueError(f"a zero-copy branch view needs attn_impl='xla', this synthesizer has {self.attn_impl!r}")
+        tokens, lengths, width = self._prompts(prompt_ids)
         extra = bucket(width + max_new_tokens)
         m = self.model
-        in_place = isinstance(branches, BranchView)
-        if in_place and self.attn_impl != "xla":
-            raise ValueError(f"a zero-copy branch view needs attn_impl='xla', this synthesizer has {self.attn_impl!r}")
 
         def prepare():  # -> (the synthesizer's starting cache, the mapped view or None)
-            if in_place:
-                view, cache = core.jit_prepare_view(branches, self.mapper_def, self.mapper_state, cfg=self.cfg,
-                                                    extra_slots=extra)
-                return cache, view
-            return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg,
-                                    extra_slots=extra), None
+            return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
 
         def prefill(prepared):
             cache, view = prepared
             return core.jit_cache_prefill(m.graphdef, m.state, tokens, lengths, cache, lora=lora,
                                           attn_impl=self.attn_impl, view=view)
 
-        def ttft():
-            logits, _ = prefill(prepare())
-            return runtime.first_token(logits, jax.random.key(seed), sampling)
-
-        with self._mesh():
-            breakdown = {
-                "prepare_s": self._median(prepare),
-                "prefill_s": self._median(lambda: prefill(prepare())[0]),
-            }
-            total = self._median(ttft)
-            prepared = prepare()
-            logits, cache = prefill(prepared)
-            g = core.decode(
+        def decode(logits, cache, prepared):
+            return runtime.continue_generation(
                 m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                sampling=sampling, stop_ids=self.gen.stop_ids, lora=lora, attn_impl=self.attn_impl,
-                view=prepared[1],
-            )
-        texts, toks = self._decode(g)
-        return PathResult("cache", texts, toks, total, breakdown, [len(p) for p in prompt_ids],
-                          np.asarray(hosts.fetch(logits)))
+                sampling=sampling, stop_ids=self.gen.stop_ids, lora=lora, attn_impl=self.attn_impl, view=prepared[1])
 
-    def text_path(
+        return self._steps("cache", prompt_ids, prepare, prefill, decode, sampling, seed)
+
+    def text_steps(
         self, questions: Sequence[str], branch_texts: Sequence[Sequence[str]], *, max_new_tokens: int = 256,
         sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-    ) -> PathResult:
+    ) -> PathSteps:
         """Text-concatenation baseline: every branch as text in the prompt, LoRA off."""
         if any(len(b) == 0 for b in branch_texts):
             raise ValueError("K = 0: the text path needs at least one branch per request")
         convs = [prompts.text_synth_messages(q, b, self.family) for q, b in zip(questions, branch_texts, strict=True)]
-        return self._plain_path("text", convs, max_new_tokens, sampling, seed)
+        return self._plain_steps("text", convs, max_new_tokens, sampling, seed)
 
-    def single_agent(
+    def single_steps(
         self, questions: Sequence[str], *, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
         seed: int = 0,
-    ) -> PathResult:
+    ) -> PathSteps:
         """The backbone answers alone (no branches), LoRA off."""
         convs = [prompts.single_agent_messages(q, self.family) for q in questions]
-        return self._plain_path("single", convs, max_new_tokens, sampling, seed)
+        return self._plain_steps("single", convs, max_new_tokens, sampling, seed)
+
+    def answer(self, steps: PathSteps) -> PathResult:
+        """Run a path once: prepare, prefill, decode; the texts and tokens of its answers."""
+        with steps.mesh():
+            prepared = steps.prepare()
+            logits, cache = steps.prefill(prepared)
+            g = steps.decode(logits, cache, prepared)
+        toks, nums, stopped = distributed.fetch((g.tokens, g.num_tokens, g.stopped))
+        ids = [row[: int(n) - int(s)].tolist() for row, n, s in zip(toks, nums, stopped)]
+        return PathResult(steps.name, [self.tok.decode(t) for t in ids], ids, steps.prompt_tokens,
+                          np.asarray(distributed.fetch(logits)))
+
+    def cache_path(self, questions: Sequence[str], branches: core.Branches, **options: Any) -> PathResult:
+        """`answer(cache_steps(...))`: the answers synthesized from branch KV."""
+        return self.answer(self.cache_steps(questions, branches, **options))
+
+    def text_path(self, questions: Sequence[str], branch_texts: Sequence[Sequence[str]], **options: Any) -> PathResult:
+        """`answer(text_steps(...))`: the text-concatenation baseline's answers."""
+        return self.answer(self.text_steps(questions, branch_texts, **options))
+
+    def single_agent(self, questions: Sequence[str], **options: Any) -> PathResult:
+        """`answer(single_steps(...))`: the backbone's answers alone."""
+        return self.answer(self.single_steps(questions, **options))
 
     def teacher_forced_kl(
         self, questions: Sequence[str], branches: BranchCaches, branch_texts: Sequence[Sequence[str]],
@@ -281,8 +296,8 @@ class ParallelSynthesis:
         """Per request: the mean over `answers[b]`'s tokens of KL(text path || cache path), both
         teacher-forced on that answer (the text path's own greedy answer, typically).
 
-        Each path prefills [its prompt | answer] (`core.text_prefill`: every branch as text, LoRA
-        off; `core.cache_prefill` over the prepared branch caches, LoRA as `lora`) and the
+        Each path prefills [its prompt | answer] (`runtime.prefill`: every branch as text, LoRA
+        off; `core.jit_cache_prefill` over the prepared branch caches, LoRA as `lora`) and the
         next-token distributions at the answer's positions are compared: how far the cache path
         is from reading what the text path reads, token by token.
         """
@@ -300,56 +315,53 @@ class ParallelSynthesis:
                 text_seq, synth_seq = text_ids + list(answer), synth_ids + list(answer)
                 width = bucket(len(text_seq))
                 tokens, lengths = pad_batch([text_seq], width)
-                text_logits, _ = core.jit_text_prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
-                                                       num_slots=width, attn_impl=self.attn_impl, output="all")
+                text_logits, _ = runtime.prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
+                                                 num_slots=width, attn_impl=self.attn_impl, output="all")
                 one = jax.tree.map(lambda x: x[:, b : b + 1] if x.ndim == 6 else x[b : b + 1], branches)
                 width = bucket(len(synth_seq))
-                cache = core.jit_prepare(one, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=width)
+                cache, view = core.jit_prepare(one, self.mapper_def, self.mapper_state, cfg=self.cfg,
+                                               extra_slots=width)
                 tokens, lengths = pad_batch([synth_seq], width)
                 cache_logits, _ = core.jit_cache_prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
-                                                         cache, lora=lora, attn_impl=self.attn_impl, output="all")
+                                                         cache, lora=lora, attn_impl=self.attn_impl, output="all",
+                                                         view=view)
                 n = len(answer)
                 p_t = jax.nn.log_softmax(text_logits[0, len(text_ids) - 1 : len(text_ids) - 1 + n], axis=-1)
                 p_c = jax.nn.log_softmax(cache_logits[0, len(synth_ids) - 1 : len(synth_ids) - 1 + n], axis=-1)
-                out.append(float(jax.numpy.mean(jax.numpy.sum(jax.numpy.exp(p_t) * (p_t - p_c), axis=-1))))
+                out.append(float(jnp.mean(jnp.sum(jnp.exp(p_t) * (p_t - p_c), axis=-1))))
         return out
 
     # ---------------------------------------------------------------- helpers
-    def _plain_path(
+    def _plain_steps(
         self, name: str, convs: Sequence[Messages], max_new_tokens: int, sampling: SamplingConfig, seed: int
-    ) -> PathResult:
+    ) -> PathSteps:
         prompt_ids = [self.gen.chat_tokens(c) for c in convs]
         for i, p in enumerate(prompt_ids):
             check_length(self.cfg.max_position_embeddings, len(p), max_new_tokens, f"{name} prompt {i}")
-        width = bucket(max(len(p) for p in prompt_ids))
-        tokens, lengths = pad_batch(prompt_ids, width)
-        tokens, lengths = self._put(tokens), self._put(lengths)
+        tokens, lengths, width = self._prompts(prompt_ids)
         m = self.model
         slots = bucket(width + max_new_tokens)
 
-        def prefill():
-            return core.jit_text_prefill(m.graphdef, m.state, tokens, lengths, num_slots=slots,
-                                         attn_impl=self.attn_impl)
+        def prefill(_):
+            return runtime.prefill(m.graphdef, m.state, tokens, lengths, num_slots=slots, attn_impl=self.attn_impl)
 
-        def ttft():
-            return runtime.first_token(prefill()[0], jax.random.key(seed), sampling)
-
-        with self._mesh():
-            total = self._median(ttft)
-            logits, cache = prefill()
-            g = core.decode(
+        def decode(logits, cache, _):
+            return runtime.continue_generation(
                 m.graphdef, m.state, logits, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                sampling=sampling, stop_ids=self.gen.stop_ids, attn_impl=self.attn_impl,
-            )
-        texts, toks = self._decode(g)
-        return PathResult(name, texts, toks, total, {"prefill_s": total}, [len(p) for p in prompt_ids],
-                          np.asarray(hosts.fetch(logits)))
+                sampling=sampling, stop_ids=self.gen.stop_ids, attn_impl=self.attn_impl)
 
-    def _median(self, fn: Callable[[], jax.Array]) -> float:
-        """Median seconds of `timing_repeats` calls after a compile call; nan when timing is off."""
-        if self.timing_repeats <= 0:
-            return float("nan")
-        return time_calls(fn, self.timing_repeats).median_s
+        return self._steps(name, prompt_ids, lambda: None, prefill, decode, sampling, seed)
+
+    def _steps(self, name: str, prompt_ids: list[list[int]], prepare, prefill, decode, sampling: SamplingConfig,
+               seed: int) -> PathSteps:
+        return PathSteps(name, [len(p) for p in prompt_ids], prepare, prefill,
+                         lambda logits: runtime.first_token(logits, jax.random.key(seed), sampling), decode, self._mesh)
+
+    def _prompts(self, prompt_ids: list[list[int]]) -> tuple[jax.Array, jax.Array, int]:
+        """Prompts right-padded to a bucket and placed: (tokens, lengths, bucket width)."""
+        width = bucket(max(len(p) for p in prompt_ids))
+        tokens, lengths = pad_batch(prompt_ids, width)
+        return self._put(tokens), self._put(lengths), width
 
     def _mesh(self) -> contextlib.AbstractContextManager:
         """The mesh as context for the jitted calls (it lays out caches and activations)."""
@@ -358,11 +370,6 @@ class ParallelSynthesis:
     def _put(self, x: np.ndarray) -> jax.Array:
         """A per-request (or per-branch-row) host array, split over the mesh's batch axes."""
         return self.gen.put_batch(x)
-
-    def _decode(self, g: runtime.Generation) -> tuple[list[str], list[list[int]]]:
-        toks, nums, stopped = hosts.fetch((g.tokens, g.num_tokens, g.stopped))
-        ids = [row[: int(n) - int(s)].tolist() for row, n, s in zip(toks, nums, stopped)]
-        return [self.tok.decode(t) for t in ids], ids
 
     def _check_lora(self, lora: bool) -> None:
         if lora and self.model.lora is None:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psynth_jax.inference.runtime import select_outputs
+from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.synthesis import core
 from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, synthesizer_cache
@@ -34,9 +34,9 @@ def greedy_both_paths(graphdefs, trainable, frozen, batch, *, max_new_tokens: in
     key = jax.random.key(0)
 
     def decode(h, lengths, cache, lora, view=None):
-        return core.decode_loop(model, select_outputs(model, h, lengths, "last"), cache, key,
-                                max_new_tokens=max_new_tokens, sampling=greedy, stop_ids=stop_ids, lora=lora,
-                                attn_impl=opts.attn_impl, view=view)
+        return runtime.decode_loop(model, runtime.select_outputs(model, h, lengths, "last"), cache, key,
+                                   max_new_tokens=max_new_tokens, sampling=greedy, stop_ids=stop_ids, lora=lora,
+                                   attn_impl=opts.attn_impl, view=view)
 
     tokens = batch["synth_tokens"]
     lengths = _prompt_len(batch["loss_mask"])
@@ -45,8 +45,8 @@ def greedy_both_paths(graphdefs, trainable, frozen, batch, *, max_new_tokens: in
     cached = decode(h, lengths, cache, True, view)
     text = batch["text_tokens"]
     text_len = _prompt_len(batch["text_loss_mask"])
-    h, cache = core.text_prefill(model, text, text_len, num_slots=text.shape[1] + max_new_tokens,
-                                 attn_impl=opts.attn_impl)
+    h, cache = runtime.prefill_fn(model, text, text_len, num_slots=text.shape[1] + max_new_tokens,
+                                  attn_impl=opts.attn_impl)
     plain = decode(h, text_len, cache, False)
     return cached.tokens, cached.num_tokens, plain.tokens, plain.num_tokens
 

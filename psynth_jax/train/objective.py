@@ -2,16 +2,17 @@
 
 For a batch of B examples x K branches, through the same functions inference uses (synthesis/core.py):
 1. `core.branch_kv`: the frozen backbone (LoRA off) prefills every branch's [worker prompt | output]
-   and keeps the span the handoff convention hands over (no gradient flows into it);
+   and hands over the span the handoff convention keeps (no gradient flows into it);
 2. `core.prepare`: re-encoding, the cache mapper and assembly build the synthesizer cache
    (gradient -> mapper);
 3. `core.cache_prefill`: the synthesizer (LoRA on) runs teacher-forced over [prompt | target] on
    top of it (gradient -> LoRA); cross-entropy on target tokens only, prompt tokens masked.
-Optionally a token-level KL to the text-concatenation teacher: `core.text_prefill` (same backbone,
+Optionally a token-level KL to the text-concatenation teacher: `runtime.prefill_fn` (same backbone,
 LoRA off, every branch as text) over the same target tokens.
-With `zero_copy` steps 1-2 are `core.branch_view` + `core.prepare_view`: the synthesizer attends to
-the prefilled branch rows in place, the mapper's scalars folded into its attention (the gradient
-reaches the mapper through them), and no branch K/V is copied, mapped or held twice.
+With `zero_copy` the hand-over is a view (step 1) and the preparation the mapper's scalars (step 2):
+the synthesizer attends to the prefilled branch rows in place, the mapper's scalars folded into its
+attention (the gradient reaches the mapper through them), and no branch K/V is copied, mapped or
+held twice.
 
 The LM head never sees every position: the target positions are gathered first (they are
 contiguous per row), then projected a chunk of `logit_chunk` positions at a time (an unrolled
@@ -27,11 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psynth_jax.inference import runtime
 from psynth_jax.model.kv_cache import BranchView, KVCache
 from psynth_jax.model.transformer import Decoder, LoRAParam
 from psynth_jax.synthesis import core
-from psynth_jax.synthesis.convention import Handoff
-from psynth_jax.synthesis.handoff import BranchCaches
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import Mapper
 
 
@@ -44,13 +45,15 @@ class ObjectiveConfig:
     attn_impl: str = "xla"
     handoff: Handoff = Handoff()
     logit_chunk: int = 128  # target positions projected to the vocabulary at a time
-    zero_copy: bool = False  # the zero-copy cache path (core.prepare_view); XLA attention only
+    zero_copy: bool = False  # the zero-copy cache path (core.hand_over); XLA attention only
 
 
-def branch_caches(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> BranchCaches | BranchView:
-    """The branches' kept KV: batch rows [B, K, Tb] prefilled by the frozen backbone (copied out as
-    BranchCaches, or viewed in place with `zero_copy`).
+def synthesizer_cache(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig,
+                      extra_slots: int) -> tuple[KVCache, BranchView | None]:
+    """What the synthesizer starts from (`core.prepare`): the prepared cache and no view, or
+    (zero_copy) an empty cache of its own and the mapped view of the branch rows.
 
+    The branches are batch rows [B, K, Tb] prefilled by the frozen backbone (`core.branch_kv`).
     Training branches are complete texts: each is taken to have ended on a stop token (what
     matters only to the "release" convention, which then keeps the last prompt token too).
     """
@@ -59,22 +62,9 @@ def branch_caches(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveCo
     out_len = batch["branch_len"].reshape(-1)
     start, kept = opts.handoff.kept_span(prefix, out_len, jnp.ones_like(out_len, bool))
     rows = batch["branch_tokens"].reshape(b * k, tb)
-    if opts.zero_copy:
-        return core.branch_view(model, rows, prefix + out_len, start, kept, prefix, num_requests=b,
-                                attn_impl=opts.attn_impl)
-    return core.branch_kv(model, rows, prefix + out_len, start, kept, prefix,
-                          num_requests=b, branch_slots=tb, attn_impl=opts.attn_impl)
-
-
-def synthesizer_cache(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig,
-                      extra_slots: int) -> tuple[KVCache, BranchView | None]:
-    """What the synthesizer starts from: the prepared cache and no view, or (zero_copy) an empty
-    cache of its own and the mapped view of the branch rows."""
-    branches = branch_caches(model, batch, opts)
-    if opts.zero_copy:
-        view, cache = core.prepare_view(mapper, branches, model.cfg, extra_slots)
-        return cache, view
-    return core.prepare(mapper, branches, model.cfg, extra_slots), None
+    branches = core.branch_kv(model, rows, prefix + out_len, start, kept, prefix, num_requests=b, branch_slots=tb,
+                              zero_copy=opts.zero_copy, attn_impl=opts.attn_impl)
+    return core.prepare(mapper, branches, model.cfg, extra_slots)
 
 
 def student_hidden(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> jax.Array:
@@ -89,8 +79,8 @@ def student_hidden(model: Decoder, mapper: Mapper, batch: dict[str, jax.Array], 
 def teacher_hidden(model: Decoder, batch: dict[str, jax.Array], opts: ObjectiveConfig) -> jax.Array:
     """Final-norm hidden states [B, Tt, D] of the text-concatenation path (LoRA off, no gradient)."""
     text = batch["text_tokens"]
-    h, _ = core.text_prefill(model, text, batch["text_len"], num_slots=text.shape[1], lora=False,
-                             attn_impl=opts.attn_impl, remat=opts.remat)
+    h, _ = runtime.prefill_fn(model, text, batch["text_len"], num_slots=text.shape[1], lora=False,
+                              attn_impl=opts.attn_impl, remat=opts.remat)
     return jax.lax.stop_gradient(h)
 
 

@@ -73,7 +73,7 @@ def make_train_step(
     is traced with `mesh` as the context mesh (`use_abstract_mesh`), so the model's sharding
     constraints apply and code that must know the mesh finds it with
     `jax.sharding.get_abstract_mesh()` (attn_impl="splash" wraps its Pallas kernel in a shard_map
-    over it, model/splash.py). Done inside the traced function, so it holds however the jitted
+    over it, model/kernels/splash.py). Done inside the traced function, so it holds however the jitted
     step is called or lowered.
     """
 

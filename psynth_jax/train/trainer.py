@@ -4,9 +4,9 @@ Resumes automatically from the run directory (trainable state, optimizer, step a
 iterator position), saves asynchronously every `checkpoint.every_steps`, saves and exits cleanly
 on SIGTERM (preemption), logs a progress bar, TensorBoard scalars and metrics.jsonl, evaluates
 held-out loss and cache/text greedy agreement every `eval_every` steps, and writes summary.json.
-Unreadable checkpoints are moved aside, never skipped in silence (train/checkpointing.py); each
+Unreadable checkpoints are moved aside, never skipped in silence (psynth_jax/checkpoints.py); each
 step is logged once and a rerun of a finished run keeps its summary (train/run_log.py). The
-caller holds the run directory's lock (`psynth train`: psynth_jax.formats.run_lock).
+caller holds the run directory's lock (`psynth train`: psynth_jax.cli.run_lock).
 """
 
 from __future__ import annotations
@@ -22,22 +22,28 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 from flax import nnx
 from tqdm import tqdm
 
+from psynth_jax import distributed
+from psynth_jax.checkpoints import Checkpointer, abstract_like
 from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape, validate
 from psynth_jax.config.loader import read_yaml_mapping
 from psynth_jax.config.resume import differing_fields
-from psynth_jax.inference import hosts
+from psynth_jax.data.distill import distill_for_run
+from psynth_jax.data.pipeline import make_train_iterator
+from psynth_jax.data.sources import LoadedStage, check_source_tasks, load_stage
+from psynth_jax.data.summary import data_summary, format_summary
+from psynth_jax.inference.generator import stop_token_ids
 from psynth_jax.interop.loader import load_model
+from psynth_jax.interop.runs import restore_run
 from psynth_jax.model.loaded import LoadedModel
-from psynth_jax.interop.tokenizer import stop_token_ids
 from psynth_jax.model.sharding import Rules, batch_sharding, make_mesh
 from psynth_jax.model.transformer import LoRAConfig
-from psynth_jax.synthesis.convention import Handoff
+from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import make_mapper
 from psynth_jax.train.agreement import agreement_rates, greedy_both_paths
-from psynth_jax.train.checkpointing import Checkpointer, abstract_like
 from psynth_jax.train.objective import ObjectiveConfig, split_trainable
 from psynth_jax.train.run_log import SUMMARY, MetricsLog, read_summary, summarize, write_summary
 from psynth_jax.train.step import batch_shardings, make_eval_step, make_optimizer, make_train_step, place_train_state
@@ -50,7 +56,7 @@ class _Preemption:
 
     One process: SIGTERM sets a flag the loop checks after each step. Several processes (a pod):
     the runtime's preemption notifier catches SIGTERM on whichever host gets it, and every
-    process learns at the same sync step (hosts.preemption_agreed), so all save that step, once.
+    process learns at the same sync step (distributed.preemption_agreed), so all save that step, once.
     """
 
     def __init__(self) -> None:
@@ -63,7 +69,7 @@ class _Preemption:
         self.flag = True
 
     def requested(self, step: int) -> bool:
-        return self.flag if self.local else hosts.preemption_agreed(step)
+        return self.flag if self.local else distributed.preemption_agreed(step)
 
 
 def _batch_dict(batch: Any) -> dict[str, np.ndarray]:
@@ -78,6 +84,7 @@ class Trainer:
         """restart: when checkpoints exist and none is readable, move them aside and train from
         step 0 (`psynth train --restart`); without it that case raises NothingRestorable."""
         validate(cfg, num_devices=jax.device_count())
+        check_source_tasks(cfg.data)  # an unknown `task:` fails before the backbone loads
         if cfg.train.compute_dtype != cfg.model.dtype:
             raise ValueError(
                 f"train.compute_dtype={cfg.train.compute_dtype!r} must equal model.dtype={cfg.model.dtype!r}: "
@@ -107,7 +114,7 @@ class Trainer:
         # placed by the rules (a loaded backbone is already; a model passed in may live elsewhere)
         self.trainable, self.opt_state, self.frozen = place_train_state(
             trainable, self.tx.init(trainable), frozen, self.mesh, self.rules)
-        self.handoff = Handoff(cfg.handoff.convention, cfg.handoff.stop_tokens)
+        self.handoff = Handoff.from_config(cfg.handoff)
         self.opts = ObjectiveConfig(ce_weight=t.loss.ce_weight, kl_weight=t.loss.kl_weight,
                                     kl_temperature=t.loss.kl_temperature, remat=t.remat,
                                     attn_impl=cfg.model.attn_impl, handoff=self.handoff, zero_copy=cfg.model.zero_copy)
@@ -124,8 +131,6 @@ class Trainer:
         """(the backbone with another run's LoRA, its mapper): the newest checkpoint of `run_dir`
         (stage 2 from stage 1), not its optimizer state or step. A resumed run's own checkpoint
         replaces them (resume)."""
-        from psynth_jax.interop.runs import restore_run
-
         run = restore_run(run_dir, self.model)
         if run.model.lora != self.model.lora or run.mapper.kind != mapper.kind:
             raise ValueError(f"train.init_from={run_dir}: that run has {run.model.lora} and mapper {run.mapper.kind}, "
@@ -137,8 +142,6 @@ class Trainer:
     def _distill(self, src, items) -> list:
         """Distillation targets for raw rows, generated once by this backbone (LoRA off) and
         cached (resumably) under the run directory."""
-        from psynth_jax.data.distill import distill_for_run
-
         examples, added, path = distill_for_run(self.model, src, items, self.cfg.data, self.run_dir,
                                                 model_source=self.cfg.model.source, attn_impl=self.cfg.model.attn_impl,
                                                 handoff=self.handoff)
@@ -146,10 +149,6 @@ class Trainer:
         return examples
 
     def _data(self, examples, eval_examples) -> None:
-        from psynth_jax.data.pipeline import make_train_iterator
-        from psynth_jax.data.sources import LoadedStage, load_stage
-        from psynth_jax.data.summary import data_summary, format_summary
-
         d = self.cfg.data
         if examples is None:
             stage = load_stage(d, "train", self._distill)
@@ -213,8 +212,6 @@ class Trainer:
             return
         free = {"train.steps", "eval_every", "log_every", "tensorboard", "checkpoint.dir", "checkpoint.every_steps",
                 "checkpoint.keep", "checkpoint.async_save"}
-        import yaml
-
         changed = differing_fields(read_yaml_mapping(saved), yaml.safe_load(dump_config(self.cfg)), free)
         if changed:
             raise ValueError(
@@ -259,13 +256,13 @@ class Trainer:
         ce, n, rates = 0.0, 0.0, []
         for batch in self.eval_batches:
             dev = self._global_batch(batch)
-            m = hosts.fetch(self._eval_fn(self.trainable, self.frozen, dev))
+            m = distributed.fetch(self._eval_fn(self.trainable, self.frozen, dev))
             ce += float(m["ce"]) * float(m["target_tokens"])
             n += float(m["target_tokens"])
             with jax.set_mesh(self.mesh):  # the context mesh splash attention shards over
                 out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
                                         max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids, opts=self.opts)
-            rates += agreement_rates(*hosts.fetch(out), batch["example_valid"])  # tokens span every process
+            rates += agreement_rates(*distributed.fetch(out), batch["example_valid"])  # tokens span every process
         return {"eval_ce": ce / max(n, 1.0), "eval_agreement": statistics.fmean(rates) if rates else float("nan")}
 
     # ------------------------------------------------------------------ loop
@@ -300,7 +297,7 @@ class Trainer:
             """Fetch the pending steps' metrics: one host sync every log_every steps, not every step."""
             if not pending:
                 return
-            fetched = hosts.fetch([m for _, m in pending])
+            fetched = distributed.fetch([m for _, m in pending])
             tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
             for (step, _), m in zip(pending, fetched):
                 self._record(metrics, writer, step, dict({k: float(v) for k, v in m.items()}, tokens_per_s=tok_s))

@@ -15,14 +15,14 @@ every cached key/value once. Its floor (the best any implementation could do) is
 
     floor per step = (weight bytes + KV bytes read per step) / memory bandwidth
 
-with the cost model of psynth_jax/bench/roofline.py: weight bytes = every backbone parameter
+with the cost model of psynth_jax/measure/roofline.py: weight bytes = every backbone parameter
 except the input-embedding table (a gather of B rows; counted when tied, since the LM head then
 reads it whole), plus the LoRA A/B when the LoRA is on (`roofline.weight_bytes`); KV bytes =
 2 (K and V) x layers x B x kv_tokens x kv_heads x head_dim x itemsize (`roofline.kv_bytes`),
 kv_tokens = cache_tokens + (steps + 1) / 2, the mean number of keys a step of the loop attends
 to (step i also sees the i tokens it appended and its own). `ratio` = step time / floor: 1.0 is
 the roofline. The bandwidth is --bandwidth-gbs, else a roofline.json's (--roofline-json), else
-measured now by `roofline.measure_bandwidth` (see `bandwidth_gbs`).
+measured now by benchmarks/roofline.py's `measure_bandwidth` (see `bandwidth_gbs`).
 
 Weights, cache contents and tokens are random: shapes, FLOPs and memory traffic do not depend on
 their values.
@@ -35,28 +35,29 @@ import functools
 import gc
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     save_results, lora_rank_of, say)
-from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
-from psynth_jax.bench.roofline import dtype_bytes, kv_bytes, load_roofline, measure_bandwidth, weight_bytes
-from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
-from psynth_jax.bench.common import int_list, resolve_arch, resolve_dtype
+from benchmarks import harness
+from benchmarks.harness import (Column, Recorder, add_common_arguments, base_metadata, command_line, describe_run,
+                                int_list, lora_rank_of, report, resolve_arch, resolve_dtype, say)
+from benchmarks.plots import plot_decode
+from benchmarks.roofline import measure_bandwidth
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.model.loaded import parse_dtype, random_model
+from psynth_jax.measure.roofline import dtype_bytes, kv_bytes, load_roofline, weight_bytes
+from psynth_jax.measure.timing import OutOfMemory, Timing, time_calls
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import KVCache
+from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.transformer import LoRAConfig
+
 
 def bandwidth_gbs(given: float | None, roofline_json: str | None = None) -> tuple[float, str]:
     """(memory bandwidth GB/s, where it came from): --bandwidth-gbs, else a roofline.json's
-    (`psynth bench roofline`), else measured now with `roofline.measure_bandwidth`."""
+    (`psynth bench roofline`), else measured now with `measure_bandwidth`."""
     if given is not None:
         if not given > 0:
             raise ValueError(f"--bandwidth-gbs must be positive, got {given}")
@@ -65,7 +66,7 @@ def bandwidth_gbs(given: float | None, roofline_json: str | None = None) -> tupl
         r = load_roofline(roofline_json)
         return r.bandwidth_gbs, f"roofline.json: {roofline_json} ({r.device_kind})"
     bw = measure_bandwidth()
-    return bw["bytes_per_s"] / 1e9, ("measured: psynth_jax.bench.roofline.measure_bandwidth (best of in-place x + 1 "
+    return bw["bytes_per_s"] / 1e9, ("measured: benchmarks.roofline.measure_bandwidth (best of in-place x + 1 "
                                      f"and sum(x) over {bw['nbytes'] / 2 ** 20:.0f} MiB float32)")
 
 
@@ -165,25 +166,21 @@ def measure_decode_point(gd, st, cfg: ModelConfig, *, cache_tokens: int, batch: 
         return runtime.continue_generation(gd, st, logits, cache, jax.random.key(0), max_new_tokens=steps,
                                            sampling=SamplingConfig(), stop_ids=(), lora=use_lora, attn_impl=attn_impl)
 
-    first: dict[str, float] = {}
-    times: dict[str, list[float]] = {}
+    record = Recorder()
     try:
         t = time_calls(loop, repeats, setup=fresh_cache)
-        first["loop"], times["loop"] = round(1e3 * t.first_s, 4), [round(1e3 * x, 4) for x in t.times_s]
-        row["loop_ms"] = t.median_ms
+        row["loop_ms"] = record.record("loop", t)
         row["step_ms"] = t.median_ms / steps
         row["tokens_per_s"] = batch * steps / (t.median_ms / 1e3)
         row["ratio"] = row["step_ms"] / row["floor_ms"]
         row["achieved_gbs"] = (wb + kvb) / (row["step_ms"] / 1e3) / 1e9
         gc.collect()
         h = time_host_steps(gd, st, fresh_cache(), steps, lora=use_lora, attn_impl=attn_impl)
-        first["host_step"], times["host_step"] = round(1e3 * h.first_s, 4), [round(1e3 * x, 4) for x in h.times_s]
-        row["host_step_ms"] = h.median_ms
+        row["host_step_ms"] = record.record("host_step", h)
         row["host_ratio"] = h.median_ms / row["floor_ms"]
     except OutOfMemory as err:
         row["error"] = f"out of memory: {err}"
-    row["first_call_ms"] = first
-    row["times_ms"] = times
+    row.update(record.fields())
     return row
 
 
@@ -256,41 +253,14 @@ def run(args: argparse.Namespace) -> int:
                 bandwidth_gbs=bw, bandwidth_source=bw_source,
                 statistic="median over `repeats` timed calls after one compile call; ms",
                 definitions=DEFINITIONS)
-    dev = meta["device"]
-    say("decode", f"{arch}: {cfg.num_params() / 1e9:.3f}B params, RANDOM weights, {dtype}, attn={args.attn_impl}, "
-                  f"LoRA {'on' if use_lora else 'off'}, on {dev['device_kind']} [{dev['platform']}]; "
-                  f"bandwidth {bw:.1f} GB/s ({bw_source.split(':')[0]})")
+    describe_run("decode", arch, cfg, meta, f"LoRA {'on' if use_lora else 'off'}, bandwidth {bw:.1f} GB/s "
+                                            f"({bw_source.split(':')[0]})")
     rows = run_decode(cfg, cache_tokens=args.cache_tokens, batch=args.batch, steps=args.steps, dtype=dtype,
                       attn_impl=args.attn_impl, lora_rank=args.lora_rank, use_lora=use_lora, repeats=args.repeats,
                       bandwidth=bw, seed=args.seed)
-    print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
-    save_results("decode", meta, rows, args.out, plot=None if args.no_plot else plot_decode)
+    report("decode", meta, rows, TABLE_COLUMNS, args, plot_decode)
     return 0
 
 
-# ------------------------------------------------------------------------------ plot
-def plot_decode(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Time per decoded token (loop and host-dispatched) and the bandwidth floor vs cache tokens."""
-    plt = pyplot_or_none()
-    if plt is None:
-        return None
-    done = [r for r in rows if r.get("step_ms") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = [r["cache_tokens"] for r in done]
-    ax.plot(x, [r["step_ms"] for r in done], "-o", label="jitted loop (continue_generation)")
-    ax.plot(x, [r.get("host_step_ms") for r in done], "--s", label="decode_step per token (host loop)")
-    ax.plot(x, [r["floor_ms"] for r in done], ":k", label=f"bandwidth floor ({meta['bandwidth_gbs']:.0f} GB/s)")
-    for r in done:
-        ax.annotate(f"{r['ratio']:.2f}x", (r["cache_tokens"], r["step_ms"]), textcoords="offset points",
-                    xytext=(0, 6), ha="center", fontsize=8)
-    if len(set(x)) > 1:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(plain_formatter())
-    ax.set_xlabel("cached tokens per request")
-    ax.set_ylabel("ms per decode step (median)")
-    dev = meta["device"]
-    ax.set_title(f"decode: {meta['arch']}, {meta['dtype']}, batch {meta['batch']}, "
-                 f"{dev['device_kind']} [{dev['platform']}], random weights", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(plt, fig, path)
+if __name__ == "__main__":  # python -m benchmarks.decode ... = psynth bench decode ...
+    sys.exit(harness.main("decode"))

@@ -1,40 +1,20 @@
-"""PNG plots of benchmark results (matplotlib, imported lazily; Agg backend, no display needed)."""
+"""Every benchmark's PNG plot, drawn from its JSON (metadata + rows) alone.
+
+- ttft: TTFT and speedup against K*L, the cache path's parts (`plot_ttft`), and against each
+  path's roofline floor and the PyTorch peer (`plot_ttft_floor`);
+- batch: TTFT and output tokens/s against B; decode: ms per token against the cached tokens and
+  the bandwidth floor; sampling: ms per call per strategy; train: tokens/s and FLOPs per step.
+
+matplotlib is optional (benchmarks/harness.py `pyplot_or_none`): without it the plots are skipped
+with a warning and the JSON is written anyway.
+"""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
-
-def pyplot_or_none(what: str = "the plot"):
-    """matplotlib.pyplot on the Agg backend, or None with a warning when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn(f"matplotlib is not installed: skipping {what} (pip install matplotlib)")
-        return None
-    return plt
-
-
-def plain_formatter():
-    """Tick labels as plain numbers (1024, not 2^10 or 1e3)."""
-    from matplotlib.ticker import FuncFormatter
-
-    return FuncFormatter(lambda v, _: f"{v:g}")
-
-
-def save_figure(plt, fig, path: str | Path, *, top: float = 1.0) -> Path:
-    """Lay out (keeping the top `1 - top` of the figure for a suptitle), write the PNG, close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+from benchmarks.harness import log2_x, plain_formatter, pyplot_or_none, save_figure
 
 
 def _title(meta: dict[str, Any]) -> str:
@@ -217,3 +197,128 @@ def plot_ttft_floor(meta: dict[str, Any], rows: list[dict[str, Any]], path: str 
                      f"{peer.get('dtype', '?')}, sdpa")
     fig.suptitle(_title(meta) + ("\n" + " | ".join(extra) if extra else ""), fontsize=9)
     return save_figure(plt, fig, path, top=0.95)
+
+
+# ------------------------------------------------------------------ bench batch
+def plot_batch(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """TTFT and output tokens/s against B, cache path solid, text path dashed."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
+    styles = {"cache": ("-o", "tab:blue", "cache path (LoRA on)"), "text": ("--s", "tab:orange", "text path")}
+    for name in meta["paths"]:
+        style, color, label = styles[name]
+        pts = [r for r in rows if r.get(f"{name}_ttft_ms") is not None]
+        x = [r["batch"] for r in pts]
+        ax_t.plot(x, [r[f"{name}_ttft_ms"] for r in pts], style, color=color, label=label)
+        ax_r.plot(x, [r[f"{name}_tokens_per_s"] for r in pts], style, color=color, label=label)
+    for ax, ylabel in ((ax_t, "TTFT (ms, median)"), (ax_r, "output tokens/s (decode phase)")):
+        log2_x(ax, [r["batch"] for r in rows])
+        ax.set_xlabel("batch size B (requests)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    dev = meta["device"]
+    fig.suptitle(f"batched synthesis: {meta['arch']}, {meta['dtype']}, K={meta['K']} x L={meta['L']}, prompt "
+                 f"{meta['prompt_tokens']}, {meta['new_tokens']} new tokens, {dev['device_kind']} [{dev['platform']}], "
+                 "random weights", fontsize=9)
+    return save_figure(plt, fig, path, top=0.94)
+
+
+# ------------------------------------------------------------------ bench decode
+def plot_decode(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Time per decoded token (loop and host-dispatched) and the bandwidth floor vs cache tokens."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
+    done = [r for r in rows if r.get("step_ms") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = [r["cache_tokens"] for r in done]
+    ax.plot(x, [r["step_ms"] for r in done], "-o", label="jitted loop (continue_generation)")
+    ax.plot(x, [r.get("host_step_ms") for r in done], "--s", label="decode_step per token (host loop)")
+    ax.plot(x, [r["floor_ms"] for r in done], ":k", label=f"bandwidth floor ({meta['bandwidth_gbs']:.0f} GB/s)")
+    for r in done:
+        ax.annotate(f"{r['ratio']:.2f}x", (r["cache_tokens"], r["step_ms"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+    log2_x(ax, x)
+    ax.set_xlabel("cached tokens per request")
+    ax.set_ylabel("ms per decode step (median)")
+    dev = meta["device"]
+    ax.set_title(f"decode: {meta['arch']}, {meta['dtype']}, batch {meta['batch']}, "
+                 f"{dev['device_kind']} [{dev['platform']}], random weights", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(plt, fig, path)
+
+
+# ------------------------------------------------------------------ bench sampling
+def plot_sampling(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """ms per sampled token row-batch against batch size, one line per strategy."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = [r["batch"] for r in rows]
+    styles = {"greedy": "-o", "temperature": "-s", "top_p": "-^", "top_p_sort": "--v"}
+    labels = {"top_p": "top-p (bisection, sampling.nucleus)", "top_p_sort": "top-p (sort baseline)"}
+    for name in meta["strategies"]:
+        ax.plot(x, [r[f"{name}_ms"] for r in rows], styles[name], label=labels.get(name, name))
+    ax.set_yscale("log")
+    log2_x(ax, x)
+    ax.set_xlabel("batch (rows sampled together)")
+    ax.set_ylabel("ms per call (median)")
+    dev = meta["device"]
+    ax.set_title(f"sampling over a {meta['vocab']}-token vocabulary, top_p {meta['top_p']}, "
+                 f"{dev['device_kind']} [{dev['platform']}]", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(plt, fig, path)
+
+
+# ------------------------------------------------------------------ bench train
+FLOP_PARTS = (("branch_forward", "branch prefill (fwd only)", "tab:grey"),
+              ("synth_forward", "synthesizer forward", "tab:blue"),
+              ("synth_backward", "synthesizer backward", "tab:orange"),
+              ("remat_recompute", "remat recompute", "tab:red"))
+
+
+def plot_train(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Tokens/s per remat setting (with the PEFT reference at its shape) and the FLOPs per step by part."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
+    done = [r for r in rows if r.get("tokens_per_s") is not None]
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(10, 4.5))
+    labels = [f"remat {r['remat_str']}" for r in done]
+    idx = list(range(len(done)))
+    bars = ax_t.bar(idx, [r["tokens_per_s"] for r in done], color="tab:blue", width=0.5)
+    for bar, r in zip(bars, done):
+        ax_t.annotate(f"MFU {r['mfu']:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                      textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    if meta.get("reference_shape"):
+        ax_t.axhline(meta["reference"]["tokens_per_s"], color="k", ls="--", lw=1,
+                     label=f"PyTorch PEFT {meta['reference']['tokens_per_s']:.0f} tok/s")
+        ax_t.legend(fontsize=8)
+    ax_t.set_xticks(idx, labels)
+    ax_t.set_ylabel("tokens/s (median step)")
+    ax_t.set_title("train step throughput", fontsize=10)
+    ax_t.grid(True, axis="y", alpha=0.3)
+    bottom = [0.0] * len(rows)
+    ridx = list(range(len(rows)))
+    big = max((r["flops"]["hardware_flops_per_step"] for r in rows), default=0.0) >= 1e12
+    scale, unit = (1e12, "TFLOPs") if big else (1e9, "GFLOPs")
+    for key, label, color in FLOP_PARTS:
+        vals = [r["flops"][key] / scale for r in rows]
+        ax_f.bar(ridx, vals, bottom=bottom, color=color, label=label, width=0.5)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax_f.set_xticks(ridx, [f"remat {r['remat_str']}" for r in rows])
+    ax_f.set_ylabel(f"{unit} per step (model FLOPs + remat recompute)")
+    ax_f.set_title("FLOPs per step by part", fontsize=10)
+    ax_f.legend(fontsize=8)
+    ax_f.grid(True, axis="y", alpha=0.3)
+    dev = meta["device"]
+    fig.suptitle(f"train step: {meta['arch']}, {meta['dtype']}, batch {meta['batch']} x ({meta['branches']} x "
+                 f"{meta['branch_tokens']} + {meta['live_tokens']} live), {dev['device_kind']} [{dev['platform']}], "
+                 "random weights", fontsize=9)
+    return save_figure(plt, fig, path, top=0.93)

@@ -16,7 +16,7 @@ CUDA, float32 on CPU (dtype="auto"); `attn_implementation="sdpa"`, eval mode,
 
 torch and transformers are imported inside functions only: importing this module (and the
 whole inference path) never imports torch. `psynth bench ttft --torch-peer` runs the peer in a
-child process (`python -m psynth_jax.bench.peer SPEC OUT`) BEFORE the JAX sweep starts: JAX
+child process (`python -m benchmarks.peer SPEC OUT`) BEFORE the JAX sweep starts: JAX
 reserves most of the GPU's memory when its backend starts (XLA_PYTHON_CLIENT_PREALLOCATE), so
 the peer could not fit after it in one process, and the child's exit returns every byte of
 torch's memory (weights, caches, allocator pool) before JAX loads its own copy of the weights.
@@ -39,7 +39,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from psynth_jax.inference.timing import Timing, is_oom, time_calls
+from benchmarks.harness import Recorder, arch_type, int_list, resolve_arch, say, write_json
+from psynth_jax.interop.export import hf_config
+from psynth_jax.measure.timing import Timing, is_oom, time_calls
 from psynth_jax.model.config import ModelConfig, RopeScaling
 
 INSTALL_HINT = "pip install torch transformers (or: pip install -e '.[test]')"
@@ -91,8 +93,6 @@ def build_torch_model(cfg: ModelConfig, *, dtype: str = "float32", device: str =
     SDPA attention, eval mode; random weights, or `state_dict` (transformers names and layout, as
     `psynth_jax.interop.export.merged_tensors` gives) loaded strictly."""
     torch, transformers = _import_torch()
-    from psynth_jax.interop.export import hf_config
-
     c = hf_config(cfg, dtype)
     c.pop("architectures", None)
     model_type = c.pop("model_type")
@@ -143,19 +143,13 @@ def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens
         return torch.randint(0, cfg.vocab_size, (batch, t), generator=gen).to(device)
 
     row: dict[str, Any] = {"K": k, "L": l}
-    first: dict[str, float] = {}
-    times: dict[str, list[float]] = {}
-
-    def record(name: str, t: Timing) -> float:
-        first[name] = round(1e3 * t.first_s, 4)
-        times[name] = [round(1e3 * x, 4) for x in t.times_s]
-        return t.median_ms
+    record = Recorder()
 
     with torch.inference_mode():
         try:
             tokens = randint(k * l + prompt_tokens)
-            row["peer_text_ttft_ms"] = record("peer_text_ttft", time_call(lambda: text_first_token(model, tokens),
-                                                                          repeats))
+            row["peer_text_ttft_ms"] = record.record("peer_text_ttft", time_call(
+                lambda: text_first_token(model, tokens), repeats))
         except Exception as err:  # noqa: BLE001 - OOM is a result, anything else is re-raised
             if not is_oom(err):
                 raise
@@ -166,7 +160,7 @@ def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens
         try:
             branches = model(input_ids=randint(k * l), use_cache=True, logits_to_keep=1).past_key_values
             prompt = randint(prompt_tokens)
-            row["peer_cache_ttft_ms"] = record("peer_cache_ttft", time_call(
+            row["peer_cache_ttft_ms"] = record.record("peer_cache_ttft", time_call(
                 lambda past: cache_first_token(model, prompt, past), repeats, setup=lambda: copy.deepcopy(branches)))
         except Exception as err:  # noqa: BLE001
             if not is_oom(err):
@@ -175,8 +169,7 @@ def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens
         finally:
             branches = prompt = None
             _free(torch, device)
-    row["peer_first_call_ms"] = first
-    row["peer_times_ms"] = times
+    row["peer_first_call_ms"], row["peer_times_ms"] = record.first, record.times
     return row
 
 
@@ -257,7 +250,7 @@ def run_peer_subprocess(cfg: ModelConfig, out_path: str | Path, **settings: Any)
     spec_path.write_text(json.dumps({"model_config": _cfg_to_dict(cfg), "settings": settings}, indent=2))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "psynth_jax.bench.peer", str(spec_path), str(out_path)], env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", str(spec_path), str(out_path)], env=env)
     spec_path.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the PyTorch peer failed (exit code {proc.returncode}); see its output above")
@@ -267,8 +260,6 @@ def run_peer_subprocess(cfg: ModelConfig, out_path: str | Path, **settings: Any)
 # ------------------------------------------------------------------ `psynth bench peer`
 def add_arguments(p) -> None:
     """The `psynth bench peer` options: the PyTorch side of `bench ttft --torch-peer`, alone."""
-    from psynth_jax.bench.common import arch_type, int_list
-
     p.add_argument("--arch", type=arch_type, default="tiny-llama",
                    help="architecture preset or a transformers config.json / model dir (random weights)")
     p.add_argument("--ks", type=int_list, default="1,2,4", help="branch counts K, comma-separated")
@@ -287,8 +278,6 @@ def run(args) -> int:
     """Time the peer at every (K, L) in this process (no JAX backend is started here) and write
     `<out>/peer.json`: {"metadata", "rows"}, rows keyed by K and L as `bench ttft`'s, so the two
     can be joined (JAX time / peer time) when both ran at the same points and prompt length."""
-    from psynth_jax.bench.common import resolve_arch, say, write_json
-
     require_torch()
     if args.prompt_tokens < 1 or args.batch < 1 or args.repeats < 1:
         raise ValueError("--prompt-tokens, --batch and --repeats must be >= 1")
@@ -311,7 +300,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m psynth_jax.bench.peer SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m benchmarks.peer SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     result = run_peer_sweep(_cfg_from_dict(spec["model_config"]), **spec["settings"])

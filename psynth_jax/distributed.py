@@ -40,6 +40,8 @@ from typing import Any, Sequence, TypeVar
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the state jax.distributed.initialize() sets up
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 300
@@ -130,11 +132,9 @@ def barrier_timeout_s() -> float:
 
 
 def _client():
-    from jax._src import distributed  # the coordination service client jax.distributed started
-
-    client = distributed.global_state.client
+    client = jax_distributed.global_state.client  # the coordination service client jax.distributed started
     if client is None:
-        raise RuntimeError("several JAX processes but no coordination service client: call hosts.initialize()")
+        raise RuntimeError("several JAX processes but no coordination service client: call distributed.initialize()")
     return client
 
 
@@ -197,8 +197,6 @@ def fetch(tree: Any) -> Any:
     leaves = jax.tree.leaves(tree)
     if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False) for x in leaves):
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
@@ -237,6 +235,4 @@ def preemption_agreed(step: int) -> bool:
     """True on every process at the same `step` once any process got SIGTERM (multi-process only)."""
     if jax.process_count() == 1:
         return False
-    from jax.experimental import multihost_utils
-
     return bool(multihost_utils.reached_preemption_sync_point(step))

@@ -1,4 +1,4 @@
-"""The one timer every latency in the project goes through (synthesis paths and benchmarks).
+"""The one timer every latency in the project goes through (TTFT of the synthesis paths, benchmarks).
 
 `time_calls(fn, repeats)` calls `fn` once to compile (recorded, not counted), then `repeats`
 times, each until its result is ready on the device, and returns the wall times. Inputs a call
@@ -14,6 +14,8 @@ import dataclasses
 import statistics
 import time
 from typing import Any, Callable
+
+import jax
 
 
 class OutOfMemory(RuntimeError):
@@ -62,8 +64,6 @@ def time_calls(
     result is ready (default `jax.block_until_ready`).
     """
     if wait is None:
-        import jax
-
         wait = jax.block_until_ready
 
     def once() -> float:

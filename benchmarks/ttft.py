@@ -3,16 +3,16 @@
 For each point (K, L) both synthesis paths are timed in the same run, on the same backbone:
 
 - cache path (METHOD.md section 3), `cache_path="view"` (synthesis/core.py's zero-copy path;
-  the default with XLA attention, the only kernel that reads a view): the branches sit in worker rows [P prompt slots | L kept slots] as the
-  workers left them; `core.jit_prepare_view` (the mapper's per-(layer, branch) scalars and the
-  synthesizer's empty cache) -> `core.jit_cache_prefill` of the prompt attending to the rows in
-  place, LoRA on -> first sampled token. `cache_path="materialised"` (the reference): the kept
-  K/V already copied out (BranchCaches), `core.jit_prepare` (RoPE re-encoding + mapper +
-  assembly, one jit) -> the prefill over the prepared cache; there the re-encoding + assembly
-  without the mapper and the mapper alone are timed too. Both: the preparation alone and the
-  prompt prefill alone.
-- text path (METHOD.md section 4): `core.jit_text_prefill` of K*L branch tokens + the prompt, LoRA
-  off -> first sampled token.
+  the default with XLA attention, the only kernel that reads a view): the branches sit in worker
+  rows [P prompt slots | L kept slots] as the workers left them; `core.jit_prepare` of the view
+  (the mapper's per-(layer, branch) scalars and the synthesizer's empty cache) ->
+  `core.jit_cache_prefill` of the prompt attending to the rows in place, LoRA on -> first sampled
+  token. `cache_path="materialised"` (the reference): the kept K/V already copied out
+  (BranchCaches), `core.jit_prepare` (RoPE re-encoding + mapper + assembly, one jit) -> the
+  prefill over the prepared cache; there the re-encoding + assembly without the mapper and the
+  mapper alone are timed too. Both: the preparation alone and the prompt prefill alone.
+- text path (METHOD.md section 4): `runtime.prefill` of K*L branch tokens + the prompt, LoRA off
+  -> first sampled token.
 
 Worker generation is excluded from both, as in the paper. Weights, branch KV and tokens are
 random: the work done (shapes, FLOPs, memory traffic) does not depend on their values, so the
@@ -20,10 +20,11 @@ timings are those of the real model of that shape. Every timed function runs onc
 (that first call is recorded as `first_call_ms`), then `repeats` times; the median is reported.
 Inputs a timed call consumes (the donated cache of `extend`) are rebuilt outside the timer.
 
-With a measured `Roofline` (psynth_jax/bench/roofline.py) every row also gets each path's
-floor, max(bytes / bandwidth, FLOPs / matmul peak) from an analytic cost model, the measured/floor
-ratios and the text path's MFU; with PyTorch peer rows (psynth_jax/bench/peer.py, measured before
-the sweep) the transformers + SDPA times of both paths and the JAX/peer ratios.
+With a measured `Roofline` (benchmarks/roofline.py) every row also gets each path's floor,
+max(bytes / bandwidth, FLOPs / matmul peak) from the analytic cost model of
+psynth_jax/measure/roofline.py (`roofline_fields`), the measured/floor ratios and the text path's
+MFU; with PyTorch peer rows (benchmarks/peer.py, measured before the sweep) the transformers +
+SDPA times of both paths and the JAX/peer ratios.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -42,55 +42,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psynth_jax.bench.common import (arch_type, base_metadata, int_list, load_average, resolve_arch, resolve_dtype,
-                                      write_json)
-from psynth_jax.bench.profile import profile_jit
-from psynth_jax.bench.roofline import ROOFLINE_DEFINITIONS, Roofline, roofline_fields
+from benchmarks import harness
+from benchmarks.harness import (Recorder, add_common_arguments, command_line, int_list, load_average, resolve_arch,
+                                resolve_dtype, say, write_json)
+from benchmarks.roofline import format_roofline, measure_roofline
+from benchmarks.plots import plot_ttft, plot_ttft_floor
+from benchmarks.ttft_report import (CACHE_PATHS, format_header, format_row, peer_ratios, roofline_fields,
+                                    sweep_metadata, table_columns)
 from psynth_jax.inference import runtime
-from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.model.loaded import parse_dtype, random_model
+from psynth_jax.measure.profile import profile_jit
+from psynth_jax.measure.roofline import Roofline, load_roofline
+from psynth_jax.measure.timing import OutOfMemory, time_calls
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kv_cache import BranchView, KVCache
+from psynth_jax.model.kv_cache import BranchCaches, BranchView, KVCache
+from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core
-from psynth_jax.synthesis.handoff import BranchCaches, assemble, reencode
+from psynth_jax.synthesis.branches import assemble, reencode
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper, map_caches
-
-SCHEMA_VERSION = 3  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields; 3: cache_path
-CACHE_PATHS = ("view", "materialised")
-WEIGHTS_NOTE = "random weights, branch KV and tokens: timing does not depend on their values"
-
-# (column title, row key, format) of the printed table
-TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("K", "K", "{:>3d}"),
-    ("L", "L", "{:>6d}"),
-    ("K*L", "branch_tokens", "{:>7d}"),
-    ("reenc+asm", "cache_reencode_assemble_ms", "{:>9.2f}"),  # materialised path only
-    ("mapper", "cache_mapper_ms", "{:>7.2f}"),
-    ("prepare", "cache_prepare_ms", "{:>8.2f}"),
-    ("prefill", "cache_prefill_ms", "{:>8.2f}"),
-    ("cache TTFT", "cache_ttft_ms", "{:>10.2f}"),
-    ("text TTFT", "text_ttft_ms", "{:>10.2f}"),
-    ("text/cache", "speedup", "{:>9.2f}x"),
-    ("prep%", "prepare_share", "{:>6.1%}"),
-)
-# appended when the run measured a roofline / ran the PyTorch peer
-ROOFLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("cache floor", "cache_floor_ms", "{:>10.2f}"),
-    ("cache/floor", "cache_floor_ratio", "{:>10.2f}x"),
-    ("text/floor", "text_floor_ratio", "{:>9.2f}x"),
-    ("text MFU", "text_mfu", "{:>7.1%}"),
-)
-PEER_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("torch text", "peer_text_ttft_ms", "{:>10.2f}"),
-    ("torch cache", "peer_cache_ttft_ms", "{:>10.2f}"),
-    ("text/torch", "text_vs_peer", "{:>9.2f}x"),
-)
-
-
-def table_columns(roofline: bool = False, peer: bool = False) -> tuple[tuple[str, str, str], ...]:
-    return TABLE_COLUMNS + (ROOFLINE_COLUMNS if roofline else ()) + (PEER_COLUMNS if peer else ())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "extra_slots"))
@@ -188,10 +158,10 @@ def run_ttft_sweep(
     LoRA of rank `lora_rank` attached (on for the cache path, off for the text path).
     warmup: measure the first point once more before the sweep and discard it.
     roofline: adds the cost-model floors, floor ratios and text MFU to every row.
-    peer_rows: rows of a PyTorch peer sweep (psynth_jax.bench.peer, same points), merged by (K, L).
+    peer_rows: rows of a PyTorch peer sweep (benchmarks.peer, same points), merged by (K, L).
     cache_path: "view" (zero-copy) or "materialised" (the reference), see the module docstring;
     "auto": view with XLA attention, materialised with the fused kernels (`resolve_cache_path`).
-    profile_dir: also profile the cache prefill at every point (bench/profile.py: self time per
+    profile_dir: also profile the cache prefill at every point (measure/profile.py: self time per
     XLA op, by kind), after its timing: a Perfetto trace in profile_dir/K{k}_L{l}/, the summary
     in the row's `cache_profile`.
     """
@@ -236,14 +206,13 @@ def run_ttft_sweep(
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         if warmup:  # a process's first executions run slow (allocator, thread pools): discard one pass
             if verbose:
-                print("[bench ttft] warm-up pass on the first point (discarded)", file=sys.stderr, flush=True)
+                say("ttft", "warm-up pass on the first point (discarded)")
             warm_first = measure(0, *points[0], 1, profile=False)["first_call_ms"]
             gc.collect()
         say(format_header(columns))
         for i, (k, l) in enumerate(points):
             if verbose:
-                print(f"[bench ttft] point {i + 1}/{len(points)}: K={k} L={l} (compiling + timing)",
-                      file=sys.stderr, flush=True)
+                say("ttft", f"point {i + 1}/{len(points)}: K={k} L={l} (compiling + timing)")
             row = measure(i, k, l, repeats)
             if warmup and i == 0:  # keep the compile-inclusive first calls of the warm-up pass
                 row["first_call_ms"] = warm_first
@@ -265,14 +234,7 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         "text_tokens": text_len, "worker_prompt_tokens": worker_prompt_tokens,
         "cache_slots": k * l + extra, "text_slots": text_len + new_tokens,
     }
-    first: dict[str, float] = {}
-    times: dict[str, list[float]] = {}
-
-    def record(name: str, t: Timing) -> float:
-        first[name] = round(1e3 * t.first_s, 4)
-        times[name] = [round(1e3 * x, 4) for x in t.times_s]
-        return t.median_ms
-
+    record = Recorder()
     # ------------------------------------------------------------ cache path
     try:
         prompt = jax.random.randint(kp, (batch, prompt_tokens), 0, cfg.vocab_size, jnp.int32)
@@ -283,21 +245,18 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
                 _random_worker_view(kb, worker_prompt_tokens, k, shape=rows_shape, dtype=cache_dtype))
             row["view_slots"] = batch * k * (worker_prompt_tokens + l)
 
-            def prepare():
-                view, cache = core.jit_prepare_view(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
-                return cache, view
         else:
             shape = (cfg.num_layers, batch, k, l, cfg.num_kv_heads, cfg.head_dim)
             branches = jax.block_until_ready(
                 _random_branches(kb, jnp.int32(worker_prompt_tokens), shape=shape, dtype=cache_dtype))
 
-            def prepare():
-                return core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra), None
-
-            row["cache_reencode_assemble_ms"] = record("cache_reencode_assemble", time_calls(
+            row["cache_reencode_assemble_ms"] = record.record("cache_reencode_assemble", time_calls(
                 lambda: _reencode_assemble(branches, cfg=cfg, extra_slots=extra), repeats))
-            row["cache_mapper_ms"] = record("cache_mapper", time_calls(
+            row["cache_mapper_ms"] = record.record("cache_mapper", time_calls(
                 lambda: _mapper_only(branches, mapper_def, mapper_state), repeats))
+
+        def prepare():  # -> (the synthesizer's starting cache, the mapped view or None)
+            return core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
 
         def prefill(prepared):
             cache, view = prepared
@@ -307,10 +266,10 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         def cache_ttft():
             return runtime.first_token(prefill(prepare()), jax.random.key(0), sampling)
 
-        row["cache_prepare_ms"] = record("cache_prepare", time_calls(prepare, repeats))
-        row["cache_prefill_ms"] = record("cache_prefill", time_calls(prefill, repeats, setup=prepare))
+        row["cache_prepare_ms"] = record.record("cache_prepare", time_calls(prepare, repeats))
+        row["cache_prefill_ms"] = record.record("cache_prefill", time_calls(prefill, repeats, setup=prepare))
         t = time_calls(cache_ttft, repeats)
-        row["cache_ttft_ms"] = record("cache_ttft", t)
+        row["cache_ttft_ms"] = record.record("cache_ttft", t)
         row["cache_ttft_min_ms"] = t.min_ms
         if profile_dir is not None:
             def cache_prefill(state, cache, view):  # one module (nested jits inline): the profiled call
@@ -319,7 +278,7 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
 
             prof = profile_jit(cache_prefill, lambda: (st, *prepare()), profile_dir / f"K{k}_L{l}")
             row["cache_profile"] = prof.summary()
-            print(f"[bench ttft] K={k} L={l} cache prefill profile:\n{prof.format()}", file=sys.stderr, flush=True)
+            say("ttft", f"K={k} L={l} cache prefill profile:\n{prof.format()}")
     except OutOfMemory as err:
         row["cache_error"] = f"out of memory: {err}"
     finally:
@@ -333,11 +292,11 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         slots = text_len + new_tokens
 
         def text_ttft():
-            logits, _ = core.jit_text_prefill(gd, st, tokens, lengths, num_slots=slots, attn_impl=attn_impl)
+            logits, _ = runtime.prefill(gd, st, tokens, lengths, num_slots=slots, attn_impl=attn_impl)
             return runtime.first_token(logits, jax.random.key(0), sampling)
 
         t = time_calls(text_ttft, repeats)
-        row["text_ttft_ms"] = record("text_ttft", t)
+        row["text_ttft_ms"] = record.record("text_ttft", t)
         row["text_ttft_min_ms"] = t.min_ms
     except OutOfMemory as err:
         row["text_error"] = f"out of memory: {err}"
@@ -347,133 +306,17 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
 
     if "cache_ttft_ms" in row and "text_ttft_ms" in row:
         row["speedup"] = row["text_ttft_ms"] / row["cache_ttft_ms"]
-    row["first_call_ms"] = first
-    row["times_ms"] = times
+    row.update(record.fields())
     return row
-
-
-def peer_ratios(row: dict[str, Any]) -> dict[str, float]:
-    """JAX time / PyTorch peer time of each path, and the cache path's speedup over the faster of
-    the two text paths (a slow text baseline cannot inflate it), where measured."""
-    out = {}
-    for path in ("text", "cache"):
-        ours, theirs = row.get(f"{path}_ttft_ms"), row.get(f"peer_{path}_ttft_ms")
-        if ours is not None and theirs:
-            out[f"{path}_vs_peer"] = ours / theirs
-    texts = [t for t in (row.get("text_ttft_ms"), row.get("peer_text_ttft_ms")) if t]
-    if texts and row.get("cache_ttft_ms"):
-        out["speedup_vs_best_text"] = min(texts) / row["cache_ttft_ms"]
-    return out
-
-
-# ------------------------------------------------------------------ reporting
-def format_header(columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
-    cells = []
-    for title, _, fmt in columns:
-        width = len(fmt.format(0 if "d}" in fmt else 0.0))
-        cells.append(title.rjust(max(width, len(title))))
-    return "  ".join(cells)
-
-
-def format_row(row: dict[str, Any], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
-    cells = []
-    for title, key, fmt in columns:
-        width = max(len(fmt.format(0 if "d}" in fmt else 0.0)), len(title))
-        value = row.get(key)
-        text = fmt.format(value) if value is not None else ("OOM" if _path_oom(row, key) else "-")
-        cells.append(text.rjust(width))
-    return "  ".join(cells)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
-    return "\n".join([format_header(columns)] + [format_row(r, columns) for r in rows])
-
-
-def _path_oom(row: dict[str, Any], key: str) -> bool:
-    for prefix in ("peer_cache", "peer_text", "cache", "text"):
-        if key.startswith(prefix):
-            return f"{prefix}_error" in row
-    return False
-
-
-def sweep_metadata(
-    cfg: ModelConfig, *, arch: str, hub: str | None = None, ks: Sequence[int], ls: Sequence[int],
-    prompt_tokens: int, batch: int, dtype: str, attn_impl: str, repeats: int, mapper_kind: str,
-    lora_rank: int = 16, worker_prompt_tokens: int = 64, new_tokens: int = 64, seed: int = 0,
-    warmup: bool = True, command: str | None = None, roofline: Roofline | None = None,
-    peer: dict[str, Any] | None = None, cache_path: str = "view",
-) -> dict[str, Any]:
-    """Everything needed to read (and reproduce) a sweep's rows.
-
-    roofline: the measured Roofline (stored as `roofline`; None: not measured, no floor fields).
-    peer: the PyTorch peer's metadata (psynth_jax.bench.peer.peer_metadata) when it ran.
-    """
-    definitions = {
-        "cache_path": "view: zero-copy (core.jit_prepare_view, the prompt attends to worker rows [P | L] in "
-                      "place); materialised: the reference (core.jit_prepare over copied-out branch K/V)",
-        "cache_reencode_assemble_ms": "materialised only: RoPE re-encoding by -P + packing, no mapper (own jit)",
-        "cache_mapper_ms": "materialised only: cache mapper alone on the branch K/V (own jit)",
-        "cache_prepare_ms": "view: core.jit_prepare_view (mapper scalars + the synthesizer's empty cache); "
-                            "materialised: core.jit_prepare (re-encode + mapper + assemble, one jit)",
-        "cache_prefill_ms": "core.jit_cache_prefill of the prompt over the prepared cache (and view), LoRA on",
-        "cache_profile": "--profile only: the cache prefill compiled as one module and traced over 3 calls after the "
-                         "timing; self time per XLA op (nested ops subtracted, summed over threads), by kind (dot, "
-                         "exp, reduce, copy, gather, dynamic-slice, elementwise, control) and the top ops with the "
-                         "JAX operation each comes from (bench/profile.py)",
-        "view_slots": "view only: worker-row slots the prompt's attention reads, B*K*(P + L) (P masked)",
-        "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
-        "text_ttft_ms": "core.jit_text_prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
-        "speedup": "text_ttft_ms / cache_ttft_ms, same run",
-        "first_call_ms": "each function's first call at that point: includes compilation unless an earlier "
-                         "point of the same shape compiled it",
-        "text_note": "the real text prompt also prefills per-branch headings ('[Sub-agent i]:'); not counted, "
-                     "which slightly favours the text path",
-        **ROOFLINE_DEFINITIONS,
-    }
-    if peer is not None:
-        definitions.update(peer.get("definitions", {}))
-        definitions["peer_first_call_ms"] = "the peer's first call per function at that point (cuBLAS/SDPA warm-up)"
-        definitions["peer_times_ms"] = "the peer's timed calls, ms"
-        definitions["speedup_vs_best_text"] = ("min(text_ttft_ms, peer_text_ttft_ms) / cache_ttft_ms: the speedup over "
-                                               "the faster text path of the run")
-    meta = base_metadata("ttft", cfg, arch=arch, hub=hub, dtype=dtype, attn_impl=attn_impl, command=command,
-                         repeats=repeats, seed=seed, schema_version=SCHEMA_VERSION, weights_note=WEIGHTS_NOTE)
-    return {
-        **meta,
-        "mapper_kind": mapper_kind,
-        "cache_path": cache_path,
-        "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "targets": list(LoRAConfig().targets),
-                 "cache_path": "on", "text_path": "off"},
-        "ks": list(ks),
-        "ls": list(ls),
-        "batch": batch,
-        "prompt_tokens": prompt_tokens,
-        "worker_prompt_tokens": worker_prompt_tokens,
-        "new_tokens_room": new_tokens,
-        "warmup": warmup,
-        "statistic": "median over `repeats` timed calls after one compile call; ms",
-        "definitions": definitions,
-        "roofline": roofline.to_dict() if roofline is not None else None,
-        "peer": peer,
-    }
 
 
 # ------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `psynth bench ttft` options."""
-    from psynth_jax.model.presets import PRESETS
-
-    p.add_argument("--arch", type=arch_type, default="tiny-llama",
-                   help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
-                        "weights are random (timing does not depend on them)")
     p.add_argument("--ks", type=int_list, default="1,2,4", help="branch counts K, comma-separated")
     p.add_argument("--ls", type=int_list, default="32,64,128", help="tokens per branch L, comma-separated")
     p.add_argument("--prompt-tokens", type=int, default=32, help="synthesizer prompt tokens (live in both paths)")
     p.add_argument("--batch", type=int, default=1, help="requests per call")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="parameter/cache dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
-    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split", "splash"],
-                   help="attention kernel (cudnn: GPU only)")
     p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
                    help="cache mapper kind")
     p.add_argument("--max-positions", type=int, default=None, metavar="N",
@@ -487,12 +330,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-prompt-tokens", type=int, default=64,
                    help="RoPE offset P of every branch (its worker prompt), undone by the re-encoding")
     p.add_argument("--new-tokens", type=int, default=64, help="decode room left in both paths' caches")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench", help="output directory (ttft.json, ttft.png)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the discarded warm-up pass over the first point")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
     roof = p.add_mutually_exclusive_group()
     roof.add_argument("--no-roofline", action="store_true",
                       help="skip the roofline measurement (no floor / MFU fields)")
@@ -505,6 +344,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-peer", action="store_true",
                    help="also time the same architecture in PyTorch + transformers (SDPA): text prefill and prompt "
                         "over pre-built branch caches; runs in a child process before the JAX sweep")
+    add_common_arguments(p, name="ttft")
+
+
+_OPTIONS = ("arch", "ks", "ls", "prompt_tokens", "batch", "dtype", "attn_impl", "mapper", "cache_path", "max_positions",
+            "lora_rank", "worker_prompt_tokens", "new_tokens", "repeats", "seed", "out", "roofline_json")
+_SWITCHES = ("no_warmup", "no_roofline", "torch_peer", "profile")
 
 
 def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
@@ -514,89 +359,65 @@ def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
     return "view" if attn_impl == "xla" else "materialised"
 
 
-def _ttft_command(args: argparse.Namespace, arch: str, dtype: str) -> str:
-    """The canonical command line that reproduces this sweep (recorded in the JSON)."""
-    argv = ["psynth", "bench", "ttft", "--arch", arch, "--ks", ",".join(map(str, args.ks)),
-            "--ls", ",".join(map(str, args.ls)), "--prompt-tokens", str(args.prompt_tokens),
-            "--batch", str(args.batch), "--dtype", dtype, "--attn-impl", args.attn_impl, "--mapper", args.mapper,
-            "--cache-path", resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl)]
-    if getattr(args, "max_positions", None):
-        argv += ["--max-positions", str(args.max_positions)]
-    argv += ["--lora-rank", str(args.lora_rank), "--worker-prompt-tokens", str(args.worker_prompt_tokens),
-            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
-            "--out", str(args.out)] + (["--no-warmup"] if args.no_warmup else [])
-    if getattr(args, "no_roofline", False):
-        argv.append("--no-roofline")
-    elif getattr(args, "roofline_json", None):
-        argv += ["--roofline-json", str(args.roofline_json)]
-    if getattr(args, "torch_peer", False):
-        argv.append("--torch-peer")
-    if getattr(args, "profile", False):
-        argv.append("--profile")
-    return shlex.join(argv)
-
-
 def run(args: argparse.Namespace) -> int:
     """Order: (1) the PyTorch peer, in a child process, before this process starts JAX's backend
     (JAX reserves most GPU memory when it starts); (2) the roofline; (3) the JAX sweep, which
     merges the peer's rows and derives the floor fields; (4) JSON, table, plot."""
-    from psynth_jax.bench.plots import plot_ttft, plot_ttft_floor
-    from psynth_jax.bench.roofline import format_roofline, load_roofline, measure_roofline
-
     cfg, arch, hub = resolve_arch(args.arch)
-    if getattr(args, "max_positions", None):
+    if args.max_positions:
         if args.max_positions <= 0:
             raise ValueError(f"--max-positions must be positive, got {args.max_positions}")
         cfg = dataclasses.replace(cfg, max_position_embeddings=args.max_positions)
     out = Path(args.out)
     peer = None
-    if getattr(args, "torch_peer", False):
-        from psynth_jax.bench.peer import require_torch, run_peer_subprocess
+    if args.torch_peer:
+        from benchmarks.peer import require_torch, run_peer_subprocess  # torch: only when asked for
 
         require_torch()
-        print("[bench ttft] PyTorch peer first, in a child process (frees its memory before JAX starts)",
-              file=sys.stderr, flush=True)
+        say("ttft", "PyTorch peer first, in a child process (frees its memory before JAX starts)")
         peer = run_peer_subprocess(
             cfg, out / "ttft_peer.json", ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch,
             dtype=args.dtype, repeats=args.repeats, seed=args.seed, warmup=not args.no_warmup)
     dtype = resolve_dtype(args.dtype)
     roofline = None
-    if getattr(args, "roofline_json", None):
+    if args.roofline_json:
         roofline = load_roofline(args.roofline_json)
-        print(f"[bench ttft] roofline from {args.roofline_json}:\n{format_roofline(roofline)}", file=sys.stderr)
-    elif not getattr(args, "no_roofline", False):
-        print("[bench ttft] measuring the roofline (matmul peak, memory bandwidth)", file=sys.stderr, flush=True)
+        say("ttft", f"roofline from {args.roofline_json}:\n{format_roofline(roofline)}")
+    elif not args.no_roofline:
+        say("ttft", "measuring the roofline (matmul peak, memory bandwidth)")
         roofline = measure_roofline(dtype=dtype)
         print(format_roofline(roofline), file=sys.stderr, flush=True)
     if roofline is not None and roofline.dtype != dtype:
-        print(f"[bench ttft] warning: the roofline was measured in {roofline.dtype}, the sweep runs {dtype}",
-              file=sys.stderr)
+        say("ttft", f"warning: the roofline was measured in {roofline.dtype}, the sweep runs {dtype}")
     settings = dict(
         ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch, dtype=dtype,
         attn_impl=args.attn_impl, repeats=args.repeats, mapper_kind=args.mapper, lora_rank=args.lora_rank,
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
-        warmup=not args.no_warmup, cache_path=resolve_cache_path(getattr(args, "cache_path", "auto"), args.attn_impl),
+        warmup=not args.no_warmup, cache_path=resolve_cache_path(args.cache_path, args.attn_impl),
     )
-    profile_dir = out / "profile" if getattr(args, "profile", False) else None
-    meta = sweep_metadata(cfg, arch=arch, hub=hub, command=_ttft_command(args, arch, dtype), roofline=roofline,
+    profile_dir = out / "profile" if args.profile else None
+    command = command_line("ttft", args, _OPTIONS, _SWITCHES, arch=arch, dtype=dtype, cache_path=settings["cache_path"])
+    meta = sweep_metadata(cfg, arch=arch, hub=hub, command=command, roofline=roofline,
                           peer=peer["metadata"] if peer else None, **settings)
-    dev = meta["device"]
-    print(f"[bench ttft] {arch}: {cfg.num_params() / 1e9:.3f}B params ({cfg.num_layers} layers, "
-          f"{cfg.num_kv_heads} KV heads x {cfg.head_dim}), RANDOM weights, {dtype}, attn={args.attn_impl}, "
-          f"on {dev['device_kind']} [{dev['platform']}]", file=sys.stderr, flush=True)
-    print(f"[bench ttft] times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
-          f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}", file=sys.stderr, flush=True)
+    harness.describe_run("ttft", arch, cfg, meta, f"{cfg.num_layers} layers, {cfg.num_kv_heads} KV heads x "
+                                                  f"{cfg.head_dim}")
+    say("ttft", f"times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
+                f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}")
     rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, profile_dir=profile_dir,
                           **settings)
     meta["device"]["host_load_avg_1m_end"] = load_average()
     json_path = write_json(out / "ttft.json", meta, rows)
-    print(f"[bench ttft] wrote {json_path}", file=sys.stderr)
+    say("ttft", f"wrote {json_path}")
     if not args.no_plot:
         png = plot_ttft(meta, rows, out / "ttft.png")
         if png is not None:
-            print(f"[bench ttft] wrote {png}", file=sys.stderr)
+            say("ttft", f"wrote {png}")
         if roofline is not None or peer:
             png = plot_ttft_floor(meta, rows, out / "ttft_floor.png")
             if png is not None:
-                print(f"[bench ttft] wrote {png}", file=sys.stderr)
+                say("ttft", f"wrote {png}")
     return 0
+
+
+if __name__ == "__main__":  # python -m benchmarks.ttft ... = psynth bench ttft ...
+    sys.exit(harness.main("ttft"))

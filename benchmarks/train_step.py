@@ -40,7 +40,7 @@ RoPE, the mapper and the optimizer are ignored, all < 1%):
   the backward pass; the LM head is outside the scan and not recomputed). MFU uses model FLOPs
   (the PaLM convention); HFU uses hardware FLOPs.
 The counting primitives (block matmul parameters, LoRA parameters, attended pairs) are those of
-the cost model in psynth_jax/bench/roofline.py, so this convention matches the TTFT floors'.
+the cost model in psynth_jax/measure/roofline.py, so this convention matches the TTFT floors'.
 MFU = model FLOPs per step / step time / peak; the peak is --peak-tflops, a roofline.json's, or a
 dense-matmul peak measured now in the compute dtype (see `peak_tflops`).
 """
@@ -52,21 +52,27 @@ import gc
 import math
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     save_results, say)
-from psynth_jax.bench.roofline import (attention_pairs, block_matmul_params, load_roofline, lora_params,
-                                       measure_matmul_peak)
-from psynth_jax.inference.timing import OutOfMemory, Timing, time_calls
-from psynth_jax.bench.common import resolve_arch, resolve_dtype
+from benchmarks import harness
+from benchmarks.harness import (Column, add_common_arguments, base_metadata, command_line, describe_run, report,
+                                resolve_arch, resolve_dtype, say)
+from benchmarks.plots import plot_train
+from benchmarks.roofline import measure_matmul_peak
+from psynth_jax.measure.roofline import attention_pairs, block_matmul_params, load_roofline, lora_params
+from psynth_jax.measure.timing import OutOfMemory, Timing, time_calls
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.loaded import random_model
+from psynth_jax.model.sharding import Rules, make_mesh
 from psynth_jax.model.transformer import LoRAConfig
+from psynth_jax.synthesis.mapper import make_mapper
+from psynth_jax.train.objective import ObjectiveConfig, split_trainable
+from psynth_jax.train.step import batch_shardings, make_optimizer, make_train_step, place_train_state
 
 # PyTorch PEFT tokens/s for this step (Qwen3-14B, 3 branches x 1024 + 512 live tokens): issue #7's target
 REFERENCE = {"tokens_per_s": 4420.0, "arch": "qwen3-14b", "branches": 3, "branch_tokens": 1024, "live_tokens": 512,
@@ -153,7 +159,7 @@ def train_step_flops(cfg: ModelConfig, lora: LoRAConfig, *, batch: int, branches
 # ------------------------------------------------------------------------------ peak
 def peak_tflops(given: float | None, dtype: str, roofline_json: str | None = None) -> tuple[float, str]:
     """(peak TFLOP/s for MFU, where it came from): --peak-tflops, else a roofline.json's matmul peak
-    (`psynth bench roofline`), else measured now with `roofline.measure_matmul_peak` in `dtype`
+    (`psynth bench roofline`), else measured now with `measure_matmul_peak` in `dtype`
     (an achievable dense-matmul peak, not the datasheet's)."""
     if given is not None:
         if not given > 0:
@@ -165,7 +171,7 @@ def peak_tflops(given: float | None, dtype: str, roofline_json: str | None = Non
             warnings.warn(f"the roofline in {roofline_json} was measured in {r.dtype}, the step runs {dtype}")
         return r.peak_tflops, f"roofline.json: {roofline_json} ({r.device_kind}, {r.dtype} matmul)"
     mm = measure_matmul_peak(dtype=dtype)
-    return mm["flops_per_s"] / 1e12, (f"measured: psynth_jax.bench.roofline.measure_matmul_peak, best square {dtype} "
+    return mm["flops_per_s"] / 1e12, (f"measured: benchmarks.roofline.measure_matmul_peak, best square {dtype} "
                                       f"matmul (n={mm['n']}; achievable, not datasheet)")
 
 
@@ -218,14 +224,6 @@ class TrainSetup:
 
     def __init__(self, cfg: ModelConfig, *, dtype: str, attn_impl: str, remat: bool, lora: LoRAConfig,
                  mapper_kind: str, lr: float, batch: dict[str, np.ndarray], seed: int, zero_copy: bool = False):
-        from flax import nnx
-
-        from psynth_jax.model.loaded import random_model
-        from psynth_jax.synthesis.mapper import make_mapper
-        from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-        from psynth_jax.model.sharding import Rules, make_mesh
-        from psynth_jax.train.step import batch_shardings, make_optimizer, make_train_step, place_train_state
-
         model = random_model(cfg, dtype=dtype, lora=lora, seed=seed)
         decoder = nnx.merge(model.graphdef, model.state)
         mapper = make_mapper(mapper_kind, cfg.num_kv_heads, seed=seed)
@@ -399,12 +397,9 @@ def run(args: argparse.Namespace) -> int:
         statistic="median over `repeats` chained steps after one compile step; ms",
         definitions=DEFINITIONS,
     )
-    dev = meta["device"]
-    say("train", f"{arch}: {cfg.num_params() / 1e9:.3f}B params, RANDOM weights, {dtype}, attn={args.attn_impl}, on "
-                 f"{dev['device_kind']} [{dev['platform']}]; batch {args.batch} x ({args.branches} x "
-                 f"{args.branch_prefix_tokens}+{args.branch_tokens} + {args.live_tokens} live); "
-                 f"peak {peak:.2f} TFLOP/s "
-                 f"({peak_source.split(':')[0]})")
+    describe_run("train", arch, cfg, meta, f"batch {args.batch} x ({args.branches} x {args.branch_prefix_tokens}+"
+                                           f"{args.branch_tokens} + {args.live_tokens} live); peak {peak:.2f} TFLOP/s "
+                                           f"({peak_source.split(':')[0]})")
     rows = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
@@ -414,61 +409,14 @@ def run(args: argparse.Namespace) -> int:
                                       mapper_kind=args.mapper, lr=args.lr, repeats=args.repeats, peak=peak,
                                       seed=args.seed, reference_shape=reference_shape, zero_copy=args.zero_copy,
                                       **shape))
-    print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
     if reference_shape:
         for r in rows:
             if r.get("tokens_per_s"):
                 say("train", f"remat {r['remat_str']}: {r['tokens_per_s']:.0f} tokens/s = {r['vs_reference']:.2f}x "
                              f"the PEFT reference {REFERENCE['tokens_per_s']:.0f}")
-    save_results("train", meta, rows, args.out, plot=None if args.no_plot else plot_train)
+    report("train", meta, rows, TABLE_COLUMNS, args, plot_train)
     return 0
 
 
-# ------------------------------------------------------------------------------ plot
-FLOP_PARTS = (("branch_forward", "branch prefill (fwd only)", "tab:grey"),
-              ("synth_forward", "synthesizer forward", "tab:blue"),
-              ("synth_backward", "synthesizer backward", "tab:orange"),
-              ("remat_recompute", "remat recompute", "tab:red"))
-
-
-def plot_train(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Tokens/s per remat setting (with the PEFT reference at its shape) and the FLOPs per step by part."""
-    from psynth_jax.bench.plots import pyplot_or_none, save_figure
-
-    plt = pyplot_or_none()
-    if plt is None:
-        return None
-    done = [r for r in rows if r.get("tokens_per_s") is not None]
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(10, 4.5))
-    labels = [f"remat {r['remat_str']}" for r in done]
-    idx = list(range(len(done)))
-    bars = ax_t.bar(idx, [r["tokens_per_s"] for r in done], color="tab:blue", width=0.5)
-    for bar, r in zip(bars, done):
-        ax_t.annotate(f"MFU {r['mfu']:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-    if meta.get("reference_shape"):
-        ax_t.axhline(REFERENCE["tokens_per_s"], color="k", ls="--", lw=1,
-                     label=f"PyTorch PEFT {REFERENCE['tokens_per_s']:.0f} tok/s")
-        ax_t.legend(fontsize=8)
-    ax_t.set_xticks(idx, labels)
-    ax_t.set_ylabel("tokens/s (median step)")
-    ax_t.set_title("train step throughput", fontsize=10)
-    ax_t.grid(True, axis="y", alpha=0.3)
-    bottom = [0.0] * len(rows)
-    ridx = list(range(len(rows)))
-    big = max((r["flops"]["hardware_flops_per_step"] for r in rows), default=0.0) >= 1e12
-    scale, unit = (1e12, "TFLOPs") if big else (1e9, "GFLOPs")
-    for key, label, color in FLOP_PARTS:
-        vals = [r["flops"][key] / scale for r in rows]
-        ax_f.bar(ridx, vals, bottom=bottom, color=color, label=label, width=0.5)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax_f.set_xticks(ridx, [f"remat {r['remat_str']}" for r in rows])
-    ax_f.set_ylabel(f"{unit} per step (model FLOPs + remat recompute)")
-    ax_f.set_title("FLOPs per step by part", fontsize=10)
-    ax_f.legend(fontsize=8)
-    ax_f.grid(True, axis="y", alpha=0.3)
-    dev = meta["device"]
-    fig.suptitle(f"train step: {meta['arch']}, {meta['dtype']}, batch {meta['batch']} x ({meta['branches']} x "
-                 f"{meta['branch_tokens']} + {meta['live_tokens']} live), {dev['device_kind']} [{dev['platform']}], "
-                 "random weights", fontsize=9)
-    return save_figure(plt, fig, path, top=0.93)
+if __name__ == "__main__":  # python -m benchmarks.train_step ... = psynth bench train ...
+    sys.exit(harness.main("train"))

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from psynth_jax.bench.common import Column, base_metadata, command_line, format_table, save_results, say
-from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
-from psynth_jax.inference.timing import time_calls
-from psynth_jax.bench.common import arch_type, int_list, resolve_arch
+from benchmarks import harness
+from benchmarks.harness import (Column, arch_type, base_metadata, command_line, int_list, report, resolve_arch, say)
+from benchmarks.plots import plot_sampling
 from psynth_jax.inference.sampling import SamplingConfig, nucleus, sample
+from psynth_jax.measure.timing import time_calls
+from psynth_jax.model.presets import PRESETS
 
 STRATEGIES = ("greedy", "temperature", "top_p", "top_p_sort")
 LOGIT_SCALE = 4.0  # random logits ~ N(0, 4^2): a peaked distribution, like a trained LM's
@@ -131,8 +131,6 @@ def run_sampling(vocab: int, *, batches: Sequence[int], temperature: float = 0.7
 
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from psynth_jax.model.presets import PRESETS
-
     p.add_argument("--arch", type=arch_type, default="smollm2-135m",
                    help=f"architecture whose vocabulary size is used ({', '.join(PRESETS)}) or a config.json / "
                         "model dir; logits are random")
@@ -162,32 +160,9 @@ def run(args: argparse.Namespace) -> int:
                     f"on {dev['device_kind']} [{dev['platform']}]")
     rows = run_sampling(cfg.vocab_size, batches=args.batch, temperature=args.temperature, top_p=args.top_p,
                         repeats=args.repeats, seed=args.seed)
-    print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
-    save_results("sampling", meta, rows, args.out, plot=None if args.no_plot else plot_sampling)
+    report("sampling", meta, rows, TABLE_COLUMNS, args, plot_sampling)
     return 0
 
 
-# ------------------------------------------------------------------------------ plot
-def plot_sampling(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """ms per sampled token row-batch against batch size, one line per strategy."""
-    plt = pyplot_or_none()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = [r["batch"] for r in rows]
-    styles = {"greedy": "-o", "temperature": "-s", "top_p": "-^", "top_p_sort": "--v"}
-    labels = {"top_p": "top-p (bisection, sampling.nucleus)", "top_p_sort": "top-p (sort baseline)"}
-    for name in STRATEGIES:
-        ax.plot(x, [r[f"{name}_ms"] for r in rows], styles[name], label=labels.get(name, name))
-    ax.set_yscale("log")
-    if len(set(x)) > 1:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(plain_formatter())
-    ax.set_xlabel("batch (rows sampled together)")
-    ax.set_ylabel("ms per call (median)")
-    dev = meta["device"]
-    ax.set_title(f"sampling over a {meta['vocab']}-token vocabulary, top_p {meta['top_p']}, "
-                 f"{dev['device_kind']} [{dev['platform']}]", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(plt, fig, path)
+if __name__ == "__main__":  # python -m benchmarks.token_sampling ... = psynth bench sampling ...
+    sys.exit(harness.main("sampling"))

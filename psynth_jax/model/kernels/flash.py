@@ -1,6 +1,6 @@
 """Blockwise ("flash") attention in XLA: an online softmax over key tiles, with its own VJP.
 
-The dense reference (attention.dense_attention) builds the [T, S] score matrix per head; its
+The dense reference (xla.dense_attention) builds the [T, S] score matrix per head; its
 time and memory grow with T x S and, under `jax.grad`, its backward keeps the probabilities
 too. Here queries are cut into tiles of `block_q` rows and keys into tiles of `block_k`
 columns; each (query tile, key tile) pair is one step of a loop, and a running maximum,

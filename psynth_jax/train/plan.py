@@ -1,5 +1,8 @@
 """A memory plan before anyone spends accelerator time: per-device bytes of a train or eval config.
 
+The train step's sibling (as MaxText's train_compile.py beside train.py): the same step
+(train/step.py) compiled ahead of time for the target's mesh from a CPU host; `psynth plan`.
+
 For a config and the slice it will run on (`--accelerator v5litepod-256`), every item is per
 device, from the real code's shardings (model/sharding.py) and the real jitted step compiled for
 a mesh of fake CPU devices shaped like the target's:
@@ -32,7 +35,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from psynth_jax.config import load_config, resolve_mesh_shape
 from psynth_jax.config.accelerators import GIB, Accelerator
+from psynth_jax.config.eval_schema import load_eval_config
+from psynth_jax.config.loader import _load_yaml_tree
+from psynth_jax.inference import runtime
+from psynth_jax.interop.embedded import DEFAULT_MODEL
+from psynth_jax.interop.sources import GGUFSource
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.kv_cache import KVCache
+from psynth_jax.model.loaded import abstract_decoder, parse_dtype
+from psynth_jax.model.presets import _HF_CONFIGS, preset
+from psynth_jax.model.sharding import CACHE_AXES, Rules, batch_sharding, make_mesh, sharded_bytes, state_shardings
+from psynth_jax.model.transformer import LoRAConfig
+from psynth_jax.synthesis.handoff import Handoff
+from psynth_jax.synthesis.mapper import make_mapper
+from psynth_jax.train.objective import ObjectiveConfig, split_trainable
+from psynth_jax.train.step import batch_shardings, make_optimizer, make_train_step, train_shardings
 
 # Fraction of a chip's memory a plan may use: the runtime, compiler scratch and fragmentation
 # need the rest.
@@ -54,9 +79,6 @@ class PlanRequest:
 
 def config_kind(path: str) -> str:
     """"eval" for a `psynth eval` config (it has `tasks`), else "train"."""
-
-    from psynth_jax.config.loader import _load_yaml_tree
-
     tree = _load_yaml_tree(Path(path))
     return "eval" if isinstance(tree, dict) and "tasks" in tree else "train"
 
@@ -64,16 +86,10 @@ def config_kind(path: str) -> str:
 def model_config_for(source: str):
     """The ModelConfig of a model source without downloading weights: a local checkpoint's
     config.json / GGUF metadata, or the preset whose hub id it names (offline)."""
-    from psynth_jax.interop.embedded import DEFAULT_MODEL
-    from psynth_jax.model.config import ModelConfig
-    from psynth_jax.model.presets import _HF_CONFIGS, preset
-
     if source == DEFAULT_MODEL:
         return preset("smollm2-135m")
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
-        from psynth_jax.interop.sources import GGUFSource
-
         return ModelConfig.from_hf(GGUFSource(path).config_dict())
     if path.exists():
         return ModelConfig.from_hf(path)
@@ -86,15 +102,11 @@ def model_config_for(source: str):
 
 # ------------------------------------------------------------------------------- the child
 def _abstract(tree: Any, shardings: Any) -> Any:
-    import jax
-
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _leaf_bytes(tree: Any, shardings: Any) -> int:
-    import jax
 
-    from psynth_jax.model.sharding import sharded_bytes
 
     return sum(sharded_bytes(x.shape, x.dtype, s) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
@@ -118,18 +130,6 @@ def _smallest_bucket(need: int, buckets: tuple[int, ...]) -> int:
 
 def plan_train(cfg: Any, shape: tuple[int, int, int]) -> dict[str, Any]:
     """Compile the trainer's step for `shape` = (data, fsdp, tensor) (data compiled as 1)."""
-    import jax
-    import numpy as np
-
-    from psynth_jax.model.loaded import abstract_decoder, parse_dtype
-    from psynth_jax.model.sharding import Rules, batch_sharding, make_mesh
-    from psynth_jax.model.transformer import LoRAConfig
-    from psynth_jax.synthesis.convention import Handoff
-    from psynth_jax.synthesis.mapper import make_mapper
-    from psynth_jax.train.objective import ObjectiveConfig, split_trainable
-    from psynth_jax.train.step import batch_shardings, make_optimizer, make_train_step, train_shardings
-    from flax import nnx
-
     data, fsdp, tensor = shape
     mcfg = model_config_for(cfg.model.source)
     rules = Rules((r.name, r.axes) for r in cfg.mesh.rules)
@@ -158,7 +158,7 @@ def plan_train(cfg: Any, shape: tuple[int, int, int]) -> dict[str, Any]:
         batch.update(text_tokens=np.zeros((rows, tt), np.int32), text_len=np.zeros((rows,), np.int32),
                      text_loss_mask=np.zeros((rows, tt), np.float32))
     opts = ObjectiveConfig(ce_weight=t.loss.ce_weight, kl_weight=t.loss.kl_weight, kl_temperature=t.loss.kl_temperature,
-                           remat=t.remat, attn_impl="xla", handoff=Handoff(cfg.handoff.convention, cfg.handoff.stop_tokens))
+                           remat=t.remat, attn_impl="xla", handoff=Handoff.from_config(cfg.handoff))
     step = make_train_step(graphdefs, tx, opts, mesh, rules, trainable, opt_state, frozen, batch)
     b_sh = batch_shardings(batch, mesh, rules)
     compiled = step.lower(_abstract(trainable, t_sh), _abstract(opt_state, o_sh), _abstract(frozen, f_sh),
@@ -181,17 +181,6 @@ def plan_train(cfg: Any, shape: tuple[int, int, int]) -> dict[str, Any]:
 def plan_eval(cfg: Any, shape: tuple[int, int, int], k: int, branch_tokens: int, prompt_tokens: int) -> dict[str, Any]:
     """Compile the eval's largest calls on `shape`: text-path prefill of K*L + prompt tokens, and the
     cache path's prefill over K*L cached tokens; the larger sets the temporaries."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from psynth_jax.inference import runtime
-    from psynth_jax.model.kv_cache import KVCache
-    from psynth_jax.model.loaded import abstract_decoder, parse_dtype
-    from psynth_jax.model.sharding import CACHE_AXES, Rules, batch_sharding, make_mesh, state_shardings
-    from psynth_jax.model.transformer import LoRAConfig
-    from jax.sharding import NamedSharding
-
     data, fsdp, tensor = shape
     mcfg = model_config_for(cfg.model.source)
     rules = Rules((r.name, r.axes) for r in cfg.mesh.rules)
@@ -235,9 +224,6 @@ def plan_eval(cfg: Any, shape: tuple[int, int, int], k: int, branch_tokens: int,
 def child_main(request_json: str) -> None:
     """Entry of the compile child: plan the request, print one JSON line."""
     req = json.loads(request_json)
-    from psynth_jax.config import load_config, resolve_mesh_shape
-    from psynth_jax.config.eval_schema import load_eval_config
-
     if req["kind"] == "eval":
         cfg = load_eval_config(req["config"], req["overrides"])
     else:
@@ -257,9 +243,6 @@ def mesh_fits(req: PlanRequest) -> tuple[int, int, int]:
     Training spans every chip of the slice; an eval runs its mesh on each host's own chips (the
     hosts split the examples), so an eval mesh is checked against one host's.
     """
-    from psynth_jax.config import load_config, resolve_mesh_shape
-    from psynth_jax.config.eval_schema import load_eval_config
-
     cfg = load_eval_config(req.config, req.overrides) if req.kind == "eval" else load_config(req.config, req.overrides)
     chips = req.accelerator.chips_per_host if req.kind == "eval" else req.accelerator.chips
     try:
@@ -282,7 +265,7 @@ def run_plan(req: PlanRequest, timeout_s: int = 3000) -> dict[str, Any]:
     # overestimate by about one layer's weights in f32 per device.
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(fsdp * tensor),
                XLA_FLAGS="--xla_disable_hlo_passes=while-loop-invariant-code-motion")
-    proc = subprocess.run([sys.executable, "-m", "psynth_jax.bench.memory_plan", json.dumps(payload)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "psynth_jax.train.plan", json.dumps(payload)], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN ")]
     if proc.returncode != 0 or not lines:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from psynth_jax.bench.gpu_figures import Figure, device_line
+from benchmarks.gpu_figures import Figure, device_line
 
 BLOCK_BEGIN = "<!-- gpu-check:begin -->"
 BLOCK_END = "<!-- gpu-check:end -->"
@@ -176,7 +176,7 @@ def run_note(results: dict, results_dir: Path, filled: int) -> str:
         f"{'SMOKE RUN (tiny shapes on ' + name + '; a test of the tooling, not GPU figures)' if smoke else name}: "
         f"{filled} cells of the tables below come from `launch/gpu_check.sh` run on {results.get('created')} "
         f"(commit {(results.get('environment') or {}).get('commit') or 'unknown'}), {vers}; filled by "
-        f"`python -m psynth_jax.bench.gpu_check --update-docs {results_dir}`.",
+        f"`python -m benchmarks.gpu_check --update-docs {results_dir}`.",
         "",
         "| step | status | wall s | cap s |",
         "|---|---|---:|---:|",

@@ -1,6 +1,17 @@
-"""Helpers shared by the benchmarks (`psynth bench ttft`, `batch`, `decode`, `train`, `sampling`):
-common options, the reproducing command line, JSON metadata (device, versions), the printed table
-and the saved results (plotting helpers live in plots.py)."""
+"""The one harness every benchmark runs on: options, columns, timings, metadata, results, plots.
+
+A benchmark module (`psynth bench <name>`, or `python -m benchmarks.<name>`) declares its own
+options (`add_arguments`, with `add_common_arguments` for the shared ones), its columns
+(`Column`s) and definitions, and measures its rows; everything around that is here:
+- options: `add_common_arguments`, the argparse types `int_list` / `arch_type`, `resolve_arch`,
+  `resolve_dtype`, and `command_line`, the `psynth bench ...` line that reproduces a run;
+- timings: `Recorder`, which keeps each timed function's compile call and timed calls per row;
+- the printed table: `format_header` / `format_row` / `format_table` (a missing value prints as
+  OOM when its path ran out of memory, ERR when the row failed, else "-");
+- results: `base_metadata` (what ran, where, how to reproduce it), `report` (table on stderr, the
+  JSON and the PNG), `write_json`;
+- plots: `pyplot_or_none`, `plain_formatter`, `log2_x`, `save_figure`.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +23,18 @@ import os
 import platform
 import shlex
 import sys
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
+from psynth_jax.config.schema import AttnImpl
+from psynth_jax.measure.timing import Timing
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.presets import PRESETS, hub_id, preset
 from psynth_jax.model.transformer import LoRAConfig
 
 SCHEMA_VERSION = 1
@@ -29,8 +45,6 @@ Column = tuple[str, str, str]  # (title, row key, format)
 
 def add_common_arguments(p: argparse.ArgumentParser, *, name: str, repeats: int = 3) -> None:
     """--arch, --dtype, --attn-impl, --repeats, --seed, --out, --no-plot (same meaning in every benchmark)."""
-    from psynth_jax.model.presets import PRESETS
-
     p.add_argument("--arch", type=arch_type, default="tiny-llama",
                    help=f"architecture preset ({', '.join(PRESETS)}) or a transformers config.json / model dir; "
                         "weights are random (timing does not depend on them)")
@@ -57,8 +71,6 @@ def int_list(text: str) -> list[int]:
 
 def arch_type(text: str) -> str:
     """argparse type: a preset name or an existing config.json / model dir (anything else is reported)."""
-    from psynth_jax.model.presets import preset
-
     if not Path(text).exists():
         try:
             preset(text)
@@ -69,8 +81,6 @@ def arch_type(text: str) -> str:
 
 def resolve_arch(arch: str) -> tuple[ModelConfig, str, str | None]:
     """(ModelConfig, display name, hub id) for a preset name or a config.json path / model dir."""
-    from psynth_jax.model.presets import hub_id, preset
-
     path = Path(arch)
     if path.exists():
         return ModelConfig.from_hf(path), str(path), None
@@ -86,10 +96,6 @@ def resolve_dtype(dtype: str) -> str:
 
 def attn_impls() -> list[str]:
     """The attention kernels the experiment config accepts (psynth_jax.config.schema.AttnImpl)."""
-    import typing
-
-    from psynth_jax.config.schema import AttnImpl
-
     return list(typing.get_args(AttnImpl))
 
 
@@ -137,41 +143,87 @@ def base_metadata(benchmark: str, cfg: ModelConfig, *, arch: str, hub: str | Non
     }
 
 
+def main(benchmark: str) -> int:
+    """`python -m benchmarks.<module> ...`: the same as `psynth bench <benchmark> ...` (its checks included)."""
+    from psynth_jax.cli.bench import main as bench_main  # the CLI sits above the package's layers
+
+    return bench_main([benchmark, *sys.argv[1:]])
+
+
 def say(tag: str, msg: str) -> None:
     print(f"[bench {tag}] {msg}", file=sys.stderr, flush=True)
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
-    """Header + one line per row; missing values print as '-' (or the row's error marker)."""
+class Recorder:
+    """Each timed function's compile-inclusive first call and timed calls (ms) for one row."""
 
-    def width(title: str, fmt: str) -> int:
-        sample: Any = "" if "s}" in fmt else (0 if "d}" in fmt else 0.0)
-        return max(len(fmt.format(sample)), len(title))
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.times: dict[str, list[float]] = {}
 
-    lines = ["  ".join(t.rjust(width(t, f)) for t, _, f in columns)]
-    for row in rows:
-        cells = []
-        for title, key, fmt in columns:
-            v = row.get(key)
-            text = fmt.format(v) if v is not None else ("ERR" if row.get("error") else "-")
-            cells.append(text.rjust(width(title, fmt)))
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    def record(self, name: str, t: Timing) -> float:
+        """Keep `t` under `name`; return its median, ms."""
+        self.first[name] = round(1e3 * t.first_s, 4)
+        self.times[name] = [round(1e3 * x, 4) for x in t.times_s]
+        return t.median_ms
+
+    def fields(self) -> dict[str, Any]:
+        return {"first_call_ms": self.first, "times_ms": self.times}
+
+
+def _width(title: str, fmt: str) -> int:
+    sample: Any = "" if "s}" in fmt else (0 if "d}" in fmt else 0.0)
+    return max(len(fmt.format(sample)), len(title))
+
+
+def format_header(columns: Sequence[Column]) -> str:
+    return "  ".join(t.rjust(_width(t, f)) for t, _, f in columns)
+
+
+def format_row(row: dict[str, Any], columns: Sequence[Column], paths: Sequence[str] = ()) -> str:
+    """One row; a missing value prints as OOM when the row records `<path>_error` for the path its
+    key starts with (of `paths`), ERR when the row records an error, else "-"."""
+    cells = []
+    for title, key, fmt in columns:
+        v = row.get(key)
+        if v is not None:
+            text = fmt.format(v)
+        elif any(key.startswith(p) and f"{p}_error" in row for p in paths):
+            text = "OOM"
+        else:
+            text = "ERR" if row.get("error") else "-"
+        cells.append(text.rjust(_width(title, fmt)))
+    return "  ".join(cells)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], paths: Sequence[str] = ()) -> str:
+    """Header + one line per row (see `format_row`)."""
+    return "\n".join([format_header(columns)] + [format_row(r, columns, paths) for r in rows])
 
 
 def lora_rank_of(lora: LoRAConfig | None) -> int:
     return 0 if lora is None else lora.rank
 
 
-def save_results(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out: str | Path, *,
-                 plot: Callable[[dict[str, Any], list[dict[str, Any]], Path], Path | None] | None) -> None:
-    """Stamp the end-of-run host load, write `<out>/<name>.json` and, unless plot is None, `<name>.png`."""
+def report(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], columns: Sequence[Column],
+           args: argparse.Namespace, plot: Callable[[dict[str, Any], list[dict[str, Any]], Path], Path | None] | None,
+           paths: Sequence[str] = ()) -> None:
+    """Print the table on stderr, stamp the end-of-run host load, write `<out>/<name>.json` and,
+    unless --no-plot (or no plot), `<name>.png`."""
+    print(format_table(rows, columns, paths), file=sys.stderr, flush=True)
     meta["device"]["host_load_avg_1m_end"] = load_average()
-    out = Path(out)
+    out = Path(args.out)
     say(name, f"wrote {write_json(out / f'{name}.json', meta, rows)}")
-    png = plot(meta, rows, out / f"{name}.png") if plot is not None else None
+    png = plot(meta, rows, out / f"{name}.png") if plot is not None and not getattr(args, "no_plot", False) else None
     if png is not None:
         say(name, f"wrote {png}")
+
+
+def describe_run(name: str, arch: str, cfg: ModelConfig, meta: dict[str, Any], extra: str = "") -> None:
+    """The line every model benchmark starts with: shape, random weights, dtype, kernel, device."""
+    dev = meta["device"]
+    say(name, f"{arch}: {cfg.num_params() / 1e9:.3f}B params, RANDOM weights, {meta['dtype']}, "
+              f"attn={meta['attn_impl']}, on {dev['device_kind']} [{dev['platform']}]" + (f"; {extra}" if extra else ""))
 
 
 def device_info() -> dict[str, Any]:
@@ -241,4 +293,42 @@ def write_json(path: str | Path, metadata: dict[str, Any], rows: list[dict[str, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ plots
+def pyplot_or_none(what: str = "the plot"):
+    """matplotlib.pyplot on the Agg backend, or None with a warning when matplotlib is missing."""
+    try:
+        import matplotlib  # optional: a bare inference box runs the sweeps and writes JSON only
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: skipping {what} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plain_formatter():
+    """Tick labels as plain numbers (1024, not 2^10 or 1e3)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def log2_x(ax, xs: Sequence[float]) -> None:
+    """A log2 x axis with plain tick labels, when the sweep has more than one x."""
+    if len(set(xs)) > 1:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plain_formatter())
+
+
+def save_figure(plt, fig, path: str | Path, *, top: float = 1.0) -> Path:
+    """Lay out (keeping the top `1 - top` of the figure for a suptitle), write the PNG, close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

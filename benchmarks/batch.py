@@ -7,7 +7,7 @@ decodes `new_tokens` output tokens per request after the first:
 - cache path (METHOD.md section 3): `core.prepare` (re-encode + mapper + assemble) ->
   `core.jit_cache_prefill` of the prompt over the prepared cache, LoRA on -> first token; then
   `runtime.continue_generation` (the jitted token loop of generation) for `new_tokens` tokens.
-- text path (METHOD.md section 4): `core.jit_text_prefill` of K*L + prompt tokens, LoRA off -> first
+- text path (METHOD.md section 4): `runtime.prefill` of K*L + prompt tokens, LoRA off -> first
   token; then the same decode loop over the text cache, LoRA off.
 
 Per path and B, three timed functions (each compiled first, then `repeats` timed calls, median):
@@ -26,23 +26,22 @@ import argparse
 import gc
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from psynth_jax.bench.common import (Column, add_common_arguments, base_metadata, command_line, format_table,
-                                     save_results, say)
-from psynth_jax.bench.plots import plain_formatter, pyplot_or_none, save_figure
-from psynth_jax.bench.ttft import _random_branches
-from psynth_jax.inference.timing import OutOfMemory, time_calls
-from psynth_jax.bench.common import int_list, resolve_arch, resolve_dtype
+from benchmarks import harness
+from benchmarks.harness import (Column, Recorder, add_common_arguments, base_metadata, command_line, describe_run,
+                                int_list, report, resolve_arch, resolve_dtype, say)
+from benchmarks.plots import plot_batch
+from benchmarks.ttft import _random_branches
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
-from psynth_jax.model.loaded import parse_dtype, random_model
+from psynth_jax.measure.timing import OutOfMemory, time_calls
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.loaded import parse_dtype, random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper
@@ -157,8 +156,7 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
         "new_tokens": new_tokens, "text_tokens": text_len, "worker_prompt_tokens": worker_prompt_tokens,
         "cache_slots": k * l + extra, "text_slots": text_len + new_tokens,
     }
-    first: dict[str, float] = {}
-    times: dict[str, list[float]] = {}
+    record = Recorder()
     greedy = SamplingConfig()
 
     def decode(lora: bool) -> Callable[[tuple[jax.Array, Any]], runtime.Generation]:
@@ -177,14 +175,14 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
             plen = jnp.full((batch,), prompt_tokens, jnp.int32)
 
             def prefill():
-                cache = core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
+                cache, _ = core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
                 return core.jit_cache_prefill(gd, st, prompt, plen, cache, lora=True, attn_impl=attn_impl)
             return prefill, True
         tokens = jax.random.randint(kt, (batch, text_len), 0, cfg.vocab_size, jnp.int32)
         lens = jnp.full((batch,), text_len, jnp.int32)
 
         def prefill():
-            return core.jit_text_prefill(gd, st, tokens, lens, num_slots=text_len + new_tokens, attn_impl=attn_impl)
+            return runtime.prefill(gd, st, tokens, lens, num_slots=text_len + new_tokens, attn_impl=attn_impl)
         return prefill, False
 
     for name in paths:
@@ -197,9 +195,7 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
                 "latency": time_calls(lambda: dec(prefill()), repeats),
             }
             for part, t in timed.items():
-                first[f"{name}_{part}"] = round(1e3 * t.first_s, 4)
-                times[f"{name}_{part}"] = [round(1e3 * x, 4) for x in t.times_s]
-                row[f"{name}_{part}_ms"] = t.median_ms
+                row[f"{name}_{part}_ms"] = record.record(f"{name}_{part}", t)
             row[f"{name}_output_tokens"] = batch * new_tokens
             row[f"{name}_tokens_per_s"] = batch * new_tokens / (row[f"{name}_decode_ms"] / 1e3)
             row[f"{name}_ms_per_token"] = row[f"{name}_decode_ms"] / new_tokens
@@ -213,8 +209,7 @@ def measure_batch_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, *, b
         row["latency_speedup"] = row["text_latency_ms"] / row["cache_latency_ms"]
     if any(f"{p}_error" in row for p in paths):
         row["error"] = "; ".join(row[f"{p}_error"] for p in paths if f"{p}_error" in row)
-    row["first_call_ms"] = first
-    row["times_ms"] = times
+    row.update(record.fields())
     return row
 
 
@@ -263,44 +258,16 @@ def run(args: argparse.Namespace) -> int:
         statistic="median over `repeats` timed calls after one compile call; ms",
         definitions=DEFINITIONS,
     )
-    dev = meta["device"]
-    say("batch", f"{arch}: {cfg.num_params() / 1e9:.3f}B params, RANDOM weights, {dtype}, attn={args.attn_impl}, "
-                 f"on {dev['device_kind']} [{dev['platform']}]; K={args.k} x L={args.l}, prompt "
-                 f"{args.prompt_tokens}, {args.new_tokens} new tokens")
+    describe_run("batch", arch, cfg, meta, f"K={args.k} x L={args.l}, prompt {args.prompt_tokens}, "
+                                           f"{args.new_tokens} new tokens")
     rows = run_batch_sweep(cfg, bs=args.bs, k=args.k, l=args.l, prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, dtype=dtype, attn_impl=args.attn_impl, repeats=args.repeats,
                            mapper_kind=args.mapper, lora_rank=args.lora_rank,
                            worker_prompt_tokens=args.worker_prompt_tokens, paths=paths, seed=args.seed,
                            warmup=not args.no_warmup)
-    print(format_table(rows, TABLE_COLUMNS), file=sys.stderr, flush=True)
-    save_results("batch", meta, rows, args.out, plot=None if args.no_plot else plot_batch)
+    report("batch", meta, rows, TABLE_COLUMNS, args, plot_batch)
     return 0
 
 
-# ------------------------------------------------------------------------------ plot
-def plot_batch(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """TTFT and output tokens/s against B, cache path solid, text path dashed."""
-    plt = pyplot_or_none()
-    if plt is None:
-        return None
-    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
-    styles = {"cache": ("-o", "tab:blue", "cache path (LoRA on)"), "text": ("--s", "tab:orange", "text path")}
-    for name in meta["paths"]:
-        style, color, label = styles[name]
-        pts = [r for r in rows if r.get(f"{name}_ttft_ms") is not None]
-        x = [r["batch"] for r in pts]
-        ax_t.plot(x, [r[f"{name}_ttft_ms"] for r in pts], style, color=color, label=label)
-        ax_r.plot(x, [r[f"{name}_tokens_per_s"] for r in pts], style, color=color, label=label)
-    for ax, ylabel in ((ax_t, "TTFT (ms, median)"), (ax_r, "output tokens/s (decode phase)")):
-        if len({r["batch"] for r in rows}) > 1:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(plain_formatter())
-        ax.set_xlabel("batch size B (requests)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    dev = meta["device"]
-    fig.suptitle(f"batched synthesis: {meta['arch']}, {meta['dtype']}, K={meta['K']} x L={meta['L']}, prompt "
-                 f"{meta['prompt_tokens']}, {meta['new_tokens']} new tokens, {dev['device_kind']} [{dev['platform']}], "
-                 "random weights", fontsize=9)
-    return save_figure(plt, fig, path, top=0.94)
+if __name__ == "__main__":  # python -m benchmarks.batch ... = psynth bench batch ...
+    sys.exit(harness.main("batch"))

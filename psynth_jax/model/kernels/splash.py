@@ -1,6 +1,6 @@
 """TPU splash attention (jax's Pallas kernel) for the cache layouts of kv_cache.py.
 
-Layout handled (the same as attention_kernels.split_attention): a chunk of T new queries written
+Layout handled (the same as cudnn_split.split_attention): a chunk of T new queries written
 at slot `start[b]` of a cache whose valid slots are contiguous sees (a) every cached key before
 `start[b]`, unmasked, and (b) its own chunk keys causally, the first `chunk_len[b]` of them valid.
 

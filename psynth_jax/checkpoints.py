@@ -1,5 +1,7 @@
-"""Orbax checkpoints of the trainable state (mapper, LoRA, optimizer, step, data iterator).
+"""Orbax checkpoints of a run's trainable state (mapper, LoRA, optimizer, step, data iterator).
 
+Written by the trainer (psynth_jax/train/trainer.py), read back by it on resume and by whatever
+imports a trained run (psynth_jax/interop/runs.py: the {lora, mapper} item only, no optimizer).
 The frozen backbone is never saved: it is reloaded from its source. Saves are asynchronous and
 atomic (Orbax writes to a temporary directory and renames it when complete), so an interrupted
 save is never listed.
@@ -33,7 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from psynth_jax.inference import hosts
+from psynth_jax import distributed
 
 CORRUPT_DIR = "corrupt"
 
@@ -67,10 +69,15 @@ class Checkpointer:
             force=force,
         )
 
-    def restore_latest(self, abstract_train_state: Any, *, repair: bool = False, restart: bool = False,
-                       log: Callable[[str], None] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_latest(self, abstract_train_state: Any, *, partial: bool = False, repair: bool = False,
+                       restart: bool = False, log: Callable[[str], None] | None = None
+                       ) -> tuple[int, Any, dict[str, Any] | None] | None:
         """(step, train_state, data_state) of the newest readable checkpoint; None when there is
         none (a new run, or `restart` with every checkpoint unreadable).
+
+        partial: restore only the parts of the saved train state that `abstract_train_state` holds
+        (an importer's {"trainable": ...}: the optimizer state is not read, so no optimizer is
+        needed to describe it); data_state is then None.
 
         Every unreadable step tried is reported through `log` (default: a line on stderr). A reader
         (export, an adapter for demo/eval) changes nothing. The trainer, which holds the run's
@@ -84,19 +91,14 @@ class Checkpointer:
         self._orphans.install()  # a failed restore leaves Orbax reads behind: see _OrphanedLoopCallbacks
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                got = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        train=ocp.args.StandardRestore(abstract_train_state), data=ocp.args.JsonRestore()
-                    ),
-                )
+                got = self.manager.restore(step, args=_restore_args(abstract_train_state, partial))
             except Exception as e:  # noqa: BLE001 - a damaged step, whatever Orbax raises for it
                 failures.append((step, e))
                 self._orphans.drain()
                 if not repair:
                     say(f"checkpoint step {step} in {self.directory} is unreadable ({_short(e)}); trying an older one")
                 continue
-            restored = step, got["train"], got["data"]
+            restored = step, got["train"], None if partial else got["data"]
             break
         if restored is None and failures and not (repair and restart):
             listed = "; ".join(f"step {s}: {_short(e, 100)}" for s, e in failures)
@@ -109,9 +111,21 @@ class Checkpointer:
                 for step, e in failures:
                     where = self.move_aside(step, e)
                     say(f"checkpoint step {step} is unreadable ({_short(e)}): moved to {where}")
-            hosts.barrier("psynth_checkpoints_moved_aside")
+            distributed.barrier("psynth_checkpoints_moved_aside")
             self.manager.reload()
         return restored
+
+    def latest_shapes(self, key: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the leaves under `key` of the newest step's saved train state, by path ({} when
+        there is no step or its metadata cannot be read: `restore_latest` then says why)."""
+        step = self.manager.latest_step()
+        if step is None:
+            return {}
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(str(self.directory)) / str(step) / "train")[key]
+        except Exception:  # noqa: BLE001 - unreadable metadata: restore_latest reports it and tries an older step
+            return {}
+        return leaf_shapes(saved)
 
     def move_aside(self, step: int, reason: BaseException) -> str:
         """Move step `step`'s directory to corrupt/<step>-<UTC time>/ with REASON.txt; return where."""
@@ -216,6 +230,20 @@ def _short(err: BaseException, limit: int = 160) -> str:
     """The first line of an Orbax/tensorstore error, cut to `limit` characters (they run to kilobytes)."""
     text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _restore_args(abstract_train_state: Any, partial: bool) -> Any:
+    if partial:  # the train item only, and of it only the leaves asked for
+        return ocp.args.Composite(train=ocp.args.PyTreeRestore(
+            item=abstract_train_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_train_state),
+            partial_restore=True))
+    return ocp.args.Composite(train=ocp.args.StandardRestore(abstract_train_state), data=ocp.args.JsonRestore())
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"lora/layers/q/lora_a": shape, ...}: every leaf's shape by its path."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in flat}
 
 
 def abstract_like(tree: Any) -> Any:

@@ -2,7 +2,7 @@
 
 Two kinds of check, each one row of kernels.json (`ok` true/false, the error and its tolerance):
 
-- attention: `model.attention.attend` with the checked implementation (`--impl`, cudnn on a GPU;
+- attention: `model.kernels.dispatch.attend` with the checked implementation (`--impl`, cudnn on a GPU;
   xla_split stands in on CPU) against the dense float32 reference (`dense_attention` over the
   cache with the chunk written in, at the highest matmul precision), for every layout the code
   runs: prefill (a chunk at slot 0 of an empty cache, ragged lengths), extend (the synthesizer
@@ -17,7 +17,7 @@ Two kinds of check, each one row of kernels.json (`ok` true/false, the error and
   on a tiny random model of each family (Llama, Qwen2, Qwen3 at head_dim 128): worker rows
   prefilled and their output spans kept (`branch_kv`, prefill layout), prepared (re-encode +
   mapper + assemble), the synthesizer prompt run over them (`cache_prefill`, extend layout) and
-  `--new-tokens` tokens decoded greedily (`decode`, decode layout), once with the checked
+  `--new-tokens` tokens decoded greedily (`runtime.continue_generation`, decode layout), once with the checked
   implementation and once with xla, from the same random tokens. The first token's logits are
   compared (`err`, relative to their standard deviation), and the tokens. Greedy decoding
   in bfloat16 may flip between two near-equal logits without anything being wrong, so at a
@@ -26,7 +26,8 @@ Two kinds of check, each one row of kernels.json (`ok` true/false, the error and
 
 Errors are max |got - reference| over the valid query rows / max |reference|. A kernel that
 refuses a case (cuDNN takes only fp16/bf16, for one) is a failed row with its error message.
-Exit code 1 when any row fails, so a driver sees it; the JSON is written either way.
+Exit code 1 when any row fails, so a driver sees it; the JSON is written either way. The same
+checks run as tests on a GPU (`pytest -m gpu tests/test_kernels_gpu.py`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,20 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from psynth_jax.bench.common import device_info, say, versions, write_json
+from benchmarks import harness
+from benchmarks.harness import device_info, resolve_dtype, say, versions, write_json
+from psynth_jax.inference import runtime
+from psynth_jax.inference.sampling import SamplingConfig
+from psynth_jax.model.kernels.dispatch import attend
+from psynth_jax.model.kernels.xla import dense_attention
+from psynth_jax.model.kv_cache import AttentionMask, write_rows
+from psynth_jax.model.loaded import random_model
+from psynth_jax.model.presets import preset
+from psynth_jax.model.transformer import LoRAConfig
+from psynth_jax.synthesis import core
+from psynth_jax.synthesis.mapper import make_mapper
 
 SCHEMA_VERSION = 1
 
@@ -96,8 +109,6 @@ def layout_inputs(layout: str, head_dim: int, dtype: str, seed: int) -> dict[str
 
 
 def _mask(x: dict[str, jax.Array]):
-    from psynth_jax.model.attention import AttentionMask
-
     b, t = x["q"].shape[:2]
     s = x["k_old"].shape[1]
     valid = jnp.arange(s, dtype=jnp.int32)[None, :] < (x["start"] + x["lens"])[:, None]
@@ -111,8 +122,6 @@ def _query_rows(x: dict[str, jax.Array]) -> jax.Array:
 
 
 def _attend(x: dict[str, jax.Array], impl: str) -> jax.Array:
-    from psynth_jax.model.attention import attend
-
     return attend(x["q"], x["k_old"], x["v_old"], _mask(x), impl=impl,
                   chunk=(x["k_new"], x["v_new"], x["start"], x["lens"]))
 
@@ -123,8 +132,6 @@ def _as_float32(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def _reference(x: dict[str, jax.Array]) -> jax.Array:
     """Dense attention over the cache with the chunk written in (inputs already float32)."""
-    from psynth_jax.model.attention import dense_attention
-    from psynth_jax.model.kv_cache import write_rows
 
     k = write_rows(x["k_old"], x["k_new"], x["start"])
     v = write_rows(x["v_old"], x["v_new"], x["start"])
@@ -231,12 +238,7 @@ class GreedyCase:
     """A tiny random model of one family and the random inputs of the cache path (2 requests x 3 branches)."""
 
     def __init__(self, family: str, *, dtype: str, new_tokens: int, seed: int):
-        from flax import nnx
 
-        from psynth_jax.model.loaded import random_model
-        from psynth_jax.model.presets import preset
-        from psynth_jax.model.transformer import LoRAConfig
-        from psynth_jax.synthesis.mapper import make_mapper
 
         arch, head_dim = FAMILIES[family]
         self.cfg = dataclasses.replace(preset(arch), head_dim=head_dim)
@@ -255,7 +257,6 @@ class GreedyCase:
     def prepared_cache(self, impl: str):
         """Worker rows prefilled with `impl` (synthesis core: branch_kv), their outputs' KV prepared
         (re-encoded, mapped, assembled) as the synthesizer's cache."""
-        from psynth_jax.synthesis import core
 
         branches = core.jit_branch_kv(
             self.model.graphdef, self.model.state, jnp.asarray(self.worker_tokens),
@@ -263,23 +264,19 @@ class GreedyCase:
             jnp.asarray(self.prompt_lens), num_requests=self.requests, branch_slots=int(self.out_lens.max()),
             attn_impl=impl)
         extra = self.synth_tokens.shape[1] + self.new_tokens + 1
-        return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)
+        return core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg, extra_slots=extra)[0]
 
     def run(self, impl: str) -> CachePathRun:
-        from psynth_jax.inference.sampling import SamplingConfig
-        from psynth_jax.synthesis import core
-
         gd, st = self.model.graphdef, self.model.state
         logits, cache = core.jit_cache_prefill(gd, st, jnp.asarray(self.synth_tokens), jnp.asarray(self.synth_lens),
                                                self.prepared_cache(impl), attn_impl=impl)
         first = np.asarray(logits, np.float32)
-        gen = core.decode(gd, st, logits, cache, jax.random.key(0), max_new_tokens=self.new_tokens,
-                          sampling=SamplingConfig(), stop_ids=(), lora=True, attn_impl=impl)
+        gen = runtime.continue_generation(gd, st, logits, cache, jax.random.key(0), max_new_tokens=self.new_tokens,
+                                          sampling=SamplingConfig(), stop_ids=(), lora=True, attn_impl=impl)
         return CachePathRun(first, np.asarray(gen.tokens))
 
     def reference_logits(self, tokens: np.ndarray, upto: Sequence[int]) -> np.ndarray:
         """XLA logits of the token after prompt + tokens[b, :upto[b]] for each request (teacher-forced)."""
-        from psynth_jax.synthesis import core
 
         width = self.synth_tokens.shape[1] + max(upto)
         rows = np.zeros((self.requests, max(width, 1)), np.int32)
@@ -393,7 +390,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Every check, most important first (the first dtype's layouts, the greedy paths, then the
     other dtypes); kernels.json is rewritten after each row, so a run stopped midway keeps its rows."""
-    from psynth_jax.bench.common import resolve_dtype
 
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
@@ -428,3 +424,7 @@ def run(args: argparse.Namespace) -> int:
     for line in meta["failures"]:
         print(f"FAILED: {line}", file=sys.stderr, flush=True)
     return 1 if meta["failures"] else 0
+
+
+if __name__ == "__main__":  # python -m benchmarks.kernels ... = psynth bench kernels ...
+    sys.exit(harness.main("kernels"))
