@@ -33,6 +33,7 @@ LAYERS = (
     "psynth_jax.model.loaded",  # LoadedModel, the type every stage passes around
     "psynth_jax.inference",  # jitted prefill / extend / decode, sampling, Generator
     "psynth_jax.synthesis",  # handoff convention, branches, mapper, the core, ParallelSynthesis
+    "psynth_jax.serve",  # the serving engine (prefill / insert / generate), branch store, scheduler, HTTP API
     "psynth_jax.interop",  # checkpoints in and out (HF, GGUF, PEFT, the release)
     "psynth_jax.measure",  # timing, TTFT, roofline cost model, profiles
     "psynth_jax.eval",  # tasks, scorers, the eval runner

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "benchmarks x synthesis modes (single, text, naive/mapper-only/LoRA-only cache, psynth): accuracy + TTFT"),
     "export": ("export", "export a trained synthesizer for PyTorch: merged transformers checkpoint and/or PEFT adapter + mapper"),
     "build-data": ("build_data", "build training examples (exposure | aggregation | distillation) as .jsonl/.parquet"),
+    "serve": ("serve", "an OpenAI-style HTTP server: chat completions, branch handles, synthesis from branch caches"),
     "plan": ("plan", "per-device memory of a train or eval config on an accelerator, before provisioning it"),
 }
 

@@ -95,6 +95,19 @@ def prefill(
     return select_outputs(model, h, lengths, output), cache
 
 
+def decode_fn(model: Decoder, tokens: jax.Array, cache: KVCache, active: jax.Array | None = None, *,
+              lora: bool | jax.Array = False, attn_impl: str = "xla", view: BranchView | None = None
+              ) -> tuple[jax.Array, KVCache]:
+    """One decode step (pure: callable inside any jit): feed one token per row ([B]) and return
+    float32 logits [B, V] and the cache with it written; rows with active=False are left unchanged.
+
+    lora: on or off for every row, or a [B] bool array (a serving batch mixes workers and
+    synthesizers). view: branch caches read in place besides `cache` (the zero-copy cache path).
+    """
+    valid = None if active is None else active[:, None]
+    return model(tokens[:, None], cache, valid, lora=lora, attn_impl=attn_impl, output="last", view=view)
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "lora", "attn_impl"), donate_argnames=("cache",)
 )
@@ -108,10 +121,8 @@ def decode_step(
     lora: bool = False,
     attn_impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
-    """Feed one token per row ([B]); rows with active=False are left unchanged. Donates cache."""
-    model = _merge(graphdef, state)
-    valid = None if active is None else active[:, None]
-    return model(tokens[:, None], cache, valid, lora=lora, attn_impl=attn_impl, output="last")
+    """`decode_fn` compiled: feed one token per row ([B]); rows with active=False are left unchanged. Donates cache."""
+    return decode_fn(_merge(graphdef, state), tokens, cache, active, lora=lora, attn_impl=attn_impl)
 
 
 @jax.tree_util.register_dataclass
@@ -154,8 +165,7 @@ def decode_loop(
 
     def body(carry):
         i, cur, done, out, cache, rng = carry
-        logits, cache = model(cur[:, None], cache, (~done)[:, None], lora=lora, attn_impl=attn_impl, output="last",
-                              view=view)
+        logits, cache = decode_fn(model, cur, cache, ~done, lora=lora, attn_impl=attn_impl, view=view)
         finished = done | jnp.isin(cur, stops) | (i + 1 >= max_new_tokens)
         rng, sub = jax.random.split(rng)
         nxt = jnp.where(finished, 0, sample(logits, sub, sampling))

@@ -32,9 +32,31 @@ def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Each row with its own settings and key (a serving batch mixes requests): logits [B, V]
+    float32, keys [B] (typed PRNG keys), temperature [B] (0: greedy), top_p [B] -> token ids [B].
+
+    A row is drawn from the distribution `sample` draws from under a SamplingConfig of its settings
+    (greedy rows: the same token), from its own key only, so a row's tokens do not depend on the
+    other rows of its batch. The nucleus and the draw are skipped (`lax.cond`) when no row of the batch needs them, so an all-greedy batch
+    costs one argmax.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    warm = temperature > 0.0
+
+    def drawn() -> jax.Array:
+        scaled = logits / jnp.where(warm, temperature, 1.0)[:, None]
+        cut = warm & (top_p < 1.0)
+        scaled = jax.lax.cond(
+            jnp.any(cut), lambda x: jnp.where(nucleus(x, top_p) | ~cut[:, None], x, -jnp.inf), lambda x: x, scaled)
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, scaled).astype(jnp.int32)
+
+    return jnp.where(warm, jax.lax.cond(jnp.any(warm), drawn, lambda: greedy), greedy)
+
+
+def nucleus(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
     """[B, V] -> bool [B, V]: the top-p nucleus, the smallest set of highest logits whose
-    probability mass reaches top_p (ties at the cutoff kept; never empty).
+    probability mass reaches top_p (a scalar, or one per row [B]; ties at the cutoff kept; never empty).
 
     The cutoff is the largest logit c with P(logit >= c) >= top_p. It is found by bisection
     over the 2^32 float32 values in order (their bit patterns, made monotonic), 32 masked sums

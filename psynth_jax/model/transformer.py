@@ -82,14 +82,19 @@ class Linear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array, lora: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: bool | jax.Array) -> jax.Array:
+        """x [B, ..., in]; lora: on or off for every row, or a [B] bool array choosing per row (a
+        serving batch decodes workers, LoRA off, beside synthesizers, LoRA on)."""
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        if lora and self.lora_a is not None:
-            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-            y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
-        return y
+        if self.lora_a is None or lora is False:
+            return y
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        delta = ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
+        if lora is True:
+            return y + delta
+        return y + jnp.where(jnp.reshape(lora, (-1,) + (1,) * (x.ndim - 1)), delta, jnp.zeros((), x.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -135,7 +140,7 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, k_cache, v_cache, positions, write_start, chunk_len, mask: AttentionMask, inv_freq,
-                 *, lora: bool, attn_impl: str, stacked=None, view: LayerView | None = None):
+                 *, lora: bool | jax.Array, attn_impl: str, stacked=None, view: LayerView | None = None):
         b, t, _ = x.shape
         h = self.attn_norm(x)
         q = self.q(h, lora).reshape(b, t, self.num_heads, self.head_dim)
@@ -219,7 +224,7 @@ class Decoder(nnx.Module):
         token_valid: jax.Array | None = None,
         positions: jax.Array | None = None,
         *,
-        lora: bool = False,
+        lora: bool | jax.Array = False,
         attn_impl: str = "xla",
         output: Output = "all",
         visibility: jax.Array | None = None,
@@ -230,6 +235,7 @@ class Decoder(nnx.Module):
 
         token_valid [B, T]: False marks right-padding (not attended to, does not advance the
         row). positions [B, T]: RoPE positions, default `cache.next_pos + arange(T)`.
+        lora: the LoRA on or off for every row, or a [B] bool array (per row: a serving batch).
         output: "all" -> logits [B, T, V]; "last" -> logits of each row's last valid token
         [B, V]; "hidden" -> final-norm hidden states [B, T, D].
         visibility [B, T, S]: an explicit attention mask replacing the slot rule (reference
