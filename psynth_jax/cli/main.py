@@ -43,7 +43,8 @@ EXIT_CODES = f"""exit codes:
   {EXIT_USAGE}    usage, config or input error (a flag, a config field, a data or checkpoint file, a run
        directory in use or holding another run): the message names it; nothing saved was changed
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
-  {EXIT_PREEMPTED}  psynth train stopped by SIGTERM (preemption) after saving a checkpoint; rerun to resume
+  {EXIT_PREEMPTED}  psynth train stopped by SIGTERM (preemption) after saving a checkpoint; rerun to resume;
+       psynth serve stopped by SIGTERM after the requests in flight finished
 --debug (or PSYNTH_DEBUG=1) shows the traceback of a failure instead of the one-line message."""
 
 # Errors that mean "the input is wrong" (a flag, config, file, run directory), not "the run broke".
