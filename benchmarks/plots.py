@@ -322,3 +322,29 @@ def plot_train(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Pat
                  f"{meta['branch_tokens']} + {meta['live_tokens']} live), {dev['device_kind']} [{dev['platform']}], "
                  "random weights", fontsize=9)
     return save_figure(plt, fig, path, top=0.93)
+
+
+# ------------------------------------------------------------------ bench serve
+def plot_serve(meta: dict[str, Any], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """TTFT p50 / p99 and decode tokens/s per synthesis path, one request at a time vs concurrent clients."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(10, 4.5))
+    labels = [f"{r['path']}\n{r['phase']}" for r in rows]
+    x = range(len(rows))
+    ax_t.bar([i - 0.2 for i in x], [r["ttft_p50_ms"] for r in rows], 0.4, label="p50")
+    ax_t.bar([i + 0.2 for i in x], [r["ttft_p99_ms"] for r in rows], 0.4, label="p99")
+    ax_t.set_xticks(list(x), labels, fontsize=8)
+    ax_t.set_ylabel("TTFT, ms (client side)")
+    ax_t.legend(fontsize=8)
+    ax_r.bar(list(x), [r["decode_tokens_per_s"] for r in rows], 0.5)
+    ax_r.set_xticks(list(x), labels, fontsize=8)
+    ax_r.set_ylabel("decode tokens/s (all requests / wall time)")
+    for ax in (ax_t, ax_r):
+        ax.grid(True, axis="y", alpha=0.3)
+    dev = meta["device"]
+    fig.suptitle(f"psynth serve: {meta['arch']}, {meta['dtype']}, K={meta['k']} x L={meta['branch_tokens']}, "
+                 f"{meta['max_tokens']} new tokens, {meta['clients']} clients vs one at a time; "
+                 f"{dev.get('host_cpu', dev['device_kind'])} [{dev['platform']}], random weights", fontsize=9)
+    return save_figure(plt, fig, path, top=0.92)

@@ -23,7 +23,8 @@ import pytest
 LONGEST_FIRST = (  # serial seconds on the 2-core VM, longest first
     "test_multihost.py", "test_sharded.py", "test_trainer.py", "test_gpu_check.py", "test_eval_runner.py",
     "test_core_consistency.py", "test_train_step.py", "test_zero_copy.py", "test_default_model.py",
-    "test_splash_attention.py", "test_checkpoint_safety.py", "test_bench.py",
+    "test_splash_attention.py", "test_checkpoint_safety.py", "test_bench.py", "test_serve.py",
+    "test_serve_documented.py",
 )
 
 

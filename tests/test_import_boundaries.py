@@ -1,4 +1,5 @@
-"""Inference must run on a box with only jax + flax + transformers (no torch, no training stack).
+"""Inference must run on a box with only jax + flax + transformers (no torch, no training stack, no
+HTTP stack: the serving engine, store and scheduler import without FastAPI / uvicorn).
 
 The checks run once, in one fresh interpreter whose import system hides torch, optax, orbax,
 grain, datasets and psynth_jax.{train,data,eval}: every meta-path finder is wrapped so that those names
@@ -27,7 +28,8 @@ import hf_models
 import release_fixtures as rf
 from psynth_jax.interop.embedded import default_gguf_path
 
-BLOCKED = ("torch", "orbax", "grain", "datasets", "psynth_jax.train", "psynth_jax.data", "psynth_jax.eval")
+BLOCKED = ("torch", "orbax", "grain", "datasets", "psynth_jax.train", "psynth_jax.data", "psynth_jax.eval",
+           "fastapi", "uvicorn", "starlette")  # the HTTP stack is the `serve` extra: the engine runs without it
 # + "optax" once flax.nnx is imported (see the module docstring)
 
 BLOCKER = textwrap.dedent(f"""
@@ -93,6 +95,7 @@ SECTIONS = textwrap.dedent("""
         import psynth_jax.model.transformer
         import psynth_jax.inference.generator
         import psynth_jax.interop.loader
+        import psynth_jax.serve.engine, psynth_jax.serve.scheduler, psynth_jax.serve.service, psynth_jax.serve.store
         from psynth_jax.inference import runtime
         from psynth_jax.interop.loader import load_model
         from psynth_jax.model.loaded import random_model

@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("benchmarks.train_step", "the trainer's step (mapper + LoRA): tokens/s and model FLOPs utilization"),
     "sampling": ("benchmarks.token_sampling", "one sampled token over the vocabulary: greedy, temperature, top-p "
                                               "(bisection) vs top-p by sorting"),
+    "serve": ("benchmarks.serve", "psynth serve under N concurrent clients on loopback vs one request at a time: "
+                                  "TTFT p50/p99 of the cache and text paths, decode tokens/s, requests/s"),
     "kernels": ("benchmarks.kernels", "correctness: the fused attention path (cudnn) against the XLA reference "
                                             "per layout, and the cache path's greedy tokens per model family"),
     "peer": ("benchmarks.peer", "the PyTorch + transformers (SDPA) peer of `bench ttft` alone: text and "
