@@ -152,7 +152,7 @@ def test_an_eval_process_with_no_chunk_waits_and_exits_cleanly(tmp_path, model_d
 LATE = textwrap.dedent("""
     import sys, time
     import jax
-    from psynth_jax.inference import hosts
+    from psynth_jax import distributed as hosts
 
     hosts.initialize()
     jax.devices()
@@ -193,7 +193,7 @@ FAILING = textwrap.dedent("""
     import sys
     import jax
     from psynth_jax.cli.main import main
-    from psynth_jax.inference import hosts
+    from psynth_jax import distributed as hosts
 
     hosts.initialize()
     jax.devices()
