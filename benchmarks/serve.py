@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=16, help="the server's decode slots")
     p.add_argument("--max-context", type=int, default=1024, help="the server's cache slots per decode slot")
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound of the whole run (and of each request)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one engine decode step (self time per XLA op, measure/profile.py) with one live "
+                        "slot, at --slots slots and at 1 slot, against the batch-1 bandwidth floor")
     p.add_argument("--roofline-json", default=None, metavar="PATH",
                    help="bandwidth of a `psynth bench roofline` roofline.json for the floors (else none)")
     add_common_arguments(p, name="serve", repeats=1)
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         say("serve", f"{arch}: vocabulary {cfg.vocab_size} -> {len(tokenizer)} (SmolLM2's tokenizer)")
         cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer))
     meta = base_metadata("serve", cfg, arch=arch, hub=hub, dtype=dtype, attn_impl=args.attn_impl,
-                         command=command_line("serve", args, _OPTIONS, arch=arch, dtype=dtype), repeats=1,
+                         command=command_line("serve", args, _OPTIONS, ("profile",), arch=arch, dtype=dtype), repeats=1,
                          seed=args.seed)
     bandwidth = load_roofline(args.roofline_json).bandwidth_gbs if args.roofline_json else None
     meta.update({k: getattr(args, k) for k in ("clients", "requests", "k", "branch_tokens", "max_tokens", "slots",
@@ -97,6 +100,12 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         row.update(floor(row))
     summary = _summary(rows)
+    if args.profile:
+        meta["decode_step_profiles"] = _profile_steps(model, args, floor)
+        for p in meta["decode_step_profiles"]:
+            summary[f"step_ms_{p['slots']}_slots_1_live"] = round(p["wall_ms"], 2)
+            if p.get("over_floor") is not None:
+                summary[f"step_over_batch1_floor_{p['slots']}_slots"] = round(p["over_floor"], 3)
     meta["summary"] = summary
     for key, value in summary.items():
         say("serve", f"{key}: {value}")
@@ -239,6 +248,39 @@ def _floor_fn(cfg, dtype: str, lora: LoRAConfig, bandwidth: float | None):
         return {"floor_ms": ms, "token_over_floor": row["token_ms_p50"] / ms}
 
     return floor
+
+
+def _profile_steps(model, args: argparse.Namespace, floor) -> list[dict[str, Any]]:
+    """One `engine.generate` step with one live slot (the first holding a full --max-context of cached
+    tokens' worth of slots), at --slots decode slots and at 1: wall time, self time per op kind, and the
+    ratio to the batch-1 floor of a request with --max-context cached tokens."""
+    import jax.numpy as jnp
+
+    from psynth_jax.measure.profile import profile_jit
+    from psynth_jax.serve import engine as eng
+    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+
+    out = []
+    synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
+    for slots in sorted({args.slots, 1}, reverse=True):
+        engine = eng.Engine(synth, slots=slots, max_context=args.max_context)
+        live = np.zeros(slots, bool)
+        live[0] = True
+
+        def step(params, state, live_rows):
+            return eng.generate(model.graphdef, params, state, live_rows, attn_impl=args.attn_impl)
+
+        say("serve", f"profiling one decode step at {slots} slot(s) x {args.max_context} cache slots")
+        prof = profile_jit(step, lambda: (model.state, engine.init_decode_state(), jnp.asarray(live)),
+                           f"{args.out}/profile_{slots}_slots", calls=3)
+        row = {"slots": slots, "max_context": args.max_context, **prof.summary(top=8)}
+        batch1 = floor({"path": "cache", "token_ms_p50": prof.wall_ms, "cached_tokens": args.max_context,
+                        "prompt_tokens": 0, "completion_tokens": 0, "requests": 1})
+        if batch1:
+            row.update(floor_ms=batch1["floor_ms"], over_floor=batch1["token_over_floor"])
+        out.append(row)
+        say("serve", prof.format(top=6))
+    return out
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

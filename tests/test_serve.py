@@ -290,3 +290,23 @@ def test_load_loses_no_request_and_leaves_no_slot_or_pin(served):
     stats = wait_idle(url)
     assert stats["scheduler"]["live_slots"] == 0 and stats["scheduler"]["waiting"] == 0
     assert stats["store"]["pins"] == 0
+
+
+# --------------------------------------------------------------------------- a mesh
+def test_the_engine_on_a_mesh_decodes_as_on_one_device():
+    """Decode slots split over `data` on 2 fake CPU devices (a child process): the same tokens and the
+    same handed-over worker keys as one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("serve_mesh_check.py"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert facts["devices"] == 2 and facts["two"] == facts["one"] and len({t for row in facts["one"] for t in row}) > 2
+    assert abs(facts["keys_two"] - facts["keys_one"]) <= 1e-4 * abs(facts["keys_one"])
