@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound of the whole run (and of each request)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one engine decode step (self time per XLA op, measure/profile.py) with one live "
-                        "slot, at --slots slots and at 1 slot, against the batch-1 bandwidth floor")
+                        "slot: over --slots slots, over the first slot of --slots, on 1 slot; against the batch-1 "
+                        "bandwidth floor")
     p.add_argument("--roofline-json", default=None, metavar="PATH",
                    help="bandwidth of a `psynth bench roofline` roofline.json for the floors (else none)")
     add_common_arguments(p, name="serve", repeats=1)
@@ -103,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         meta["decode_step_profiles"] = _profile_steps(model, args, floor)
         for p in meta["decode_step_profiles"]:
-            summary[f"step_ms_{p['slots']}_slots_1_live"] = round(p["wall_ms"], 2)
+            summary[f"step_ms_{p['name']}_1_live"] = round(p["wall_ms"], 2)
             if p.get("over_floor") is not None:
-                summary[f"step_over_batch1_floor_{p['slots']}_slots"] = round(p["over_floor"], 3)
+                summary[f"step_over_batch1_floor_{p['name']}"] = round(p["over_floor"], 3)
     meta["summary"] = summary
     for key, value in summary.items():
         say("serve", f"{key}: {value}")
@@ -251,9 +252,10 @@ def _floor_fn(cfg, dtype: str, lora: LoRAConfig, bandwidth: float | None):
 
 
 def _profile_steps(model, args: argparse.Namespace, floor) -> list[dict[str, Any]]:
-    """One `engine.generate` step with one live slot (the first holding a full --max-context of cached
-    tokens' worth of slots), at --slots decode slots and at 1: wall time, self time per op kind, and the
-    ratio to the batch-1 floor of a request with --max-context cached tokens."""
+    """One `engine.generate` step with one live slot (the first), each slot --max-context cache slots
+    wide: over all --slots slots (a step that does not narrow), over the first slot only (what
+    `Engine.step_rows` runs for a lone request), and on a 1-slot engine. Wall time, self time per op
+    kind, and the ratio to the batch-1 floor of a request with --max-context cached tokens."""
     import jax.numpy as jnp
 
     from psynth_jax.measure.profile import profile_jit
@@ -262,18 +264,20 @@ def _profile_steps(model, args: argparse.Namespace, floor) -> list[dict[str, Any
 
     out = []
     synth = ParallelSynthesis(model, attn_impl=args.attn_impl)
-    for slots in sorted({args.slots, 1}, reverse=True):
+    for slots, rows in dict.fromkeys([(args.slots, None), (args.slots, 1), (1, None)]):
         engine = eng.Engine(synth, slots=slots, max_context=args.max_context)
         live = np.zeros(slots, bool)
         live[0] = True
 
-        def step(params, state, live_rows):
-            return eng.generate(model.graphdef, params, state, live_rows, attn_impl=args.attn_impl)
+        def step(params, state, live_rows, rows=rows):
+            return eng.generate(model.graphdef, params, state, live_rows, attn_impl=args.attn_impl, rows=rows)
 
-        say("serve", f"profiling one decode step at {slots} slot(s) x {args.max_context} cache slots")
+        name = f"{slots}_slots" + ("" if rows is None or slots == 1 else f"_{rows}_row")
+        say("serve", f"profiling one decode step: {slots} slot(s) x {args.max_context} cache slots, rows {rows or slots}")
         prof = profile_jit(step, lambda: (model.state, engine.init_decode_state(), jnp.asarray(live)),
-                           f"{args.out}/profile_{slots}_slots", calls=3)
-        row = {"slots": slots, "max_context": args.max_context, **prof.summary(top=8)}
+                           f"{args.out}/profile_{name}", calls=3)
+        row = {"name": name, "slots": slots, "rows": rows or slots, "max_context": args.max_context,
+               **prof.summary(top=8)}
         batch1 = floor({"path": "cache", "token_ms_p50": prof.wall_ms, "cached_tokens": args.max_context,
                         "prompt_tokens": 0, "completion_tokens": 0, "requests": 1})
         if batch1:

@@ -58,10 +58,11 @@ def test_serve_run_writes_consistent_json(tmp_path):
         at["cache", "concurrent"]["ttft_p50_ms"] / at["text", "concurrent"]["ttft_p50_ms"], abs=1e-3)
     assert s["batch1_decode_over_floor"] == pytest.approx(at["cache", "sequential"]["token_over_floor"], abs=1e-3)
     profiles = meta["decode_step_profiles"]
-    assert [p["slots"] for p in profiles] == [2, 1]
+    assert [(p["name"], p["slots"], p["rows"]) for p in profiles] == [("2_slots", 2, 2), ("2_slots_1_row", 2, 1),
+                                                                       ("1_slots", 1, 1)]
     for p in profiles:
         assert p["wall_ms"] > 0 and p["op_ms"] > 0 and p["top_ops"] and math.isfinite(p["over_floor"])
-        assert s[f"step_ms_{p['slots']}_slots_1_live"] == pytest.approx(p["wall_ms"], abs=0.01)
+        assert s[f"step_ms_{p['name']}_1_live"] == pytest.approx(p["wall_ms"], abs=0.01)
     assert (tmp_path / "out" / "serve.png").read_bytes()[:8] == PNG_MAGIC
 
 

@@ -7,14 +7,16 @@ prefill -> insert into a decode slot -> generate one step for every live slot.
                                    `core.jit_prepare` (re-encode + map + assemble) then
                                    `core.jit_cache_prefill`, as `ParallelSynthesis.cache_steps` runs them
     insert(prefix, state, slot)    the prefix's cache, first token and sampling into a free slot
-    generate(state, live)          one decode step of every live slot (`runtime.decode_fn`), per-row
-                                   LoRA and sampling, so workers, chats and synthesizers share a step
+    generate(state, live, rows)    one decode step of every live slot (`runtime.decode_fn`), per-row
+                                   LoRA and sampling, so workers, chats and synthesizers share a step;
+                                   over the first `rows` slots only when the others are free
     hand_over(state, slot, ...)    a finished worker's kept span out of its slot (`core.extract`)
     branch_from_tokens(...)        a branch given as text, prefilled (`core.jit_branch_kv`)
 
 A `Prefix` is what MaxEngine's prefill returns: the request's cache (batch 1) and its first sampled
 token. The jitted functions are pure over pytrees (`DecodeState`, `Prefix`, `BranchCaches`),
-compiled once per shape bucket (prompt widths in multiples of 64, branch spans likewise); the decode
+compiled once per shape bucket (prompt widths in multiples of 64, branch spans likewise, steps over
+1, 2, 4, ... slots: `Engine.warm_up` compiles those before serving); the decode
 state is donated by `insert` and `generate`, which replace it. On a mesh the decode slots are split
 over the batch axes (requests over `data`) and every call runs under the mesh, as the Generator does.
 
@@ -121,18 +123,49 @@ def insert(prefix: Prefix, state: DecodeState, slot: jax.Array, lora: jax.Array,
                        keys=state.keys.at[slot].set(keys), steps=state.steps.at[slot].set(0))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"), donate_argnames=("state",))
-def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live: jax.Array, *,
-             attn_impl: str = "xla") -> tuple[DecodeState, jax.Array]:
-    """One decode step of every live slot (MaxEngine's generate): feed each slot's token
-    (`runtime.decode_fn`, LoRA per slot), draw the next one with the slot's own sampling and key.
-    Slots with live=False are left unchanged. Returns the new state and the drawn tokens [N]."""
-    model = nnx.merge(graphdef, params)
+def _step(model, state: DecodeState, live: jax.Array, attn_impl: str) -> tuple[DecodeState, jax.Array]:
+    """Feed every slot's token (`runtime.decode_fn`, LoRA per slot) and draw the live ones' next."""
     logits, cache = runtime.decode_fn(model, state.tokens, state.cache, live, lora=state.lora, attn_impl=attn_impl)
     steps = state.steps + live.astype(jnp.int32)
     drawn = sample_rows(logits, _row_keys(state.keys, steps), state.temperature, state.top_p)
     tokens = jnp.where(live, drawn, state.tokens)
     return dataclasses.replace(state, cache=cache, tokens=tokens, steps=steps), tokens
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "rows"), donate_argnames=("state",))
+def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live: jax.Array, *,
+             attn_impl: str = "xla", rows: int | None = None) -> tuple[DecodeState, jax.Array]:
+    """One decode step of every live slot (MaxEngine's generate): feed each slot's token
+    (`runtime.decode_fn`, LoRA per slot), draw the next one with the slot's own sampling and key.
+    Slots with live=False are left unchanged. Returns the new state and the drawn tokens [N].
+
+    rows: step only slots [0, rows) (every live slot must be among them; None: all N). The decode
+    attention reads every row's whole cache, so a lone request in an N-slot state would pay for N
+    rows: here the first `rows` rows are cut out (one copy of their cache), stepped, and only what
+    the step changed is written back: each row's new key/value at the slot it wrote, its mask,
+    counters and token. Free slots past `rows` are not touched (the full step would only write
+    their unused next slot, which stays invalid)."""
+    model = nnx.merge(graphdef, params)
+    if rows is None or rows >= state.num_slots:
+        return _step(model, state, live, attn_impl)
+    c = state.cache
+    head = KVCache(k=c.k[:, :rows], v=c.v[:, :rows], valid=c.valid[:rows], end=c.end[:rows],
+                   next_pos=c.next_pos[:rows])
+    sub, drawn = _step(model, DecodeState(cache=head, tokens=state.tokens[:rows], lora=state.lora[:rows],
+                                          temperature=state.temperature[:rows], top_p=state.top_p[:rows],
+                                          keys=state.keys[:rows], steps=state.steps[:rows]),
+                       live[:rows], attn_impl)
+    slot = jnp.clip(head.end, 0, c.num_slots - 1)[:, None]  # where the step wrote (kv_cache.write_layers, T = 1)
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+
+    def put(buf: jax.Array, new: jax.Array) -> jax.Array:
+        written = jnp.take_along_axis(new, slot[None, :, :, None, None], axis=2)  # [L, rows, 1, Hkv, D]
+        return buf.at[:, row, slot].set(written, unique_indices=True)
+
+    cache = KVCache(k=put(c.k, sub.cache.k), v=put(c.v, sub.cache.v), valid=c.valid.at[:rows].set(sub.cache.valid),
+                    end=c.end.at[:rows].set(sub.cache.end), next_pos=c.next_pos.at[:rows].set(sub.cache.next_pos))
+    tokens = state.tokens.at[:rows].set(drawn)
+    return dataclasses.replace(state, cache=cache, tokens=tokens, steps=state.steps.at[:rows].set(sub.steps)), tokens
 
 
 @functools.partial(jax.jit, static_argnames=("branch_slots",))
@@ -238,11 +271,34 @@ class Engine:
                           jnp.asarray(_key_data(sampling.seed)))
 
     def generate(self, state: DecodeState, live: np.ndarray) -> tuple[DecodeState, jax.Array]:
-        """One decode step of the slots where `live` [N] is True (the state is donated)."""
+        """One decode step of the slots where `live` [N] is True (the state is donated), over the
+        smallest power-of-two prefix of slots holding every live one (`step_rows`)."""
         m = self.synth.model
+        live = np.asarray(live, bool)
         with self.mesh():
-            return generate(m.graphdef, m.state, state, self.synth.gen.put_batch(np.asarray(live, bool)),
-                            attn_impl=self.synth.attn_impl)
+            return generate(m.graphdef, m.state, state, self.synth.gen.put_batch(live),
+                            attn_impl=self.synth.attn_impl, rows=self.step_rows(live))
+
+    def step_rows(self, live: np.ndarray) -> int | None:
+        """The slots a step runs over: the power of two (at most N) covering the last live slot, so
+        that a lone request's step reads its own cache, not N rows' (the scheduler fills the lowest
+        free slot first). None (all N) on a mesh, whose slots are split over devices."""
+        if self.synth.model.mesh is not None:
+            return None
+        top = int(np.flatnonzero(live)[-1]) + 1 if live.any() else 1
+        rows = 1 << (top - 1).bit_length()
+        return None if rows >= self.slots else rows
+
+    def warm_up(self, state: DecodeState) -> DecodeState:
+        """Compile every step `step_rows` can pick (1, 2, 4, ... slots, then all N) by running each
+        once with no slot live, so that no request waits for a compile once serving; returns the
+        state (no valid slot, counter or token changed)."""
+        m = self.synth.model
+        idle = self.synth.gen.put_batch(np.zeros(self.slots, bool))
+        for rows in dict.fromkeys(self.step_rows(np.arange(self.slots) == last) for last in range(self.slots)):
+            with self.mesh():
+                state, _ = generate(m.graphdef, m.state, state, idle, attn_impl=self.synth.attn_impl, rows=rows)
+        return state
 
     # ------------------------------------------------------------------- branches
     def hand_over(self, state: DecodeState, slot: int, prompt_len: int, output_len: int, stopped: bool,

@@ -150,7 +150,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------- thread
     def _run(self) -> None:
-        state = self.engine.init_decode_state()
+        state = self.engine.warm_up(self.engine.init_decode_state())
         while True:
             with self._cv:
                 while not (self._inbox or self._pending or self._live() or self._stopping):
