@@ -96,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
     describe_run("serve", arch, cfg, meta, f"{args.clients} clients, {args.requests} requests per path and phase")
     lora = LoRAConfig()
     model = dataclasses.replace(random_model(cfg, dtype=dtype, lora=lora, seed=args.seed), tokenizer=tokenizer)
-    rows = asyncio.run(asyncio.wait_for(_measure(args, model), args.timeout_s))
+    try:
+        rows = asyncio.run(asyncio.wait_for(_measure(args, model), args.timeout_s))
+    except TimeoutError:
+        raise TimeoutError(f"the run took longer than --timeout-s {args.timeout_s:g} s (a loaded machine? raise it, "
+                           "or lower --requests)") from None
     floor = _floor_fn(cfg, dtype, lora, bandwidth)
     for row in rows:
         row.update(floor(row))
