@@ -279,7 +279,7 @@ def _profile_steps(model, args: argparse.Namespace, floor) -> list[dict[str, Any
         name = f"{slots}_slots" + ("" if rows is None or slots == 1 else f"_{rows}_row")
         say("serve", f"profiling one decode step: {slots} slot(s) x {args.max_context} cache slots, rows {rows or slots}")
         prof = profile_jit(step, lambda: (model.state, engine.init_decode_state(), jnp.asarray(live)),
-                           f"{args.out}/profile_{name}", calls=3)
+                           f"{args.out}/profile_{name}", calls=3, donate_argnums=(1,))
         row = {"name": name, "slots": slots, "rows": rows or slots, "max_context": args.max_context,
                **prof.summary(top=8)}
         batch1 = floor({"path": "cache", "token_ms_p50": prof.wall_ms, "cached_tokens": args.max_context,

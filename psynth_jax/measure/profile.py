@@ -169,15 +169,18 @@ def self_times(trace_file: Path, module: str) -> dict[str, tuple[float, int]]:
 
 
 def profile_jit(fn: Callable[..., Any], args_fn: Callable[[], tuple], out_dir: str | Path, *,
-                calls: int = 3) -> OpProfile:
+                calls: int = 3, donate_argnums: tuple[int, ...] = ()) -> OpProfile:
     """Profile `jax.jit(fn)(*args_fn())` (one module; nested jits inline) over `calls` calls.
 
     args_fn builds fresh arguments for every call (outside the traced window's timing of
     interest, e.g. a cache the call donates); the first call compiles and is not traced.
+    donate_argnums: the arguments the call may overwrite, as the profiled function's own jit
+    donates them (a nested jit's donation is dropped when it inlines: without this the module
+    copies each donated buffer, a cost the real call does not have).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jitted = jax.jit(fn)
+    jitted = jax.jit(fn, donate_argnums=donate_argnums)
     args = args_fn()
     compiled = jitted.lower(*args).compile()
     text = compiled.as_text()
