@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from psynth_jax.train.plan import PlanRequest, format_plan, model_config_for, verdict
+from psynth_jax.train.plan import PlanRequest, format_plan, verdict
+from psynth_jax.train.plan_child import model_config_for
 from psynth_jax.cli.main import main as psynth
 from psynth_jax.config.accelerators import GIB, parse_accelerator
 
