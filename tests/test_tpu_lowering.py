@@ -23,7 +23,6 @@ Lowering all of them takes seconds; the splash train step is also compiled by th
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +38,11 @@ from psynth_jax.model.sharding import Rules, make_mesh
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.train import aot, programs
 from psynth_jax.train.plan_child import model_config_for
+from tiny_smol import tiny_qwen3_tpu_config
 
 pytestmark = pytest.mark.skipif(aot.libtpu_version() is None,
                                 reason="libtpu is not installed (pip install -e '.[test]' brings it)")
 
-TINY_QWEN3 = {"model_type": "qwen3", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "eos_token_id": 2,
-              "tie_word_embeddings": False}
 B, K = 2, 2
 TRAIN = programs.TrainShape(rows=B, branches=K, branch_tokens=640, synth_tokens=384, text_tokens=None)
 # worker prompt 704 + 448 tokens (1,152 slots); synthesizer prompt 320 + 96 new; text prompt 2 x 448 + 320
@@ -68,8 +64,7 @@ SEQUENCES = _sequence_lengths()
 def target(tmp_path_factory):
     """(config, model config, mesh, rules): the tiny model's training config on a v5e:2x2 mesh."""
     root = tmp_path_factory.mktemp("tpu_lowering")
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(TINY_QWEN3))
+    tiny_qwen3_tpu_config(root / "model")
     (root / "rows.jsonl").write_text("")
     (root / "train.yaml").write_text(f"""model: {{source: {root / 'model'}, dtype: bfloat16, attn_impl: splash}}
 data:

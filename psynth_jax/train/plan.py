@@ -225,6 +225,8 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append("  (total = args + temps + generated code + outputs not aliased; peak = live bytes at the worst point; "
                  "TFLOP / GB: cost_analysis, one pass: loop bodies counted once, Mosaic kernels as free)")
     if p["tpu"]:
+        lines.append("  (XLA:TPU lets its scheduler spend free HBM on temporaries (prefetch, overlap), so a total above "
+                     "the chip can compile: the compiler's answer is the verdict, the peak the headroom)")
         lines.append(f"  fits (the TPU compiler compiled every program; largest: {p['worst_program']})" if p["fits"]
                      else f"  DOES NOT FIT: the largest item is {p['largest_item']}")
     else:
