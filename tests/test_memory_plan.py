@@ -203,10 +203,11 @@ SMALL = {"train": ["data.buckets=[128, 256]", "data.distill_worker_tokens=64", "
 @needs_libtpu
 @pytest.mark.slow
 def test_the_documented_plans_run_at_small_scale(tmp_path, capsys):
-    """Opt-in (-m slow: a child process and a compile per command, 256-chip meshes; over 30 minutes
-    on the loaded 2-core VM). One documented command per compiler and flag set (--programs, --fit,
-    --compiler) runs as written on a tiny model: the TPU compiler's report says so and fits; the
-    CPU estimate is labelled one. The fast tests above run the same flags on a 4-chip slice."""
+    """Opt-in (-m slow: a child process and a compile per command, on 32- to 256-chip meshes; 5.5
+    minutes on the loaded 2-core VM). One documented command per compiler and flag set
+    (--programs, --fit, --compiler) runs as written on a tiny model: the TPU compiler's report says
+    so and fits; the CPU estimate is labelled one. The fast tests above run the same flags on a
+    4-chip slice."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(dict(TINY_QWEN3_TPU, num_attention_heads=8, num_key_value_heads=8)))
