@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The venv's jax is the CPU build; JAX_PLATFORMS=cpu keeps jax from trying the libtpu the test
+# extra installs (the TPU compiler for `psynth plan`) as a backend, and from logging its warnings.
 demo: $(STAMP)
-	$(BIN)/psynth demo
+	JAX_PLATFORMS=cpu $(BIN)/psynth demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -69,7 +69,10 @@ check_config() {
 
 # preflight: before anything is provisioned, check CONFIG (+ OVERRIDES) against ACCELERATOR_TYPE
 # here, with `psynth plan`: the mesh must fit the slice's chip count (seconds), and the memory plan
-# must fit the chip (a compile on fake CPU devices, minutes for a 14B backbone; PLAN=0 skips it).
+# must fit the chip: every program the config runs compiled by the TPU compiler for the slice's
+# own devices (libtpu, `pip install -e '.[tpu]'`; minutes for a 14B backbone). A config the
+# compiler says does not fit stops here, the largest buffer named; PLAN=0 skips the compile.
+# PLAN_COMPILER: tpu (default for a Cloud TPU type), cpu (the estimate), auto.
 # Runs in dry runs too: it changes nothing anywhere. LOCAL_PYTHON: the interpreter with psynth_jax
 # installed here (default .venv/bin/python when present, else python3).
 preflight() {
@@ -85,8 +88,17 @@ preflight() {
   show_cmd "${plan[@]}" --mesh-only
   (cd "$PSYNTH_ROOT" && "${plan[@]}" --mesh-only) || die "CONFIG=$CONFIG does not fit ACCELERATOR_TYPE=$ACCELERATOR_TYPE (above); nothing was provisioned"
   if [[ "${PLAN:-1}" == 1 ]]; then
+    local compiler=${PLAN_COMPILER:-auto}
+    if [[ -z "${PLAN_COMPILER:-}" && "$ACCELERATOR_TYPE" =~ ^v[0-9] ]]; then compiler=tpu; fi
+    plan+=(--compiler "$compiler")
     show_cmd "${plan[@]}"
-    (cd "$PSYNTH_ROOT" && "${plan[@]}") || die "the memory plan of CONFIG=$CONFIG does not fit ACCELERATOR_TYPE=$ACCELERATOR_TYPE (above); nothing was provisioned"
+    local code=0
+    (cd "$PSYNTH_ROOT" && "${plan[@]}") || code=$?
+    case $code in
+      0) ;;
+      2) die "CONFIG=$CONFIG does not fit ACCELERATOR_TYPE=$ACCELERATOR_TYPE: its memory plan refused it (above: the largest item); nothing was provisioned" ;;
+      *) die "the memory plan of CONFIG=$CONFIG failed (exit $code, above); nothing was provisioned (PLAN=0 skips it)" ;;
+    esac
   fi
 }
 

@@ -44,6 +44,17 @@ class NothingRestorable(ValueError):
     """Checkpoints exist and none can be read (an input error: the run directory is damaged)."""
 
 
+def host_run_dir(directory: str) -> Path:
+    """Where this host keeps a run's own files (config.yaml, metrics.jsonl, summary.json, TensorBoard):
+    the run directory itself when it is local. A remote one (gs://bucket/run) holds the Orbax
+    checkpoints, which Orbax writes there itself (`Checkpointer` takes the string as given:
+    `Path("gs://b/r")` would collapse it to a local "gs:/b/r"), and the distillation cache
+    (formats/paths.py); the host's files are rewritten at every logged step, so they stay local, in
+    runs/remote/<scheme>/<bucket>/<path> under the working directory, said so in the log."""
+    scheme, sep, rest = directory.partition("://")
+    return Path("runs", "remote", scheme, rest.strip("/")) if sep else Path(directory)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
         # Orbax needs absolute local paths; remote ones (gs://...) pass through unchanged

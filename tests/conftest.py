@@ -1,4 +1,4 @@
-"""Suite-wide: drop JAX's compiled executables after every test module; run the longest modules first.
+"""Suite-wide: CPU only; drop JAX's compiled executables after every test module; run the longest modules first.
 
 XLA's CPU backend maps each compiled executable's code into its own memory regions, and JAX keeps
 every executable alive in its jit caches. One pytest process runs the whole suite, so the regions
@@ -16,6 +16,14 @@ ones fill the other worker at the end, instead of one long module running alone 
 from __future__ import annotations
 
 import gc
+import os
+
+# The suite runs on the CPU. The test extra installs libtpu (the TPU compiler, for `psynth plan`
+# and tests/test_tpu_lowering.py): without JAX_PLATFORMS jax would try it as a backend first
+# (and log libtpu's warnings, no TPU being here); libtpu lets one process at a time load it unless
+# told that these are compile-only ones (two xdist workers, and the plans' child processes).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import pytest

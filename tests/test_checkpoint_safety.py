@@ -194,3 +194,23 @@ def test_yaml_syntax_error_in_a_runs_config_yaml(run_copy, capsys):
     assert f"{run}/config.yaml:" in msg and "YAML syntax error" in msg, msg
     assert int(msg.split(f"{run}/config.yaml:")[1].split(":")[0]) >= line
     assert snapshot(run) == before
+
+
+def test_a_remote_run_directory_reaches_orbax_unchanged(tmp_path, monkeypatch):
+    """checkpoint.dir=gs://bucket/run (what launch/train_tpu.sh passes): the trainer's checkpoints go
+    to gs://bucket/run/checkpoints, not to a local ./gs:/bucket/run (pathlib collapses the `//`);
+    the host's own run files go to a local folder named after it."""
+    from psynth_jax import checkpoints
+
+    seen = []
+
+    class Manager:  # Orbax's CheckpointManager would reach for the network
+        def __init__(self, directory, options=None):
+            seen.append(directory)
+
+    monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", Manager)
+    monkeypatch.chdir(tmp_path)
+    assert checkpoints.Checkpointer("gs://bucket/run").directory == "gs://bucket/run/checkpoints"
+    assert seen == ["gs://bucket/run/checkpoints"]
+    assert checkpoints.host_run_dir("gs://bucket/run/") == Path("runs/remote/gs/bucket/run")
+    assert checkpoints.host_run_dir("runs/local") == Path("runs/local")

@@ -24,6 +24,8 @@ from psynth_jax.interop import loader
 from psynth_jax.model.loaded import random_model
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
+from gcs_standin import local_gcs  # noqa: F401  (a pytest fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("humaneval", "marble_db")  # a code task (sandbox scoring) and MARBLE (K = expert profiles)
 CACHE_MODES = ("naive_cache", "mapper_only", "lora_only", "psynth")
@@ -325,3 +327,19 @@ def test_kl_pass_measures_each_cache_mode_on_the_text_answer(tiny_model, referen
     assert first == pytest.approx(float(np.sum(np.exp(lt) * (lt - lc))), abs=1e-5)
     again = runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True, kl=[])
     assert again.computed == {}
+
+
+def test_an_eval_writes_its_run_to_a_gs_out_dir(tiny_model, local_gcs, tmp_path):
+    """out_dir=gs://bucket/eval (a multi-host eval with no shared filesystem): records, branches, the
+    report and its plots are objects there (a local stand-in for GCS here), and a rerun resumes."""
+    config = tmp_path / "gs.yaml"
+    config.write_text("\n".join(["tasks: [{name: humaneval, limit: 2}]", "modes: [single, text, psynth]",
+                                 "worker_tokens: 8", "max_new_tokens: 8", "timing_repeats: 0", "batch_size: 2",
+                                 "out_dir: gs://bucket/eval"]))
+    outcome = runner_mod.run_eval(load_eval_config(config), model=tiny_model, quiet=True)
+    assert str(outcome.run_dir) == "gs://bucket/eval"
+    written = {p.name for p in (local_gcs / "bucket/eval").iterdir()}
+    assert {"results.json", "results.md", "records.jsonl", "branches.jsonl", "accuracy.png", "run.json"} <= written
+    assert len(JsonlLog(local_gcs / "bucket/eval" / RECORDS).rows) == 2 * 3
+    again = runner_mod.run_eval(load_eval_config(config), model=tiny_model, quiet=True)
+    assert sum(again.computed.values()) == 0 and again.results["tasks"] == outcome.results["tasks"]

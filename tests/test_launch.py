@@ -6,6 +6,7 @@ only echoed, and the TPU is simulated as becoming ACTIVE once created, so whole 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -30,13 +31,14 @@ TPU_ENV = {
 OVERRIDES = ["train.lr=3e-4", "data.train[0].limit=10"]
 
 
-def run_script(name: str, env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def run_script(name: str, env: dict[str, str], *args: str, timeout: int = 30
+               ) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run launch/<name> in a dry run; return the process and the argv of every echoed command."""
     # the preflight's `psynth plan` runs here with this interpreter; PLAN=0: its mesh check only
     full_env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "POLL_SECONDS": "0", "LOCAL_PYTHON": sys.executable,
                 "PLAN": "0", **env}
     proc = subprocess.run(
-        ["bash", str(LAUNCH / name), *args], env=full_env, capture_output=True, text=True, timeout=30, cwd="/"
+        ["bash", str(LAUNCH / name), *args], env=full_env, capture_output=True, text=True, timeout=timeout, cwd="/"
     )
     commands = [shlex.split(line[2:]) for line in proc.stderr.splitlines() if line.startswith("+ ")]
     return proc, commands
@@ -268,3 +270,20 @@ def test_a_config_the_slice_cannot_hold_stops_before_anything_is_provisioned():
     ok, commands = run_script("train_tpu.sh", {**env, "ACCELERATOR_TYPE": "v5litepod-64"})
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "fits 64 x TPU v5e" in ok.stdout + ok.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the TPU compiler) is not installed")
+def test_a_config_the_tpu_compiler_says_does_not_fit_stops_before_anything_is_provisioned():
+    """PLAN=1: the preflight compiles the config with the TPU compiler for the slice's own devices;
+    1,024 rows per chip of SmolLM2's train step do not fit a v5e chip: the compiler's answer names
+    the largest buffer, and no gcloud command runs."""
+    env = {**TPU_ENV, "PLAN": "1", "ACCELERATOR_TYPE": "v5litepod-4", "CONFIG": "configs/smollm2_135m_cpu.yaml"}
+    overrides = ["data.batch_size=4096", "data.train[0].builder=exposure", "data.eval[0].builder=exposure"]
+    proc, commands = run_script("train_tpu.sh", env, "all", "--", *overrides, timeout=600)
+    assert proc.returncode != 0
+    assert "TPU compiler" in proc.stdout and "DOES NOT FIT: the largest item is" in proc.stdout
+    assert "GiB buffer f32[" in proc.stdout  # named by the compiler's memory report
+    assert "does not fit ACCELERATOR_TYPE=v5litepod-4" in proc.stderr and "nothing was provisioned" in proc.stderr
+    (plan,) = [c for c in find(commands, sys.executable, "-m", "psynth_jax.cli.main", "plan") if "--mesh-only" not in c]
+    assert plan[-2:] == ["--compiler", "tpu"]
+    assert find(commands, "gcloud") == []

@@ -4,6 +4,7 @@ fast model."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 
@@ -61,3 +62,19 @@ def _smol_tokenizer():
     from psynth_jax.interop.tokenizer import load_tokenizer
 
     return load_tokenizer(default_gguf_path())
+
+
+# A Qwen3-shaped model that compiles in seconds for a TPU mesh: head_dim 128 (the TPU lane width,
+# which splash's Mosaic kernels tile by), 4 query / 2 KV heads, qk-norm. Planning and lowering
+# read only its config.json; no weights.
+TINY_QWEN3_TPU = {"model_type": "qwen3", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "eos_token_id": 2,
+                  "tie_word_embeddings": False}
+
+
+def tiny_qwen3_tpu_config(directory: Path) -> Path:
+    """`directory` with TINY_QWEN3_TPU's config.json: a model source for `psynth plan` and lowering."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(TINY_QWEN3_TPU))
+    return directory

@@ -8,7 +8,12 @@
     8
 
 The launch scripts and `psynth plan` use it to check a config's mesh against the slice it will
-run on, and its per-device memory against the chip's, before anything is provisioned.
+run on, and its per-device memory against the chip's, before anything is provisioned. A Cloud
+TPU slice also names its topology as libtpu spells it (`Accelerator.tpu_topology`), so that
+`psynth plan` can compile for the slice's own TPU devices from a host without one:
+
+    >>> parse_accelerator("v5litepod-256").tpu_topology
+    TpuTopology(name='v5e:16x16', chip_config='default', host_bounds=(2, 2, 1))
 """
 
 from __future__ import annotations
@@ -41,6 +46,27 @@ CHIPS: dict[str, Chip] = {
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6e": "v6e"}
 
 
+# Chips -> the slice's shape (libtpu's topology names, as MaxText's accelerator map spells them):
+# v5e / v6e slices are 2-D, v4 / v5p slices 3-D.
+_TPU_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+           512: "8x8x8", 1024: "8x8x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTopology:
+    """A Cloud TPU slice as libtpu describes it (`jax.experimental.topologies.get_topology_desc`).
+
+    name: "<generation>:<shape>" (v5e:16x16); chip_config: "megacore" for the chips whose two
+    TensorCores act as one device (v4, v5p), else "default"; host_bounds: the chips one host
+    drives, as a (x, y, z) box (a single-host v5e-8 is 2x4; multi-host slices 2x2 per host).
+    """
+
+    name: str
+    chip_config: str
+    host_bounds: tuple[int, int, int]
+
+
 @dataclasses.dataclass(frozen=True)
 class Accelerator:
     """A slice or node: which chip, and how many of them."""
@@ -57,6 +83,24 @@ class Accelerator:
         if self.chip.name in ("v4", "v5p") and self.chips > 4:
             return 4
         return self.chips
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.chip.name.startswith("v")
+
+    @property
+    def tpu_topology(self) -> TpuTopology | None:
+        """The slice's topology for libtpu; None for a GPU node or a chip count with no known shape."""
+        if not self.is_tpu:
+            return None
+        if self.chip.cores_per_chip_in_name == 2:  # v4, v5p: megacore chips in a 3-D torus
+            shape = _TPU_3D.get(self.chips)
+            bounds = (2, 2, 1) if self.chips >= 4 else (self.chips, 1, 1)
+            return TpuTopology(f"{self.chip.name}:{shape}", "megacore", bounds) if shape else None
+        shape = _TPU_2D.get(self.chips)
+        per_host = self.chips_per_host
+        bounds = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}[per_host] if per_host in (1, 4, 8) else None
+        return TpuTopology(f"{self.chip.name}:{shape}", "default", bounds) if shape and bounds else None
 
     def __str__(self) -> str:
         return f"{self.chips} x {self.chip.description}"

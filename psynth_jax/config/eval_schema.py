@@ -135,8 +135,8 @@ def validate_eval_config(cfg: EvalConfig) -> None:
     if cfg.adapter is not None and "://" not in cfg.adapter and not Path(cfg.adapter).expanduser().exists():
         errors.append(f"adapter: {cfg.adapter!r} does not exist (a `psynth train` run dir, an adapter dir or a "
                       "release checkpoint folder)")
-    if not cfg.out_dir.strip() or "://" in cfg.out_dir:
-        errors.append(f"out_dir must be a local directory (records are appended line by line), got {cfg.out_dir!r}")
+    if not cfg.out_dir.strip():
+        errors.append("out_dir must name a directory (local, or gs://bucket/path)")
     if errors:
         raise ConfigError(errors)
 

@@ -115,6 +115,10 @@ class DataConfig:
     # "num_branches"); batches group examples of equal K, so each batch has one static shape.
     min_branches: int = 1
     max_branches: int = 8
+    # guard: padded branch slots of one example, K x Tb (branches times the bucket of the widest
+    # [worker prompt | output]): what the training step's memory grows with. None: no bound (then
+    # the worst admitted batch is max_branches x the largest bucket; `psynth plan` compiles it).
+    max_branch_slots: Optional[int] = None
     # Padded token lengths examples are bucketed into: one compiled shape per bucket.
     buckets: tuple[int, ...] = (2048, 4096, 8192, 12288, 16384, 20480)
     batch_size: int = 1  # global batch: examples per micro-step across all devices

@@ -122,6 +122,11 @@ def _check_numbers(cfg: ExperimentConfig) -> list[str]:
             f"data.max_cache_tokens must be in [0, data.max_total_tokens={d.max_total_tokens}], got {d.max_cache_tokens}",
         ),
         (
+            d.max_branch_slots is None or not d.buckets or d.max_branch_slots >= d.min_branches * d.buckets[0],
+            f"data.max_branch_slots ({d.max_branch_slots}) admits no example: data.min_branches x the smallest "
+            f"bucket is {d.min_branches * min(d.buckets, default=0)}",
+        ),
+        (
             len(d.buckets) >= 1 and d.buckets[0] >= 1 and all(a < b for a, b in zip(d.buckets, d.buckets[1:])),
             f"data.buckets must be positive and strictly increasing, got {list(d.buckets)}",
         ),

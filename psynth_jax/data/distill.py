@@ -6,7 +6,8 @@ where the task has profiles, as MARBLE), or the item's given branches (evidence 
 function docs: nothing to sample); the text-concatenation path of the same backbone (greedy,
 every branch as text, the family's synthesizer prompt) writes the target the cache-path
 synthesizer learns to reproduce. Requests are batched through ParallelSynthesis (items of one
-family and one K per batch) and appended to a jsonl file batch by batch, so a rerun resumes.
+family and one K per batch) and appended to a jsonl file batch by batch, so a rerun resumes; the
+file may be remote (gs://..., formats/paths.py), e.g. a pod run's cache under its gs:// run directory.
 
 Items come from GSM8K / MATH rows (family math) or from any evaluation task's rows, read by that
 task's converter (`items_from_task`: code, multiple choice, multi-hop QA, diagnosis, tool calls);
@@ -16,7 +17,6 @@ rows a task holds out for evaluation are never distilled.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,6 +35,7 @@ from psynth_jax.data.examples import Branch, SynthesisExample, read_examples, to
 from psynth_jax.data.problems import Problem
 from psynth_jax.eval.tasks import TASKS, task_converter
 from psynth_jax.formats import splits
+from psynth_jax.formats.paths import AnyPath, append_text, replace_text
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.model.loaded import LoadedModel
 from psynth_jax.synthesis import prompts
@@ -196,9 +197,7 @@ def merge_parts(path: Path) -> None:
             if eid not in seen:
                 seen.add(eid)
                 lines.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.merging")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    replace_text(path, "".join(lines))
     for part in parts:
         part.unlink()
 
@@ -271,12 +270,10 @@ def distill_to_jsonl(
         batches = distill_batches(pending, synth, k=k, batch_size=batch_size, worker_tokens=worker_tokens,
                                   max_new_tokens=max_new_tokens, seed=seed, worker_sampling=worker_sampling,
                                   share=share)
-        with (open(own, "a", encoding="utf-8") if own is not None else contextlib.nullcontext()) as f, \
-                tqdm(total=len(pending), desc="distill", unit="ex", disable=not distributed.is_main()) as bar:
+        with tqdm(total=len(pending), desc="distill", unit="ex", disable=not distributed.is_main()) as bar:
             for examples in batches:
-                if f is not None:
-                    f.writelines(to_json_line(e) for e in examples)
-                    f.flush()
+                if own is not None:
+                    append_text(own, "".join(to_json_line(e) for e in examples))
                 added += len(examples)
                 bar.update(len(examples) * (1 if together else count))
     if count > 1 and not together:
@@ -287,7 +284,7 @@ def distill_to_jsonl(
     return added
 
 
-def run_cache_path(run_dir: Path, src: DataSourceConfig, d: DataConfig, model_source: str) -> Path:
+def run_cache_path(run_dir: AnyPath, src: DataSourceConfig, d: DataConfig, model_source: str) -> AnyPath:
     """Where a training run caches the distillation examples of one source: keyed by everything
     that changes them (rows read, K, sampling budget, seed, backbone), not by cap / weight / name."""
     key = repr((src.path, src.split, src.subset, src.limit, src.task, src.k, d.num_branches, d.seed,
@@ -297,7 +294,7 @@ def run_cache_path(run_dir: Path, src: DataSourceConfig, d: DataConfig, model_so
 
 
 def distill_for_run(model: LoadedModel, src: DataSourceConfig, items: Sequence[DistillItem], d: DataConfig,
-                    run_dir: Path, *, model_source: str, attn_impl: str, handoff: Handoff | None = None,
+                    run_dir: AnyPath, *, model_source: str, attn_impl: str, handoff: Handoff | None = None,
                     ) -> tuple[list[SynthesisExample], int, Path]:
     """(examples of `items`, how many were generated now, the cache file): generated once by the
     backbone (LoRA off; workers stop as `handoff` says) and cached, resumably, under the run directory."""

@@ -12,7 +12,10 @@ Sequences (all with the backbone's chat template, as the inference path builds t
 - text path: the same with prompts.text_synth_messages(question, branch outputs, family): the
   same target tokens, for a KL teacher.
 Guards (METHOD.md section 5): K within [data.min_branches, data.max_branches], no empty branch,
-cache = sum L_i, live = synthesizer length, total = cache + live, each sequence within a bucket.
+cache = sum L_i, live = synthesizer length, total = cache + live, each sequence within a bucket;
+and (ours, `data.max_branch_slots`) the padded branch slots K x Tb, which bound the training
+step's memory where the others do not: they leave worker prompts free and pad every branch to
+the widest one's bucket.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from psynth_jax.synthesis import prompts
 
 # End-of-turn markers, most specific first; the tokenizer's eos is the fallback.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-SKIP_REASONS = ("num_branches", "empty_branch", "cache", "live", "total", "no_bucket")
+SKIP_REASONS = ("num_branches", "empty_branch", "cache", "live", "total", "no_bucket", "slots")
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -159,6 +162,9 @@ def skip_reason(tex: TokenizedExample, cfg: DataConfig) -> str | None:
         return "live"
     if tex.total_tokens > cfg.max_total_tokens:
         return "total"
-    if bucket_key(tex, cfg.buckets) is None:
+    key = bucket_key(tex, cfg.buckets)
+    if key is None:
         return "no_bucket"
+    if cfg.max_branch_slots is not None and key[0] * key[1] > cfg.max_branch_slots:
+        return "slots"
     return None

@@ -48,8 +48,7 @@ def accuracy_plot(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=3)
     ax.set_title("Accuracy per dataset and mode")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return True
 
@@ -72,7 +71,13 @@ def ttft_plot(records: Sequence[ModeRecord], path: Path) -> bool:
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("Time to first token against branch tokens")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return True
+
+
+def _save(fig, path) -> None:
+    """The figure as a PNG at `path`, a local file or a remote object (written through its file object)."""
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)

@@ -43,6 +43,7 @@ from psynth_jax.eval.modes import (MODE_SPECS, ModeSpec, given_branches, make_ch
 from psynth_jax.eval.scoring import extract_answer, score_many
 from psynth_jax.eval.store import BranchSet, ModeRecord, RunStore
 from psynth_jax.eval.tasks import load_examples
+from psynth_jax.formats.paths import AnyPath
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.interop.importer import with_adapter
 from psynth_jax.interop.loader import load_model
@@ -58,7 +59,7 @@ from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult, PathSte
 class EvalOutcome:
     """What a session did: the run dir, results.json's content, and how much it computed."""
 
-    run_dir: Path
+    run_dir: AnyPath  # the out_dir (formats/paths.py: local or gs://)
     results: dict[str, Any]
     computed: dict[str, int]  # worker_examples, worker_calls, records, mode_calls, retimed (this session only)
 

@@ -11,6 +11,8 @@
 
 Lines are appended and flushed as soon as their work finishes. A line cut short by an
 interruption is dropped (and truncated away) on the next open, so it is simply redone.
+out_dir may be remote (gs://bucket/eval, formats/paths.py): a multi-host eval then needs no
+shared filesystem; its files are objects rewritten whole at each append.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from psynth_jax.config.resume import differing_fields, flatten
+from psynth_jax.formats.paths import AnyPath, append_text, as_path, is_remote, replace_text
 from psynth_jax.formats.text_files import read_json_object
 
 BRANCHES = "branches.jsonl"
@@ -104,7 +106,7 @@ class JsonlLog:
     process may be writing it).
     """
 
-    def __init__(self, path: Path, repair: bool = True):
+    def __init__(self, path: AnyPath, repair: bool = True):
         self.path = path
         self.repair = repair
         self.rows: list[dict[str, Any]] = list(self._read_and_repair())
@@ -120,15 +122,14 @@ class JsonlLog:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{self.path}:{number}: corrupt line ({err}); remove it to resume") from None
         if len(complete) < len(data) and self.repair:
-            with self.path.open("r+b") as f:
-                f.truncate(len(complete))
+            if is_remote(self.path):
+                self.path.write_bytes(complete)
+            else:
+                with self.path.open("r+b") as f:
+                    f.truncate(len(complete))
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.path, "".join(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in rows))
         self.rows.extend(rows)
 
 
@@ -150,7 +151,7 @@ class RunStore:
     """
 
     def __init__(self, out_dir: str | Path, meta: dict[str, Any], config_yaml: str, part: int | None = None):
-        self.dir = Path(out_dir)
+        self.dir = as_path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.part = part
         self._check_meta(meta, write=part in (None, 0))
@@ -161,7 +162,7 @@ class RunStore:
         self.branches = {(r["task"], r["id"]): BranchSet(**r) for r in self._rows(BRANCHES)}
         self.records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in self._rows(RECORDS)}
 
-    def _files(self, name: str) -> list[Path]:
+    def _files(self, name: str) -> list[AnyPath]:
         """The merged file, then every process's part, in order (later lines supersede earlier)."""
         stem, _, suffix = name.partition(".")
         parts = sorted(self.dir.glob(f"{stem}.p*.{suffix}"), key=lambda p: int(p.name.split(".")[1][1:]))
@@ -183,13 +184,8 @@ class RunStore:
             for path in files:
                 for row in JsonlLog(path).rows:
                     merged[tuple(row[k] for k in key)] = row
-            tmp = self.dir / f".{name}.merging"
-            with tmp.open("w", encoding="utf-8") as f:
-                for row in merged.values():
-                    f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(self.dir / name)
+            replace_text(self.dir / name,
+                         "".join(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in merged.values()))
             for path in files:
                 if path.name != name:
                     path.unlink()
@@ -198,7 +194,7 @@ class RunStore:
         """Refuse to mix runs: stored branches/records must come from the same result-defining config."""
         path = self.dir / RUN_META
         if path.is_file():
-            old = read_json_object(path)
+            old = json.loads(path.read_text()) if is_remote(path) else read_json_object(path)
             diff = differing_fields(old, meta)  # paths naming the same file are equal (config/resume.py)
             if diff:
                 stored, now = flatten(old), flatten(meta)

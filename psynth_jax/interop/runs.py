@@ -11,9 +11,12 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import yaml
 from flax import nnx
 
 from psynth_jax.config import ExperimentConfig, load_config
+from psynth_jax.config.typed import from_dict
+from psynth_jax.formats.paths import as_path, is_remote
 from psynth_jax.interop.adapter import AdapterError, describe_lora, with_lora
 from psynth_jax.model.loaded import LoadedModel, parse_dtype
 from psynth_jax.model.transformer import Decoder, LoRAConfig, LoRAParam
@@ -32,9 +35,11 @@ class TrainedRun:
 
 def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The ExperimentConfig saved in a run directory (its config.yaml)."""
-    path = Path(run_dir) / "config.yaml"
+    path = as_path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no config.yaml in {run_dir}: not a `psynth train` run directory")
+    if is_remote(path):  # a stored config is resolved (no `base:` to follow): its text is the config
+        return from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {})
     return load_config(path)
 
 
@@ -49,7 +54,7 @@ def restore_run(run_dir: str | Path, model: LoadedModel) -> TrainedRun:
     from psynth_jax.checkpoints import Checkpointer, leaf_shapes  # orbax: imported when a run is read, not before
 
     cfg = run_config(run_dir)
-    if not (Path(run_dir) / "checkpoints").is_dir():
+    if not (as_path(run_dir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"no checkpoints/ in run directory {run_dir}")
     lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
     dtype = parse_dtype(model.dtype_name)

@@ -189,6 +189,21 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules: Rules) -> jax.
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(logical, x.shape, mesh)))
 
 
+def target_platform() -> str:
+    """The platform the code being traced will run on: that of the context mesh's devices
+    (`jax.sharding.get_abstract_mesh().abstract_device`, set by `jax.set_mesh` or
+    `jax.sharding.use_abstract_mesh`), else the default backend's.
+
+    They differ when a program is compiled ahead of time for devices this host does not have: a
+    mesh over a TPU topology's devices on a CPU host (`psynth plan`, the Mosaic lowering test)
+    is "tpu" although `jax.default_backend()` is "cpu". Kernels that lower differently per
+    platform (splash: Mosaic on TPU, the Pallas interpreter elsewhere) must ask this.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def bytes_per_device(tree: Any) -> dict[int, int]:
     """Bytes each device holds of a pytree of placed arrays (from `addressable_shards`)."""
     out: dict[int, int] = {}

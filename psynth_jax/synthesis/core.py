@@ -166,13 +166,14 @@ def jit_hand_over(cache: KVCache, kept_start: jax.Array, kept_len: jax.Array, of
     would have to return the worker rows as new buffers)."""
     if zero_copy:
         return view(cache, kept_start, kept_len, offsets, num_requests=num_requests)
-    return _jit_extract(cache, kept_start, kept_len, offsets, num_requests=num_requests, branch_slots=branch_slots,
-                        rules=rules)
+    return jit_extract(cache, kept_start, kept_len, offsets, num_requests=num_requests, branch_slots=branch_slots,
+                       rules=rules)
 
 
 @functools.partial(jax.jit, static_argnames=("num_requests", "branch_slots", "rules"))
-def _jit_extract(cache: KVCache, kept_start: jax.Array, kept_len: jax.Array, offsets: jax.Array, *,
-                 num_requests: int, branch_slots: int, rules: Rules | None = None) -> BranchCaches:
+def jit_extract(cache: KVCache, kept_start: jax.Array, kept_len: jax.Array, offsets: jax.Array, *,
+                num_requests: int, branch_slots: int, rules: Rules | None = None) -> BranchCaches:
+    """`extract`, compiled once per (cache shape, branch_slots): the copying handoff (`jit_hand_over`)."""
     return extract(cache, kept_start, kept_len, offsets, num_requests=num_requests, branch_slots=branch_slots,
                    rules=rules)
 
@@ -185,12 +186,13 @@ def jit_prepare(branches: Branches, mapper_def: nnx.GraphDef, mapper_state: nnx.
         scalars, live = _jit_view_parts(branches.lengths, mapper_def, mapper_state, cfg=cfg, extra_slots=extra_slots,
                                         num_kv_heads=branches.k.shape[3], dtype=branches.k.dtype)
         return live, dataclasses.replace(branches, **scalars)
-    return _jit_materialise(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra_slots), None
+    return jit_materialise(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra_slots), None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mapper_def", "extra_slots"))
-def _jit_materialise(branches: BranchCaches, mapper_def: nnx.GraphDef, mapper_state: nnx.State, *, cfg: ModelConfig,
-                     extra_slots: int) -> KVCache:
+def jit_materialise(branches: BranchCaches, mapper_def: nnx.GraphDef, mapper_state: nnx.State, *, cfg: ModelConfig,
+                    extra_slots: int) -> KVCache:
+    """`materialise`, compiled once per branch shape: the copying path's preparation (`jit_prepare`)."""
     return materialise(nnx.merge(mapper_def, mapper_state), branches, cfg, extra_slots)
 
 

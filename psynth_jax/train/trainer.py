@@ -17,7 +17,6 @@ import signal
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +26,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from psynth_jax import distributed
-from psynth_jax.checkpoints import Checkpointer, abstract_like
+from psynth_jax.checkpoints import Checkpointer, abstract_like, host_run_dir
+from psynth_jax.formats.paths import as_path, is_remote
 from psynth_jax.config import ExperimentConfig, dump_config, resolve_mesh_shape, validate
 from psynth_jax.config.loader import read_yaml_mapping
 from psynth_jax.config.resume import differing_fields
@@ -93,7 +93,7 @@ class Trainer:
         self.cfg = cfg
         self.quiet = quiet
         self.restart = restart
-        self.run_dir = Path(cfg.checkpoint.dir)
+        self.run_dir = host_run_dir(cfg.checkpoint.dir)  # checkpoint.dir itself unless remote (gs://)
         self.mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
         self.rules = Rules((r.name, r.axes) for r in cfg.mesh.rules)
         lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
@@ -121,7 +121,11 @@ class Trainer:
         self.stop_ids = stop_token_ids(self.model.tokenizer, self.model.cfg.eos_token_ids)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._data(examples, eval_examples)
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        if is_remote(cfg.checkpoint.dir):
+            self._log(f"checkpoints and the distillation cache go to {cfg.checkpoint.dir}; this host's run files "
+                      f"(config, metrics, summary, TensorBoard) to {self.run_dir}")
+        self.checkpointer = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save)
         self.step = 0
         self._step_fn = None
         self._eval_fn = make_eval_step(self.graphdefs, self.opts, self.mesh)
@@ -142,7 +146,8 @@ class Trainer:
     def _distill(self, src, items) -> list:
         """Distillation targets for raw rows, generated once by this backbone (LoRA off) and
         cached (resumably) under the run directory."""
-        examples, added, path = distill_for_run(self.model, src, items, self.cfg.data, self.run_dir,
+        cache_dir = as_path(self.cfg.checkpoint.dir)  # the run directory, remote or not: a relaunch finds it
+        examples, added, path = distill_for_run(self.model, src, items, self.cfg.data, cache_dir,
                                                 model_source=self.cfg.model.source, attn_impl=self.cfg.model.attn_impl,
                                                 handoff=self.handoff)
         self._log(f"distillation data for {src.path}: {added} generated now, cached in {path}")

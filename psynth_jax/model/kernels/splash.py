@@ -29,9 +29,12 @@ GQA: `make_splash_mha` takes k/v as [Hkv, L, D] and maps query head h to kv head
 itself (no repeated k/v in memory), which is exactly the grouping of xla_attention; MHA is the
 case Hq == Hkv. Batch is handled with jax.vmap over the kernel (mask tables are shared).
 
-Interpret mode: on any backend other than TPU the kernel runs in Pallas interpret mode
-(`interpret=True`, decided from `jax.default_backend()`), a slow correctness check for CPU CI,
-not a fast path. The tests check it only that way; it has not been run on TPU hardware here.
+Interpret mode: on any platform other than TPU the kernel runs in Pallas interpret mode
+(`interpret=True`), a slow correctness check for CPU CI, not a fast path. The platform is the
+one the traced code will run on (`sharding.target_platform`: the context mesh's devices), not
+`jax.default_backend()`: compiled for a TPU topology from a CPU host (`psynth plan`, the Mosaic
+lowering test tests/test_tpu_lowering.py) the kernel lowers through Mosaic, as it will run.
+Its numerics are checked in interpret mode only; it has not run on TPU hardware here.
 
 Sharding: a Mosaic (TPU) kernel inside a jit whose arrays span several devices is refused at
 lowering ("Mosaic kernels cannot be automatically partitioned. Please wrap the call in a
@@ -62,7 +65,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-from psynth_jax.model.sharding import DEFAULT_RULES
+from psynth_jax.model.sharding import DEFAULT_RULES, target_platform
 
 LANES = 128  # TPU lane width: splash needs kv blocks (and, in its dkv backward, q blocks) in multiples of it
 MAX_BLOCK_Q = 512  # tile caps: 512 x 512 tiles are the usual choice for long sequences on TPU v5
@@ -136,8 +139,9 @@ def _kernel(plan: SplashPlan, num_heads: int, interpret: bool) -> sk.SplashAtten
 
 
 def default_interpret() -> bool:
-    """Pallas interpret mode unless running on TPU (CPU/GPU: a slow correctness check)."""
-    return jax.default_backend() != "tpu"
+    """Pallas interpret mode unless the traced code runs on TPU (`target_platform`): CPU and GPU
+    get the interpreter (a slow correctness check), a TPU mesh gets Mosaic, whatever the host."""
+    return target_platform() != "tpu"
 
 
 def shard_specs(mesh, batch: int, q_heads: int, kv_heads: int) -> tuple[jax.sharding.PartitionSpec, ...]:
