@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from psynth_jax.inference import hosts
+from psynth_jax import distributed
 from psynth_jax.model.sharding import Rules, batch_sharding, state_shardings
 from psynth_jax.train.objective import ObjectiveConfig, merge_trainable, synthesis_loss
 
@@ -51,8 +51,8 @@ def train_shardings(trainable: Any, opt_state: Any, frozen: Any, mesh: Mesh, rul
 
 def place_train_state(trainable: Any, opt_state: Any, frozen: Any, mesh: Mesh, rules: Rules) -> tuple[Any, Any, Any]:
     """(trainable, opt_state, frozen) placed by `train_shardings` (a no-op for arrays already there;
-    on a pod, values each process holds on its own devices go through the host: `hosts.put`)."""
-    return hosts.put((trainable, opt_state, frozen), train_shardings(trainable, opt_state, frozen, mesh, rules))
+    on a pod, values each process holds on its own devices go through the host: `distributed.put`)."""
+    return distributed.put((trainable, opt_state, frozen), train_shardings(trainable, opt_state, frozen, mesh, rules))
 
 
 def batch_shardings(batch: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, NamedSharding]:
