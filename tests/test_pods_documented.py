@@ -152,16 +152,16 @@ def test_an_eval_process_with_no_chunk_waits_and_exits_cleanly(tmp_path, model_d
 LATE = textwrap.dedent("""
     import sys, time
     import jax
-    from psynth_jax import distributed
+    from psynth_jax import distributed as hosts
 
-    distributed.initialize()
+    hosts.initialize()
     jax.devices()
     me = jax.process_index()
     if me == 1:
         time.sleep(float(sys.argv[1]))  # a process that finishes its share late
-    distributed.barrier("late")
-    got = distributed.allgather_objects({"me": me, "text": "x" * (3 << 20) if me else ""})
-    told = distributed.broadcast_object(["from", me])
+    hosts.barrier("late")
+    got = hosts.allgather_objects({"me": me, "text": "x" * (3 << 20) if me else ""})
+    told = hosts.broadcast_object(["from", me])
     print("OK", me, [g["me"] for g in got], len(got[1]["text"]), told, flush=True)
 """)
 
@@ -193,12 +193,12 @@ FAILING = textwrap.dedent("""
     import sys
     import jax
     from psynth_jax.cli.main import main
-    from psynth_jax import distributed
+    from psynth_jax import distributed as hosts
 
-    distributed.initialize()
+    hosts.initialize()
     jax.devices()
     if jax.process_index() == 0:
-        distributed.barrier("never")  # process 0 waits for a peer that fails
+        hosts.barrier("never")  # process 0 waits for a peer that fails
     sys.exit(main(["eval", "--config", sys.argv[1], "out_dir=" + sys.argv[2]]))
 """)
 
