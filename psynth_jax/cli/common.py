@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from psynth_jax.config.schema import HandoffConvention, WorkerStopTokens
+from psynth_jax.formats.output_files import check_output_file, check_parents
 from psynth_jax.interop.embedded import DEFAULT_MODEL
 
 
@@ -79,11 +80,7 @@ def positive_int(text: str) -> int:
 
 def check_out_file(path: str | Path, flag: str) -> Path:
     """An output file the command can create: not a directory, and no existing file on its way."""
-    out = Path(path)
-    if out.is_dir():
-        raise UsageError(f"{flag} {out} is a directory; give a file path")
-    _check_parents(out, flag)
-    return out
+    return check_output_file(path, flag, force=True)
 
 
 def check_out_dir(path: str | Path, flag: str) -> Path:
@@ -91,16 +88,8 @@ def check_out_dir(path: str | Path, flag: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is a file, not a directory")
-    _check_parents(out, flag)
+    check_parents(out, flag)
     return out
-
-
-def _check_parents(out: Path, flag: str) -> None:
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{flag} {out}: {parent} is a file, not a directory")
-            return
 
 
 def check_attn_impl(impl: str, flag: str) -> None:

@@ -7,7 +7,8 @@ box never touches training, data or evaluation code (or their dependencies).
 
 Every failure takes one path (`main`): a one-line message `psynth COMMAND: error: ...` that names
 the file (and line), the config field or the flag, and one exit code per kind (EXIT_CODES, also
-in `psynth --help` and the README). `--debug` (or PSYNTH_DEBUG=1) shows the traceback instead.
+in `psynth --help` and the README). `--debug` (or PSYNTH_DEBUG=1) shows the traceback too, with
+the same exit code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 from psynth_jax.config.typed import ConfigError
 
@@ -43,7 +45,7 @@ EXIT_CODES = f"""exit codes:
        directory in use or holding another run): the message names it; nothing saved was changed
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
   {EXIT_PREEMPTED}  psynth train stopped by SIGTERM (preemption) after saving a checkpoint; rerun to resume
---debug (or PSYNTH_DEBUG=1) shows the traceback of a failure instead of the one-line message."""
+--debug (or PSYNTH_DEBUG=1) also shows the traceback of a failure; the exit code is the same."""
 
 # Errors that mean "the input is wrong" (a flag, config, file, run directory), not "the run broke".
 # ValueError covers config, JSON/UTF-8 decoding, checkpoint and adapter errors (all subclass it).
@@ -107,26 +109,26 @@ def _run(argv: list[str] | None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except SystemExit as e:
-        if debug or not isinstance(e.code, str):
+        if not isinstance(e.code, str):
             raise
         message = e.code.removeprefix(f"psynth {args.command}: ")  # a command's own usage message
-        print(f"{prefix} {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(debug, f"{prefix} {message}", EXIT_USAGE)
     except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"psynth {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(debug, f"psynth {args.command}: interrupted", EXIT_INTERRUPTED)
     except INPUT_ERRORS as e:
-        if debug:
-            raise
-        print(f"{prefix} {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(debug, f"{prefix} {one_line(e)}", EXIT_USAGE)
     except Exception as e:  # noqa: BLE001 - every other failure: one line, the traceback on --debug
-        if debug:
-            raise
-        print(f"{prefix} {type(e).__name__}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
-        return EXIT_FAILURE
+        hint = "" if debug else " (--debug shows the traceback)"
+        return _fail(debug, f"{prefix} {type(e).__name__}: {one_line(e)}{hint}", EXIT_FAILURE)
+
+
+def _fail(debug: bool, message: str, code: int) -> int:
+    """Report a failure: the traceback first under --debug, then always the one line; the exit
+    code is the same either way (the README's contract holds under --debug too)."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

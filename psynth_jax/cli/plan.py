@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from psynth_jax.config.accelerators import parse_accelerator
+from psynth_jax.formats.output_files import check_output_file, replace_atomically
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", type=int, default=3, help="eval: K worker branches per request")
     p.add_argument("--branch-tokens", type=int, default=4096, help="eval: tokens per branch")
     p.add_argument("--prompt-tokens", type=int, default=256, help="eval: synthesizer prompt tokens")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON here")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the plan as JSON here (an existing file that is not a plan needs --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file that holds something else")
     p.add_argument("--mesh-only", action="store_true",
                    help="only check that the config's mesh fits the slice's chips (no compile: seconds)")
 
@@ -37,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("branches", "branch_tokens", "prompt_tokens"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    json_out = check_output_file(args.json, "--json", inputs=[args.config], force=args.force,
+                                 ours=_is_plan) if args.json else None  # before minutes of compiling
     req = PlanRequest(config=args.config, overrides=tuple(args.overrides), accelerator=parse_accelerator(args.accelerator),
                       kind=config_kind(args.config), branches=args.branches, branch_tokens=args.branch_tokens,
                       prompt_tokens=args.prompt_tokens)
@@ -47,11 +52,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"[psynth plan] compiling on fake CPU devices shaped like {req.accelerator} ...", file=sys.stderr, flush=True)
     plan = run_plan(req)
     print(format_plan(plan))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
+    if json_out is not None:
+        with replace_atomically(json_out) as tmp:
+            tmp.write_text(json.dumps(plan, indent=2) + "\n")
     if not plan["fits"]:
         print(f"psynth plan: error: {args.config} does not fit {req.accelerator}: the largest item is "
               f"{plan['largest_item']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_plan(path: Path) -> bool:
+    """Whether `path` holds a plan written by --json (which a new plan may replace)."""
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False
+    return isinstance(plan, dict) and {"fits", "largest_item"} <= plan.keys()
