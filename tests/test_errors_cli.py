@@ -270,7 +270,7 @@ def test_out_that_is_a_file(tmp_path, capsys, tiny, no_model):
 def test_build_data_negative_limit(tmp_path, capsys):
     code, err = psynth(capsys, "build-data", "--source", GSM8K, "--builder", "exposure", "--out",
                        tmp_path / "o.jsonl", "--limit", "-2")
-    assert code == EXIT_USAGE and "argument --limit: must be at least 1, got -2" in err
+    assert code == EXIT_USAGE and "argument --limit: expected an integer >= 1, got '-2'" in err
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -287,7 +287,7 @@ def test_empty_question(capsys, tiny, no_model):
 
 def test_worker_tokens_zero_names_the_flag(tmp_path, capsys, tiny, no_model):
     code, err = psynth(capsys, "demo", "--model", tiny, "--worker-tokens", "0")
-    assert code == EXIT_USAGE and "argument --worker-tokens: must be at least 1, got 0" in err
+    assert code == EXIT_USAGE and "argument --worker-tokens: expected an integer >= 1, got '0'" in err
     assert "max_new_tokens" not in err
 
 

@@ -17,7 +17,7 @@ import sys
 import typing
 from pathlib import Path
 
-from psynth_jax.cli.common import UsageError, add_model_arguments, check_attn_impl, positive_int, step
+from psynth_jax.cli.common import UsageError, add_model_arguments, check_attn_impl, number, positive_int, step
 from psynth_jax.formats.output_files import check_output_file
 from psynth_jax.config.schema import DataConfig, DataSourceConfig, SourceFormat
 from psynth_jax.config.typed import ConfigError
@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="distillation: problems per batched generate")
     p.add_argument("--worker-tokens", type=positive_int, default=256, help="distillation: max new tokens per worker")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="distillation: max target tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="distillation: worker sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.95, help="distillation: worker nucleus sampling")
+    p.add_argument("--temperature", type=number(at_least=0), default=0.7, help="distillation: worker sampling temperature")
+    p.add_argument("--top-p", type=number(above=0, at_most=1), default=0.95, help="distillation: worker nucleus sampling")
 
 
 def run(args: argparse.Namespace) -> int:

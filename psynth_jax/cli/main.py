@@ -14,10 +14,16 @@ the same exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
+import types
+from typing import Iterator
 
 from psynth_jax.config.typed import ConfigError
 
@@ -89,12 +95,48 @@ def main(argv: list[str] | None = None) -> int:
     runtime's shutdown barrier, where they would never come (they are blocked in a collective this
     process will not join), so the launcher sees the failure now and stops the rest.
     """
-    code = _run(argv)
-    if code not in (EXIT_OK, EXIT_PREEMPTED) and _in_a_pod():
+    with _interrupts():
+        code = _run(argv)
+    if (code not in (EXIT_OK, EXIT_PREEMPTED) and _in_a_pod()) or (code == EXIT_INTERRUPTED and argv is None):
+        # Interrupted as the program: exit now, skipping the interpreter's teardown, where the XLA
+        # runtime's threads, stopped mid-computation, could crash it (eval: Segmentation fault, 139)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[None]:
+    """Ctrl-C that always reaches `_run`: Python raises KeyboardInterrupt wherever the main thread
+    is, and inside a garbage-collection callback or a finalizer (jax's `_xla_gc_callback` runs on
+    every collection) it is printed as "Exception ignored" and lost: the command ran on. Such an
+    interrupt is delivered again a moment later, once out of the callback."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # not ours to handle (a background job ignores Ctrl-C)
+        return
+
+    def on_sigint(signum: int, frame: types.FrameType | None) -> None:
+        if _in_a_finalizer(frame):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _in_a_finalizer(frame: types.FrameType | None) -> bool:
+    """Whether `frame` (or a caller) runs a gc callback or a __del__, where an exception is swallowed."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name in ("__del__", "_xla_gc_callback"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _in_a_pod() -> bool:

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from psynth_jax.cli.common import positive_int
 from psynth_jax.config.accelerators import parse_accelerator
 from psynth_jax.formats.output_files import check_output_file, replace_atomically
 
@@ -22,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train / eval")
     p.add_argument("--accelerator", required=True, metavar="TYPE",
                    help="where it will run: a Cloud TPU type (v5litepod-16, v5p-64, v4-32) or a GPU node (8xh100, h200)")
-    p.add_argument("--branches", type=int, default=3, help="eval: K worker branches per request")
-    p.add_argument("--branch-tokens", type=int, default=4096, help="eval: tokens per branch")
-    p.add_argument("--prompt-tokens", type=int, default=256, help="eval: synthesizer prompt tokens")
+    p.add_argument("--branches", type=positive_int, default=3, help="eval: K worker branches per request")
+    p.add_argument("--branch-tokens", type=positive_int, default=4096, help="eval: tokens per branch")
+    p.add_argument("--prompt-tokens", type=positive_int, default=256, help="eval: synthesizer prompt tokens")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the plan as JSON here (an existing file that is not a plan needs --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file that holds something else")

@@ -64,12 +64,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file's top-level mapping ({} for an empty file); a syntax error, a non-UTF-8 byte or
     another top-level value is a ConfigError naming the file and line."""
     try:
-        data = yaml.safe_load(read_text(path))
+        data = yaml.load(read_text(path), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = ": ".join(x for x in (err.context, err.problem) if x)
-        raise ConfigError([f"{where}: YAML syntax error: {what}"]) from None
+        raise ConfigError([_syntax_error(path, err)]) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: YAML error: {err}"]) from None
     except InputFileError as err:
@@ -80,6 +77,36 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: a config file must hold a mapping (key: value lines) at the top level, "
                            f"found {describe(data)}"])
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that holds the same key twice (PyYAML keeps the
+    last one in silence, so a config's second `train:` section would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen and key != "<<":
+                first = seen[key].start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _syntax_error(path: Path, err: yaml.MarkedYAMLError) -> str:
+    """`path:line:column: YAML syntax error: ...`. An unclosed { or [ is reported where it opens
+    (PyYAML's problem mark is the first token after it, usually on a later line)."""
+    unclosed = err.context is not None and err.context.startswith("while parsing a flow") and err.context_mark
+    mark = err.context_mark if unclosed else (err.problem_mark or err.context_mark)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    if unclosed:
+        bracket = "{" if "mapping" in err.context else "["
+        return f"{where}: YAML syntax error: this {bracket} is not closed ({err.problem})"
+    what = ": ".join(x for x in (err.context, err.problem) if x)
+    return f"{where}: YAML syntax error: {what}"
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
