@@ -62,6 +62,11 @@ def check_fits(synth: ParallelSynthesis, question: str, args: argparse.Namespace
     the model's positions (its prompt holds every branch's text, up to --worker-tokens each)."""
     limit = synth.model.cfg.max_position_embeddings
     frame = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""] * args.k)))
+    if frame + 1 + args.max_new_tokens > limit:  # the row itself is the cause, whatever --k / --worker-tokens
+        raise UsageError(
+            f"GSM8K test #{args.index} ({args.data or 'the shipped test file'}) is too long: its question alone takes "
+            f"{frame} positions of the model's {limit} (with --max-new-tokens {args.max_new_tokens}); pick another "
+            "--index or shorten that row")
     need = frame + args.k * args.worker_tokens + args.max_new_tokens
     if need > limit:
         raise UsageError(
@@ -110,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out", inputs=[args.data] if args.data else [], force=args.force,
                           ours=_is_demo_result)
     examples = load_task("gsm8k", path=args.data)
+    if not examples:
+        raise UsageError(f"--data {args.data} holds no GSM8K rows (an empty file?)")
     if not 0 <= args.index < len(examples):
         raise UsageError(f"--index {args.index} is outside the {len(examples)} GSM8K test questions")
     ex = examples[args.index]

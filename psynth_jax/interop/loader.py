@@ -155,6 +155,9 @@ def load_model(
     except ValueError as err:  # a field of the wrong type or missing: name the file and the field
         where = src.dir / "config.json" if isinstance(src, SafetensorsSource) else Path(path)
         raise CheckpointError(f"{where}: {err}") from None
+    if lora is not None and lora.rank > cfg.hidden_size:  # before any LoRA tensor is allocated
+        raise ValueError(f"lora.rank {lora.rank} exceeds the model's width (hidden_size {cfg.hidden_size} in {path}); "
+                         f"use a rank of at most {cfg.hidden_size}")
     mesh = mesh if mesh is not None else single_device_mesh()
     graphdef, state = state_from_source(cfg, src, jdtype, lora, seed, mesh=mesh, rules=rules)
     tokenizer = None
