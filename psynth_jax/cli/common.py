@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from psynth_jax.config.schema import HandoffConvention, WorkerStopTokens
-from psynth_jax.formats.output_files import check_output_file, check_parents
+from psynth_jax.formats.output_files import check_parents
 from psynth_jax.interop.embedded import DEFAULT_MODEL
 
 
@@ -105,11 +105,6 @@ def utf8_argument(text: str, what: str) -> str:
         shown = f" (byte 0x{byte:02x} at character {err.start + 1})" if byte is not None else ""
         raise UsageError(f"{what} is not UTF-8 text{shown}; pass it in the terminal's UTF-8 encoding") from None
     return text
-
-
-def check_out_file(path: str | Path, flag: str) -> Path:
-    """An output file the command can create: not a directory, and no existing file on its way."""
-    return check_output_file(path, flag, force=True)
 
 
 def check_out_dir(path: str | Path, flag: str) -> Path:

@@ -61,12 +61,13 @@ def check_fits(synth: ParallelSynthesis, question: str, args: argparse.Namespace
     """Refuse, before any worker is decoded, a K x --worker-tokens the text path could not fit in
     the model's positions (its prompt holds every branch's text, up to --worker-tokens each)."""
     limit = synth.model.cfg.max_position_embeddings
-    frame = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""] * args.k)))
-    if frame + 1 + args.max_new_tokens > limit:  # the row itself is the cause, whatever --k / --worker-tokens
+    alone = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""])))
+    if alone + 1 + args.max_new_tokens > limit:  # the row itself is the cause, whatever --k / --worker-tokens
         raise UsageError(
             f"GSM8K test #{args.index} ({args.data or 'the shipped test file'}) is too long: its question alone takes "
-            f"{frame} positions of the model's {limit} (with --max-new-tokens {args.max_new_tokens}); pick another "
+            f"{alone} positions of the model's {limit} (with --max-new-tokens {args.max_new_tokens}); pick another "
             "--index or shorten that row")
+    frame = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""] * args.k)))
     need = frame + args.k * args.worker_tokens + args.max_new_tokens
     if need > limit:
         raise UsageError(
