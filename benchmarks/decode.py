@@ -45,7 +45,6 @@ from benchmarks.harness import (Column, Recorder, add_common_arguments, base_met
                                 int_list, lora_rank_of, report, resolve_arch, resolve_dtype, say)
 from benchmarks.plots import plot_decode
 from benchmarks.roofline import measure_bandwidth
-from psynth_jax.cli.common import number
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.measure.roofline import dtype_bytes, kv_bytes, load_roofline, weight_bytes
@@ -228,7 +227,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="tokens decoded per timed call")
     p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank")
     p.add_argument("--no-lora", action="store_true", help="decode with the LoRA off (plain backbone)")
-    p.add_argument("--bandwidth-gbs", type=number(above=0), default=None,
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="device memory bandwidth for the floor, GB/s; default: from --roofline-json, else measured")
     p.add_argument("--roofline-json", default=None, metavar="PATH",
                    help="reuse the bandwidth of a `psynth bench roofline` roofline.json instead of measuring it")

@@ -355,7 +355,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number(above=0), default=1e-4, help="AdamW learning rate (the release's)")
     p.add_argument("--zero-copy", action="store_true",
                    help="train through the zero-copy cache path (the synthesizer attends to the branch rows in place)")
-    p.add_argument("--peak-tflops", type=number(above=0), default=None,
+    p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s in the compute dtype for MFU; default: from --roofline-json, else the "
                         "measured matmul peak")
     p.add_argument("--roofline-json", default=None, metavar="PATH",

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import yaml
 
 from psynth_jax.config.schema import ExperimentConfig
-from psynth_jax.config.typed import ConfigError, from_dict, to_dict
+from psynth_jax.config.typed import ConfigError, UniqueKeyLoader, from_dict, to_dict
 from psynth_jax.formats.text_files import InputFileError, describe, read_text
 
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*")
@@ -64,7 +64,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file's top-level mapping ({} for an empty file); a syntax error, a non-UTF-8 byte or
     another top-level value is a ConfigError naming the file and line."""
     try:
-        data = yaml.load(read_text(path), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as err:
         raise ConfigError([_syntax_error(path, err)]) from None
     except yaml.YAMLError as err:
@@ -77,23 +77,6 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: a config file must hold a mapping (key: value lines) at the top level, "
                            f"found {describe(data)}"])
     return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a mapping that holds the same key twice (PyYAML keeps the
-    last one in silence, so a config's second `train:` section would replace the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen and key != "<<":
-                first = seen[key].start_mark
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}); keep one",
-                    key_node.start_mark)
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
 
 
 def _syntax_error(path: Path, err: yaml.MarkedYAMLError) -> str:
