@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from psynth_jax.cli.common import number
 from psynth_jax.measure.roofline import Roofline, load_roofline, write_roofline
 from psynth_jax.measure.timing import time_calls
 
@@ -115,12 +116,17 @@ def measure_roofline(*, dtype: str | None = None, matmul_sizes: Sequence[int] | 
 
 
 # ------------------------------------------------------------------ CLI
+def _mib(text: str) -> str | float:
+    """argparse type of --mib: "auto" or a finite size > 0."""
+    return text if text == "auto" else number(above=0)(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="matmul dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
     p.add_argument("--sizes", default="auto",
                    help="square matmul sizes n, comma-separated; auto = 512,1024 on CPU, 4096,8192,16384 on GPU")
-    p.add_argument("--mib", default="auto", help="bandwidth array size in MiB; auto = 64 on CPU, 1024 on GPU")
+    p.add_argument("--mib", type=_mib, default="auto", help="bandwidth array size in MiB (> 0); auto = 64 on CPU, 1024 on GPU")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
     p.add_argument("--out", default="runs/bench", help="output directory (roofline.json)")
 
@@ -128,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         sizes = None if args.sizes == "auto" else [int(x) for x in args.sizes.split(",") if x]
-        mib = None if args.mib == "auto" else float(args.mib)
+        mib = None if args.mib == "auto" else args.mib
     except ValueError:
         raise ValueError(f"--sizes takes comma-separated integers and --mib a number (or auto), "
                          f"got {args.sizes!r}, {args.mib!r}") from None

@@ -64,6 +64,7 @@ from benchmarks.harness import (Column, add_common_arguments, base_metadata, com
                                 resolve_arch, resolve_dtype, say)
 from benchmarks.plots import plot_train
 from benchmarks.roofline import measure_matmul_peak
+from psynth_jax.cli.common import number
 from psynth_jax.measure.roofline import attention_pairs, block_matmul_params, load_roofline, lora_params
 from psynth_jax.measure.timing import OutOfMemory, Timing, time_calls
 from psynth_jax.model.config import ModelConfig
@@ -351,7 +352,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=16, help="synthesizer LoRA rank (alpha = 2 x rank, q/k/v/o)")
     p.add_argument("--mapper", default="affine_length", choices=["affine_length", "per_head_affine"],
                    help="cache mapper kind")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the release's)")
+    p.add_argument("--lr", type=number(above=0), default=1e-4, help="AdamW learning rate (the release's)")
     p.add_argument("--zero-copy", action="store_true",
                    help="train through the zero-copy cache path (the synthesizer attends to the branch rows in place)")
     p.add_argument("--peak-tflops", type=float, default=None,

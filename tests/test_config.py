@@ -175,7 +175,9 @@ def test_unknown_yaml_key_names_field(tmp_path):
     [
         ("train.steps=abc", "config key 'train.steps' expects int, got 'abc'"),
         ("mesh.fsdp=1.5", "config key 'mesh.fsdp' expects int"),
-        ("train.lr=fast", "config key 'train.lr' expects float"),
+        ("train.lr=fast", "config key 'train.lr' expects a finite number"),
+        ("train.lr=nan", "config key 'train.lr' expects a finite number, got 'nan'"),
+        ("lora.alpha=-inf", "config key 'lora.alpha' expects a finite number"),
         ("train.remat=maybe", "config key 'train.remat' expects bool"),
         ("model.dtype=fp16", "config key 'model.dtype' must be one of 'float32', 'bfloat16', got 'fp16'"),
         ("lora.targets=q,x", "config key 'lora.targets[1]' must be one of"),

@@ -7,6 +7,7 @@ ValueError: `psynth` prints it as one line and exits 2) naming the flag or confi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import typing
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from psynth_jax.config.schema import HandoffConvention, WorkerStopTokens
+from psynth_jax.formats.output_files import check_parents
 from psynth_jax.interop.embedded import DEFAULT_MODEL
 
 
@@ -66,24 +68,43 @@ class UsageError(ValueError):
     """A flag or config value the command cannot run with; the message names it."""
 
 
+def number(kind: type = float, *, at_least: float | None = None, above: float | None = None,
+           at_most: float | None = None) -> typing.Callable[[str], float]:
+    """argparse type for every numeric flag: a finite `kind` (int or float; never nan or inf) in
+    the range given (`at_least` <= x, `above` < x, x <= `at_most`); argparse names the flag."""
+    parts = ([f">= {at_least:g}"] if at_least is not None else []) + ([f"> {above:g}"] if above is not None else []) \
+        + ([f"<= {at_most:g}"] if at_most is not None else [])
+    wanted = f"{'an integer' if kind is int else 'a finite number'}{' ' + ' and '.join(parts) if parts else ''}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not math.isfinite(value) or (at_least is not None and value < at_least) or \
+                (above is not None and value <= above) or (at_most is not None and value > at_most):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse's "invalid <name> value" fallback
+    return convert
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
+    return number(int, at_least=1)(text)
+
+
+def utf8_argument(text: str, what: str) -> str:
+    """A command-line text that is UTF-8 (Python hands undecodable bytes of argv over as lone
+    surrogates, which the tokenizer refuses with a TypeError naming nothing)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def check_out_file(path: str | Path, flag: str) -> Path:
-    """An output file the command can create: not a directory, and no existing file on its way."""
-    out = Path(path)
-    if out.is_dir():
-        raise UsageError(f"{flag} {out} is a directory; give a file path")
-    _check_parents(out, flag)
-    return out
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(text[err.start]) - 0xDC00 if 0xDC80 <= ord(text[err.start]) <= 0xDCFF else None
+        shown = f" (byte 0x{byte:02x} at character {err.start + 1})" if byte is not None else ""
+        raise UsageError(f"{what} is not UTF-8 text{shown}; pass it in the terminal's UTF-8 encoding") from None
+    return text
 
 
 def check_out_dir(path: str | Path, flag: str) -> Path:
@@ -91,16 +112,8 @@ def check_out_dir(path: str | Path, flag: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is a file, not a directory")
-    _check_parents(out, flag)
+    check_parents(out, flag)
     return out
-
-
-def _check_parents(out: Path, flag: str) -> None:
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{flag} {out}: {parent} is a file, not a directory")
-            return
 
 
 def check_attn_impl(impl: str, flag: str) -> None:

@@ -10,6 +10,7 @@ the synthesizer's steps). Heavy imports (jax, the model, evaluation tasks) happe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from psynth_jax.cli.common import (
-    UsageError, add_handoff_arguments, add_model_arguments, check_attn_impl, check_out_file, make_cli_mesh,
+    UsageError, add_handoff_arguments, add_model_arguments, check_attn_impl, make_cli_mesh, number,
     positive_int, step,
 )
+from psynth_jax.formats.output_files import check_output_file, replace_atomically
 from psynth_jax.synthesis import prompts
 
 if TYPE_CHECKING:
@@ -37,15 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "positions: checked before decoding)")
     p.add_argument("--worker-tokens", type=positive_int, default=160, help="max new tokens per worker")
     p.add_argument("--max-new-tokens", type=positive_int, default=192, help="max new tokens of each synthesis")
-    p.add_argument("--temperature", type=float, default=0.7, help="worker sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.95, help="worker nucleus sampling")
+    p.add_argument("--temperature", type=number(at_least=0), default=0.7, help="worker sampling temperature")
+    p.add_argument("--top-p", type=number(above=0, at_most=1), default=0.95, help="worker nucleus sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapter", default=None,
                    help="trained mapper + LoRA: a `psynth train` run dir, an exported adapter dir, or the reference "
                         "release's checkpoint folder (cache_mapper.pt + judger_lora/, also latest/ or "
                         "step_checkpoints/latest/); default: untrained (identity mapper, LoRA B = 0)")
     add_handoff_arguments(p)
-    p.add_argument("--out", default=None, help="also write the full result as JSON here")
+    p.add_argument("--out", default=None, help="also write the full result as JSON here (an existing file that is "
+                                                "not a demo result needs --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that holds something else")
 
 
 def _show(title: str, text: str, width: int = 100) -> None:
@@ -57,6 +61,12 @@ def check_fits(synth: ParallelSynthesis, question: str, args: argparse.Namespace
     """Refuse, before any worker is decoded, a K x --worker-tokens the text path could not fit in
     the model's positions (its prompt holds every branch's text, up to --worker-tokens each)."""
     limit = synth.model.cfg.max_position_embeddings
+    alone = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""])))
+    if alone + 1 + args.max_new_tokens > limit:  # the row itself is the cause, whatever --k / --worker-tokens
+        raise UsageError(
+            f"GSM8K test #{args.index} ({args.data or 'the shipped test file'}) is too long: its question alone takes "
+            f"{alone} positions of the model's {limit} (with --max-new-tokens {args.max_new_tokens}); pick another "
+            "--index or shorten that row")
     frame = len(synth.gen.chat_tokens(prompts.text_synth_messages(question, [""] * args.k)))
     need = frame + args.k * args.worker_tokens + args.max_new_tokens
     if need > limit:
@@ -65,6 +75,28 @@ def check_fits(synth: ParallelSynthesis, question: str, args: argparse.Namespace
             f"positions ({frame} prompt + {args.k} x {args.worker_tokens} branch + {args.max_new_tokens} new tokens), "
             f"the model has {limit}; lower --k, --worker-tokens or --max-new-tokens"
         )
+
+
+def without_empty_branches(synth: ParallelSynthesis, question: str, workers):
+    """The workers' branches less those that decoded 0 tokens (a sampled worker may stop at once:
+    a runtime outcome, not an input error). Each one left out is named as displayed (1-based); the
+    cache of the others is rebuilt from their tokens. None left: a runtime failure (exit 1)."""
+    tokens = workers.tokens[0]
+    empty = [i for i, t in enumerate(tokens) if not t]
+    if not empty:
+        return workers
+    named = ", ".join(str(i + 1) for i in empty)
+    if len(empty) == len(tokens):
+        raise RuntimeError(f"every worker branch ({named}) decoded 0 tokens: nothing to synthesize from; "
+                           "try another --seed or --temperature")
+    keep = [i for i, t in enumerate(tokens) if t]
+    print(f"[psynth] branch {named} decoded 0 tokens: the cache and text paths synthesize from branch "
+          f"{', '.join(str(i + 1) for i in keep)}", file=sys.stderr)
+    prefix = synth.gen.chat_tokens(prompts.worker_messages(question))
+    stopped = [[workers.stopped[0][i] for i in keep]]
+    branches = synth.branches_from_tokens([[prefix] * len(keep)], [[tokens[i] for i in keep]], stopped)
+    return dataclasses.replace(workers, branches=branches, tokens=[[tokens[i] for i in keep]],
+                               texts=[[workers.texts[0][i] for i in keep]], stopped=stopped)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.synthesis.pipeline import ParallelSynthesis
 
     if args.out:
-        check_out_file(args.out, "--out")
+        check_output_file(args.out, "--out", inputs=[args.data] if args.data else [], force=args.force,
+                          ours=_is_demo_result)
     examples = load_task("gsm8k", path=args.data)
+    if not examples:
+        raise UsageError(f"--data {args.data} holds no GSM8K rows (an empty file?)")
     if not 0 <= args.index < len(examples):
         raise UsageError(f"--index {args.index} is outside the {len(examples)} GSM8K test questions")
     ex = examples[args.index]
@@ -115,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
                                     max_new_tokens=args.worker_tokens, sampling=worker_sampling, seed=args.seed)
     for i, text in enumerate(workers.texts[0]):
         _show(f"branch {i + 1} ({len(workers.tokens[0][i])} tokens)", text)
+    workers = without_empty_branches(synth, ex.question, workers)
 
     paths = {  # the steps of each path: answered once, then timed (measure/ttft.py)
         "cache": ("cache path: re-encode + map branch KV, prefill the prompt over it, decode (LoRA on)",
@@ -150,7 +186,16 @@ def run(args: argparse.Namespace) -> int:
         record = {"question": ex.question, "gold": ex.gold, "branches": workers.texts[0], "weights": weights,
                   "paths": summary, "ttft_ratio_text_over_cache": t.total_s / c.total_s,
                   "device": jax.devices()[0].device_kind}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2))
+        with replace_atomically(args.out) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _is_demo_result(path: Path) -> bool:
+    """Whether `path` holds a result written by demo --out (which a new one may replace)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False
+    return isinstance(record, dict) and {"question", "paths"} <= record.keys()

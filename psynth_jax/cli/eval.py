@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from psynth_jax.cli.common import check_attn_impl
 from psynth_jax.cli.run_lock import run_dir_session
@@ -51,6 +52,14 @@ def run(args: argparse.Namespace) -> int:
     kl = None if args.kl is None else [t for t in args.kl.split(",") if t]
     if retime is not None and kl is not None:
         raise ValueError("--retime and --kl: one at a time")
+    if retime is not None or kl is not None:  # they measure recorded answers: none, nothing to do (no dir made)
+        from psynth_jax.eval.store import RECORDS
+
+        records = Path(cfg.out_dir) / RECORDS
+        if not records.is_file() or not records.stat().st_size:
+            flag = "--retime" if retime is not None else "--kl"
+            raise ValueError(f"{flag}: out_dir {cfg.out_dir} holds no recorded answers ({RECORDS}); run "
+                             f"`psynth eval --config {args.config}` without {flag} first")
     with run_dir_session(cfg.out_dir, "psynth eval", "out_dir", primary=distributed.is_main(), disposable=OUT_DIR_DISPOSABLE):
         outcome = run_eval(cfg, quiet=args.quiet, retime=retime, kl=kl)
     if not distributed.is_main():  # process 0 merged the answers and wrote the report

@@ -7,15 +7,23 @@ box never touches training, data or evaluation code (or their dependencies).
 
 Every failure takes one path (`main`): a one-line message `psynth COMMAND: error: ...` that names
 the file (and line), the config field or the flag, and one exit code per kind (EXIT_CODES, also
-in `psynth --help` and the README). `--debug` (or PSYNTH_DEBUG=1) shows the traceback instead.
+in `psynth --help` and the README). `--debug` (or PSYNTH_DEBUG=1) shows the traceback too, with
+the same exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import os
+import signal
 import sys
+import threading
+import traceback
+import types
+from typing import Iterator
 
 from psynth_jax.config.typed import ConfigError
 
@@ -45,7 +53,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
   {EXIT_PREEMPTED}  psynth train stopped by SIGTERM (preemption) after saving a checkpoint; rerun to resume;
        psynth serve stopped by SIGTERM after the requests in flight finished
---debug (or PSYNTH_DEBUG=1) shows the traceback of a failure instead of the one-line message."""
+--debug (or PSYNTH_DEBUG=1) also shows the traceback of a failure; the exit code is the same."""
 
 # Errors that mean "the input is wrong" (a flag, config, file, run directory), not "the run broke".
 # ValueError covers config, JSON/UTF-8 decoding, checkpoint and adapter errors (all subclass it).
@@ -89,12 +97,48 @@ def main(argv: list[str] | None = None) -> int:
     runtime's shutdown barrier, where they would never come (they are blocked in a collective this
     process will not join), so the launcher sees the failure now and stops the rest.
     """
-    code = _run(argv)
-    if code not in (EXIT_OK, EXIT_PREEMPTED) and _in_a_pod():
+    with _interrupts():
+        code = _run(argv)
+    if (code not in (EXIT_OK, EXIT_PREEMPTED) and _in_a_pod()) or (code == EXIT_INTERRUPTED and argv is None):
+        # Interrupted as the program: exit now, skipping the interpreter's teardown, where the XLA
+        # runtime's threads, stopped mid-computation, could crash it (eval: Segmentation fault, 139)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[None]:
+    """Ctrl-C that always reaches `_run`: Python raises KeyboardInterrupt wherever the main thread
+    is, and inside a garbage-collection callback or a finalizer (jax's `_xla_gc_callback` runs on
+    every collection) it is printed as "Exception ignored" and lost: the command ran on. Such an
+    interrupt is delivered again a moment later, once out of the callback."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # not ours to handle (a background job ignores Ctrl-C)
+        return
+
+    def on_sigint(signum: int, frame: types.FrameType | None) -> None:
+        if _in_a_finalizer(frame):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _in_a_finalizer(frame: types.FrameType | None) -> bool:
+    """Whether `frame` (or a caller) runs a gc callback or a __del__, where an exception is swallowed."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name in ("__del__", "_xla_gc_callback"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _in_a_pod() -> bool:
@@ -109,26 +153,26 @@ def _run(argv: list[str] | None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except SystemExit as e:
-        if debug or not isinstance(e.code, str):
+        if not isinstance(e.code, str):
             raise
         message = e.code.removeprefix(f"psynth {args.command}: ")  # a command's own usage message
-        print(f"{prefix} {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(debug, f"{prefix} {message}", EXIT_USAGE)
     except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"psynth {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(debug, f"psynth {args.command}: interrupted", EXIT_INTERRUPTED)
     except INPUT_ERRORS as e:
-        if debug:
-            raise
-        print(f"{prefix} {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(debug, f"{prefix} {one_line(e)}", EXIT_USAGE)
     except Exception as e:  # noqa: BLE001 - every other failure: one line, the traceback on --debug
-        if debug:
-            raise
-        print(f"{prefix} {type(e).__name__}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
-        return EXIT_FAILURE
+        hint = "" if debug else " (--debug shows the traceback)"
+        return _fail(debug, f"{prefix} {type(e).__name__}: {one_line(e)}{hint}", EXIT_FAILURE)
+
+
+def _fail(debug: bool, message: str, code: int) -> int:
+    """Report a failure: the traceback first under --debug, then always the one line; the exit
+    code is the same either way (the README's contract holds under --debug too)."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

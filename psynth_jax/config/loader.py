@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import yaml
 
 from psynth_jax.config.schema import ExperimentConfig
-from psynth_jax.config.typed import ConfigError, from_dict, to_dict
+from psynth_jax.config.typed import ConfigError, UniqueKeyLoader, from_dict, to_dict
 from psynth_jax.formats.text_files import InputFileError, describe, read_text
 
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*")
@@ -64,12 +64,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file's top-level mapping ({} for an empty file); a syntax error, a non-UTF-8 byte or
     another top-level value is a ConfigError naming the file and line."""
     try:
-        data = yaml.safe_load(read_text(path))
+        data = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = ": ".join(x for x in (err.context, err.problem) if x)
-        raise ConfigError([f"{where}: YAML syntax error: {what}"]) from None
+        raise ConfigError([_syntax_error(path, err)]) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: YAML error: {err}"]) from None
     except InputFileError as err:
@@ -80,6 +77,19 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: a config file must hold a mapping (key: value lines) at the top level, "
                            f"found {describe(data)}"])
     return data
+
+
+def _syntax_error(path: Path, err: yaml.MarkedYAMLError) -> str:
+    """`path:line:column: YAML syntax error: ...`. An unclosed { or [ is reported where it opens
+    (PyYAML's problem mark is the first token after it, usually on a later line)."""
+    unclosed = err.context is not None and err.context.startswith("while parsing a flow") and err.context_mark
+    mark = err.context_mark if unclosed else (err.problem_mark or err.context_mark)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    if unclosed:
+        bracket = "{" if "mapping" in err.context else "["
+        return f"{where}: YAML syntax error: this {bracket} is not closed ({err.problem})"
+    what = ": ".join(x for x in (err.context, err.problem) if x)
+    return f"{where}: YAML syntax error: {what}"
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar, Union
@@ -123,7 +124,8 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         return _coerce_sequence(value, origin, args, path, errors)
     converted = _coerce_scalar(value, tp, path)
     if converted is _INVALID:
-        errors.append(f"config key '{path}' expects {tp.__name__}, got {value!r}")
+        wanted = "a finite number" if tp is float else tp.__name__
+        errors.append(f"config key '{path}' expects {wanted}, got {value!r}")
     return converted
 
 
@@ -159,14 +161,17 @@ def _coerce_scalar(value: Any, tp: type, path: str) -> Any:
                 return int(text)
             except ValueError:
                 pass
-    elif tp is float:
+    elif tp is float:  # finite only: nan / inf pass every range check (nan compares False) in silence
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if text is not None:
+            number = float(value)
+        elif text is not None:
             try:
-                return float(text)  # also YAML 1.1's "1e-4", which PyYAML reads as a string
+                number = float(text)  # also YAML 1.1's "1e-4", which PyYAML reads as a string
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -185,6 +190,23 @@ def _parse_sequence(text: str) -> Any:
 
 def _parse_yaml(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         return text  # left as a string, so the type check reports it with its field name
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that holds the same key twice (PyYAML keeps the
+    last one in silence, so a config's second `train:` section would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen and key != "<<":
+                first = seen[key].start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)

@@ -88,20 +88,38 @@ def to_json_line(example: SynthesisExample) -> str:
 
 def write_examples(path: str | os.PathLike[str], examples: Iterable[SynthesisExample]) -> Path:
     """Write examples to .jsonl (one object per line) or .parquet (via `datasets`; meta as JSON
-    text, so rows with different meta keys share one column type)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(to_json_line(e) for e in examples)
-    elif path.suffix == ".parquet":
-        import datasets  # heavy import, only when needed
+    text, so rows with different meta keys share one column type), through a temporary file
+    renamed over `path` at the end (a failed write leaves `path` as it was)."""
+    from psynth_jax.formats.output_files import replace_atomically
 
-        rows = [{**e.to_dict(), "meta": json.dumps(e.meta, ensure_ascii=False)} for e in examples]
-        datasets.Dataset.from_list(rows).to_parquet(str(path))
-    else:
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"unsupported output {path}: use .jsonl or .parquet")
+    with replace_atomically(path) as tmp:
+        if path.suffix == ".jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(to_json_line(e) for e in examples)
+        else:
+            import datasets  # heavy import, only when needed
+
+            rows = [{**e.to_dict(), "meta": json.dumps(e.meta, ensure_ascii=False)} for e in examples]
+            datasets.Dataset.from_list(rows).to_parquet(str(tmp))
     return path
+
+
+def is_examples_file(path: Path, prefix: str = "") -> bool:
+    """Whether `path` holds examples written by write_examples (the first row's id starting with
+    `prefix`, e.g. "exposure/"): the file build-data may overwrite or resume without --force."""
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(next((line for line in f if line.strip()), "null"))
+        else:
+            first = next(iter(read_records(path)), None)
+    except Exception:  # noqa: BLE001 - unreadable as rows: not ours
+        return False
+    keys = {"id", "question", "branches", "target"}
+    return isinstance(first, dict) and keys <= first.keys() and str(first["id"]).startswith(prefix)
 
 
 def read_examples(source: str | os.PathLike[str]) -> list[SynthesisExample]:

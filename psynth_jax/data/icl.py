@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from psynth_jax.data.build import BuildResult, BuildSpec, draw_k
 from psynth_jax.data.examples import Branch, SynthesisExample
-from psynth_jax.formats.rows import RowError, need, present
+from psynth_jax.formats.rows import RowError, need, need_text, present
 from psynth_jax.synthesis import prompts
 
 TASK_FIELDS = ("_task", "task_name", "_task_name", "task", "_task_source")
@@ -63,14 +63,14 @@ def worked_example(row: dict[str, Any], index: int, fmt: str) -> WorkedExample:
     """One row as a WorkedExample (RowError naming a missing field)."""
     task = _task(row)
     if fmt == "flan_cot":
-        question, answer = str(need(row, "question")).strip(), str(need(row, "answer")).strip()
+        question, answer = need_text(row, "question").strip(), need_text(row, "answer", numbers=True).strip()
         rationale = str(row.get("rationale") or "").strip()
         worked = f"{rationale} So the answer is {answer}." if rationale else answer
     elif fmt == "p3":
-        question = str(need(row, "prompt", "inputs_pretokenized")).strip()
-        worked = str(need(row, "completion", "targets_pretokenized")).replace(_END_OF_TEXT, "").strip()
+        question = need_text(row, "prompt", "inputs_pretokenized").strip()
+        worked = need_text(row, "completion", "targets_pretokenized").replace(_END_OF_TEXT, "").strip()
     else:
-        question, worked = str(need(row, "inputs")).strip(), str(need(row, "targets")).strip()
+        question, worked = need_text(row, "inputs").strip(), need_text(row, "targets").strip()
     if not worked:
         raise RowError("no answer")
     return WorkedExample(f"{task}/{row.get('id', index)}", task, question, worked)

@@ -242,6 +242,10 @@ def make_train_iterator(
     )
     if not kept:
         raise ValueError(f"no example passed the guards: {stats.summary()}")
+    if split == "train" and cfg.batch_size > len(kept):  # every row past the examples is computed padding
+        raise ValueError(f"data.batch_size={cfg.batch_size} but stage {split!r} has {len(kept)} examples: each step "
+                         f"would compute {plan.padding_rows} padding rows per epoch; lower data.batch_size to at most "
+                         f"{len(kept)} (or add data)")
 
     def batch_at(index: int, _: int) -> TrainBatch:
         members = plan.batch(index)

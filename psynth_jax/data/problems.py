@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from psynth_jax.formats.boxed import last_boxed
+from psynth_jax.formats.rows import text_value
 
 _CALC_RE = re.compile(r"<<[^>]*>>")
 
@@ -38,7 +39,7 @@ def final_answer_sentence(answer: str) -> str:
 
 
 def _gsm8k(row: dict[str, Any], pid: str) -> Problem | None:
-    text = str(row["answer"])
+    text = text_value(row["answer"], "answer", numbers=True)
     if "####" not in text:
         return None
     steps, _, tail = text.rpartition("####")
@@ -47,18 +48,18 @@ def _gsm8k(row: dict[str, Any], pid: str) -> Problem | None:
     if not answer or not reasoning:
         return None
     solution = f"{reasoning}\n{final_answer_sentence(answer)}"
-    return Problem(pid, "math", str(row["question"]).strip(), reasoning, solution, answer)
+    return Problem(pid, "math", text_value(row["question"], "question").strip(), reasoning, solution, answer)
 
 
 def _math(row: dict[str, Any], pid: str) -> Problem | None:
-    solution = str(row["solution"]).strip()
+    solution = text_value(row["solution"], "solution").strip()
     boxed = last_boxed(solution)
-    answer = str(row["answer"]).strip() if row.get("answer") is not None else boxed
+    answer = text_value(row["answer"], "answer", numbers=True).strip() if row.get("answer") is not None else boxed
     if not answer or not solution:
         return None
     if boxed is None:  # a solution that states its answer without boxing it
         solution = f"{solution}\n{final_answer_sentence(answer)}"
-    return Problem(pid, "math", str(row["problem"]).strip(), solution, solution, answer)
+    return Problem(pid, "math", text_value(row["problem"], "problem").strip(), solution, solution, answer)
 
 
 def row_id(row: dict[str, Any], index: int) -> str:

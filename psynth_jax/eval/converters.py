@@ -19,7 +19,7 @@ from typing import Any, Callable
 from psynth_jax.config.eval_schema import TaskFields
 from psynth_jax.eval.example import EvalExample, format_choices
 from psynth_jax.formats import multihop, tool_calls
-from psynth_jax.formats.rows import maybe_json, present
+from psynth_jax.formats.rows import maybe_json, present, text_value
 
 Row = dict[str, Any]
 Converter = Callable[[Row, int, int], EvalExample]
@@ -42,9 +42,9 @@ def _integer_text(value: Any) -> str:
 
 def gsm8k(row: Row, index: int, seed: int) -> EvalExample:
     """GSM8K ("question", "answer" = worked solution ending "#### N"): gold is N, commas dropped."""
-    solution = str(pick(row, "answer", task="gsm8k"))
+    solution = text_value(pick(row, "answer", task="gsm8k"), "answer", numbers=True)
     gold = solution.split("####")[-1].strip().replace(",", "")
-    question = str(pick(row, "question", task="gsm8k")).strip()
+    question = text_value(pick(row, "question", task="gsm8k"), "question").strip()
     return EvalExample(f"gsm8k/{index}", "gsm8k", "math", question, gold, {"solution": solution})
 
 

@@ -250,6 +250,7 @@ class EvalRunner:
                            f"{synth.handoff.convention}/{synth.handoff.stop_tokens}")
             mapper_trained = lora_trained = False
         model = synth.model
+        self._check_budget(model.cfg.max_position_embeddings)
         weights = {
             "adapter": self.cfg.adapter,
             "description": description,
@@ -268,6 +269,18 @@ class EvalRunner:
         self.synth = synth
         # last layer 0: the identity mapper
         self.identity = dataclasses.replace(synth, mapper=make_mapper("affine_length", model.cfg.num_kv_heads))
+
+    def _check_budget(self, limit: int) -> None:
+        """Refuse, before any answer, token budgets the model's positions cannot hold (every record
+        would be an error and the run would "succeed"): the text path holds K branches of
+        worker_tokens each and then max_new_tokens."""
+        c = self.cfg
+        workers = any(m != "single" for m in c.modes)
+        need = (c.num_workers * c.worker_tokens if workers else 0) + c.max_new_tokens
+        if need > limit:
+            parts = f"num_workers {c.num_workers} x worker_tokens {c.worker_tokens} + " if workers else ""
+            raise ValueError(f"{parts}max_new_tokens {c.max_new_tokens} = {need} positions, more than the model's "
+                             f"{limit} (max_position_embeddings); lower worker_tokens or max_new_tokens")
 
     def _variant(self, family: str, trained_mapper: bool) -> ParallelSynthesis:
         """The synthesizer with `family`'s prompt templates and the trained (or the identity) mapper."""

@@ -21,7 +21,7 @@ import random
 import re
 from typing import Any
 
-from psynth_jax.formats.rows import RowError, maybe_json, need, present
+from psynth_jax.formats.rows import RowError, maybe_json, need, need_text, present
 
 _TWOWIKI_TYPES = {"compositional", "comparison", "bridge_comparison", "inference"}
 _HOP_REF_RE = re.compile(r"#(\d+)")
@@ -75,8 +75,8 @@ def is_multihop_row(row: dict[str, Any]) -> bool:
 
 def parse_multihop(row: dict[str, Any], index: int = 0) -> MultihopQuestion:
     """A MultihopQuestion from a 2Wiki / HotpotQA / MuSiQue row; RowError when a field it needs is missing."""
-    question = str(need(row, "question")).strip()
-    answer = str(need(row, "answer")).strip()
+    question = need_text(row, "question").strip()
+    answer = need_text(row, "answer", numbers=True).strip()
     rid = str(row.get("_id") or row.get("id") or index)
     if "paragraphs" in row:
         return _musique(row, rid, question, answer)

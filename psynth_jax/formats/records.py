@@ -95,6 +95,27 @@ def _load_dataset(*args: Any, **kwargs: Any) -> list[Row]:
     return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]
 
 
+def _load_data_files(where: Path, *args: Any, **kwargs: Any) -> list[Row]:
+    """`_load_dataset` over local files, its failures (a corrupt parquet, a folder of unreadable
+    files) as one InputFileError naming the file when the library's message names it, else `where`."""
+    try:
+        return _load_dataset(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, InputFileError):
+            raise
+        raise InputFileError(f"{where}: cannot be read as data rows ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - DatasetGenerationError, ArrowInvalid, ...: name the file
+        cause = err.__cause__ or err.__context__ or err
+        named = re.search(r"(/[^\s'\"]+\.(?:parquet|csv|arrow|jsonl?))", f"{err} {cause}")
+        bad = named.group(1) if named else str(where)
+        raise InputFileError(f"{bad}: cannot be read as data rows ({type(cause).__name__}: {_first_line(cause)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
 def _load_hub_dataset(source: str, config: str | None, split: str) -> list[Row]:
     """A hub dataset's rows; when it cannot be fetched (offline, unknown id), one error naming both
     readings of `source`: a local path that does not exist, and the hub id that failed."""
@@ -127,10 +148,16 @@ def read_records(source: str | os.PathLike[str], *, split: str = "train", config
         if suffixes and suffixes[-1] in _JSON_SUFFIXES:
             return _read_json_file(path)
         if path.suffix in _DATASETS_BUILDERS:
-            return _load_dataset(_DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
+            return _load_data_files(path, _DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
         raise ValueError(f"unsupported file type {path}: use .json, .jsonl(.gz), .parquet or .csv")
     if path.is_dir():
-        return _load_dataset(str(path), config, split=split)
+        files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+        data = [p for p in files if p.suffix in _JSON_SUFFIXES | set(_DATASETS_BUILDERS) | {".arrow", ".gz", ".tsv"}]
+        if not data:
+            shown = ", ".join(sorted(p.name for p in files)[:5]) + (" ..." if len(files) > 5 else "")
+            raise InputFileError(f"{path}: a folder with no data files (.jsonl, .json, .parquet, .csv, .arrow); "
+                                 f"it holds {shown or 'nothing'}")
+        return _load_data_files(path, str(path), config, split=split)
     if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
         raise FileNotFoundError(f"no such data file or folder: {path}")
     return _load_hub_dataset(str(source), config, split)

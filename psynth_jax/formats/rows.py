@@ -38,6 +38,26 @@ def need(row: dict[str, Any], *keys: str) -> Any:
     raise RowError(f"no {keys[0]}", f"none of {list(keys)} in a row with fields {sorted(row)}")
 
 
+def text_value(value: Any, key: str, *, numbers: bool = False) -> str:
+    """`value` of field `key` as text: a string (or, `numbers`, an int / float such as an answer
+    72), never a list, a mapping or a bool turned into its repr; a ValueError naming the field."""
+    if isinstance(value, str):
+        return value
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    shown = clip(repr(value), 80)
+    raise ValueError(f"field {key!r} must be text{' or a number' if numbers else ''}, got "
+                     f"{type(value).__name__} {shown}")
+
+
+def need_text(row: dict[str, Any], *keys: str, numbers: bool = False) -> str:
+    """`need` for a text field: the first of `keys` present, checked by `text_value`."""
+    for key in keys:
+        if present(row.get(key)):
+            return text_value(row[key], key, numbers=numbers)
+    return text_value(need(row, *keys), keys[0], numbers=numbers)
+
+
 def maybe_json(value: Any) -> Any:
     """A JSON list / object stored as text (some hub exports do this), decoded; anything else as is."""
     if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):

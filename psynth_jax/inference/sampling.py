@@ -16,9 +16,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # nan and inf too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # nan too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 

@@ -16,9 +16,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from psynth_jax.interop.embedded import DEFAULT_MODEL, default_gguf_path
-from psynth_jax.interop.sources import CheckpointError, TensorSource, open_source
+from psynth_jax.interop.sources import CheckpointError, SafetensorsSource, TensorSource, open_source
 from psynth_jax.interop.tokenizer import load_tokenizer
-from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.config import ModelConfig, UnsupportedModelError
 from psynth_jax.model.loaded import LoadedModel, abstract_decoder, parse_dtype
 from psynth_jax.model.sharding import Rules, single_device_mesh, state_shardings
 from psynth_jax.model.transformer import LoRAConfig
@@ -148,7 +148,16 @@ def load_model(
     jdtype = parse_dtype(dtype)
     path = default_gguf_path() if str(source) == DEFAULT_MODEL else source
     src = open_source(path)
-    cfg = ModelConfig.from_hf(src.config_dict())
+    try:
+        cfg = ModelConfig.from_hf(src.config_dict())
+    except UnsupportedModelError:
+        raise
+    except ValueError as err:  # a field of the wrong type or missing: name the file and the field
+        where = src.dir / "config.json" if isinstance(src, SafetensorsSource) else Path(path)
+        raise CheckpointError(f"{where}: {err}") from None
+    if lora is not None and lora.rank > cfg.hidden_size:  # before any LoRA tensor is allocated
+        raise ValueError(f"lora.rank {lora.rank} exceeds the model's width (hidden_size {cfg.hidden_size} in {path}); "
+                         f"use a rank of at most {cfg.hidden_size}")
     mesh = mesh if mesh is not None else single_device_mesh()
     graphdef, state = state_from_source(cfg, src, jdtype, lora, seed, mesh=mesh, rules=rules)
     tokenizer = None

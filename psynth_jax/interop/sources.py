@@ -300,7 +300,13 @@ def open_source(source: str | Path) -> TensorSource:
         return SafetensorsSource(path)
     if str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"checkpoint path not found: {source}")
-    local = snapshot_download(
-        str(source), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
-    )
+    try:
+        local = snapshot_download(
+            str(source), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
+        )
+    except Exception as err:  # noqa: BLE001 - no network, no such repo, a gated one: the same answer
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"model {str(source)!r} (--model / model.source) is not a built-in name (smollm2-135m), a local path "
+            f"or a reachable hub id ({type(err).__name__}: {reason[:200]})") from None
     return SafetensorsSource(local)

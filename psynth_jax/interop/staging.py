@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from psynth_jax.formats.output_files import OutputFileError, check_parents
+
 
 class ExportError(ValueError):
     """An export refused before writing anything (the message names the path and the reason)."""
@@ -30,6 +32,10 @@ def check_output(out: str | Path, *, force: bool, protect: Sequence[tuple[str, s
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a directory to write the export into")
+    try:
+        check_parents(out, "--out")
+    except OutputFileError as err:
+        raise ExportError(str(err)) from None
     target = out.resolve()
     for what, path in protect:
         p = Path(path).expanduser()

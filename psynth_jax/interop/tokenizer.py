@@ -20,7 +20,14 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return gguf_tokenizer(path)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+                                "of the model into it (e.g. tokenizer.save_pretrained)")
     return AutoTokenizer.from_pretrained(str(source))
+
+
+# any one of these makes a folder loadable by AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:

@@ -8,6 +8,7 @@ rope scaling), Qwen2/2.5 (q/k/v bias) and Qwen3 (q/k RMSNorm, free head_dim).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -104,9 +105,10 @@ class ModelConfig:
                 "(Llama, Qwen2/2.5, Qwen3 decoders)"
             )
         family = SUPPORTED_MODEL_TYPES[model_type]
-        hidden = int(c["hidden_size"])
-        heads = int(c["num_attention_heads"])
-        head_dim = c.get("head_dim") or hidden // heads
+        num = functools.partial(_field, c)
+        hidden = num("hidden_size")
+        heads = num("num_attention_heads")
+        head_dim = num("head_dim", hidden // heads)
         eos = c.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         rope_params = c.get("rope_parameters") or c.get("rope_scaling") or {}
@@ -121,17 +123,17 @@ class ModelConfig:
             raise UnsupportedModelError("Qwen2 sliding-window attention is not supported")
         return cls(
             family=family,
-            vocab_size=int(c["vocab_size"]),
+            vocab_size=num("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(c["intermediate_size"]),
-            num_layers=int(c["num_hidden_layers"]),
+            intermediate_size=num("intermediate_size"),
+            num_layers=num("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=num("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=num("rms_norm_eps", 1e-6, float),
             rope_theta=rope_theta,
             rope_scaling=_rope_scaling(rope_params),
-            max_position_embeddings=int(c.get("max_position_embeddings", 8192)),
+            max_position_embeddings=num("max_position_embeddings", 8192),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             o_bias=attention_bias and family != "qwen2",
@@ -139,6 +141,20 @@ class ModelConfig:
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
+
+
+def _field(c: Mapping[str, Any], key: str, default: Any = None, kind: type = int) -> Any:
+    """config.json's number `key` (`default` when absent or null): a ValueError naming the field
+    for a missing or non-numeric value (a string "two", a bool, a fraction where an int belongs)."""
+    value = c.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"field {key!r} is missing")
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    if not ok or (kind is int and value <= 0) or (kind is float and not value > 0):
+        raise ValueError(f"field {key!r} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+    return kind(value)
 
 
 def _rope_scaling(p: Mapping[str, Any]) -> RopeScaling:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import statistics
 import sys
@@ -49,6 +50,19 @@ from psynth_jax.train.run_log import SUMMARY, MetricsLog, read_summary, summariz
 from psynth_jax.train.step import batch_shardings, make_eval_step, make_optimizer, make_train_step, place_train_state
 
 AGREEMENT_TOKENS = 24
+
+
+class NonFiniteTraining(RuntimeError):
+    """The loss, the gradient norm or the parameters became NaN or inf (exit 1: a failure while running)."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every leaf of `tree` is finite (one reduction on device: a bool to fetch)."""
+    import jax.numpy as jnp
+
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 class _Preemption:
@@ -251,7 +265,24 @@ class Trainer:
     def save(self, force: bool = False) -> None:
         if self.step in self.checkpointer.steps():  # the final save of a step already saved on schedule
             return
+        if not bool(distributed.fetch(_all_finite(self.trainable))):
+            raise NonFiniteTraining(f"step {self.step}: the mapper / LoRA parameters are not finite (NaN or inf); "
+                                    f"not saved, {self._kept()}; lower train.lr")
         self.checkpointer.save(self.step, self._train_state(), self.train_iter.get_state(), force=force)
+
+    def _check_finite(self, step: int, metrics: dict[str, Any]) -> None:
+        """Stop at the first step whose loss or gradient norm is NaN or inf: nothing after it is
+        saved (the metrics are fetched before every save), the last finite checkpoint is kept."""
+        bad = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(float(metrics[k]))}
+        if bad:
+            what = ", ".join(f"{k} {v}" for k, v in bad.items())
+            raise NonFiniteTraining(f"step {step}: {what}; training stopped, nothing of this step saved, "
+                                    f"{self._kept()}; lower train.lr (or check the data)")
+
+    def _kept(self) -> str:
+        steps = self.checkpointer.steps()
+        return f"the last checkpoint (step {max(steps)}) kept" if steps else "no checkpoint was saved"
+
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
@@ -304,6 +335,8 @@ class Trainer:
                 return
             fetched = distributed.fetch([m for _, m in pending])
             tok_s = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+            for step, m in zip((s for s, _ in pending), fetched):
+                self._check_finite(step, m)
             for (step, _), m in zip(pending, fetched):
                 self._record(metrics, writer, step, dict({k: float(v) for k, v in m.items()}, tokens_per_s=tok_s))
             bar.set_postfix(loss=f"{float(fetched[-1]['loss']):.4f}", tok_s=f"{tok_s:.0f}")
