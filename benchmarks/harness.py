@@ -243,6 +243,7 @@ def device_info() -> dict[str, Any]:
         "host_cpu": cpu["model"],
         "host_cpu_vendor": cpu["vendor"],
         "host_cpu_flags": cpu["flags"],
+        "host_cpu_threads_per_core": cpu["threads_per_core"],
         "host_cpu_count": os.cpu_count(),
         "host_cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "host_load_avg_1m": load_average(),
@@ -275,9 +276,11 @@ ISA_FLAG_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni", "fma")
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
-    """{"model", "vendor", "flags"} of the host CPU from /proc/cpuinfo (or the text given), as
-    `lscpu` names them; flags: the vector/matrix ISA extensions (AVX2, AVX-512*, AMX*, AVX-VNNI,
-    FMA) only. Elsewhere: the platform's processor name and no flags."""
+    """{"model", "vendor", "flags", "threads_per_core"} of the host CPU from /proc/cpuinfo (or the
+    text given), as `lscpu` names them; flags: the vector/matrix ISA extensions (AVX2, AVX-512*,
+    AMX*, AVX-VNNI, FMA) only; threads_per_core: siblings / cpu cores (2: the vCPUs are
+    hyperthreads sharing cores and their vector units), None when not reported. Elsewhere: the
+    platform's processor name, no flags."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -289,8 +292,10 @@ def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
         if sep and name.strip() not in fields:
             fields[name.strip()] = value.strip()
     flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(ISA_FLAG_PREFIXES))
+    siblings, cores = fields.get("siblings", ""), fields.get("cpu cores", "")
+    per_core = int(siblings) // int(cores) if siblings.isdigit() and cores.isdigit() and int(cores) else None
     return {"model": fields.get("model name") or platform.processor() or platform.machine(),
-            "vendor": fields.get("vendor_id"), "flags": flags}
+            "vendor": fields.get("vendor_id"), "flags": flags, "threads_per_core": per_core}
 
 
 def versions() -> dict[str, str]:

@@ -249,6 +249,7 @@ def test_sweep_metadata_names_the_cpu_kind_and_the_load(sweep):
     dev = data["metadata"]["device"]
     assert dev["host_cpu"] == harness.cpu_info()["model"] and dev["host_cpu_vendor"] == harness.cpu_info()["vendor"]
     assert dev["host_cpu_flags"] == harness.cpu_info()["flags"]
+    assert dev["host_cpu_threads_per_core"] == harness.cpu_info()["threads_per_core"]
     assert dev["host_cpu_count"] >= dev["host_cpu_usable"] >= 1
     for key in ("host_load_avg_start", "host_load_avg_end"):
         assert len(dev[key]) == 3 and all(x >= 0 for x in dev[key]), key
@@ -257,6 +258,8 @@ def test_sweep_metadata_names_the_cpu_kind_and_the_load(sweep):
 INTEL_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
 model name\t: Intel(R) Xeon(R) Platinum 8488C
+siblings\t: 2
+cpu cores\t: 1
 flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_bf16 avx_vnni amx_bf16 amx_tile amx_int8 sha_ni
 processor\t: 1
 vendor_id\t: GenuineIntel
@@ -268,7 +271,7 @@ def test_cpu_info_keeps_the_model_vendor_and_isa_flags():
     info = harness.cpu_info(INTEL_CPUINFO)
     assert info == {"model": "Intel(R) Xeon(R) Platinum 8488C", "vendor": "GenuineIntel",
                     "flags": ["amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512bw", "avx512f",
-                              "avx_vnni", "fma"]}
+                              "avx_vnni", "fma"], "threads_per_core": 2}
 
 
 def test_rounds_alternate_calls_and_drop_a_path_that_runs_out_of_memory():
