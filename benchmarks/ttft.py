@@ -155,6 +155,7 @@ def run_ttft_sweep(
     cache_path: str = "auto",
     profile_dir: str | Path | None = None,
     peer: PeerProcess | None = None,
+    profile_paths: Sequence[str] = ("cache",),
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -171,7 +172,8 @@ def run_ttft_sweep(
     "auto": view with XLA attention, materialised with the fused kernels (`resolve_cache_path`).
     profile_dir: also profile the cache prefill at every point (measure/profile.py: self time per
     XLA op, by kind), after its timing: a Perfetto trace in profile_dir/K{k}_L{l}/, the summary
-    in the row's `cache_profile`.
+    in the row's `cache_profile`. profile_paths: which paths profile_dir profiles: "cache" and/or
+    "text" (the text prefill, one traced call: profile_dir/text_K{k}_L{l}/, `text_profile`).
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
     cache_path = resolve_cache_path(cache_path, attn_impl)
@@ -194,7 +196,7 @@ def run_ttft_sweep(
             cache_dtype=cache_dtype, attn_impl=attn_impl, repeats=reps, sampling=sampling,
             worker_prompt_tokens=worker_prompt_tokens, new_tokens=new_tokens, key=jax.random.fold_in(key, i),
             cache_path=cache_path, profile_dir=Path(profile_dir) if profile and profile_dir is not None else None,
-            peer=peer,
+            peer=peer, profile_paths=tuple(profile_paths),
         )
 
     peers = {(int(r["K"]), int(r["L"])): r for r in (peer_rows or ())}
@@ -245,7 +247,8 @@ def _path_of(label: str) -> str:
 def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int,
                    batch: int, cache_dtype, attn_impl: str, repeats: int, sampling: SamplingConfig,
                    worker_prompt_tokens: int, new_tokens: int, key: jax.Array, cache_path: str = "view",
-                   profile_dir: Path | None = None, peer: PeerProcess | None = None) -> dict[str, Any]:
+                   profile_dir: Path | None = None, peer: PeerProcess | None = None,
+                   profile_paths: tuple[str, ...] = ("cache",)) -> dict[str, Any]:
     """Build both paths' inputs (and the peer's, in its process), call every timed function once
     (compile), then `repeats` rounds of one call each in the order of ROUND; a path that runs out
     of memory is recorded as `<path>_error` and dropped from the rounds. The labels, in the order
@@ -325,7 +328,7 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
     row.update(jax_rec.fields())
     if peer is not None:
         row["peer_first_call_ms"], row["peer_times_ms"] = peer_rec.first, peer_rec.times
-    if profile_dir is not None and "cache_error" not in row:
+    if profile_dir is not None and "cache" in profile_paths and "cache_error" not in row:
         branches, prompt, prompt_len = (prepared_inputs[n] for n in ("branches", "prompt", "prompt_len"))
 
         def cache_prefill(state, cache, view):  # one module (nested jits inline): the profiled call
@@ -336,6 +339,13 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
                                                                          extra_slots=extra)), profile_dir / f"K{k}_L{l}")
         row["cache_profile"] = prof.summary()
         say("ttft", f"K={k} L={l} cache prefill profile:\n{prof.format()}")
+    if profile_dir is not None and "text" in profile_paths and "text_error" not in row:
+        def text_prefill(state, tokens, lengths):  # the text path's prefill as one module
+            return runtime.prefill(gd, state, tokens, lengths, num_slots=slots, attn_impl=attn_impl)[0]
+
+        prof = profile_jit(text_prefill, lambda: (st, tokens, lengths), profile_dir / f"text_K{k}_L{l}", calls=1)
+        row["text_profile"] = prof.summary()
+        say("ttft", f"K={k} L={l} text prefill profile:\n{prof.format()}")
     return row
 
 
@@ -401,6 +411,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also profile the cache prefill at every point after timing it: self time per XLA op and "
                         "per kind (dot, exp, copy, ...) in each row's cache_profile, Perfetto traces in OUT/profile/")
+    p.add_argument("--profile-text", action="store_true",
+                   help="also profile the text path's prefill at every point (one traced call): each row's "
+                        "text_profile, traces in OUT/profile/text_K{k}_L{l}/ (the view of where the text path loses)")
     p.add_argument("--torch-peer", action="store_true",
                    help="also time the same architecture in PyTorch + transformers (SDPA): text prefill and prompt "
                         "over pre-built branch caches, in a child process (see --peer-order)")
@@ -413,7 +426,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _OPTIONS = ("arch", "ks", "ls", "prompt_tokens", "batch", "dtype", "attn_impl", "mapper", "cache_path", "max_positions",
             "lora_rank", "worker_prompt_tokens", "new_tokens", "repeats", "seed", "out", "roofline_json", "peer_order")
-_SWITCHES = ("no_warmup", "no_roofline", "torch_peer", "profile")
+_SWITCHES = ("no_warmup", "no_roofline", "torch_peer", "profile", "profile_text")
 
 
 def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
@@ -475,7 +488,8 @@ def _run(args: argparse.Namespace, cfg: ModelConfig, arch: str, hub: str | None,
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
         warmup=not args.no_warmup, cache_path=resolve_cache_path(args.cache_path, args.attn_impl),
     )
-    profile_dir = out / "profile" if args.profile else None
+    profile_dir = out / "profile" if args.profile or args.profile_text else None
+    profile_paths = ("cache",) * args.profile + ("text",) * args.profile_text
     command = command_line("ttft", args, _OPTIONS, _SWITCHES, arch=arch, dtype=dtype, cache_path=settings["cache_path"],
                            peer_order=args.peer_order if args.torch_peer else None)
     meta = sweep_metadata(cfg, arch=arch, hub=hub, command=command, roofline=roofline,
@@ -485,7 +499,7 @@ def _run(args: argparse.Namespace, cfg: ModelConfig, arch: str, hub: str | None,
     say("ttft", f"times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
                 f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}")
     rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, profile_dir=profile_dir,
-                          peer=server, **settings)
+                          peer=server, profile_paths=profile_paths, **settings)
     harness.stamp_end(meta)
     if server is not None:  # the peer's own file, as `--peer-order first` keeps it
         write_json(out / "ttft_peer.json", server.metadata,

@@ -208,15 +208,20 @@ def test_sweep_rows_have_the_torch_peer(sweep):
 
 def test_peer_order_first_runs_every_peer_point_before_jax(tmp_path):
     """--peer-order first (the GPU scripts': JAX preallocates its memory there): the peer's rows
-    come from its child process, run to completion before the sweep, and are merged by (K, L)."""
+    come from its child process, run to completion before the sweep, and are merged by (K, L);
+    --profile-text profiles the text prefill."""
     argv = ["ttft", "--arch", "tiny-llama", "--ks", "1", "--ls", "8", "--prompt-tokens", "8", "--repeats", "2",
-            "--torch-peer", "--peer-order", "first", "--no-roofline", "--no-plot", "--out", str(tmp_path)]
+            "--torch-peer", "--peer-order", "first", "--no-roofline", "--no-plot", "--profile-text", "--out",
+            str(tmp_path)]
     assert bench_cli.main(argv) == 0
     data = json.loads((tmp_path / "ttft.json").read_text())
     row = data["rows"][0]
     assert data["metadata"]["peer"]["order"] == "first" and "--peer-order first" in data["metadata"]["command"]
     assert row["timing_order"] == ["text_ttft", "cache_ttft", "cache_prepare", "cache_prefill"] * 2
     assert len(row["peer_times_ms"]["peer_text_ttft"]) == 2 and len(row["text_vs_peer_repeats"]) == 2
+    # --profile-text alone: the text prefill's op profile (its matmuls among them), no cache profile
+    assert row["text_profile"]["by_kind_ms"]["dot"] > 0 and "cache_profile" not in row
+    assert list((tmp_path / "profile" / "text_K1_L8").rglob("*.trace.json.gz"))
 
 
 def test_sweep_alternates_the_peer_and_jax_per_point_and_repeat(sweep):
