@@ -97,7 +97,7 @@ def sweep(tmp_path_factory):
     peer in its child process alternated with JAX, the stored roofline, profiles, both plots."""
     out = tmp_path_factory.mktemp("bench")
     epyc = documented_ttft_commands()[0]
-    assert "--torch-peer" in epyc and "--profile" in epyc and "--roofline-json" in epyc
+    assert {"--torch-peer", "--profile", "--profile-text", "--roofline-json"} <= set(epyc)
     rc = bench_cli.main(at_small_scale(epyc, out))
     assert rc == 0
     return out, json.loads((out / "ttft.json").read_text())
@@ -125,7 +125,7 @@ def test_sweep_json_has_metadata_and_rows(sweep):
     assert meta["num_params"] == preset("tiny-llama").num_params()
     assert meta["lora"]["rank"] == 16 and meta["mapper_kind"] == "affine_length"
     assert meta["command"].startswith("psynth bench ttft --arch tiny-llama --ks 1,2 --ls 8")
-    assert meta["command"].endswith("--peer-order interleaved --torch-peer --profile")
+    assert meta["command"].endswith("--peer-order interleaved --torch-peer --profile --profile-text")
     assert [(r["K"], r["L"]) for r in rows] == [(1, 8), (2, 8)]
     assert meta["schema_version"] == 4 and meta["cache_path"] == "view"
     roof = meta["roofline"]
@@ -163,6 +163,8 @@ def test_sweep_rows_have_the_cache_prefill_profile(sweep):
         assert sum(prof["by_kind_share"].values()) == pytest.approx(1.0, abs=1e-3)
         assert any(o["kind"] == "dot" and o["count"] == layers for o in prof["top_ops"]), prof["top_ops"]
         assert list((out / "profile" / f"K{r['K']}_L{r['L']}").rglob("*.trace.json.gz"))
+        assert r["text_profile"]["by_kind_ms"]["dot"] > 0  # --profile-text
+        assert list((out / "profile" / f"text_K{r['K']}_L{r['L']}").rglob("*.trace.json.gz"))
     assert "cache_profile" in data["metadata"]["definitions"]
 
 
@@ -340,7 +342,8 @@ def test_table_marks_out_of_memory_paths():
     row.update(peer_text_error="out of memory", peer_cache_ttft_ms=30.0, cache_floor_ratio=1.25)
     line = ttft.format_row(row, wide)
     assert len(line) == len(ttft.format_header(wide))
-    assert line.count("OOM") == 5 and "1.25x" in line and "30.00" in line  # text columns + torch text
+    # text TTFT, text/floor, text MFU, torch text, text/torch and its range
+    assert line.count("OOM") == 6 and "1.25x" in line and "30.00" in line
 
 
 @pytest.mark.parametrize("kwargs, match", [
