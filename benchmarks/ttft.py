@@ -39,7 +39,7 @@ import gc
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +156,7 @@ def run_ttft_sweep(
     profile_dir: str | Path | None = None,
     peer: PeerProcess | None = None,
     profile_paths: Sequence[str] = ("cache",),
+    on_row: Callable[[list[dict[str, Any]]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -174,6 +175,8 @@ def run_ttft_sweep(
     XLA op, by kind), after its timing: a Perfetto trace in profile_dir/K{k}_L{l}/, the summary
     in the row's `cache_profile`. profile_paths: which paths profile_dir profiles: "cache" and/or
     "text" (the text prefill, one traced call: profile_dir/text_K{k}_L{l}/, `text_profile`).
+    on_row: called with the rows so far after every point (a long run on a shared machine keeps
+    the points it finished when it is stopped).
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
     cache_path = resolve_cache_path(cache_path, attn_impl)
@@ -229,6 +232,8 @@ def run_ttft_sweep(
             if warmup and i == 0:  # keep the compile-inclusive first calls of the warm-up pass
                 row["first_call_ms"] = warm_first
             rows.append(finish(row))
+            if on_row is not None:
+                on_row(rows)
             say(format_row(row, columns))
             gc.collect()  # drop this point's caches before the next one allocates
     return rows
@@ -499,8 +504,10 @@ def _run(args: argparse.Namespace, cfg: ModelConfig, arch: str, hub: str | None,
     say("ttft", f"times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
                 f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}")
     rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, profile_dir=profile_dir,
-                          peer=server, profile_paths=profile_paths, **settings)
+                          peer=server, profile_paths=profile_paths,
+                          on_row=lambda done: write_json(out / "ttft.json", {**meta, "partial": True}, done), **settings)
     harness.stamp_end(meta)
+    meta["partial"] = False
     if server is not None:  # the peer's own file, as `--peer-order first` keeps it
         write_json(out / "ttft_peer.json", server.metadata,
                    [{k: v for k, v in r.items() if k in ("K", "L") or k.startswith("peer_")} for r in rows])

@@ -203,6 +203,8 @@ def sweep_metadata(
                          "exp, reduce, copy, gather, dynamic-slice, elementwise, control) and the top ops with the "
                          "JAX operation each comes from (psynth_jax/measure/profile.py)",
         "text_profile": "--profile-text only: as cache_profile, of the text path's prefill (one traced call)",
+        "partial": "true while the run is going: ttft.json is rewritten after every point, so a run stopped "
+                   "early keeps the points it finished; false once every point is in",
         "view_slots": "view only: worker-row slots the prompt's attention reads, B*K*(P + L) (P masked)",
         "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
         "text_ttft_ms": "runtime.prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",

@@ -127,7 +127,7 @@ def test_sweep_json_has_metadata_and_rows(sweep):
     assert meta["command"].startswith("psynth bench ttft --arch tiny-llama --ks 1,2 --ls 8")
     assert meta["command"].endswith("--peer-order interleaved --torch-peer --profile --profile-text")
     assert [(r["K"], r["L"]) for r in rows] == [(1, 8), (2, 8)]
-    assert meta["schema_version"] == 4 and meta["cache_path"] == "view"
+    assert meta["schema_version"] == 4 and meta["cache_path"] == "view" and meta["partial"] is False
     roof = meta["roofline"]
     assert roof["dtype"] == "float32" and roof["platform"] == meta["device"]["platform"]
     assert roof["matmul_flops_per_s"] > 0 and roof["bandwidth_bytes_per_s"] > 0
@@ -360,9 +360,13 @@ def test_sweep_rejects_bad_settings_before_building_a_model(kwargs, match):
 
 
 def test_materialised_cache_path_times_its_parts():
-    """--cache-path materialised: the reference path, with its preparation's parts timed too."""
-    rows = ttft.run_ttft_sweep(preset("tiny-llama"), ks=[2], ls=[8], prompt_tokens=8, new_tokens=8, repeats=1,
-                               warmup=False, verbose=False, cache_path="materialised")
+    """--cache-path materialised: the reference path, with its preparation's parts timed too; the
+    rows so far are handed on after every point (on_row: the CLI rewrites ttft.json each time)."""
+    seen = []
+    rows = ttft.run_ttft_sweep(preset("tiny-llama"), ks=[2], ls=[8, 4], prompt_tokens=8, new_tokens=8, repeats=1,
+                               warmup=False, verbose=False, cache_path="materialised",
+                               on_row=lambda done: seen.append([(r["K"], r["L"]) for r in done]))
+    assert seen == [[(2, 8)], [(2, 8), (2, 4)]]
     for key in TIME_KEYS + MATERIALISED_KEYS:
         assert rows[0][key] > 0 and math.isfinite(rows[0][key]), key
     assert "view_slots" not in rows[0]
