@@ -173,6 +173,8 @@ class Recorder:
 
 def _width(title: str, fmt: str) -> int:
     sample: Any = "" if "s}" in fmt else (0 if "d}" in fmt else 0.0)
+    if "[1]" in fmt:  # a [low, high] pair, e.g. "{0[0]:.2f}-{0[1]:.2f}"
+        sample = (sample, sample)
     return max(len(fmt.format(sample)), len(title))
 
 
@@ -211,7 +213,7 @@ def report(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], columns:
     """Print the table on stderr, stamp the end-of-run host load, write `<out>/<name>.json` and,
     unless --no-plot (or no plot), `<name>.png`."""
     print(format_table(rows, columns, paths), file=sys.stderr, flush=True)
-    meta["device"]["host_load_avg_1m_end"] = load_average()
+    stamp_end(meta)
     out = Path(args.out)
     say(name, f"wrote {write_json(out / f'{name}.json', meta, rows)}")
     png = plot(meta, rows, out / f"{name}.png") if plot is not None and not getattr(args, "no_plot", False) else None
@@ -227,36 +229,73 @@ def describe_run(name: str, arch: str, cfg: ModelConfig, meta: dict[str, Any], e
 
 
 def device_info() -> dict[str, Any]:
-    """The device timed (the first of jax.devices()) and the host: what every result names."""
+    """The device timed (the first of jax.devices()) and the host: what every result names. The
+    host CPU's model, vendor and vector/matrix ISA flags say which CPU kind a CPU timing is of
+    (the same command ranks JAX and PyTorch differently on an AMD EPYC and an Intel Xeon)."""
     devices = jax.devices()
     d = devices[0]
+    cpu = cpu_info()
     return {
         "platform": d.platform,
         "device_kind": getattr(d, "device_kind", d.platform),
         "num_devices": len(devices),
         "used_devices": 1,
-        "host_cpu": _cpu_model(),
+        "host_cpu": cpu["model"],
+        "host_cpu_vendor": cpu["vendor"],
+        "host_cpu_flags": cpu["flags"],
+        "host_cpu_threads_per_core": cpu["threads_per_core"],
         "host_cpu_count": os.cpu_count(),
+        "host_cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "host_load_avg_1m": load_average(),
+        "host_load_avg_start": load_averages(),
     }
+
+
+def stamp_end(meta: dict[str, Any]) -> None:
+    """Record the host's load averages at the end of a run next to those of its start."""
+    meta["device"]["host_load_avg_1m_end"] = load_average()
+    meta["device"]["host_load_avg_end"] = load_averages()
 
 
 def load_average() -> float | None:
     """The host's 1-minute load average (other jobs on a shared machine skew CPU timings)."""
+    loads = load_averages()
+    return None if loads is None else loads[0]
+
+
+def load_averages() -> list[float] | None:
+    """The host's 1-, 5- and 15-minute load averages."""
     try:
-        return round(os.getloadavg()[0], 2)
+        return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# the ISA flags that decide which matmul and attention kernels XLA:CPU and PyTorch can use
+ISA_FLAG_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni", "fma")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """{"model", "vendor", "flags", "threads_per_core"} of the host CPU from /proc/cpuinfo (or the
+    text given), as `lscpu` names them; flags: the vector/matrix ISA extensions (AVX2, AVX-512*,
+    AMX*, AVX-VNNI, FMA) only; threads_per_core: siblings / cpu cores (2: the vCPUs are
+    hyperthreads sharing cores and their vector units), None when not reported. Elsewhere: the
+    platform's processor name, no flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() not in fields:
+            fields[name.strip()] = value.strip()
+    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(ISA_FLAG_PREFIXES))
+    siblings, cores = fields.get("siblings", ""), fields.get("cpu cores", "")
+    per_core = int(siblings) // int(cores) if siblings.isdigit() and cores.isdigit() and int(cores) else None
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "vendor": fields.get("vendor_id"), "flags": flags, "threads_per_core": per_core}
 
 
 def versions() -> dict[str, str]:

@@ -16,10 +16,15 @@ CUDA, float32 on CPU (dtype="auto"); `attn_implementation="sdpa"`, eval mode,
 
 torch and transformers are imported inside functions only: importing this module (and the
 whole inference path) never imports torch. `psynth bench ttft --torch-peer` runs the peer in a
-child process (`python -m benchmarks.peer SPEC OUT`) BEFORE the JAX sweep starts: JAX
-reserves most of the GPU's memory when its backend starts (XLA_PYTHON_CLIENT_PREALLOCATE), so
-the peer could not fit after it in one process, and the child's exit returns every byte of
-torch's memory (weights, caches, allocator pool) before JAX loads its own copy of the weights.
+child process, in one of two orders (`--peer-order`):
+- interleaved (the default): `PeerProcess` starts `python -m benchmarks.peer --serve SPEC`, which
+  builds the model and then times one call per request, so the sweep alternates the peer's calls
+  with its own at every point and repeat: a slow spell of a shared CPU hits both sides.
+- first (the GPU scripts'): `run_peer_subprocess` runs every point in the child
+  (`python -m benchmarks.peer SPEC OUT`) BEFORE the JAX sweep starts: JAX reserves most of the
+  GPU's memory when its backend starts (XLA_PYTHON_CLIENT_PREALLOCATE), so the peer could not
+  fit after it, and the child's exit returns every byte of torch's memory before JAX loads its
+  own copy of the weights.
 `psynth bench peer` runs the peer alone (no JAX backend in that process) and writes peer.json, for
 a driver that times the JAX side in another step (launch/gpu_check.sh).
 """
@@ -35,13 +40,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from benchmarks.harness import Recorder, arch_type, int_list, resolve_arch, say, write_json
 from psynth_jax.interop.export import hf_config
-from psynth_jax.measure.timing import Timing, is_oom, time_calls
+from psynth_jax.measure.timing import OutOfMemory, Timing, is_oom, time_once
 from psynth_jax.model.config import ModelConfig, RopeScaling
 
 INSTALL_HINT = "pip install torch transformers (or: pip install -e '.[test]')"
@@ -108,18 +113,6 @@ def build_torch_model(cfg: ModelConfig, *, dtype: str = "float32", device: str =
     return model.eval()
 
 
-def _timer(device: str) -> Callable[..., Timing]:
-    """`time_calls` waiting on the torch device (CUDA synchronize; nothing to wait for on CPU), as
-    the JAX timer's block_until_ready: the token is on the device, not copied to the host."""
-    torch, _ = _import_torch()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def time_call(fn: Callable[..., Any], repeats: int, setup: Callable[[], Any] | None = None) -> Timing:
-        return time_calls(fn, repeats, setup=setup, wait=lambda _: sync())
-
-    return time_call
-
-
 def text_first_token(model, tokens):
     """argmax of the last position's logits after a forward over `tokens` [B, T] (cache built)."""
     out = model(input_ids=tokens, use_cache=True, logits_to_keep=1)
@@ -132,43 +125,88 @@ def cache_first_token(model, prompt, past):
     return out.logits[:, -1].argmax(-1)
 
 
-def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int, batch: int = 1,
-                       repeats: int = 3, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-    """One (K, L) point: peer_text_ttft_ms and peer_cache_ttft_ms (medians) with their raw times."""
-    torch, _ = _import_torch()
-    time_call = _timer(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed * 100003 + k * 1009 + l)
+class PeerPoint:
+    """One (K, L) point's inputs on the peer, and one timed call of either path at a time.
 
-    def randint(t: int):
-        return torch.randint(0, cfg.vocab_size, (batch, t), generator=gen).to(device)
+    Built outside any timer: the K*L + prompt text tokens, and the branch `DynamicCache` of K*L
+    tokens (a forward over random tokens) with the prompt to run over it. A path whose inputs
+    ran out of memory is in `errors` ("peer_text" / "peer_cache" -> message) and is not timed.
+    """
 
-    row: dict[str, Any] = {"K": k, "L": l}
-    record = Recorder()
+    PATHS = ("peer_text", "peer_cache")
 
-    with torch.inference_mode():
+    def __init__(self, model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int, batch: int = 1,
+                 seed: int = 0, device: str = "cpu") -> None:
+        torch, _ = _import_torch()
+        self.model, self.device = model, device
+        self.errors: dict[str, str] = {}
+        self.tokens = self.branches = self.prompt = None
+        gen = torch.Generator(device="cpu").manual_seed(seed * 100003 + k * 1009 + l)
+
+        def randint(t: int):
+            return torch.randint(0, cfg.vocab_size, (batch, t), generator=gen).to(device)
+
+        self.tokens = randint(k * l + prompt_tokens)
         try:
-            tokens = randint(k * l + prompt_tokens)
-            row["peer_text_ttft_ms"] = record.record("peer_text_ttft", time_call(
-                lambda: text_first_token(model, tokens), repeats))
+            with torch.inference_mode():
+                self.branches = model(input_ids=randint(k * l), use_cache=True, logits_to_keep=1).past_key_values
+            self.prompt = randint(prompt_tokens)
         except Exception as err:  # noqa: BLE001 - OOM is a result, anything else is re-raised
             if not is_oom(err):
                 raise
-            row["peer_text_error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
-        finally:
-            tokens = None
+            self.errors["peer_cache"] = _oom_message(err)
             _free(torch, device)
-        try:
-            branches = model(input_ids=randint(k * l), use_cache=True, logits_to_keep=1).past_key_values
-            prompt = randint(prompt_tokens)
-            row["peer_cache_ttft_ms"] = record.record("peer_cache_ttft", time_call(
-                lambda past: cache_first_token(model, prompt, past), repeats, setup=lambda: copy.deepcopy(branches)))
-        except Exception as err:  # noqa: BLE001
-            if not is_oom(err):
-                raise
-            row["peer_cache_error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
-        finally:
-            branches = prompt = None
-            _free(torch, device)
+
+    def time(self, path: str) -> float:
+        """One call of `path` ("peer_text" or "peer_cache") to its first token, seconds; the cache
+        path runs over a deep copy of the branches made outside the timer."""
+        torch, _ = _import_torch()
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        with torch.inference_mode():
+            if path == "peer_text":
+                return time_once(lambda: text_first_token(self.model, self.tokens), wait=lambda _: sync())
+            if path == "peer_cache":
+                return time_once(lambda past: cache_first_token(self.model, self.prompt, past),
+                                 setup=lambda: copy.deepcopy(self.branches), wait=lambda _: sync())
+        raise ValueError(f"unknown peer path {path!r}; choose one of {self.PATHS}")
+
+    def release(self) -> None:
+        self.tokens = self.branches = self.prompt = None
+        _free(_import_torch()[0], self.device)
+
+
+def _oom_message(err: BaseException) -> str:
+    return f"out of memory: {str(err).splitlines()[0][:300]}"
+
+
+def measure_peer_point(model, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int, batch: int = 1,
+                       repeats: int = 3, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """One (K, L) point: peer_text_ttft_ms and peer_cache_ttft_ms (medians) with their raw times;
+    each path's first call, then `repeats` rounds of one text and one cache call."""
+    point = PeerPoint(model, cfg, k, l, prompt_tokens=prompt_tokens, batch=batch, seed=seed, device=device)
+    row: dict[str, Any] = {"K": k, "L": l}
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    live = [p for p in PeerPoint.PATHS if p not in point.errors]
+    for rnd in range(max(int(repeats), 1) + 1):  # round 0: the first calls
+        for path in list(live):
+            try:
+                t = point.time(path)
+            except Exception as err:  # noqa: BLE001
+                if not is_oom(err):
+                    raise
+                point.errors[path] = _oom_message(err)
+                live.remove(path)
+                continue
+            if rnd == 0:
+                first[path] = t
+            else:
+                times.setdefault(path, []).append(t)
+    point.release()
+    record = Recorder()
+    for path in live:
+        row[f"{path}_ttft_ms"] = record.record(f"{path}_ttft", Timing(first[path], times[path]))
+    row.update({f"{path}_error": msg for path, msg in point.errors.items()})
     row["peer_first_call_ms"], row["peer_times_ms"] = record.first, record.times
     return row
 
@@ -179,7 +217,14 @@ def _free(torch, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def peer_metadata(device: str, dtype: str) -> dict[str, Any]:
+ORDERS = {
+    "first": "every point in a child process before the JAX sweep (JAX preallocates GPU memory when it starts)",
+    "interleaved": "a child process serving one call at a time, alternated with JAX's per point and per repeat "
+                   "(peer text, JAX text, peer cache, JAX cache, ...): a slow spell of the host hits both sides",
+}
+
+
+def peer_metadata(device: str, dtype: str, order: str = "first") -> dict[str, Any]:
     torch, transformers = _import_torch()
     kind = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     return {
@@ -187,7 +232,7 @@ def peer_metadata(device: str, dtype: str) -> dict[str, Any]:
         "device": device, "device_kind": kind, "dtype": dtype, "attn_implementation": "sdpa",
         "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "weights": "random (transformers init)",
-        "order": "run in a child process before the JAX sweep (JAX preallocates GPU memory when it starts)",
+        "order": order, "order_note": ORDERS[order],
         "definitions": {
             "peer_text_ttft_ms": "transformers forward over K*L + prompt tokens (use_cache, logits_to_keep=1) + argmax",
             "peer_cache_ttft_ms": "transformers forward of the prompt over a deep copy (made outside the timer) "
@@ -248,13 +293,123 @@ def run_peer_subprocess(cfg: ModelConfig, out_path: str | Path, **settings: Any)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path = out_path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps({"model_config": _cfg_to_dict(cfg), "settings": settings}, indent=2))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", str(spec_path), str(out_path)], env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", str(spec_path), str(out_path)], env=_child_env())
     spec_path.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the PyTorch peer failed (exit code {proc.returncode}); see its output above")
     return json.loads(out_path.read_text())
+
+
+def _child_env() -> dict[str, str]:
+    """The peer child's environment: no JAX backend on a GPU, torch's OpenMP threads not spinning
+    (see run_peer_subprocess)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+class PeerProcess:
+    """The peer in a child process that serves one timed call at a time (`--peer-order interleaved`).
+
+    The parent (the JAX sweep) asks for a point's inputs (`point`), then for single calls
+    (`time`), alternating them with its own, so both sides see the same moments of a shared
+    host. The child (`python -m benchmarks.peer --serve SPEC`) reads one JSON request per line
+    on stdin and answers one JSON line on its own stdout; its prints go to stderr. On a GPU both
+    processes hold their memory at once, so there the peer runs first (`run_peer_subprocess`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: str = "auto", seed: int = 0, prompt_tokens: int,
+                 batch: int = 1, spec_dir: str | Path) -> None:
+        require_torch()
+        spec_path = Path(spec_dir) / "ttft_peer.spec.json"
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(json.dumps({"model_config": _cfg_to_dict(cfg), "settings": {
+            "dtype": dtype, "seed": seed, "prompt_tokens": prompt_tokens, "batch": batch}}, indent=2))
+        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peer", "--serve", str(spec_path)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(), text=True)
+        try:
+            self.metadata: dict[str, Any] = self._ask(op="metadata")["metadata"]
+        finally:
+            spec_path.unlink(missing_ok=True)
+
+    def _ask(self, **request: Any) -> dict[str, Any]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            code = self._proc.wait()
+            raise RuntimeError(f"the PyTorch peer process exited (code {code}) during {request['op']!r}; "
+                               "see its output above")
+        return json.loads(line)
+
+    def point(self, k: int, l: int) -> dict[str, str]:
+        """Build the inputs of (K, L) in the child (the previous point's are freed): errors by path."""
+        return self._ask(op="point", K=k, L=l)["errors"]
+
+    def time(self, path: str) -> float:
+        """One timed call of `path` in the child, seconds; OutOfMemory if it ran out of memory."""
+        reply = self._ask(op="time", path=path)
+        if "error" in reply:
+            raise OutOfMemory(reply["error"])
+        return reply["s"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._ask(op="end")
+            except RuntimeError:
+                pass
+            self._proc.wait(timeout=60)
+
+    def __enter__(self) -> "PeerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def serve(spec_path: str | Path) -> int:
+    """The child of PeerProcess: build the model, then answer requests until "end" or EOF."""
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # anything printed by torch or transformers stays off the channel
+    os.dup2(sys.stderr.fileno(), 1)
+    spec = json.loads(Path(spec_path).read_text())
+    cfg, settings = _cfg_from_dict(spec["model_config"]), spec["settings"]
+    device = torch_device()
+    dtype = resolve_dtype(settings["dtype"], device)
+    print(f"[bench peer] serving: transformers model ({cfg.family}, {dtype}, sdpa) on {device}", file=sys.stderr,
+          flush=True)
+    model = build_torch_model(cfg, dtype=dtype, device=device, seed=settings["seed"])
+    point: PeerPoint | None = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        if op == "metadata":
+            reply: dict[str, Any] = {"metadata": peer_metadata(device, dtype, order="interleaved")}
+        elif op == "point":
+            if point is not None:
+                point.release()
+            point = PeerPoint(model, cfg, request["K"], request["L"], prompt_tokens=settings["prompt_tokens"],
+                              batch=settings["batch"], seed=settings["seed"], device=device)
+            reply = {"errors": point.errors}
+        elif op == "time" and point is not None:
+            try:
+                reply = {"s": point.time(request["path"])}
+            except Exception as err:  # noqa: BLE001
+                if not is_oom(err):
+                    raise
+                reply = {"error": _oom_message(err)}
+        elif op == "end":
+            return 0
+        else:
+            raise ValueError(f"unknown peer request {request!r}")
+        channel.write(json.dumps(reply) + "\n")
+        channel.flush()
+    return 0
 
 
 # ------------------------------------------------------------------ `psynth bench peer`
@@ -299,8 +454,10 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--serve":
+        return serve(argv[1])
     if len(argv) != 2:
-        print("usage: python -m benchmarks.peer SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m benchmarks.peer SPEC.json OUT.json | --serve SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     result = run_peer_sweep(_cfg_from_dict(spec["model_config"]), **spec["settings"])

@@ -17,14 +17,17 @@ For each point (K, L) both synthesis paths are timed in the same run, on the sam
 Worker generation is excluded from both, as in the paper. Weights, branch KV and tokens are
 random: the work done (shapes, FLOPs, memory traffic) does not depend on their values, so the
 timings are those of the real model of that shape. Every timed function runs once to compile
-(that first call is recorded as `first_call_ms`), then `repeats` times; the median is reported.
-Inputs a timed call consumes (the donated cache of `extend`) are rebuilt outside the timer.
+(that first call is recorded as `first_call_ms`), then `repeats` rounds of one call each, in the
+order of `ROUND` (the PyTorch peer's text and cache calls, when it runs interleaved, just before
+JAX's), so a slow spell of a shared host lands on every side of a ratio; the median is reported,
+and each ratio per round with its range (ttft_report.spread_fields). Inputs a timed call consumes
+(the donated cache of `extend`) are rebuilt outside the timer.
 
 With a measured `Roofline` (benchmarks/roofline.py) every row also gets each path's floor,
 max(bytes / bandwidth, FLOPs / matmul peak) from the analytic cost model of
 psynth_jax/measure/roofline.py (`roofline_fields`), the measured/floor ratios and the text path's
-MFU; with PyTorch peer rows (benchmarks/peer.py, measured before the sweep) the transformers +
-SDPA times of both paths and the JAX/peer ratios.
+MFU; with the PyTorch peer (benchmarks/peer.py, alternated with the sweep's calls, or measured
+before it) the transformers + SDPA times of both paths and the JAX/peer ratios.
 """
 
 from __future__ import annotations
@@ -36,24 +39,24 @@ import gc
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import harness
-from benchmarks.harness import (Recorder, add_common_arguments, command_line, int_list, load_average, resolve_arch,
-                                resolve_dtype, say, write_json)
+from benchmarks.harness import (Recorder, add_common_arguments, command_line, int_list, resolve_arch, resolve_dtype,
+                                say, write_json)
 from benchmarks.roofline import format_roofline, measure_roofline
 from benchmarks.plots import plot_ttft, plot_ttft_floor
-from benchmarks.ttft_report import (CACHE_PATHS, format_header, format_row, peer_ratios, roofline_fields,
-                                    sweep_metadata, table_columns)
+from benchmarks.ttft_report import (CACHE_PATHS, PATHS, format_header, format_row, peer_ratios, roofline_fields,
+                                    spread_fields, sweep_metadata, table_columns)
 from psynth_jax.inference import runtime
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.measure.profile import profile_jit
 from psynth_jax.measure.roofline import Roofline, load_roofline
-from psynth_jax.measure.timing import OutOfMemory, time_calls
+from psynth_jax.measure.timing import OutOfMemory, Timing, time_once
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kv_cache import BranchCaches, BranchView, KVCache
 from psynth_jax.model.loaded import parse_dtype, random_model
@@ -61,6 +64,9 @@ from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.branches import assemble, reencode
 from psynth_jax.synthesis.mapper import MAPPER_KINDS, make_mapper, map_caches
+
+if TYPE_CHECKING:
+    from benchmarks.peer import PeerProcess
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "extra_slots"))
@@ -148,6 +154,9 @@ def run_ttft_sweep(
     peer_rows: Sequence[dict[str, Any]] | None = None,
     cache_path: str = "auto",
     profile_dir: str | Path | None = None,
+    peer: PeerProcess | None = None,
+    profile_paths: Sequence[str] = ("cache",),
+    on_row: Callable[[list[dict[str, Any]]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Time both synthesis paths at every (K, L); one row (a dict, times in ms) per point.
 
@@ -158,12 +167,16 @@ def run_ttft_sweep(
     LoRA of rank `lora_rank` attached (on for the cache path, off for the text path).
     warmup: measure the first point once more before the sweep and discard it.
     roofline: adds the cost-model floors, floor ratios and text MFU to every row.
-    peer_rows: rows of a PyTorch peer sweep (benchmarks.peer, same points), merged by (K, L).
+    peer_rows: rows of a PyTorch peer sweep (benchmarks.peer, same points) run before, merged by (K, L).
+    peer: a PeerProcess instead: its calls alternate with JAX's at every point and repeat (ROUND).
     cache_path: "view" (zero-copy) or "materialised" (the reference), see the module docstring;
     "auto": view with XLA attention, materialised with the fused kernels (`resolve_cache_path`).
     profile_dir: also profile the cache prefill at every point (measure/profile.py: self time per
     XLA op, by kind), after its timing: a Perfetto trace in profile_dir/K{k}_L{l}/, the summary
-    in the row's `cache_profile`.
+    in the row's `cache_profile`. profile_paths: which paths profile_dir profiles: "cache" and/or
+    "text" (the text prefill, one traced call: profile_dir/text_K{k}_L{l}/, `text_profile`).
+    on_row: called with the rows so far after every point (a long run on a shared machine keeps
+    the points it finished when it is stopped).
     """
     ks, ls = [int(k) for k in ks], [int(l) for l in ls]
     cache_path = resolve_cache_path(cache_path, attn_impl)
@@ -186,18 +199,20 @@ def run_ttft_sweep(
             cache_dtype=cache_dtype, attn_impl=attn_impl, repeats=reps, sampling=sampling,
             worker_prompt_tokens=worker_prompt_tokens, new_tokens=new_tokens, key=jax.random.fold_in(key, i),
             cache_path=cache_path, profile_dir=Path(profile_dir) if profile and profile_dir is not None else None,
+            peer=peer, profile_paths=tuple(profile_paths),
         )
 
     peers = {(int(r["K"]), int(r["L"])): r for r in (peer_rows or ())}
-    columns = table_columns(roofline is not None, bool(peers))
+    columns = table_columns(roofline is not None, bool(peers) or peer is not None)
     lora_targets = LoRAConfig().targets
 
     def finish(row: dict[str, Any]) -> dict[str, Any]:
-        peer = peers.get((row["K"], row["L"]))
-        if peer is not None:
-            row.update({k: v for k, v in peer.items() if k not in ("K", "L")})
-            row.update(peer_ratios(row))
+        before = peers.get((row["K"], row["L"]))
+        if before is not None:
+            row.update({k: v for k, v in before.items() if k not in ("K", "L")})
+        row.update(peer_ratios(row))
         row.update(roofline_fields(row, cfg, roofline, dtype=dtype, lora_rank=lora_rank, lora_targets=lora_targets))
+        row.update(spread_fields(row))
         return row
 
     rows = []
@@ -217,15 +232,32 @@ def run_ttft_sweep(
             if warmup and i == 0:  # keep the compile-inclusive first calls of the warm-up pass
                 row["first_call_ms"] = warm_first
             rows.append(finish(row))
+            if on_row is not None:
+                on_row(rows)
             say(format_row(row, columns))
             gc.collect()  # drop this point's caches before the next one allocates
     return rows
 
 
+# the order of one round of timed calls at a point: each peer call just before its JAX counterpart
+ROUND = ("peer_text_ttft", "text_ttft", "peer_cache_ttft", "cache_ttft", "cache_prepare", "cache_prefill",
+         "cache_reencode_assemble", "cache_mapper")
+
+
+def _path_of(label: str) -> str:
+    """The path a timed function belongs to ("peer_text", "peer_cache", "cache", "text"): its OOM key."""
+    return next(p for p in PATHS if label.startswith(p + "_"))
+
+
 def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l: int, *, prompt_tokens: int,
                    batch: int, cache_dtype, attn_impl: str, repeats: int, sampling: SamplingConfig,
                    worker_prompt_tokens: int, new_tokens: int, key: jax.Array, cache_path: str = "view",
-                   profile_dir: Path | None = None) -> dict[str, Any]:
+                   profile_dir: Path | None = None, peer: PeerProcess | None = None,
+                   profile_paths: tuple[str, ...] = ("cache",)) -> dict[str, Any]:
+    """Build both paths' inputs (and the peer's, in its process), call every timed function once
+    (compile), then `repeats` rounds of one call each in the order of ROUND; a path that runs out
+    of memory is recorded as `<path>_error` and dropped from the rounds. The labels, in the order
+    they were timed, are kept as `timing_order`."""
     kb, kp, kt = jax.random.split(key, 3)
     extra = prompt_tokens + new_tokens  # synthesizer slots after the branch region
     text_len = k * l + prompt_tokens
@@ -234,8 +266,13 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         "text_tokens": text_len, "worker_prompt_tokens": worker_prompt_tokens,
         "cache_slots": k * l + extra, "text_slots": text_len + new_tokens,
     }
-    record = Recorder()
+    calls: dict[str, Any] = {}  # label -> a function of no argument: one timed call, seconds
+    if peer is not None:
+        row.update({f"{path}_error": msg for path, msg in peer.point(k, l).items()})
+        for path in ("peer_text", "peer_cache"):
+            calls[f"{path}_ttft"] = functools.partial(peer.time, path)
     # ------------------------------------------------------------ cache path
+    prepared_inputs: dict[str, Any] = {}
     try:
         prompt = jax.random.randint(kp, (batch, prompt_tokens), 0, cfg.vocab_size, jnp.int32)
         prompt_len = jnp.full((batch,), prompt_tokens, jnp.int32)
@@ -244,16 +281,14 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
             branches = jax.block_until_ready(
                 _random_worker_view(kb, worker_prompt_tokens, k, shape=rows_shape, dtype=cache_dtype))
             row["view_slots"] = batch * k * (worker_prompt_tokens + l)
-
         else:
             shape = (cfg.num_layers, batch, k, l, cfg.num_kv_heads, cfg.head_dim)
             branches = jax.block_until_ready(
                 _random_branches(kb, jnp.int32(worker_prompt_tokens), shape=shape, dtype=cache_dtype))
-
-            row["cache_reencode_assemble_ms"] = record.record("cache_reencode_assemble", time_calls(
-                lambda: _reencode_assemble(branches, cfg=cfg, extra_slots=extra), repeats))
-            row["cache_mapper_ms"] = record.record("cache_mapper", time_calls(
-                lambda: _mapper_only(branches, mapper_def, mapper_state), repeats))
+            calls["cache_reencode_assemble"] = lambda: time_once(
+                lambda: _reencode_assemble(branches, cfg=cfg, extra_slots=extra))
+            calls["cache_mapper"] = lambda: time_once(lambda: _mapper_only(branches, mapper_def, mapper_state))
+        prepared_inputs.update(branches=branches, prompt=prompt, prompt_len=prompt_len)
 
         def prepare():  # -> (the synthesizer's starting cache, the mapped view or None)
             return core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg, extra_slots=extra)
@@ -266,25 +301,11 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
         def cache_ttft():
             return runtime.first_token(prefill(prepare()), jax.random.key(0), sampling)
 
-        row["cache_prepare_ms"] = record.record("cache_prepare", time_calls(prepare, repeats))
-        row["cache_prefill_ms"] = record.record("cache_prefill", time_calls(prefill, repeats, setup=prepare))
-        t = time_calls(cache_ttft, repeats)
-        row["cache_ttft_ms"] = record.record("cache_ttft", t)
-        row["cache_ttft_min_ms"] = t.min_ms
-        if profile_dir is not None:
-            def cache_prefill(state, cache, view):  # one module (nested jits inline): the profiled call
-                return core.jit_cache_prefill(gd, state, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl,
-                                              view=view)[0]
-
-            prof = profile_jit(cache_prefill, lambda: (st, *prepare()), profile_dir / f"K{k}_L{l}")
-            row["cache_profile"] = prof.summary()
-            say("ttft", f"K={k} L={l} cache prefill profile:\n{prof.format()}")
+        calls["cache_ttft"] = lambda: time_once(cache_ttft)
+        calls["cache_prepare"] = lambda: time_once(prepare)
+        calls["cache_prefill"] = lambda: time_once(prefill, setup=prepare)
     except OutOfMemory as err:
         row["cache_error"] = f"out of memory: {err}"
-    finally:
-        branches = prompt = None
-        gc.collect()
-
     # ------------------------------------------------------------- text path
     try:
         tokens = jax.random.randint(kt, (batch, text_len), 0, cfg.vocab_size, jnp.int32)
@@ -295,19 +316,73 @@ def _measure_point(gd, st, mapper_def, mapper_state, cfg: ModelConfig, k: int, l
             logits, _ = runtime.prefill(gd, st, tokens, lengths, num_slots=slots, attn_impl=attn_impl)
             return runtime.first_token(logits, jax.random.key(0), sampling)
 
-        t = time_calls(text_ttft, repeats)
-        row["text_ttft_ms"] = record.record("text_ttft", t)
-        row["text_ttft_min_ms"] = t.min_ms
+        calls["text_ttft"] = lambda: time_once(text_ttft)
     except OutOfMemory as err:
         row["text_error"] = f"out of memory: {err}"
-    finally:
-        tokens = None
-        gc.collect()
 
+    first, times, order = _rounds(calls, repeats, row)
+    jax_rec, peer_rec = Recorder(), Recorder()
+    for label in (x for x in ROUND if x in times):
+        rec = peer_rec if label.startswith("peer_") else jax_rec
+        row[f"{label}_ms"] = rec.record(label, Timing(first[label], times[label]))
+        if label in ("cache_ttft", "text_ttft"):
+            row[f"{label[:-5]}_ttft_min_ms"] = 1e3 * min(times[label])
+    row["timing_order"] = order
     if "cache_ttft_ms" in row and "text_ttft_ms" in row:
         row["speedup"] = row["text_ttft_ms"] / row["cache_ttft_ms"]
-    row.update(record.fields())
+    row.update(jax_rec.fields())
+    if peer is not None:
+        row["peer_first_call_ms"], row["peer_times_ms"] = peer_rec.first, peer_rec.times
+    if profile_dir is not None and "cache" in profile_paths and "cache_error" not in row:
+        branches, prompt, prompt_len = (prepared_inputs[n] for n in ("branches", "prompt", "prompt_len"))
+
+        def cache_prefill(state, cache, view):  # one module (nested jits inline): the profiled call
+            return core.jit_cache_prefill(gd, state, prompt, prompt_len, cache, lora=True, attn_impl=attn_impl,
+                                          view=view)[0]
+
+        prof = profile_jit(cache_prefill, lambda: (st, *core.jit_prepare(branches, mapper_def, mapper_state, cfg=cfg,
+                                                                         extra_slots=extra)), profile_dir / f"K{k}_L{l}")
+        row["cache_profile"] = prof.summary()
+        say("ttft", f"K={k} L={l} cache prefill profile:\n{prof.format()}")
+    if profile_dir is not None and "text" in profile_paths and "text_error" not in row:
+        def text_prefill(state, tokens, lengths):  # the text path's prefill as one module
+            return runtime.prefill(gd, state, tokens, lengths, num_slots=slots, attn_impl=attn_impl)[0]
+
+        prof = profile_jit(text_prefill, lambda: (st, tokens, lengths), profile_dir / f"text_K{k}_L{l}", calls=1)
+        row["text_profile"] = prof.summary()
+        say("ttft", f"K={k} L={l} text prefill profile:\n{prof.format()}")
     return row
+
+
+def _rounds(calls: dict[str, Any], repeats: int, row: dict[str, Any]
+            ) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """Round 0 calls each function once (its compile call); rounds 1..repeats time one call each,
+    in ROUND's order. -> (first call s, timed calls s, the labels of the timed calls in order).
+    A call that runs out of memory records `<path>_error` in `row` and drops the path."""
+    live = [x for x in ROUND if x in calls and f"{_path_of(x)}_error" not in row]
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    order: list[str] = []
+    for rnd in range(max(int(repeats), 1) + 1):
+        for label in list(live):
+            if label not in live:  # its path ran out of memory earlier in this round
+                continue
+            try:
+                t = calls[label]()
+            except OutOfMemory as err:
+                path = _path_of(label)
+                row[f"{path}_error"] = str(err) if str(err).startswith("out of memory") else f"out of memory: {err}"
+                live = [x for x in live if _path_of(x) != path]
+                continue
+            if rnd == 0:
+                first[label] = t
+            else:
+                times.setdefault(label, []).append(t)
+                order.append(label)
+    for label in list(times):  # a path dropped mid-way keeps no partial times
+        if f"{_path_of(label)}_error" in row:
+            del times[label]
+    return first, times, order
 
 
 # ------------------------------------------------------------------ command line
@@ -341,15 +416,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also profile the cache prefill at every point after timing it: self time per XLA op and "
                         "per kind (dot, exp, copy, ...) in each row's cache_profile, Perfetto traces in OUT/profile/")
+    p.add_argument("--profile-text", action="store_true",
+                   help="also profile the text path's prefill at every point (one traced call): each row's "
+                        "text_profile, traces in OUT/profile/text_K{k}_L{l}/ (the view of where the text path loses)")
     p.add_argument("--torch-peer", action="store_true",
                    help="also time the same architecture in PyTorch + transformers (SDPA): text prefill and prompt "
-                        "over pre-built branch caches; runs in a child process before the JAX sweep")
+                        "over pre-built branch caches, in a child process (see --peer-order)")
+    p.add_argument("--peer-order", default="interleaved", choices=["interleaved", "first"],
+                   help="interleaved: the peer's calls alternate with JAX's per point and per repeat (peer text, JAX "
+                        "text, peer cache, JAX cache, ...), so a slow spell of a shared host hits both sides; first: "
+                        "every peer point before JAX starts (on a GPU: JAX preallocates most of its memory)")
     add_common_arguments(p, name="ttft")
 
 
 _OPTIONS = ("arch", "ks", "ls", "prompt_tokens", "batch", "dtype", "attn_impl", "mapper", "cache_path", "max_positions",
-            "lora_rank", "worker_prompt_tokens", "new_tokens", "repeats", "seed", "out", "roofline_json")
-_SWITCHES = ("no_warmup", "no_roofline", "torch_peer", "profile")
+            "lora_rank", "worker_prompt_tokens", "new_tokens", "repeats", "seed", "out", "roofline_json", "peer_order")
+_SWITCHES = ("no_warmup", "no_roofline", "torch_peer", "profile", "profile_text")
 
 
 def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
@@ -360,17 +442,31 @@ def resolve_cache_path(cache_path: str, attn_impl: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Order: (1) the PyTorch peer, in a child process, before this process starts JAX's backend
-    (JAX reserves most GPU memory when it starts); (2) the roofline; (3) the JAX sweep, which
-    merges the peer's rows and derives the floor fields; (4) JSON, table, plot."""
+    """Order: (1) with `--peer-order first`, the PyTorch peer's every point, in a child process,
+    before this process starts JAX's backend (JAX reserves most GPU memory when it starts); with
+    `interleaved` (the default), the peer's child process starts and waits for requests; (2) the
+    roofline; (3) the JAX sweep, which alternates its calls with the peer's (or merges the peer's
+    rows) and derives the floor fields and the ratios' spreads; (4) JSON, table, plot."""
     cfg, arch, hub = resolve_arch(args.arch)
     if args.max_positions:
         if args.max_positions <= 0:
             raise ValueError(f"--max-positions must be positive, got {args.max_positions}")
         cfg = dataclasses.replace(cfg, max_position_embeddings=args.max_positions)
     out = Path(args.out)
+    if not args.torch_peer or args.peer_order == "first":
+        return _run(args, cfg, arch, hub, out, None)
+    from benchmarks.peer import PeerProcess  # torch: only in its child, only when asked for
+
+    say("ttft", "PyTorch peer in a child process, its calls alternated with JAX's")
+    with PeerProcess(cfg, dtype=args.dtype, seed=args.seed, prompt_tokens=args.prompt_tokens, batch=args.batch,
+                     spec_dir=out) as server:
+        return _run(args, cfg, arch, hub, out, server)
+
+
+def _run(args: argparse.Namespace, cfg: ModelConfig, arch: str, hub: str | None, out: Path,
+         server: PeerProcess | None) -> int:
     peer = None
-    if args.torch_peer:
+    if args.torch_peer and server is None:
         from benchmarks.peer import require_torch, run_peer_subprocess  # torch: only when asked for
 
         require_torch()
@@ -378,6 +474,8 @@ def run(args: argparse.Namespace) -> int:
         peer = run_peer_subprocess(
             cfg, out / "ttft_peer.json", ks=args.ks, ls=args.ls, prompt_tokens=args.prompt_tokens, batch=args.batch,
             dtype=args.dtype, repeats=args.repeats, seed=args.seed, warmup=not args.no_warmup)
+    elif server is not None:
+        peer = {"metadata": server.metadata, "rows": None}
     dtype = resolve_dtype(args.dtype)
     roofline = None
     if args.roofline_json:
@@ -395,8 +493,10 @@ def run(args: argparse.Namespace) -> int:
         worker_prompt_tokens=args.worker_prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
         warmup=not args.no_warmup, cache_path=resolve_cache_path(args.cache_path, args.attn_impl),
     )
-    profile_dir = out / "profile" if args.profile else None
-    command = command_line("ttft", args, _OPTIONS, _SWITCHES, arch=arch, dtype=dtype, cache_path=settings["cache_path"])
+    profile_dir = out / "profile" if args.profile or args.profile_text else None
+    profile_paths = ("cache",) * args.profile + ("text",) * args.profile_text
+    command = command_line("ttft", args, _OPTIONS, _SWITCHES, arch=arch, dtype=dtype, cache_path=settings["cache_path"],
+                           peer_order=args.peer_order if args.torch_peer else None)
     meta = sweep_metadata(cfg, arch=arch, hub=hub, command=command, roofline=roofline,
                           peer=peer["metadata"] if peer else None, **settings)
     harness.describe_run("ttft", arch, cfg, meta, f"{cfg.num_layers} layers, {cfg.num_kv_heads} KV heads x "
@@ -404,8 +504,13 @@ def run(args: argparse.Namespace) -> int:
     say("ttft", f"times in ms, median of {args.repeats} after a compile call; batch {args.batch}, "
                 f"prompt {args.prompt_tokens} tokens; cache path: {settings['cache_path']}")
     rows = run_ttft_sweep(cfg, roofline=roofline, peer_rows=peer["rows"] if peer else None, profile_dir=profile_dir,
-                          **settings)
-    meta["device"]["host_load_avg_1m_end"] = load_average()
+                          peer=server, profile_paths=profile_paths,
+                          on_row=lambda done: write_json(out / "ttft.json", {**meta, "partial": True}, done), **settings)
+    harness.stamp_end(meta)
+    meta["partial"] = False
+    if server is not None:  # the peer's own file, as `--peer-order first` keeps it
+        write_json(out / "ttft_peer.json", server.metadata,
+                   [{k: v for k, v in r.items() if k in ("K", "L") or k.startswith("peer_")} for r in rows])
     json_path = write_json(out / "ttft.json", meta, rows)
     say("ttft", f"wrote {json_path}")
     if not args.no_plot:

@@ -18,7 +18,8 @@ from psynth_jax.measure.roofline import Roofline, cache_path_cost, dtype_bytes, 
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import LoRAConfig
 
-SCHEMA_VERSION = 3  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields; 3: cache_path
+SCHEMA_VERSION = 4  # 2: roofline/cost-model fields, prepare_share, PyTorch peer fields; 3: cache_path;
+# 4: calls alternated per repeat (timing_order, the peer's too), ratios' spreads, the host CPU's kind
 CACHE_PATHS = ("view", "materialised")
 WEIGHTS_NOTE = "random weights, branch KV and tokens: timing does not depend on their values"
 
@@ -47,7 +48,19 @@ PEER_COLUMNS: tuple[Column, ...] = (
     ("torch text", "peer_text_ttft_ms", "{:>10.2f}"),
     ("torch cache", "peer_cache_ttft_ms", "{:>10.2f}"),
     ("text/torch", "text_vs_peer", "{:>9.2f}x"),
+    ("range", "text_vs_peer_spread", "{0[0]:.2f}-{0[1]:.2f}"),
+    ("cache/torch", "cache_vs_peer", "{:>10.2f}x"),
+    ("range", "cache_vs_peer_spread", "{0[0]:.2f}-{0[1]:.2f}"),
 )
+# the ratios whose spread over the repeats is reported: name -> (numerator, denominator), each a
+# timed function's label (its per-repeat times in times_ms / peer_times_ms) or a row field (ms)
+SPREADS: dict[str, tuple[str, str]] = {
+    "text_vs_peer": ("text_ttft", "peer_text_ttft"),
+    "cache_vs_peer": ("cache_ttft", "peer_cache_ttft"),
+    "prepare_share": ("cache_prepare", "cache_ttft"),
+    "cache_floor_ratio": ("cache_ttft", "cache_floor_ms"),
+    "text_floor_ratio": ("text_ttft", "text_floor_ms"),
+}
 
 
 def table_columns(roofline: bool = False, peer: bool = False) -> tuple[Column, ...]:
@@ -87,6 +100,40 @@ ROOFLINE_DEFINITIONS = {
     "cache_prepare_floor_ms": "2 x K/V bytes of K*L tokens / bandwidth: the preparation as one read + one write",
     "prepare_share": "cache_prepare_ms / cache_ttft_ms (parts timed separately, so an estimate)",
 }
+SPREAD_DEFINITIONS = {
+    "<ratio>_repeats": "for text_vs_peer, cache_vs_peer, prepare_share, cache_floor_ratio, text_floor_ratio: the "
+                       "ratio per repeat, the i-th timed call of the numerator over the i-th of the denominator "
+                       "(with --peer-order interleaved the peer's call ran just before JAX's) or over the floor",
+    "<ratio>_spread": "[min, max] of <ratio>_repeats (the headline <ratio> is a quotient of medians)",
+    "timing_order": "the labels of the timed calls at that point, in the order they ran (after one compile call "
+                    "each): rounds of peer text, JAX text, peer cache, JAX cache, then the cache path's parts",
+}
+
+
+def spread_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """Each ratio of SPREADS per repeat (`<ratio>_repeats`: the i-th timed call of its numerator
+    over the i-th of its denominator, which ran next to it, or over a fixed floor) and its range
+    (`<ratio>_spread`: [min, max]), where both sides were timed."""
+    times = {**row.get("times_ms", {}), **row.get("peer_times_ms", {})}
+
+    def series(name: str) -> list[float] | None:
+        if name in times:
+            return times[name]
+        value = row.get(name)
+        return None if not _ok(value) else [value]
+
+    out: dict[str, Any] = {}
+    for ratio, (num, den) in SPREADS.items():
+        a, b = series(num), series(den)
+        if not a or not b:
+            continue
+        if len(b) == 1:
+            b = b * len(a)
+        per = [x / y for x, y in zip(a, b) if y > 0]
+        if per:
+            out[f"{ratio}_repeats"] = per
+            out[f"{ratio}_spread"] = [min(per), max(per)]
+    return out
 
 
 def format_header(columns: Sequence[Column] = TABLE_COLUMNS) -> str:
@@ -155,6 +202,9 @@ def sweep_metadata(
                          "timing; self time per XLA op (nested ops subtracted, summed over threads), by kind (dot, "
                          "exp, reduce, copy, gather, dynamic-slice, elementwise, control) and the top ops with the "
                          "JAX operation each comes from (psynth_jax/measure/profile.py)",
+        "text_profile": "--profile-text only: as cache_profile, of the text path's prefill (one traced call)",
+        "partial": "true while the run is going: ttft.json is rewritten after every point, so a run stopped "
+                   "early keeps the points it finished; false once every point is in",
         "view_slots": "view only: worker-row slots the prompt's attention reads, B*K*(P + L) (P masked)",
         "cache_ttft_ms": "prepare + extend + first token (greedy), end to end",
         "text_ttft_ms": "runtime.prefill of K*L + prompt_tokens tokens, LoRA off, + first token (greedy)",
@@ -164,6 +214,7 @@ def sweep_metadata(
         "text_note": "the real text prompt also prefills per-branch headings ('[Sub-agent i]:'); not counted, "
                      "which slightly favours the text path",
         **ROOFLINE_DEFINITIONS,
+        **SPREAD_DEFINITIONS,
     }
     if peer is not None:
         definitions.update(peer.get("definitions", {}))
@@ -186,7 +237,8 @@ def sweep_metadata(
         "worker_prompt_tokens": worker_prompt_tokens,
         "new_tokens_room": new_tokens,
         "warmup": warmup,
-        "statistic": "median over `repeats` timed calls after one compile call; ms",
+        "statistic": "median over `repeats` timed calls after one compile call; ms; the calls of every timed "
+                     "function alternate per repeat (timing_order)",
         "definitions": definitions,
         "roofline": roofline.to_dict() if roofline is not None else None,
         "peer": peer,

@@ -60,9 +60,9 @@ for step in "${STEPS[@]}"; do
   case "$step" in
     roofline) run_cmd "$BIN" bench roofline --dtype bfloat16 --out "$OUT/roofline" ;;
     ttft7b) run_cmd "$BIN" bench ttft --arch qwen2.5-7b --dtype bfloat16 --attn-impl "$ATTN" --ks 2,4,8 \
-              --ls 512,1024,2048 --prompt-tokens 128 --repeats 5 --torch-peer "${ROOF[@]}" --out "$OUT/$step" ;;
+              --ls 512,1024,2048 --prompt-tokens 128 --repeats 5 --torch-peer --peer-order first "${ROOF[@]}" --out "$OUT/$step" ;;
     ttft14b) run_cmd "$BIN" bench ttft --arch qwen3-14b --dtype bfloat16 --attn-impl "$ATTN" --ks 3,8 \
-               --ls 2048,4096 --prompt-tokens 128 --repeats 5 --torch-peer "${ROOF[@]}" --out "$OUT/$step" ;;
+               --ls 2048,4096 --prompt-tokens 128 --repeats 5 --torch-peer --peer-order first "${ROOF[@]}" --out "$OUT/$step" ;;
     batch) run_cmd "$BIN" bench batch --arch qwen2.5-7b --dtype bfloat16 --attn-impl "$ATTN" --bs 1,8,32 \
              --k 4 --l 1024 --prompt-tokens 128 --new-tokens 128 --out "$OUT/$step" ;;
     decode) run_cmd "$BIN" bench decode --arch qwen2.5-7b --dtype bfloat16 --attn-impl "$ATTN" \

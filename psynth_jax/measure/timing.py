@@ -50,6 +50,32 @@ class Timing:
         return 1e3 * min(self.times_s)
 
 
+def time_once(fn: Callable[..., Any], *, setup: Callable[[], Any] | None = None,
+              wait: Callable[[Any], Any] | None = None) -> float:
+    """One call of fn, waited for with `wait` (default `jax.block_until_ready`): its wall time, s.
+
+    setup: the call gets a fresh `setup()` result as its only argument, built and waited for
+    before the clock starts. A call that runs out of device memory raises `OutOfMemory`.
+    Benchmarks that alternate two implementations call this per call (time_calls: per function).
+    """
+    if wait is None:
+        wait = jax.block_until_ready
+    try:
+        if setup is None:
+            t0 = time.perf_counter()
+            wait(fn())
+        else:
+            arg = setup()
+            wait(arg)
+            t0 = time.perf_counter()
+            wait(fn(arg))
+        return time.perf_counter() - t0
+    except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
+        if is_oom(err) and not isinstance(err, OutOfMemory):
+            raise OutOfMemory(str(err).splitlines()[0][:300]) from err
+        raise
+
+
 def time_calls(
     fn: Callable[..., Any],
     repeats: int,
@@ -63,25 +89,6 @@ def time_calls(
     before the clock starts (for functions that donate their input). wait: blocks until a
     result is ready (default `jax.block_until_ready`).
     """
-    if wait is None:
-        wait = jax.block_until_ready
-
-    def once() -> float:
-        if setup is None:
-            t0 = time.perf_counter()
-            wait(fn())
-        else:
-            arg = setup()
-            wait(arg)
-            t0 = time.perf_counter()
-            wait(fn(arg))
-        return time.perf_counter() - t0
-
-    try:
-        first = once()
-        times = [once() for _ in range(max(int(repeats), 1))]
-    except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
-        if is_oom(err):
-            raise OutOfMemory(str(err).splitlines()[0][:300]) from err
-        raise
+    first = time_once(fn, setup=setup, wait=wait)
+    times = [time_once(fn, setup=setup, wait=wait) for _ in range(max(int(repeats), 1))]
     return Timing(first, times)
