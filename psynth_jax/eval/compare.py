@@ -48,7 +48,8 @@ def read_side(spec: str) -> Side:
     run_dir = Path(path)
     records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in _rows(run_dir, RECORDS)}
     if not records:
-        raise FileNotFoundError(f"{run_dir}: no answers in {RECORDS} (not an eval run directory, or one not yet answered)")
+        raise FileNotFoundError(f"{run_dir}: no answers in {RECORDS} "
+                                "(not an eval run directory, or one not yet answered)")
     branches = {(r["task"], r["id"]): BranchSet(**r) for r in _rows(run_dir, BRANCHES)}
     if mode and not any(k[2] == mode for k in records):
         have = sorted({k[2] for k in records})
@@ -116,7 +117,8 @@ def compare_pair(a: Side, b: Side, mode_a: str, mode_b: str, keys: Sequence[tupl
     rb = [b.records[k + (mode_b,)] for k in keys]
     wins = sum(y.correct and not x.correct for x, y in zip(ra, rb))
     losses = sum(x.correct and not y.correct for x, y in zip(ra, rb))
-    kl = [(x.kl_from_text, y.kl_from_text) for x, y in zip(ra, rb) if _finite(x.kl_from_text) and _finite(y.kl_from_text)]
+    kl = [(x.kl_from_text, y.kl_from_text) for x, y in zip(ra, rb)
+          if _finite(x.kl_from_text) and _finite(y.kl_from_text)]
     n = len(keys)
     return {
         "n": n,
@@ -178,7 +180,8 @@ def comparison_markdown(result: dict[str, Any]) -> str:
             kl, acc, agree, vs = m["kl"], m["accuracy"] or [None, None], m["agreement_with_text"], m["b_vs_a"]
             means = kl["mean"] or [None, None]
             lines.append(
-                f"| {task} | {m['n']} (KL {kl['n']}) | {_num(means[0])} | {_num(means[1])} | {_num(kl['mean_diff'], '+.3f')} "
+                f"| {task} | {m['n']} (KL {kl['n']}) | {_num(means[0])} | {_num(means[1])} "
+                f"| {_num(kl['mean_diff'], '+.3f')} "
                 f"| {_pct(kl['b_lower'])} | {_num(kl['p_wilcoxon'], '.3g')} | {_pct(acc[0])} | {_pct(acc[1])} "
                 f"| +{vs['wins']}/-{vs['losses']} ({vs['p_mcnemar']:.3g}) | {_pct(agree[0])} | {_pct(agree[1])} |")
         lines.append("")
