@@ -226,7 +226,11 @@ def test_shipped_eval_configs_load_and_round_trip(path, tmp_path):
     cfg = load_eval_config(path)
     recipe = {"arc_challenge", "marble_db", "multihop_qa", "tool_calls"}  # the recipe's evidence tasks
     every = {"gsm8k", "math500", "humaneval", "mbpp", "arc_challenge", "marble_db"}
-    assert {t.name for t in cfg.tasks} == (recipe if path.name == "eval_recipe_smollm2_cpu.yaml" else every)
+    study26 = recipe - {"tool_calls"}  # issue #26: the tasks above the floor, 100 examples each
+    expected = {"eval_recipe_smollm2_cpu.yaml": recipe, "eval_study26_smollm2_cpu.yaml": study26}.get(path.name, every)
+    assert {t.name for t in cfg.tasks} == expected
+    if path.name == "eval_study26_smollm2_cpu.yaml":
+        assert {t.limit for t in cfg.tasks} == {100} and cfg.timing_repeats == 0
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(dump_eval_config(cfg))
     assert load_eval_config(dumped) == cfg

@@ -4,6 +4,7 @@ decoding), batch invariance, and the errors bad input gets."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from psynth_jax.measure.ttft import time_to_first_token
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis import prompts
 from psynth_jax.synthesis.mapper import make_mapper
-from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult
+from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult, answer_kl, request_branches
 from tiny_smol import make_tiny_smol
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?", "What is 12 times 11?"]
@@ -81,6 +82,49 @@ def test_cache_path_batched_equals_alone(setup):
     ttft = time_to_first_token(synth.cache_steps(QUESTIONS, w.branches, max_new_tokens=10), 1)
     assert set(ttft.breakdown) == {"prepare_s", "prefill_s"} and ttft.total_s > 0
     assert both.prompt_tokens[0] < len(synth.gen.chat_tokens(prompts.text_synth_messages(QUESTIONS[0], w.texts[0])))
+
+
+def torch_answer_logprobs(torch_model, tokenizer, messages, answer):
+    """log_softmax of transformers' logits at the positions predicting each token of `answer`,
+    teacher-forced after the chat prompt."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(ids, add_special_tokens=False)
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([ids + list(answer)])).logits[0].double()
+    return torch.log_softmax(logits[len(ids) - 1 : len(ids) - 1 + len(answer)], dim=-1).numpy()
+
+
+def test_teacher_forced_kl_pieces_against_transformers(setup):
+    """`eval --kl`'s pieces: the text side equals transformers' teacher-forced log-probabilities on
+    [text prompt | answer]; answer_kl is the mean over positions of sum p_t (log p_t - log p_c);
+    teacher_forced_kl over a batch equals the pieces per request, with each request's own caches
+    (request_branches), equal to caches built for that request alone."""
+    synth, torch_model, w = setup
+    answers = synth.text_path(QUESTIONS, w.texts, max_new_tokens=6).tokens
+    batched = synth.teacher_forced_kl(QUESTIONS, w.branches, w.texts, answers, lora=False)
+    for b, q in enumerate(QUESTIONS):
+        text = synth.text_answer_logprobs(q, w.texts[b], answers[b])
+        ref = torch_answer_logprobs(torch_model, synth.tok, prompts.text_synth_messages(q, w.texts[b]), answers[b])
+        assert text.shape == ref.shape == (len(answers[b]), synth.model.cfg.vocab_size)
+        np.testing.assert_allclose(np.asarray(text), ref, atol=1e-4)
+        alone = synth.branches_from_tokens([[synth.gen.chat_tokens(prompts.worker_messages(q))] * 2], [w.tokens[b]])
+        cache = np.asarray(synth.cache_answer_logprobs(q, alone, answers[b], lora=False), dtype=np.float64)
+        np.testing.assert_allclose(cache, np.asarray(synth.cache_answer_logprobs(
+            q, request_branches(w.branches, b), answers[b], lora=False)), atol=1e-5)
+        expected = float(np.mean(np.sum(np.exp(ref) * (ref - cache), axis=-1)))
+        assert answer_kl(text, cache) == pytest.approx(expected, abs=1e-5)
+        assert batched[b] == pytest.approx(expected, abs=1e-5)
+    # the formula and its direction on far-apart distributions (the tiny model's are all near
+    # uniform): KL(first || second) = sum p1 (log p1 - log p2), not the reverse
+    rng = np.random.default_rng(0)
+    l1, l2 = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in 3 * rng.normal(size=(2, 5, 50)))
+    far = float(np.mean(np.sum(np.exp(l1) * (l1 - l2), axis=-1)))
+    assert far > 1 and answer_kl(l1, l2) == pytest.approx(far, rel=1e-5)
+    assert answer_kl(l1, l1) == pytest.approx(0.0, abs=1e-7) and answer_kl(l2, l1) != pytest.approx(far, rel=1e-2)
+    (empty,) = synth.teacher_forced_kl(QUESTIONS[:1], request_branches(w.branches, 0), w.texts[:1], [[]])
+    assert math.isnan(empty)
+    with pytest.raises(ValueError, match="one request's branch caches expected, got 2"):
+        synth.cache_answer_logprobs(QUESTIONS[0], w.branches, answers[0])
 
 
 def test_branches_from_stored_tokens_equal_worker_caches(setup):

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "benchmarks with random weights of a named architecture (bench ttft: text vs cache path TTFT)"),
     "train": ("train", "train the cache mapper + synthesizer LoRA from a YAML config (resumes automatically)"),
     "eval": ("eval", "benchmarks x synthesis modes (single, text, naive/mapper-only/LoRA-only cache, psynth): accuracy + TTFT"),
+    "compare": ("compare", "two eval runs (weight sets or modes) paired on the same examples: KL to the text path, accuracy, agreement, tests"),
     "export": ("export", "export a trained synthesizer for PyTorch: merged transformers checkpoint and/or PEFT adapter + mapper"),
     "build-data": ("build_data", "build training examples (exposure | aggregation | distillation) as .jsonl/.parquet"),
     "serve": ("serve", "an OpenAI-style HTTP server: chat completions, branch handles, synthesis from branch caches"),

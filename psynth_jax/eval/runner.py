@@ -52,7 +52,7 @@ from psynth_jax.model.sharding import Rules, mesh_of
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.handoff import Handoff
 from psynth_jax.synthesis.mapper import make_mapper
-from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult, PathSteps
+from psynth_jax.synthesis.pipeline import ParallelSynthesis, PathResult, PathSteps, answer_kl
 
 
 @dataclasses.dataclass
@@ -151,7 +151,8 @@ class EvalRunner:
 
     def measure_kl(self, tasks: Sequence[str] | None = None) -> EvalOutcome:
         """For every answered example: the teacher-forced KL(text || cache mode) of each cache mode,
-        on the text path's own answer (`ParallelSynthesis.teacher_forced_kl`); answers untouched.
+        on the text path's own answer (`ParallelSynthesis.teacher_forced_kl`'s pieces: the text path's
+        log-probabilities once per example, then each mode's); answers untouched.
 
         Each measured record is appended again with `kl_from_text` set (superseding the old line),
         so an interruption loses nothing; a rerun measures what is left. Needs the text mode's record.
@@ -174,15 +175,20 @@ class EvalRunner:
                 self._caches.clear()
                 answer = self.synth.tok.encode(self.store.records[(task, ex.id, "text")].text, add_special_tokens=False)
                 texts = [self._branch_set(ex).texts[j] for j in self._branch_set(ex).usable()]
-                done = []
+                done, teacher = [], None
                 for mode in cache_modes:
                     old = self.store.records.get((task, ex.id, mode))
                     if old is None or old.error is not None or old.kl_from_text is not None:
                         continue
+                    if not answer:
+                        done.append(dataclasses.replace(old, kl_from_text=float("nan")))
+                        continue
+                    if teacher is None:  # the text path's side, once per example for every cache mode
+                        teacher = self._variant(ex.family, False).text_answer_logprobs(ex.question, texts, answer)
                     spec = MODE_SPECS[mode]
-                    (kl,) = self._variant(ex.family, spec.trained_mapper).teacher_forced_kl([ex.question], self._branch_caches([ex]), [texts], [answer],
-                                                         lora=spec.lora)
-                    done.append(dataclasses.replace(old, kl_from_text=kl))
+                    student = self._variant(ex.family, spec.trained_mapper).cache_answer_logprobs(
+                        ex.question, self._branch_caches([ex]), answer, lora=spec.lora)
+                    done.append(dataclasses.replace(old, kl_from_text=answer_kl(teacher, student)))
                 self.store.add_records(done)
                 self.computed["kl_measured"] += len(done)
                 bar.update(1)

@@ -296,40 +296,55 @@ class ParallelSynthesis:
         """Per request: the mean over `answers[b]`'s tokens of KL(text path || cache path), both
         teacher-forced on that answer (the text path's own greedy answer, typically).
 
-        Each path prefills [its prompt | answer] (`runtime.prefill`: every branch as text, LoRA
-        off; `core.jit_cache_prefill` over the prepared branch caches, LoRA as `lora`) and the
-        next-token distributions at the answer's positions are compared: how far the cache path
-        is from reading what the text path reads, token by token.
+        Each path prefills [its prompt | answer] (`text_answer_logprobs`: every branch as text, LoRA
+        off; `cache_answer_logprobs`: over the prepared branch caches, LoRA as `lora`) and the
+        next-token distributions at the answer's positions are compared (`answer_kl`): how far the
+        cache path is from reading what the text path reads, token by token.
         """
         self._check_lora(lora)
-        k = branches.num_branches
-        m = self.model
         out = []
-        with self._mesh():
-            for b, (q, texts, answer) in enumerate(zip(questions, branch_texts, answers, strict=True)):
-                if not answer:
-                    out.append(float("nan"))
-                    continue
-                text_ids = self.gen.chat_tokens(prompts.text_synth_messages(q, list(texts), self.family))
-                synth_ids = self.gen.chat_tokens(prompts.cache_synth_messages(q, k, self.family))
-                text_seq, synth_seq = text_ids + list(answer), synth_ids + list(answer)
-                width = bucket(len(text_seq))
-                tokens, lengths = pad_batch([text_seq], width)
-                text_logits, _ = runtime.prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
-                                                 num_slots=width, attn_impl=self.attn_impl, output="all")
-                one = jax.tree.map(lambda x: x[:, b : b + 1] if x.ndim == 6 else x[b : b + 1], branches)
-                width = bucket(len(synth_seq))
-                cache, view = core.jit_prepare(one, self.mapper_def, self.mapper_state, cfg=self.cfg,
-                                               extra_slots=width)
-                tokens, lengths = pad_batch([synth_seq], width)
-                cache_logits, _ = core.jit_cache_prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths),
-                                                         cache, lora=lora, attn_impl=self.attn_impl, output="all",
-                                                         view=view)
-                n = len(answer)
-                p_t = jax.nn.log_softmax(text_logits[0, len(text_ids) - 1 : len(text_ids) - 1 + n], axis=-1)
-                p_c = jax.nn.log_softmax(cache_logits[0, len(synth_ids) - 1 : len(synth_ids) - 1 + n], axis=-1)
-                out.append(float(jnp.mean(jnp.sum(jnp.exp(p_t) * (p_t - p_c), axis=-1))))
+        for b, (q, texts, answer) in enumerate(zip(questions, branch_texts, answers, strict=True)):
+            if not answer:
+                out.append(float("nan"))
+                continue
+            p_t = self.text_answer_logprobs(q, texts, answer)
+            p_c = self.cache_answer_logprobs(q, request_branches(branches, b), answer, lora=lora)
+            out.append(answer_kl(p_t, p_c))
         return out
+
+    def text_answer_logprobs(self, question: str, branch_texts: Sequence[str], answer: Sequence[int]) -> jax.Array:
+        """Log-probabilities [len(answer), V] (float32) of the text path (every branch as text, LoRA
+        off) at the positions that predict each token of `answer`, teacher-forced on it."""
+        m = self.model
+        text_ids = self.gen.chat_tokens(prompts.text_synth_messages(question, list(branch_texts), self.family))
+        seq = text_ids + list(answer)
+        width = bucket(len(seq))
+        tokens, lengths = pad_batch([seq], width)
+        with self._mesh():
+            logits, _ = runtime.prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths), num_slots=width,
+                                        attn_impl=self.attn_impl, output="all")
+            return jax.nn.log_softmax(logits[0, len(text_ids) - 1 : len(text_ids) - 1 + len(answer)], axis=-1)
+
+    def cache_answer_logprobs(self, question: str, branches: BranchCaches, answer: Sequence[int], *,
+                              lora: bool = True) -> jax.Array:
+        """Log-probabilities [len(answer), V] (float32) of the cache path over one request's branch
+        caches (this synthesizer's mapper; LoRA as `lora`), teacher-forced on `answer` as
+        `text_answer_logprobs` is."""
+        self._check_lora(lora)
+        if branches.num_requests != 1:
+            raise ValueError(f"one request's branch caches expected, got {branches.num_requests} "
+                             "(select one with request_branches)")
+        m = self.model
+        synth_ids = self.gen.chat_tokens(prompts.cache_synth_messages(question, branches.num_branches, self.family))
+        seq = synth_ids + list(answer)
+        width = bucket(len(seq))
+        tokens, lengths = pad_batch([seq], width)
+        with self._mesh():
+            cache, view = core.jit_prepare(branches, self.mapper_def, self.mapper_state, cfg=self.cfg,
+                                           extra_slots=width)
+            logits, _ = core.jit_cache_prefill(m.graphdef, m.state, self._put(tokens), self._put(lengths), cache,
+                                               lora=lora, attn_impl=self.attn_impl, output="all", view=view)
+            return jax.nn.log_softmax(logits[0, len(synth_ids) - 1 : len(synth_ids) - 1 + len(answer)], axis=-1)
 
     # ---------------------------------------------------------------- helpers
     def _plain_steps(
@@ -385,3 +400,14 @@ def _request_shape(branch_counts: Sequence[int], what: str) -> tuple[int, int]:
         raise ValueError(f"every request needs the same number of branches K; {what} have {list(branch_counts)} "
                          "(batch requests with equal K together)")
     return len(branch_counts), branch_counts[0]
+
+
+def request_branches(branches: BranchCaches, b: int) -> BranchCaches:
+    """Request `b`'s branch caches out of a batch of requests (a batch of one)."""
+    return jax.tree.map(lambda x: x[:, b : b + 1] if x.ndim == 6 else x[b : b + 1], branches)
+
+
+def answer_kl(text_logprobs: jax.Array, cache_logprobs: jax.Array) -> float:
+    """Mean over the answer's positions of KL(text || cache), from [n, V] log-probabilities."""
+    p_t, p_c = text_logprobs, cache_logprobs
+    return float(jnp.mean(jnp.sum(jnp.exp(p_t) * (p_t - p_c), axis=-1)))

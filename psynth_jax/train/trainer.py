@@ -142,7 +142,8 @@ class Trainer:
                                          async_save=cfg.checkpoint.async_save)
         self.step = 0
         self._step_fn = None
-        self._eval_fn = make_eval_step(self.graphdefs, self.opts, self.mesh)
+        # held-out KL(text || cache) is measured whatever the training loss weighs (kl_weight 0 included)
+        self._eval_fn = make_eval_step(self.graphdefs, dataclasses.replace(self.opts, kl_weight=1.0), self.mesh)
 
     # ------------------------------------------------------------ init_from
     def _init_from(self, run_dir: str, mapper) -> tuple[LoadedModel, Any]:
@@ -183,10 +184,15 @@ class Trainer:
             (self.run_dir / "data_summary.json").write_text(json.dumps(self.data_summary, indent=2))
         if eval_examples is None and d.eval:
             eval_examples = load_stage(d, "eval", self._distill).examples
-        self.eval_batches = []
-        if eval_examples:
-            it, self.eval_stats = make_train_iterator(d, self.model.tokenizer, examples=eval_examples, split="eval")
-            self.eval_batches = [_batch_dict(b) for b in it]
+        # (source, batches): the held-out examples of each data.eval source, batched apart so the
+        # evaluation reports each source beside the pooled figures
+        self.eval_batches: list[tuple[str, dict[str, np.ndarray]]] = []
+        by_source: dict[str, list] = {}
+        for ex in eval_examples or []:
+            by_source.setdefault(str(ex.meta.get("source") or "eval"), []).append(ex)
+        for name, group in by_source.items():
+            it, _ = make_train_iterator(d, self.model.tokenizer, examples=group, split="eval")
+            self.eval_batches += [(name, _batch_dict(b)) for b in it]
 
     def _batch_share(self) -> tuple[int, int]:
         """(index, count) of the rows of each global batch this process reads: the rows its devices
@@ -286,20 +292,36 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and greedy cache/text agreement on data.eval."""
+        """Held-out loss, teacher-forced KL(text path || cache path) on the target and greedy
+        cache/text agreement on data.eval: pooled (eval_ce, eval_kl, eval_agreement; CE and KL
+        per target token, agreement per example) and per source (eval_ce/SOURCE, ...)."""
         if not self.eval_batches:
             return {}
-        ce, n, rates = 0.0, 0.0, []
-        for batch in self.eval_batches:
+        sums: dict[str, list[float]] = {}  # source -> [ce * tokens, kl * tokens, tokens]
+        rates: dict[str, list[float]] = {}
+        for source, batch in self.eval_batches:
             dev = self._global_batch(batch)
             m = distributed.fetch(self._eval_fn(self.trainable, self.frozen, dev))
-            ce += float(m["ce"]) * float(m["target_tokens"])
-            n += float(m["target_tokens"])
+            n = float(m["target_tokens"])
+            acc = sums.setdefault(source, [0.0, 0.0, 0.0])
+            acc[0] += float(m["ce"]) * n
+            acc[1] += float(m["kl"]) * n
+            acc[2] += n
             with jax.set_mesh(self.mesh):  # the context mesh splash attention shards over
                 out = greedy_both_paths(self.graphdefs, self.trainable, self.frozen, dev,
                                         max_new_tokens=AGREEMENT_TOKENS, stop_ids=self.stop_ids, opts=self.opts)
-            rates += agreement_rates(*distributed.fetch(out), batch["example_valid"])  # tokens span every process
-        return {"eval_ce": ce / max(n, 1.0), "eval_agreement": statistics.fmean(rates) if rates else float("nan")}
+            # tokens span every process
+            rates.setdefault(source, []).extend(agreement_rates(*distributed.fetch(out), batch["example_valid"]))
+
+        def figures(acc: list[float], r: list[float], suffix: str = "") -> dict[str, float]:
+            return {f"eval_ce{suffix}": acc[0] / max(acc[2], 1.0), f"eval_kl{suffix}": acc[1] / max(acc[2], 1.0),
+                    f"eval_agreement{suffix}": statistics.fmean(r) if r else float("nan")}
+
+        pooled = [sum(a[i] for a in sums.values()) for i in range(3)]
+        out = figures(pooled, [x for r in rates.values() for x in r])
+        for source, acc in sums.items():
+            out.update(figures(acc, rates[source], f"/{source}"))
+        return out
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""Two weight sets (or two modes) paired on the same examples and branches: is one closer to the
+text path than the other?
+
+Reads two eval run directories' records (read-only) and pairs each example's record of mode A
+in run A with its record of mode B in run B. Per task and pooled:
+- teacher-forced KL(text || mode) (`psynth eval --kl`): both means, the mean paired difference
+  B - A, the share of examples where B is lower, and the two-sided Wilcoxon signed-rank p;
+- accuracy: both, the examples only B / only A got right and the exact McNemar p (stats.py);
+- agreement with the text path's answer.
+
+Paired means the same inputs: both runs must hold the same branches (branches.jsonl) and the
+same text-path answers (the KL's target) for every compared example, or the comparison is
+refused. Pure Python over records.jsonl, like stats.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from psynth_jax.eval.stats import mcnemar_exact
+from psynth_jax.eval.store import BRANCHES, RECORDS, BranchSet, JsonlLog, ModeRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One side of a comparison: a run directory's records and branches, and the mode compared."""
+
+    label: str
+    mode: str
+    records: dict[tuple[str, str, str], ModeRecord]
+    branches: dict[tuple[str, str], BranchSet]
+
+
+def _rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The merged file's rows, then every process part's (a later line supersedes an earlier one)."""
+    stem, _, suffix = name.partition(".")
+    parts = sorted(run_dir.glob(f"{stem}.p*.{suffix}"), key=lambda p: int(p.name.split(".")[1][1:]))
+    return [r for p in [run_dir / name, *parts] if p.is_file() for r in JsonlLog(p, repair=False).rows]
+
+
+def read_side(spec: str) -> Side:
+    """`RUN_DIR` or `RUN_DIR:MODE` (no mode: every mode both sides share is compared)."""
+    path, _, mode = spec.partition(":")
+    run_dir = Path(path)
+    records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in _rows(run_dir, RECORDS)}
+    if not records:
+        raise FileNotFoundError(f"{run_dir}: no answers in {RECORDS} "
+                                "(not an eval run directory, or one not yet answered)")
+    branches = {(r["task"], r["id"]): BranchSet(**r) for r in _rows(run_dir, BRANCHES)}
+    if mode and not any(k[2] == mode for k in records):
+        have = sorted({k[2] for k in records})
+        raise ValueError(f"{run_dir} has no records of mode {mode!r} (it has {', '.join(have)})")
+    return Side(label=str(run_dir) + (f":{mode}" if mode else ""), mode=mode, records=records, branches=branches)
+
+
+def wilcoxon_signed_rank(diffs: Sequence[float]) -> float:
+    """Two-sided p of the Wilcoxon signed-rank test that `diffs` (paired differences) are centred
+    on 0: zero differences dropped, tied |d| given their mean rank, the normal approximation with
+    the tie-corrected variance (no continuity correction). 1.0 when no difference is nonzero."""
+    d = [x for x in diffs if x != 0]
+    n = len(d)
+    if n == 0:
+        return 1.0
+    order = sorted(range(n), key=lambda i: abs(d[i]))
+    ranks = [0.0] * n
+    ties = 0.0
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(d[order[j + 1]]) == abs(d[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        t = j - i + 1
+        ties += t**3 - t
+        i = j + 1
+    w_plus = sum(r for r, x in zip(ranks, d) if x > 0)
+    mean = n * (n + 1) / 4
+    var = n * (n + 1) * (2 * n + 1) / 24 - ties / 48
+    if var <= 0:
+        return 1.0
+    z = (w_plus - mean) / math.sqrt(var)
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+def _check_paired(a: Side, b: Side, keys: Sequence[tuple[str, str]]) -> None:
+    """Refuse pairs whose inputs differ: other branches, or another text answer (the KL's target)."""
+    for what, differ in (
+        ("branches", lambda k: k in a.branches and k in b.branches and a.branches[k].tokens != b.branches[k].tokens),
+        ("text-path answers", lambda k: (k + ("text",)) in a.records and (k + ("text",)) in b.records
+         and a.records[k + ("text",)].text != b.records[k + ("text",)].text),
+    ):
+        bad = [k for k in keys if differ(k)]
+        if bad:
+            raise ValueError(f"{a.label} and {b.label} hold different {what} for {len(bad)} of {len(keys)} examples "
+                             f"(first: {bad[0][0]}/{bad[0][1]}): not a paired comparison; copy one run's "
+                             f"{BRANCHES} and text records into the other's out_dir before answering")
+
+
+def _agreement(side: Side, mode: str, keys: Sequence[tuple[str, str]]) -> float | None:
+    pairs = [(side.records[k + (mode,)], side.records.get(k + ("text",))) for k in keys]
+    pairs = [(r, t) for r, t in pairs if t is not None and r.error is None and t.error is None]
+    return sum(r.answer == t.answer for r, t in pairs) / len(pairs) if pairs else None
+
+
+def compare_pair(a: Side, b: Side, mode_a: str, mode_b: str, keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The paired numbers of mode_a in `a` against mode_b in `b` over the examples `keys`."""
+    ra = [a.records[k + (mode_a,)] for k in keys]
+    rb = [b.records[k + (mode_b,)] for k in keys]
+    wins = sum(y.correct and not x.correct for x, y in zip(ra, rb))
+    losses = sum(x.correct and not y.correct for x, y in zip(ra, rb))
+    kl = [(x.kl_from_text, y.kl_from_text) for x, y in zip(ra, rb)
+          if _finite(x.kl_from_text) and _finite(y.kl_from_text)]
+    n = len(keys)
+    return {
+        "n": n,
+        "accuracy": [sum(x.correct for x in ra) / n, sum(y.correct for y in rb) / n] if n else None,
+        "b_vs_a": {"wins": wins, "losses": losses, "p_mcnemar": mcnemar_exact(wins, losses)},
+        "agreement_with_text": [_agreement(a, mode_a, keys), _agreement(b, mode_b, keys)],
+        "kl": {
+            "n": len(kl),
+            "mean": [statistics.fmean(x for x, _ in kl), statistics.fmean(y for _, y in kl)] if kl else None,
+            "mean_diff": statistics.fmean(y - x for x, y in kl) if kl else None,
+            "b_lower": sum(y < x for x, y in kl) / len(kl) if kl else None,
+            "p_wilcoxon": wilcoxon_signed_rank([y - x for x, y in kl]) if kl else None,
+        },
+    }
+
+
+def compare(a: Side, b: Side, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """{"a", "b", "pairs": [{"mode_a", "mode_b", "tasks": {task: numbers}, "all": numbers}]}: every
+    mode pair (the sides' modes, or each mode both runs hold) over the examples both sides answered."""
+    if a.mode or b.mode:
+        pairs = [(a.mode or b.mode, b.mode or a.mode)]
+    else:
+        pairs = [(m, m) for m in sorted({k[2] for k in a.records} & {k[2] for k in b.records}) if m != "text"]
+    wanted = set(tasks) if tasks else None
+    out: dict[str, Any] = {"a": a.label, "b": b.label, "pairs": []}
+    for mode_a, mode_b in pairs:
+        keys = sorted(k[:2] for k in a.records if k[2] == mode_a and (k[0], k[1], mode_b) in b.records
+                      and (wanted is None or k[0] in wanted))
+        if not keys:
+            raise ValueError(f"{a.label} ({mode_a}) and {b.label} ({mode_b}) share no answered example"
+                             + (f" of tasks {', '.join(sorted(wanted))}" if wanted else ""))
+        _check_paired(a, b, keys)
+        by_task = {t: compare_pair(a, b, mode_a, mode_b, [k for k in keys if k[0] == t])
+                   for t in sorted({k[0] for k in keys})}
+        out["pairs"].append({"mode_a": mode_a, "mode_b": mode_b, "tasks": by_task,
+                             "all": compare_pair(a, b, mode_a, mode_b, keys)})
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """One table per mode pair: a row per task and the pooled row."""
+    lines = [f"A = `{result['a']}`, B = `{result['b']}`. KL: mean teacher-forced KL(text || mode) on the "
+             "examples both sides measured, B - A paired, two-sided Wilcoxon signed-rank p; accuracy: "
+             "B's wins/losses against A, exact McNemar p; agree: answer equal to the text path's.", ""]
+    for pair in result["pairs"]:
+        lines += [f"**{pair['mode_a']} (A) vs {pair['mode_b']} (B)**", "",
+                  "| task | n | KL A | KL B | B - A | B lower % | p (Wilcoxon) | acc A % | acc B % "
+                  "| B vs A +/- (p) | agree A % | agree B % |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for task, m in [*pair["tasks"].items(), ("pooled", pair["all"])]:
+            kl, acc, agree, vs = m["kl"], m["accuracy"] or [None, None], m["agreement_with_text"], m["b_vs_a"]
+            means = kl["mean"] or [None, None]
+            lines.append(
+                f"| {task} | {m['n']} (KL {kl['n']}) | {_num(means[0])} | {_num(means[1])} "
+                f"| {_num(kl['mean_diff'], '+.3f')} "
+                f"| {_pct(kl['b_lower'])} | {_num(kl['p_wilcoxon'], '.3g')} | {_pct(acc[0])} | {_pct(acc[1])} "
+                f"| +{vs['wins']}/-{vs['losses']} ({vs['p_mcnemar']:.3g}) | {_pct(agree[0])} | {_pct(agree[1])} |")
+        lines.append("")
+    return "\n".join(lines)

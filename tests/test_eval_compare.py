@@ -1,0 +1,114 @@
+"""`psynth compare`: two eval runs paired on the same examples, against independent references
+(scipy's Wilcoxon test, the eval report's own numbers in the committed issue #17 runs, counts by
+hand), and the refusals that keep a comparison paired."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from scipy import stats as scipy_stats
+
+from psynth_jax.cli import main as psynth_main
+from psynth_jax.eval.compare import compare, read_side, wilcoxon_signed_rank
+from psynth_jax.eval.store import BRANCHES, RECORDS, BranchSet, ModeRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks/results/cpu/recipe_smollm2"  # issue #17: the same examples and branches
+
+
+@pytest.mark.parametrize("diffs", [
+    [1, -2, 2, 0, 3, -1, 4, 4, 5, -0.5],  # a zero and tied |d|
+    [0.01 * i * (-1) ** i for i in range(1, 40)],
+    [0.3, 0.1, 0.2, 0.4, -0.05, 0.25, 0.15],
+])
+def test_wilcoxon_equals_scipy(diffs):
+    want = scipy_stats.wilcoxon(diffs, zero_method="wilcox", correction=False, method="approx").pvalue
+    assert wilcoxon_signed_rank(diffs) == pytest.approx(want, rel=1e-9)
+    assert wilcoxon_signed_rank([0.0, 0.0]) == 1.0
+
+
+def test_committed_runs_agree_with_their_own_reports():
+    """The recipe's and the math-only weights (issue #17): each side's KL means, accuracy and
+    agreement equal what each run's results.json says; the paired wins/losses add up."""
+    a, b = read_side(str(RUNS / "eval_recipe")), read_side(str(RUNS / "eval_math_only"))
+    result = compare(a, b, ["arc_challenge", "marble_db", "multihop_qa"])
+    reports = [json.loads((RUNS / d / "results.json").read_text()) for d in ("eval_recipe", "eval_math_only")]
+    pairs = {p["mode_a"]: p for p in result["pairs"]}
+    assert set(pairs) == {"single", "naive_cache", "mapper_only", "lora_only", "psynth"}
+    for mode in ("naive_cache", "mapper_only", "lora_only", "psynth"):
+        pooled = pairs[mode]["all"]
+        assert pooled["n"] == pooled["kl"]["n"] == 90
+        for side, report in enumerate(reports):  # the recipe's report also pools tool_calls: per task here
+            for task, m in pairs[mode]["tasks"].items():
+                assert m["kl"]["mean"][side] == pytest.approx(report["kl_from_text"][task][mode]["mean"], abs=1e-9)
+                own = report["tasks"][task][mode]
+                assert m["accuracy"][side] == pytest.approx(own["accuracy"])
+                assert m["agreement_with_text"][side] == pytest.approx(own["agreement_with_text"])
+        assert pooled["kl"]["mean_diff"] == pytest.approx(pooled["kl"]["mean"][1] - pooled["kl"]["mean"][0])
+    # naive_cache uses no trained weight: the same KL on every example, so no difference to test
+    assert pairs["naive_cache"]["all"]["kl"]["p_wilcoxon"] == 1.0
+    assert pairs["naive_cache"]["all"]["b_vs_a"] == {"wins": 0, "losses": 0, "p_mcnemar": 1.0}
+
+
+def _record(task: str, i: int, mode: str, *, correct: bool, answer: str, kl: float | None) -> ModeRecord:
+    return ModeRecord(task=task, id=str(i), mode=mode, answer=answer, correct=correct, text=f"t{i}", output_tokens=1,
+                      prompt_tokens=1, branch_tokens=1, num_branches=2, ttft_s=None, breakdown={}, device="cpu",
+                      kl_from_text=kl)
+
+
+def _write_run(run_dir: Path, records: list[ModeRecord], tokens: list[list[int]]) -> Path:
+    run_dir.mkdir(parents=True)
+    with (run_dir / RECORDS).open("w") as f:
+        f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in records)
+    with (run_dir / BRANCHES).open("w") as f:
+        f.writelines(json.dumps(dataclasses.asdict(BranchSet("qa", str(i), 0, [t], ["x"]))) + "\n"
+                     for i, t in enumerate(tokens))
+    return run_dir
+
+
+def test_two_modes_by_hand_and_the_cli(tmp_path, capsys):
+    """RUN:naive_cache against RUN2:psynth on 4 examples: counts and means by hand; --out writes both files."""
+    text = [_record("qa", i, "text", correct=c, answer=a, kl=None) for i, (c, a) in enumerate(
+        [(True, "x"), (False, "y"), (True, "z"), (False, "w")])]
+    naive = [_record("qa", i, "naive_cache", correct=c, answer=a, kl=k) for i, (c, a, k) in enumerate(
+        [(False, "q", 0.4), (False, "y", 0.5), (True, "z", 0.3), (False, "q", float("nan"))])]
+    trained = [_record("qa", i, "psynth", correct=c, answer=a, kl=k) for i, (c, a, k) in enumerate(
+        [(True, "x", 0.2), (True, "y", 0.6), (True, "z", 0.1), (False, "w", 0.2)])]
+    a = _write_run(tmp_path / "a", text + naive, [[1], [2], [3], [4]])
+    b = _write_run(tmp_path / "b", text + trained, [[1], [2], [3], [4]])
+    out = tmp_path / "cmp" / "n_vs_p.json"
+    assert psynth_main.main(["compare", f"{a}:naive_cache", f"{b}:psynth", "--out", str(out)]) == 0
+    (pair,) = json.loads(out.read_text())["pairs"]
+    m = pair["all"]
+    assert (pair["mode_a"], pair["mode_b"], m["n"]) == ("naive_cache", "psynth", 4)
+    assert m["accuracy"] == [0.25, 0.75] and m["b_vs_a"]["wins"] == 2 and m["b_vs_a"]["losses"] == 0
+    assert m["agreement_with_text"] == [0.5, 1.0]
+    assert m["kl"]["n"] == 3  # the NaN (an empty text answer) is left out
+    assert m["kl"]["mean"] == pytest.approx([0.4, 0.3]) and m["kl"]["mean_diff"] == pytest.approx(-0.1)
+    assert m["kl"]["b_lower"] == pytest.approx(2 / 3)
+    assert "| pooled | 4 (KL 3) | 0.400 | 0.300 | -0.100 |" in out.with_suffix(".md").read_text()
+    assert "naive_cache (A) vs psynth (B)" in capsys.readouterr().out
+
+
+def test_refuses_what_is_not_paired(tmp_path, capsys):
+    recs = [_record("qa", 0, "text", correct=True, answer="x", kl=None),
+            _record("qa", 0, "psynth", correct=True, answer="x", kl=0.1)]
+    a = _write_run(tmp_path / "a", recs, [[1, 2]])
+    other_branches = _write_run(tmp_path / "b", recs, [[1, 3]])
+    with pytest.raises(ValueError, match="different branches for 1 of 1 examples"):
+        compare(read_side(str(a)), read_side(str(other_branches)))
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    (c / RECORDS).write_text((c / RECORDS).read_text().replace('"text": "t0"', '"text": "other"', 1))
+    with pytest.raises(ValueError, match="different text-path answers"):
+        compare(read_side(str(a)), read_side(str(c)))
+    with pytest.raises(ValueError, match="share no answered example of tasks arc"):
+        compare(read_side(str(a)), read_side(str(c)), ["arc"])
+    assert psynth_main.main(["compare", f"{a}:lora_only", str(c)]) == 2
+    assert "has no records of mode 'lora_only' (it has psynth, text)" in capsys.readouterr().err
+    assert psynth_main.main(["compare", str(tmp_path / "missing"), str(a)]) == 2
+    assert "no answers in records.jsonl" in capsys.readouterr().err
