@@ -27,7 +27,7 @@ demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/psynth demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 clean:
 	rm -rf $(VENV)

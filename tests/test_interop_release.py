@@ -210,7 +210,8 @@ def test_eval_config_adapter_loads_a_release_folder(release, tmp_path):
                                           Handoff(convention="output_tokens", stop_tokens="chat"))]:
         out = tmp_path / f"run{len(section)}"
         path = tmp_path / f"eval{len(section)}.yaml"
-        path.write_text(f"tasks: [{{name: gsm8k, limit: 1}}]\nadapter: {run}\n{section}out_dir: {out}\n")
+        path.write_text(f"tasks: [{{name: gsm8k, limit: 1}}]\nworker_tokens: 32\nmax_new_tokens: 32\nadapter: {run}\n"
+                        f"{section}out_dir: {out}\n")  # within the tiny model's 512 positions
         cfg = load_eval_config(path)
         runner = EvalRunner(cfg, model=model, quiet=True)
         runner._ensure_synth()
