@@ -309,8 +309,9 @@ def test_load_loses_no_request_and_leaves_no_slot_or_pin(served):
 
 # ------------------------------------------------------------------ the engine's step
 def test_a_step_over_the_first_slots_equals_the_step_over_all(synth):
-    """`Engine.step_rows` narrows a step to the power-of-two prefix of slots holding the live ones:
-    the same tokens, and the same cache where it is valid, as a step over all N slots."""
+    """`Engine.step_rows` narrows a step to the power-of-two prefix of slots holding the live ones,
+    `Engine.step_cols` to the cache width holding their context: the same tokens, and the same
+    cache where it is valid, as a step over all N slots x C cache slots."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -318,9 +319,12 @@ def test_a_step_over_the_first_slots_equals_the_step_over_all(synth):
 
     engine, m = Engine(synth, slots=4, max_context=128), synth.model
     assert [engine.step_rows(np.arange(4) == i) for i in range(4)] == [1, 2, None, None]
+    assert engine.col_buckets() == [64, 128]
     live = np.array([True, True, False, False])
+    ends = np.array([10, 63, 127, 127])  # the free slots' stale ends do not count
+    assert engine.step_cols(ends, live) == 64 and engine.step_cols(ends + 1, live) is None
 
-    def run(rows):
+    def run(rows, cols=None):
         state = engine.init_decode_state()
         for slot in range(2):
             sampling = RowSampling(temperature=0.8, seed=slot)
@@ -328,16 +332,22 @@ def test_a_step_over_the_first_slots_equals_the_step_over_all(synth):
             state = engine.insert(engine.prefill(prompt, sampling), state, slot, sampling, lora=slot == 1)
         drawn = []
         for _ in range(6):
-            state, tokens = generate(m.graphdef, m.state, state, jnp.asarray(live), rows=rows)
+            if cols is not None:
+                assert engine.step_cols(np.asarray(state.cache.end), live) == cols
+            state, tokens = generate(m.graphdef, m.state, state, jnp.asarray(live), rows=rows, cols=cols)
             drawn.append(np.asarray(tokens).tolist())
         return drawn, state
 
-    (narrow, a), (full, b) = run(2), run(None)
-    assert narrow == full and len({t for row in full for t in row[:2]}) > 2
+    full, b = run(None)
+    assert len({t for row in full for t in row[:2]}) > 2
     valid = np.asarray(b.cache.valid)
-    assert (np.asarray(a.cache.valid) == valid).all() and (np.asarray(a.steps) == np.asarray(b.steps)).all()
-    for x, y in ((a.cache.k, b.cache.k), (a.cache.v, b.cache.v)):
-        np.testing.assert_allclose(np.asarray(x)[:, valid], np.asarray(y)[:, valid], atol=1e-5)
+    for rows, cols in ((2, None), (None, 64), (2, 64)):
+        narrow, a = run(rows, cols)
+        assert narrow == full, (rows, cols)
+        assert (np.asarray(a.cache.valid) == valid).all() and (np.asarray(a.steps) == np.asarray(b.steps)).all()
+        assert (np.asarray(a.cache.end) == np.asarray(b.cache.end)).all()
+        for x, y in ((a.cache.k, b.cache.k), (a.cache.v, b.cache.v)):
+            np.testing.assert_allclose(np.asarray(x)[:, valid], np.asarray(y)[:, valid], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- a mesh

@@ -132,9 +132,10 @@ def _step(model, state: DecodeState, live: jax.Array, attn_impl: str) -> tuple[D
     return dataclasses.replace(state, cache=cache, tokens=tokens, steps=steps), tokens
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "rows"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "rows", "cols"), donate_argnames=("state",))
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live: jax.Array, *,
-             attn_impl: str = "xla", rows: int | None = None) -> tuple[DecodeState, jax.Array]:
+             attn_impl: str = "xla", rows: int | None = None, cols: int | None = None
+             ) -> tuple[DecodeState, jax.Array]:
     """One decode step of every live slot (MaxEngine's generate): feed each slot's token
     (`runtime.decode_fn`, LoRA per slot), draw the next one with the slot's own sampling and key.
     Slots with live=False are left unchanged. Returns the new state and the drawn tokens [N].
@@ -144,25 +145,32 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live
     rows: here the first `rows` rows are cut out (one copy of their cache), stepped, and only what
     the step changed is written back: each row's new key/value at the slot it wrote, its mask,
     counters and token. Free slots past `rows` are not touched (the full step would only write
-    their unused next slot, which stays invalid)."""
+    their unused next slot, which stays invalid).
+
+    cols: read only cache slots [0, cols) of those rows (every live row's next write slot `end`
+    must be below it; None: all C). The step of a row attends to its valid slots, all below its
+    end, so the slots past every live row's end are only read to be masked out; a step over a
+    few short requests in wide slots then reads their length, not the slot width."""
     model = nnx.merge(graphdef, params)
-    if rows is None or rows >= state.num_slots:
-        return _step(model, state, live, attn_impl)
     c = state.cache
-    head = KVCache(k=c.k[:, :rows], v=c.v[:, :rows], valid=c.valid[:rows], end=c.end[:rows],
+    rows = state.num_slots if rows is None else min(rows, state.num_slots)
+    cols = c.num_slots if cols is None else min(cols, c.num_slots)
+    if rows == state.num_slots and cols == c.num_slots:
+        return _step(model, state, live, attn_impl)
+    head = KVCache(k=c.k[:, :rows, :cols], v=c.v[:, :rows, :cols], valid=c.valid[:rows, :cols], end=c.end[:rows],
                    next_pos=c.next_pos[:rows])
     sub, drawn = _step(model, DecodeState(cache=head, tokens=state.tokens[:rows], lora=state.lora[:rows],
                                           temperature=state.temperature[:rows], top_p=state.top_p[:rows],
                                           keys=state.keys[:rows], steps=state.steps[:rows]),
                        live[:rows], attn_impl)
-    slot = jnp.clip(head.end, 0, c.num_slots - 1)[:, None]  # where the step wrote (kv_cache.write_layers, T = 1)
+    slot = jnp.clip(head.end, 0, cols - 1)[:, None]  # where the step wrote (kv_cache.write_layers, T = 1)
     row = jnp.arange(rows, dtype=jnp.int32)[:, None]
 
     def put(buf: jax.Array, new: jax.Array) -> jax.Array:
         written = jnp.take_along_axis(new, slot[None, :, :, None, None], axis=2)  # [L, rows, 1, Hkv, D]
         return buf.at[:, row, slot].set(written, unique_indices=True)
 
-    cache = KVCache(k=put(c.k, sub.cache.k), v=put(c.v, sub.cache.v), valid=c.valid.at[:rows].set(sub.cache.valid),
+    cache = KVCache(k=put(c.k, sub.cache.k), v=put(c.v, sub.cache.v), valid=c.valid.at[:rows, :cols].set(sub.cache.valid),
                     end=c.end.at[:rows].set(sub.cache.end), next_pos=c.next_pos.at[:rows].set(sub.cache.next_pos))
     tokens = state.tokens.at[:rows].set(drawn)
     return dataclasses.replace(state, cache=cache, tokens=tokens, steps=state.steps.at[:rows].set(sub.steps)), tokens
@@ -272,12 +280,27 @@ class Engine:
 
     def generate(self, state: DecodeState, live: np.ndarray) -> tuple[DecodeState, jax.Array]:
         """One decode step of the slots where `live` [N] is True (the state is donated), over the
-        smallest power-of-two prefix of slots holding every live one (`step_rows`)."""
+        smallest power-of-two prefix of slots holding every live one (`step_rows`) and the
+        narrowest cache width holding every live one's context (`step_cols`)."""
         m = self.synth.model
         live = np.asarray(live, bool)
+        cols = None if m.mesh is not None else self.step_cols(self.fetch(state.cache.end), live)
         with self.mesh():
             return generate(m.graphdef, m.state, state, self.synth.gen.put_batch(live),
-                            attn_impl=self.synth.attn_impl, rows=self.step_rows(live))
+                            attn_impl=self.synth.attn_impl, rows=self.step_rows(live), cols=cols)
+
+    def col_buckets(self) -> list[int]:
+        """The cache widths a step may read: C/8, C/4, C/2 (those that are multiples of 64) and C,
+        few enough that `warm_up` compiles each with every row count."""
+        c = self.max_context
+        return sorted({c // f for f in (8, 4, 2) if (c // f) % 64 == 0 and c // f > 0} | {c})
+
+    def step_cols(self, ends: np.ndarray, live: np.ndarray) -> int | None:
+        """The narrowest `col_buckets` width above every live slot's next write slot `ends` [N]
+        (None: all C). The step reads only those cache slots of each row (`generate`'s cols)."""
+        need = int(np.max(ends[live])) + 1 if live.any() else 1
+        cols = next((w for w in self.col_buckets() if w >= need), self.max_context)
+        return None if cols >= self.max_context else cols
 
     def step_rows(self, live: np.ndarray) -> int | None:
         """The slots a step runs over: the power of two (at most N) covering the last live slot, so
@@ -290,14 +313,20 @@ class Engine:
         return None if rows >= self.slots else rows
 
     def warm_up(self, state: DecodeState) -> DecodeState:
-        """Compile every step `step_rows` can pick (1, 2, 4, ... slots, then all N) by running each
+        """Compile every step `step_rows` and `step_cols` can pick (1, 2, 4, ... slots, then all N;
+        each width of `col_buckets`) by running each
         once with no slot live, so that no request waits for a compile once serving; returns the
         state (no valid slot, counter or token changed)."""
         m = self.synth.model
         idle = self.synth.gen.put_batch(np.zeros(self.slots, bool))
-        for rows in dict.fromkeys(self.step_rows(np.arange(self.slots) == last) for last in range(self.slots)):
-            with self.mesh():
-                state, _ = generate(m.graphdef, m.state, state, idle, attn_impl=self.synth.attn_impl, rows=rows)
+        rows_options = dict.fromkeys(self.step_rows(np.arange(self.slots) == last) for last in range(self.slots))
+        cols_options = [None] if m.mesh is not None else [None if w >= self.max_context else w
+                                                         for w in self.col_buckets()]
+        for rows in rows_options:
+            for cols in cols_options:
+                with self.mesh():
+                    state, _ = generate(m.graphdef, m.state, state, idle, attn_impl=self.synth.attn_impl, rows=rows,
+                                        cols=cols)
         return state
 
     # ------------------------------------------------------------------- branches

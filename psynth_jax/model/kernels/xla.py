@@ -58,32 +58,42 @@ def xla_attention(
 
 
 def decode_attention(blocks: tuple[KeyBlock, ...], q_slot: jax.Array, *, scale: float) -> jax.Array:
-    """One query per row over every block's keys, as multiply-reduces -> [B, 1, Hq, D].
+    """One query per row over every block's keys, as two matmuls per block -> [B, 1, Hq, D].
 
-    Reads each block's k/v [B,N,S,Hkv,D] in its own layout (a dot would first copy the cache
-    into a transposed one) in one pass: a decode step is bound by reading the cache. Blocks
-    without score bias or value affine (the cache and the chunk); a row that sees no key
+    Reads each block's k/v [B,N,S,Hkv,D] in its own layout, as a [B*N, S, Hkv*D] matrix (a
+    reshape, no copy): the logits of all Hq query heads are one matmul of it with a block-diagonal
+    query matrix [Hq, Hkv*D] (query head (h, g) holds q at key head h's D columns, zeros
+    elsewhere), and the outputs one matmul of the probabilities [Hq, S] with the value matrix, of
+    which each head keeps its own key head's D columns. The zeros cost Hkv x the multiply-adds
+    of a per-head product, which a decode step can spare: it is bound by reading the cache, and a
+    per-head product would first copy the cache into a head-major layout, or (as multiply-reduces
+    over a [B,S,Hkv,G,D] broadcast) run 8x slower at 16 rows x 1,024 slots on XLA:CPU.
+    Blocks without score bias or value affine (the cache and the chunk); a row that sees no key
     returns zeros.
     """
     b, _, _, hq, d = blocks[0].q.shape
     hkv = blocks[0].k.shape[3]
     g = hq // hkv
     f32 = jnp.float32
-    logits, visible = [], []
+    diag = jnp.eye(hkv, dtype=f32)
+    logits, visible, values = [], [], []
     for blk in blocks:
-        n = blk.k.shape[1]
-        qb = blk.q[:, :, 0].reshape(b, n, 1, hkv, g, d).astype(f32) * scale  # [B,N,1,Hkv,G,D]
-        lg = jnp.sum(qb * blk.k[:, :, :, :, None, :].astype(f32), axis=-1)  # [B,N,S,Hkv,G]
-        vis = (blk.valid & (blk.slot <= q_slot[:, :1, None]))[..., None, None]  # [B,N,S,1,1]
+        n, s = blk.k.shape[1], blk.k.shape[2]
+        q = blk.q[:, :, 0].reshape(b * n, hkv, g, d).astype(f32) * scale
+        q = jnp.einsum("rhgd,hj->rhgjd", q, diag).reshape(b * n, hq, hkv * d)  # block-diagonal queries
+        lg = jnp.einsum("rqi,rsi->rqs", q, blk.k.reshape(b * n, s, hkv * d).astype(f32))  # [B*N, Hq, S]
+        vis = (blk.valid & (blk.slot <= q_slot[:, :1, None])).reshape(b * n, 1, s)
         logits.append(jnp.where(vis, lg, NEG))
         visible.append(vis)
-    m = jnp.max(jnp.stack([lg.max(axis=(1, 2)) for lg in logits]), axis=0)  # [B,Hkv,G]
+        values.append(blk.v.reshape(b * n, s, hkv * d).astype(f32))
+    m = jnp.max(jnp.stack([lg.reshape(b, -1, hq, lg.shape[-1]).max(axis=(1, 3)) for lg in logits]), axis=0)  # [B,Hq]
     denom, out = 0.0, 0.0
-    for blk, lg, vis in zip(blocks, logits, visible):
-        p = jnp.where(vis, jnp.exp(lg - m[:, None, None]), 0.0)  # [B,N,S,Hkv,G]
-        o = jnp.sum(p[..., None] * blk.v[:, :, :, :, None, :].astype(f32), axis=2)  # [B,N,Hkv,G,D]
-        denom = denom + p.sum(axis=(1, 2))
-        out = out + o.sum(axis=1)
+    for lg, vis, val in zip(logits, visible, values):
+        n = lg.shape[0] // b
+        p = jnp.where(vis, jnp.exp(lg - jnp.repeat(m, n, axis=0)[:, :, None]), 0.0)  # [B*N, Hq, S]
+        o = jnp.einsum("rqs,rsi->rqi", p, val).reshape(b, n, hkv, g, hkv, d)  # every head x every key head
+        denom = denom + p.sum(axis=2).reshape(b, n, hq).sum(axis=1)
+        out = out + jnp.einsum("bnhgjd,hj->bhgd", o, diag).reshape(b, hq, d)  # each head's own key head
     out = jnp.where(denom[..., None] > 0, out / jnp.maximum(denom, 1e-30)[..., None], 0.0)
     return out.reshape(b, 1, hq, d).astype(blocks[0].q.dtype)
 
