@@ -29,7 +29,7 @@ import jax
 import pytest
 
 LONGEST_FIRST = (  # serial seconds on the 2-core VM, longest first
-    "test_multihost.py", "test_sharded.py", "test_trainer.py", "test_gpu_check.py", "test_eval_runner.py",
+    "test_pods_documented.py", "test_multihost.py", "test_sharded.py", "test_trainer.py", "test_gpu_check.py", "test_eval_runner.py",
     "test_core_consistency.py", "test_train_step.py", "test_zero_copy.py", "test_default_model.py",
     "test_splash_attention.py", "test_checkpoint_safety.py", "test_bench.py", "test_serve.py",
     "test_serve_documented.py",
@@ -47,3 +47,4 @@ def _release_compiled_executables():
     yield
     jax.clear_caches()
     gc.collect()
+

@@ -1,6 +1,6 @@
 """The 8-device checks of tests/test_sharded.py, run in ONE child process with 8 fake CPU devices.
 
-Usage: python sharded_checks.py TINY_ROOT OUT.json. TINY_ROOT holds tiny checkpoints written by
+Usage: python sharded_checks.py TINY_ROOT OUT.json [SYNTHESIS_FAMILIES [PARTS]]. TINY_ROOT holds tiny checkpoints written by
 the parent (tests/tiny_smol.py: `make_tiny_smol`), one folder per family. Writes a JSON
 of measured facts the parent asserts on: per-device bytes against the sharded shares, the
 largest read against the largest shard, and 1-device vs 8-device logits, greedy tokens and eval
@@ -111,23 +111,30 @@ def eval_records(directory: Path, mesh_shape, out_dir: Path) -> list:
     return sorted([r["task"], r["id"], r["mode"], r["text"], r["answer"], r["correct"]] for r in rows)
 
 
-def main(root: str, out: str) -> None:
+def main(root: str, out: str, synthesis: str = "llama,qwen2,qwen3", parts: str = "loading,eval") -> None:
+    """Facts for every family folder under `root`: loading (when in `parts`), synthesis runs for the
+    families named in `synthesis` (comma-separated), and eval on tiny_llama (when in `parts`)."""
     assert jax.device_count() == 8, jax.devices()
     root_dir = Path(root)
+    wanted, parts_ = set(filter(None, synthesis.split(","))), set(filter(None, parts.split(",")))
     facts: dict = {"loading": {}, "synthesis": {}, "eval": {}}
     for family_dir in sorted(p for p in root_dir.iterdir() if p.is_dir() and p.name.startswith("tiny_")):
         family = family_dir.name.removeprefix("tiny_")
-        facts["loading"][family] = {name: loading_facts(family_dir, shape) for name, shape in MESHES.items()}
+        if "loading" in parts_:
+            facts["loading"][family] = {name: loading_facts(family_dir, shape) for name, shape in MESHES.items()}
+        if family not in wanted:
+            continue
         meshes = MESHES if family == "llama" else {"data2_fsdp2_tensor2": MESHES["data2_fsdp2_tensor2"]}
         zc = family == "llama"  # the zero-copy path once, on one device and on the 2 x 2 x 2 mesh
         facts["synthesis"][family] = {
             "one_device": synthesis_run(family_dir, (1, 1, 1), zero_copy=zc),
             **{n: synthesis_run(family_dir, s, zero_copy=zc and n == "data2_fsdp2_tensor2") for n, s in meshes.items()}}
-    llama = root_dir / "tiny_llama"
-    facts["eval"] = {"one_device": eval_records(llama, (1, 1, 1), root_dir / "eval_1"),
-                     "data2_fsdp2_tensor2": eval_records(llama, (2, 2, 2), root_dir / "eval_8")}
+    if "eval" in parts_:
+        llama = root_dir / "tiny_llama"
+        facts["eval"] = {"one_device": eval_records(llama, (1, 1, 1), root_dir / "eval_1"),
+                         "data2_fsdp2_tensor2": eval_records(llama, (2, 2, 2), root_dir / "eval_8")}
     Path(out).write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -2,15 +2,13 @@
 
 Every run goes through `psynth_jax.cli.local_pod` (what launch/local_pod.sh runs), the code path
 of a TPU slice: each process joins the JAX runtime (psynth_jax/distributed.py), reads its share of every
-global batch, and process 0 writes logs and reports. Checked:
-- training: the same losses (|diff| <= 1e-5) at every step, the same held-out loss and greedy
-  agreement, and the same trainable parameters after the last step as the 1-process run,
-  and a second stage started from it (`train.init_from`) as from the 1-process run, across a SIGTERM to one process (every process saves
-  the same step and exits; a relaunch resumes) and a `kill -9` of the other (a relaunch resumes
-  from the last checkpoint);
-- eval: tests/test_pods_documented.py (docs/PODS.md's command, with a `kill -9` and a relaunch);
+global batch, and process 0 writes logs and reports. Checked here:
 - distillation (`build-data`): every example built exactly once;
-- an unreachable coordinator and a process count the mesh cannot use fail with a clear error, fast.
+- an unreachable coordinator and a process count the mesh cannot use fail with a clear error, fast;
+- opt-in (`-m slow`): the paper's recipe end to end on a pod, as on one process.
+Training across a SIGTERM to one process and a `kill -9` of another, then a second stage from the
+pod's run, and eval with a `kill -9`: tests/test_pods_documented.py, on docs/PODS.md's commands.
+This module's helpers (pod, finish, wait_for, losses, records) serve both.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tiny_smol import make_tiny_smol
@@ -117,84 +114,6 @@ def losses(run: Path, key: str = "loss") -> dict[int, float]:
 
 def checkpoint_steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def trained(run: Path, model_dir: Path) -> list[np.ndarray]:
-    """The final LoRA + mapper arrays of a run (restored on this process's one device)."""
-    import jax
-    from flax import nnx
-
-    from psynth_jax.interop.loader import load_model
-    from psynth_jax.interop.runs import restore_run
-    from psynth_jax.model.transformer import LoRAConfig
-
-    from psynth_jax.model.transformer import LoRAParam
-
-    got = restore_run(run, load_model(model_dir, lora=LoRAConfig(rank=4, alpha=8.0), with_tokenizer=False))
-    assert got.step == STEPS
-    _, lora, _ = nnx.split(nnx.merge(got.model.graphdef, got.model.state), LoRAParam, ...)
-    return [np.asarray(x) for x in jax.tree.leaves(lora) + jax.tree.leaves(nnx.state(got.mapper))]
-
-
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, model_dir):
-    """The reference: 1 process x 8 devices, uninterrupted."""
-    tmp = tmp_path_factory.mktemp("one")
-    cfg = train_config(tmp, model_dir)
-    done = subprocess.run([sys.executable, "-m", "psynth_jax.cli.main", "train", "--config", str(cfg), "--quiet"],
-                          env=env_one_process(), cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp / "run"
-
-
-def test_two_processes_train_as_one_across_a_preemption_and_a_crash(tmp_path, model_dir, one_process_run):
-    cfg = train_config(tmp_path, model_dir)
-    run, logs = tmp_path / "run", tmp_path / "logs"
-    cmd = ["train", "--config", str(cfg), "--quiet"]
-    # 1. SIGTERM to process 1 only, once a step is logged: every process saves the same step, exits 143
-    proc = pod(cmd, logs)
-    wait_for(lambda: (run / "metrics.jsonl").is_file() and losses(run), proc)
-    pids = json.loads((logs / "pids.json").read_text())["pids"]
-    os.kill(pids[1], signal.SIGTERM)
-    code, out = finish(proc)
-    assert code == 143, out[-3000:]
-    saved = checkpoint_steps(run)
-    stopped = max(saved)
-    assert f"preemption (SIGTERM): every process saves step {stopped}" in out  # process 0, told by process 1's signal
-    assert stopped < STEPS, saved
-    # 2. relaunch; kill -9 process 0 once a later checkpoint exists (a host dies: nothing saved)
-    proc = pod(cmd, logs)
-    wait_for(lambda: max(checkpoint_steps(run)) > stopped, proc)
-    pids = json.loads((logs / "pids.json").read_text())["pids"]
-    os.kill(pids[0], signal.SIGKILL)
-    code, out = finish(proc)
-    assert code != 0
-    # 3. relaunch: resumes from the newest checkpoint and finishes
-    code, out = finish(pod(cmd, logs))
-    assert code == 0, out[-3000:]
-    assert "resumed from step" in out
-    ours, ref = losses(run), losses(one_process_run)
-    assert sorted(ours) == list(range(1, STEPS + 1)) == sorted(ref)
-    worst = max(abs(ours[s] - ref[s]) for s in ref)
-    print(f"2x4 vs 1x8: max |loss diff| {worst:.2e} over {STEPS} steps; stopped at {stopped} by SIGTERM")
-    assert worst <= 1e-5
-    for key in ("eval_ce", "eval_agreement"):  # held-out evaluation at steps 0, 2, 4 and the last
-        ours, ref = losses(run, key), losses(one_process_run, key)
-        assert sorted(ours) == sorted(ref) == [0, 2, 4, STEPS], (key, ours)
-        assert all(abs(ours[s] - ref[s]) <= 1e-5 for s in ref), (key, ours, ref)
-    for a, b in zip(trained(run, model_dir), trained(one_process_run, model_dir)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-    # 4. a second stage from this run's mapper + LoRA (train.init_from), as a pod's stage 2 starts
-    then = ["train.steps=2", "eval_every=0", "data.eval=[]"]
-    code, out = finish(pod([*cmd, f"train.init_from={run}", f"checkpoint.dir={tmp_path / 'then'}", *then], logs))
-    assert code == 0, out[-3000:]
-    assert f"initialised mapper + LoRA from {run} (its step {STEPS})" in out
-    done = subprocess.run([sys.executable, "-m", "psynth_jax.cli.main", *cmd, f"train.init_from={one_process_run}",
-                           f"checkpoint.dir={tmp_path / 'then_one'}", *then], env=env_one_process(), cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ours, ref = losses(tmp_path / "then"), losses(tmp_path / "then_one")
-    assert sorted(ours) == sorted(ref) == [1, 2] and all(abs(ours[s] - ref[s]) <= 1e-5 for s in ref), (ours, ref)
 
 
 def records(out: Path) -> list:
