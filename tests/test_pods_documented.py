@@ -41,8 +41,8 @@ STEPS = 6
 SMALL_TRAIN = ["data.train[0].limit=8", "data.eval[0].limit=4", "data.distill_worker_tokens=8",
                "data.distill_max_new_tokens=8", f"train.steps={STEPS}", "checkpoint.every_steps=2", "eval_every=2",
                "log_every=1", "tensorboard=false"]
-SMALL_EVAL = ["tasks=[{name: gsm8k, limit: 2}, {name: arc_challenge, limit: 2}]", "worker_tokens=6",
-              "max_new_tokens=6", "timing_repeats=0"]
+SMALL_EVAL = ["worker_tokens=6", "max_new_tokens=6", "timing_repeats=0"]
+TWO_TASKS = "tasks=[{name: gsm8k, limit: 2}, {name: arc_challenge, limit: 2}]"  # of the documented six
 
 
 def documented_commands() -> list[str]:
@@ -182,7 +182,7 @@ def test_documented_eval_rehearsal_writes_the_one_process_records_after_a_kill(t
     """The documented eval; process 1 killed (-9) mid-run and the command run again: it resumes, every
     process reaches the merge whatever its share, and the records are one process's."""
     (command,) = [c for c in documented_commands() if psynth_part(c)[0] == "eval"]
-    small = [f"model.source={model_dir}", *SMALL_EVAL, f"out_dir={tmp_path / 'pod'}"]
+    small = [f"model.source={model_dir}", TWO_TASKS, *SMALL_EVAL, f"out_dir={tmp_path / 'pod'}"]
     proc = start_documented(command, small, tmp_path)
     part = tmp_path / "pod/records.p1.jsonl"
     wait_for(lambda: part.is_file() and part.read_text().count("\n") >= 2, proc)

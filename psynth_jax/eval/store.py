@@ -201,8 +201,8 @@ class RunStore:
                 details = "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
                 raise ValueError(f"{self.dir} holds an eval run with a different config ({details}); "
                                  "resume it with the same values or choose another out_dir")
-        elif write:
-            path.write_text(json.dumps(meta, indent=2) + "\n")
+        elif write:  # whole or not at all: another process of a pod may be reading it
+            replace_text(path, json.dumps(meta, indent=2) + "\n")
 
     def weights(self) -> dict[str, Any] | None:
         """What the synthesizer's mapper and LoRA held when the records were made (None: not yet known)."""
@@ -210,7 +210,7 @@ class RunStore:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def save_weights(self, info: dict[str, Any]) -> None:
-        (self.dir / WEIGHTS).write_text(json.dumps(info, indent=2) + "\n")
+        replace_text(self.dir / WEIGHTS, json.dumps(info, indent=2) + "\n")
 
     def add_branches(self, sets: list[BranchSet]) -> None:
         self._branches.append([dataclasses.asdict(s) for s in sets])

@@ -47,11 +47,12 @@ def append_text(path: AnyPath, text: str) -> None:
 
 def replace_text(path: AnyPath, text: str) -> None:
     """Write `path` whole so that a reader never sees a partial file: a local temporary file renamed
-    over it; a remote object is written whole by the store anyway."""
+    over it (one per process: the processes of a pod may write the same file); a remote object is
+    written whole by the store anyway."""
     if is_remote(path):
         path.write_text(text, encoding="utf-8")
         return
-    tmp = path.with_name(f".{path.name}.writing")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.writing")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
