@@ -169,30 +169,31 @@ def test_demo_with_a_worker_that_decodes_nothing(capsys, tiny, monkeypatch):
     assert code == EXIT_FAILURE and "every worker branch (1, 2, 3) decoded 0 tokens" in msg, msg
 
 
-def test_ctrl_c_in_eval_exits_130_every_time(tmp_path, tiny):
-    """SIGINT at ten moments of an eval (loading, compiling, answering): "interrupted", exit 130,
-    never a crash (it was a Segmentation fault, 139) and never lost (an interrupt that landed in
-    jax's gc callback was printed as "Exception ignored" and the run went on)."""
+# SIGINT at ten moments of an eval, spanning loading, compiling and answering: every other one in
+# CI, all ten with `pytest -m slow`
+CTRL_C_DELAYS = [1.5, 4.5, 7.5, 10.5, 13.5] + [pytest.param(d, marks=pytest.mark.slow) for d in (3, 6, 9, 12, 15)]
+
+
+@pytest.mark.parametrize("delay", CTRL_C_DELAYS)
+def test_ctrl_c_in_eval_exits_130(tmp_path, tiny, delay):
+    """SIGINT `delay` seconds into an eval: "interrupted", exit 130, never a crash (it was a
+    Segmentation fault, 139) and never lost (an interrupt that landed in jax's gc callback was
+    printed as "Exception ignored" and the run went on)."""
     cfg = eval_config(tmp_path, tiny, tmp_path / "out")
     cfg.write_text(cfg.read_text().replace("limit: 2", "limit: 40").replace("modes: [single, text]",
                                                                           "modes: [single, text, psynth]"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
-    codes = []
-    for i, delay in enumerate([1.5, 3, 4.5, 6, 7.5, 9, 10.5, 12, 13.5, 15]):
-        shutil.rmtree(tmp_path / "out", ignore_errors=True)
-        proc = subprocess.Popen([sys.executable, "-m", "psynth_jax.cli.main", "eval", "--config", str(cfg), "--quiet"],
-                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        try:
-            err = proc.communicate(timeout=60)[1].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            err = proc.communicate()[1].decode() + "\n(still running 60 s after Ctrl-C)"
-        codes.append(proc.returncode)
-        assert proc.returncode == EXIT_INTERRUPTED and "psynth eval: interrupted" in err, (i, delay, proc.returncode, err[-2000:])
-    assert codes == [EXIT_INTERRUPTED] * 10
+    proc = subprocess.Popen([sys.executable, "-m", "psynth_jax.cli.main", "eval", "--config", str(cfg), "--quiet"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=60)[1].decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        err = proc.communicate()[1].decode() + "\n(still running 60 s after Ctrl-C)"
+    assert proc.returncode == EXIT_INTERRUPTED and "psynth eval: interrupted" in err, (delay, proc.returncode, err[-2000:])
 
 
 # -------------------------------------------------------------------------------- messages

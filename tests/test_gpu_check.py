@@ -199,9 +199,12 @@ def test_bad_options_name_the_problem():
 # ------------------------------------------------------------------ caps
 def _sleepy_steps(pidfile: Path):
     """A step that starts a grandchild and hangs, then a quick step (commands substituted below)."""
-    hang = ("import subprocess, sys, time; "
+    # the pid file appears whole (written aside, then renamed): a test that waits for it to exist
+    # may signal at once, and a step killed between creating and writing the file left it empty
+    hang = ("import os, subprocess, sys, time; "
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); print('hanging', flush=True); time.sleep(120)")
+            f"open({str(pidfile) + '.part'!r}, 'w').write(str(p.pid)); "
+            f"os.replace({str(pidfile) + '.part'!r}, {str(pidfile)!r}); print('hanging', flush=True); time.sleep(120)")
     commands = {"sleepy": [sys.executable, "-c", hang], "quick": [sys.executable, "-c", "print('quick ran')"]}
     steps = [gpu_check.Step(name, f"{name} step", "roofline", full=(), smoke=(), cap_s=60, estimate="test",
                             result="roofline.json") for name in commands]

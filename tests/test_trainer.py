@@ -1,6 +1,6 @@
-"""`psynth train` end to end on a tiny model: resume after SIGKILL reproduces the uninterrupted
-run's later losses exactly; SIGTERM saves and exits; a damaged checkpoint is skipped with a
-warning; a bad config fails before any compute."""
+"""`psynth train` end to end on a tiny model: one run stopped by SIGTERM, SIGKILL, a damaged
+checkpoint and a changed config reproduces the uninterrupted run's losses exactly and loses
+nothing; a bad config fails before any compute."""
 
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-def run_until_step(cmd: list[str], run: Path, step: int, sig: int) -> int:
-    """Start training, wait until `step` is logged, send `sig`; return the exit code."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_until_step(cmd: list[str], run: Path, step: int, sig: int) -> tuple[int, str]:
+    """Start training, wait until `step` is logged, send `sig`; return the exit code and stderr."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     metrics = run / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
@@ -72,63 +72,62 @@ def run_until_step(cmd: list[str], run: Path, step: int, sig: int) -> int:
             proc.send_signal(sig)
             break
         time.sleep(0.2)
-    return proc.wait(timeout=300)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
 
 
-def test_sigkill_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+def checkpoints(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_preemption_crash_damage_and_config_change_lose_nothing(tmp_path, tiny_model_dir):
+    """One run taken through every way a run stops, against an uninterrupted run of the same config:
+    1. SIGTERM once a step is logged: it saves the step it is at and exits 143;
+    2. relaunched, SIGKILL two steps later (only the periodic checkpoints are on disk);
+    3. relaunched: it resumes from the newest checkpoint and finishes; every step's loss equals
+       the uninterrupted run's exactly;
+    4. the newest checkpoint damaged, a longer run: it warns, moves it aside, resumes from the one before;
+    5. relaunched with another learning rate: refused (exit 2, naming train.lr), nothing trained or lost."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir()
     cut_dir.mkdir()
-    ref_cfg = write_config(ref_dir, tiny_model_dir, steps=8, every=2)
+    ref_cfg = write_config(ref_dir, tiny_model_dir, steps=8, every=3)
     subprocess.run(train_cmd(ref_cfg), cwd=REPO, check=True, capture_output=True, timeout=900)
     ref = losses(ref_dir / "run")
     assert sorted(ref) == list(range(1, 9))
 
-    cut_cfg = write_config(cut_dir, tiny_model_dir, steps=8, every=2)
-    code = run_until_step(train_cmd(cut_cfg), cut_dir / "run", 5, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    out = subprocess.run(train_cmd(cut_cfg), cwd=REPO, capture_output=True, text=True, timeout=900)
+    cfg, run = write_config(cut_dir, tiny_model_dir, steps=8, every=3), cut_dir / "run"
+    code, err = run_until_step(train_cmd(cfg), run, 1, signal.SIGTERM)  # 1.
+    assert code == 143, err[-3000:]
+    stopped = checkpoints(run)[-1]
+    assert f"preemption (SIGTERM): every process saves step {stopped}" in err and stopped < 6, err[-3000:]
+    code, err = run_until_step(train_cmd(cfg), run, stopped + 2, signal.SIGKILL)  # 2.
+    assert code == -signal.SIGKILL, err[-3000:]
+    out = subprocess.run(train_cmd(cfg), cwd=REPO, capture_output=True, text=True, timeout=900)  # 3.
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from step" in out.stderr
-    resumed = losses(cut_dir / "run")
-    for step in range(5, 9):
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in ref:
         assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed[step], ref[step])
-    summary = json.loads((cut_dir / "run/summary.json").read_text())
-    assert summary["final_step"] == 8
+    assert json.loads((run / "summary.json").read_text())["final_step"] == 8
 
-
-def test_sigterm_saves_and_damaged_checkpoint_is_skipped(tmp_path, tiny_model_dir):
-    # far more steps than the signal needs: the run cannot finish between the poll and the signal
-    total = 40
-    cfg = write_config(tmp_path, tiny_model_dir, steps=total, every=1000)  # only SIGTERM / the end save
-    run = tmp_path / "run"
-    code = run_until_step(train_cmd(cfg), run, 2, signal.SIGTERM)
-    assert code == 143
-    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and 2 <= saved[-1] < total
-    # finish the run, then damage the newest checkpoint: a resume must warn and use the older one
-    out = subprocess.run(train_cmd(cfg), cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == total and len(steps) >= 2
-    for f in (run / "checkpoints" / str(total)).rglob("*"):
+    steps = checkpoints(run)  # 4.
+    assert steps[-1] == 8 and len(steps) >= 2
+    for f in (run / "checkpoints" / "8").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"\0garbage")
-    longer = write_config(tmp_path, tiny_model_dir, steps=total + 1, every=1000)
+    longer = write_config(cut_dir, tiny_model_dir, steps=9, every=3)
     out = subprocess.run(train_cmd(longer), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"checkpoint step {total} is unreadable" in out.stderr and "moved to" in out.stderr
+    assert "checkpoint step 8 is unreadable" in out.stderr and "moved to" in out.stderr
     assert f"resumed from step {steps[-2]}" in out.stderr
 
-
-def test_resuming_with_another_config_is_refused(tmp_path, tiny_model_dir):
-    cfg = write_config(tmp_path, tiny_model_dir, steps=2, every=1)
-    subprocess.run(train_cmd(cfg), cwd=REPO, check=True, capture_output=True, timeout=900)
-    out = subprocess.run(train_cmd(cfg) + ["train.steps=3", "train.lr=0.5"], cwd=REPO, capture_output=True,
+    out = subprocess.run(train_cmd(longer) + ["train.steps=10", "train.lr=0.5"], cwd=REPO, capture_output=True,  # 5.
                          text=True, timeout=900)
     assert out.returncode == 2
     assert "train.lr" in out.stderr and "train.steps" not in out.stderr.split("(")[1].split(")")[0]
-    assert max(losses(tmp_path / "run")) == 2  # nothing trained, nothing lost
+    assert max(losses(run)) == 9 and checkpoints(run)[-1] == 9  # nothing trained, nothing lost
 
 
 @pytest.mark.parametrize("override,field", [
