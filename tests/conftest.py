@@ -11,7 +11,8 @@ their compilations.
 `make test` runs the suite on 2 pytest-xdist workers, a whole module per worker (`--dist
 loadfile`, so module-scoped fixtures run once). Modules are handed out in collection order, so the
 longest ones (measured on the 2-core VM, about 40-150 s each) are collected first and the short
-ones fill the other worker at the end, instead of one long module running alone last.
+ones fill the other worker at the end, instead of one long module running alone last; the two
+modules that start 2-process pods are handed out far apart.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax
 import pytest
 
-LONGEST_FIRST = (  # serial seconds on the 2-core VM, longest first
-    "test_pods_documented.py", "test_multihost.py", "test_sharded.py", "test_trainer.py", "test_gpu_check.py", "test_eval_runner.py",
+# serial seconds on the 2-core VM, longest first; except that the two modules running 2-process pods
+# are handed out apart (test_multihost.py after ~450 s of the other worker's modules): two pods at once
+# are 4 processes on 2 cores, each waiting in its collectives for a peer that is not running
+LONGEST_FIRST = (
+    "test_pods_documented.py", "test_sharded.py", "test_trainer.py", "test_gpu_check.py", "test_eval_runner.py",
+    "test_multihost.py",
     "test_core_consistency.py", "test_train_step.py", "test_zero_copy.py", "test_default_model.py",
     "test_splash_attention.py", "test_checkpoint_safety.py", "test_bench.py", "test_serve.py",
     "test_serve_documented.py",
