@@ -174,12 +174,15 @@ class _OrphanedLoopCallbacks:
     whose exception nobody retrieves; when they are collected, asyncio logs "Task exception was
     never retrieved" with the read's traceback. A filter on the asyncio logger drops exactly those
     (a traceback through Orbax's deserialization). After a failed restore, `drain` waits until the
-    callbacks stop arriving; both stay until the Checkpointer closes for any later ones.
+    callbacks stop arriving; both then stay for the rest of the process, since a read's task can
+    still be collected later, up to the interpreter's exit (seen once in CI under load, after the
+    Checkpointer had closed). Without a failed restore they go when the Checkpointer closes.
     """
 
     def __init__(self) -> None:
         self.previous: Any = None
         self.dropped = 0
+        self.failed = False  # a restore failed: keep the hook and filter until the process exits
 
     def install(self) -> None:
         if self.previous is None:
@@ -190,6 +193,7 @@ class _OrphanedLoopCallbacks:
     def drain(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
         """Wait until the abandoned reads of a failed restore have all called back (none for
         `quiet_s`; at most `limit_s`), so none is left to arrive once this hook is gone."""
+        self.failed = True
         seen, deadline = -1, time.monotonic() + limit_s
         while self.dropped != seen and time.monotonic() < deadline:
             seen = self.dropped
@@ -197,6 +201,8 @@ class _OrphanedLoopCallbacks:
             gc.collect()  # the failed reads' tasks log their unretrieved exception when collected
 
     def uninstall(self) -> None:
+        if self.failed:
+            return
         if self.previous is not None and sys.unraisablehook is self:
             sys.unraisablehook = self.previous
         logging.getLogger("asyncio").removeFilter(self._filter_unretrieved)
