@@ -192,7 +192,7 @@ class _OrphanedLoopCallbacks:
 
     def drain(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
         """Wait until the abandoned reads of a failed restore have all called back (none for
-        `quiet_s`; at most `limit_s`), so none is left to arrive once this hook is gone."""
+        `quiet_s`; at most `limit_s`) before the next step is tried; marks the hook to stay."""
         self.failed = True
         seen, deadline = -1, time.monotonic() + limit_s
         while self.dropped != seen and time.monotonic() < deadline:
