@@ -13,8 +13,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from psynth_jax.cli import main as psynth_main
-from psynth_jax.eval.compare import compare, read_side, wilcoxon_signed_rank
-from psynth_jax.eval.store import BRANCHES, RECORDS, BranchSet, ModeRecord
+from psynth_jax.eval.compare import compare, comparison_markdown, read_side, wilcoxon_signed_rank
+from psynth_jax.eval.store import BRANCHES, KL, RECORDS, BranchSet, ModeRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks/results/cpu/recipe_smollm2"  # issue #17: the same examples and branches
@@ -54,16 +54,18 @@ def test_committed_runs_agree_with_their_own_reports():
     assert pairs["naive_cache"]["all"]["b_vs_a"] == {"wins": 0, "losses": 0, "p_mcnemar": 1.0}
 
 
-def _record(task: str, i: int, mode: str, *, correct: bool, answer: str, kl: float | None) -> ModeRecord:
-    return ModeRecord(task=task, id=str(i), mode=mode, answer=answer, correct=correct, text=f"t{i}", output_tokens=1,
-                      prompt_tokens=1, branch_tokens=1, num_branches=2, ttft_s=None, breakdown={}, device="cpu",
-                      kl_from_text=kl)
+def _record(task: str, i: int, mode: str, *, correct: bool, answer: str, kl: float | None) -> dict:
+    """A records.jsonl row as runs before kl.jsonl wrote them: the mode's KL inside its answer."""
+    return {**dataclasses.asdict(ModeRecord(task=task, id=str(i), mode=mode, answer=answer, correct=correct,
+                                            text=f"t{i}", output_tokens=1, prompt_tokens=1, branch_tokens=1,
+                                            num_branches=2, ttft_s=None, breakdown={}, device="cpu")),
+            "kl_from_text": kl}
 
 
-def _write_run(run_dir: Path, records: list[ModeRecord], tokens: list[list[int]]) -> Path:
+def _write_run(run_dir: Path, records: list[dict], tokens: list[list[int]]) -> Path:
     run_dir.mkdir(parents=True)
     with (run_dir / RECORDS).open("w") as f:
-        f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in records)
+        f.writelines(json.dumps(r) + "\n" for r in records)
     with (run_dir / BRANCHES).open("w") as f:
         f.writelines(json.dumps(dataclasses.asdict(BranchSet("qa", str(i), 0, [t], ["x"]))) + "\n"
                      for i, t in enumerate(tokens))
@@ -94,6 +96,25 @@ def test_two_modes_by_hand_and_the_cli(tmp_path, capsys):
     assert "naive_cache (A) vs psynth (B)" in capsys.readouterr().out
 
 
+def test_a_kl_only_run_pairs_on_kl(tmp_path):
+    """Side B measured its KL without answering (kl.jsonl beside copied text records): the pair
+    has KL on every example and no answers; accuracy and agreement are then absent, not zero."""
+    text = [_record("qa", i, "text", correct=True, answer="x", kl=None) for i in range(3)]
+    naive = [_record("qa", i, "naive_cache", correct=False, answer="y", kl=k) for i, k in enumerate([0.4, 0.5, 0.3])]
+    a = _write_run(tmp_path / "a", text + naive, [[1], [2], [3]])
+    b = _write_run(tmp_path / "b", text, [[1], [2], [3]])
+    (b / KL).write_text("".join(json.dumps({"task": "qa", "id": str(i), "mode": m, "kl_from_text": v}) + "\n"
+                                for i, (m, v) in enumerate([("psynth", 0.2), ("psynth", 0.6), ("psynth", None)])))
+    result = compare(read_side(f"{a}:naive_cache"), read_side(f"{b}:psynth"))
+    m = result["pairs"][0]["all"]
+    assert m["n"] == 0 and m["accuracy"] is None and m["agreement_with_text"] == [None, None]
+    assert m["kl"]["n"] == 2 and m["kl"]["mean"] == pytest.approx([0.45, 0.4])  # the None is left out
+    assert "| pooled | 0 (KL 2) | 0.450 | 0.400 | -0.050 |" in comparison_markdown(result)
+    # modes found by their KL alone are compared when no mode is named
+    assert [(p["mode_a"], p["mode_b"]) for p in compare(read_side(str(b)), read_side(str(b)))["pairs"]] == [
+        ("psynth", "psynth")]
+
+
 def test_refuses_what_is_not_paired(tmp_path, capsys):
     recs = [_record("qa", 0, "text", correct=True, answer="x", kl=None),
             _record("qa", 0, "psynth", correct=True, answer="x", kl=0.1)]
@@ -106,7 +127,7 @@ def test_refuses_what_is_not_paired(tmp_path, capsys):
     (c / RECORDS).write_text((c / RECORDS).read_text().replace('"text": "t0"', '"text": "other"', 1))
     with pytest.raises(ValueError, match="different text-path answers"):
         compare(read_side(str(a)), read_side(str(c)))
-    with pytest.raises(ValueError, match="share no answered example of tasks arc"):
+    with pytest.raises(ValueError, match="share no answered or KL-measured example of tasks arc"):
         compare(read_side(str(a)), read_side(str(c)), ["arc"])
     assert psynth_main.main(["compare", f"{a}:lora_only", str(c)]) == 2
     assert "has no records of mode 'lora_only' (it has psynth, text)" in capsys.readouterr().err

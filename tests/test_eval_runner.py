@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from psynth_jax.config.eval_schema import ConfigError, EvalConfig, dump_eval_config, load_eval_config
+from psynth_jax.config.eval_schema import ConfigError, EvalConfig, dump_eval_config, fingerprint, load_eval_config
 from psynth_jax.eval import runner as runner_mod
-from psynth_jax.eval.store import RECORDS, JsonlLog
+from psynth_jax.eval.store import BRANCHES, KL, RECORDS, JsonlLog, RunStore
 from psynth_jax.interop import loader
 from psynth_jax.model.loaded import random_model
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
@@ -289,8 +289,49 @@ def _records(run_dir: Path) -> dict:
     return {(r["task"], r["id"], r["mode"]): r for r in JsonlLog(run_dir / RECORDS).rows}
 
 
+def _kl(run_dir: Path) -> dict:
+    """kl.jsonl's current value per key."""
+    return {(r["task"], r["id"], r["mode"]): r["kl_from_text"] for r in JsonlLog(run_dir / KL).rows}
+
+
+def test_kl_pass_needs_no_cache_mode_answers(tiny_model, reference, tmp_path, monkeypatch):
+    """A weight set measured from a reference's branches and text answers alone (how issue #26
+    measures every sweep point without decoding): each cache mode's KL equals the value measured
+    in a run where that mode had answered; the report counts them though the modes never answered;
+    a legacy record carrying its KL (runs made before kl.jsonl) still reads as a KL value."""
+    import shutil
+
+    full = tmp_path / "full"
+    shutil.copytree(reference.run_dir, full)
+    runner_mod.run_eval(make_config(full), model=tiny_model, quiet=True, kl=[])
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(full / BRANCHES, only / BRANCHES)
+    text_rows = [r for r in JsonlLog(full / RECORDS).rows if r["mode"] == "text"]
+    (only / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in text_rows))
+    calls = Counter(monkeypatch)
+    outcome = runner_mod.run_eval(make_config(only), model=tiny_model, quiet=True, kl=[])
+    assert calls.requests("run_workers", "single_agent", "text_path", "cache_path") == 0
+    assert set(_records(only)) == {(r["task"], r["id"], "text") for r in text_rows}  # nothing answered
+    want, got = _kl(full), _kl(only)
+    assert set(got) == set(want) and len(got) == 2 * 2 * len(CACHE_MODES)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert outcome.results["kl_from_text"]["all"]["lora_only"]["n"] == 4
+    assert not outcome.results["complete"]
+    # a record line of an older run, its KL inside: read as that key's KL value
+    key = next(iter(want))
+    legacy = {**next(r for r in JsonlLog(full / RECORDS).rows if (r["task"], r["id"], r["mode"]) == key),
+              "kl_from_text": 0.125}
+    (full / KL).unlink()
+    with (full / RECORDS).open("a") as f:
+        f.write(json.dumps(legacy) + "\n")
+    store = RunStore(full, fingerprint(make_config(full)), "")
+    assert store.kl == {key: 0.125} and key in store.records
+
+
 def test_kl_pass_measures_each_cache_mode_on_the_text_answer(tiny_model, reference, tmp_path, monkeypatch):
-    """`--kl`: every cache mode's record gains KL(text || mode) >= 0, answers untouched, no
+    """`--kl`: every cache mode gains KL(text || mode) >= 0 in kl.jsonl, answers untouched, no
     decoding; the value is the mean over the answer's tokens (checked against a longer sequence:
     causal logits at the answer's positions cannot see what follows); a rerun measures nothing."""
     import shutil
@@ -299,19 +340,21 @@ def test_kl_pass_measures_each_cache_mode_on_the_text_answer(tiny_model, referen
 
     out = tmp_path / "run"
     shutil.copytree(reference.run_dir, out)
-    before = _records(out)
+    records_before = (out / RECORDS).read_bytes()
     calls = Counter(monkeypatch)
     outcome = runner_mod.run_eval(make_config(out), model=tiny_model, quiet=True, kl=[])
     assert calls.requests("run_workers", "single_agent", "text_path", "cache_path") == 0
     assert outcome.computed == {"kl_measured": 2 * 2 * len(CACHE_MODES)}
-    after = _records(out)
-    for key, new in after.items():
-        assert (new["text"], new["correct"]) == (before[key]["text"], before[key]["correct"])
-        assert (new["kl_from_text"] is not None) == (key[2] in CACHE_MODES), key
-        assert new["kl_from_text"] is None or new["kl_from_text"] >= -1e-6
+    assert (out / RECORDS).read_bytes() == records_before
+    measured = _kl(out)
+    assert set(measured) == {(t, i, m) for (t, i, m) in _records(out) if m in CACHE_MODES}
+    assert all(v >= -1e-6 for v in measured.values())
     kl = outcome.results["kl_from_text"]
     assert set(kl["all"]) == set(CACHE_MODES) and kl["all"]["psynth"]["n"] == 4
+    assert kl["all"]["psynth"]["mean"] == pytest.approx(
+        statistics.fmean(v for k, v in measured.items() if k[2] == "psynth"), abs=1e-12)
     assert "Teacher-forced KL(text || mode)" in (out / "results.md").read_text()
+    after = _records(out)
     # the positions: the same KL from an answer followed by extra tokens, scored on the answer only
     runner = runner_mod.EvalRunner(make_config(out), model=tiny_model, quiet=True)
     runner._ensure_synth()
@@ -321,7 +364,7 @@ def test_kl_pass_measures_each_cache_mode_on_the_text_answer(tiny_model, referen
     texts = [runner._branch_set(ex).texts[j] for j in runner._branch_set(ex).usable()]
     branches = runner._branch_caches([ex])
     (got,) = synth.teacher_forced_kl([ex.question], branches, [texts], [answer], lora=False)
-    assert got == pytest.approx(after[("marble_db", ex.id, "naive_cache")]["kl_from_text"], abs=1e-5)
+    assert got == pytest.approx(measured[("marble_db", ex.id, "naive_cache")], abs=1e-5)
     # the first answer token is predicted at each prompt's last position: the logits the paths sample
     # their first token from (an independent reading of the alignment)
     (first,) = synth.teacher_forced_kl([ex.question], branches, [texts], [answer[:1]], lora=False)

@@ -31,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not answer: measure the TTFT of the recorded, timed answers again on this machine, "
                         "for these comma-separated tasks (none given: every task); the report is rewritten")
     p.add_argument("--kl", nargs="?", const="", default=None, metavar="TASKS",
-                   help="do not answer: measure, for the recorded answers, each cache mode's teacher-forced "
-                        "KL(text || cache) on the text path's answer (none given: every task); the report is rewritten")
+                   help="do not answer: measure each configured cache mode's teacher-forced KL(text || cache) "
+                        "on the text path's recorded answer, whether or not the mode has answered (kl.jsonl), "
+                        "for these comma-separated tasks (none given: every task); the report is rewritten")
 
 
 def run(args: argparse.Namespace) -> int:

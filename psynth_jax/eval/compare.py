@@ -1,12 +1,13 @@
 """Two weight sets (or two modes) paired on the same examples and branches: is one closer to the
 text path than the other?
 
-Reads two eval run directories' records (read-only) and pairs each example's record of mode A
-in run A with its record of mode B in run B. Per task and pooled:
-- teacher-forced KL(text || mode) (`psynth eval --kl`): both means, the mean paired difference
-  B - A, the share of examples where B is lower, and the two-sided Wilcoxon signed-rank p;
-- accuracy: both, the examples only B / only A got right and the exact McNemar p (stats.py);
-- agreement with the text path's answer.
+Reads two eval run directories (read-only) and pairs each example's mode A in run A with its
+mode B in run B. Per task and pooled:
+- teacher-forced KL(text || mode) (`psynth eval --kl`, kl.jsonl: measured whether or not the mode
+  answered): both means, the mean paired difference B - A, the share of examples where B is
+  lower, and the two-sided Wilcoxon signed-rank p;
+- over the examples both modes answered: accuracy, the examples only B / only A got right and
+  the exact McNemar p (stats.py), and agreement with the text path's answer.
 
 Paired means the same inputs: both runs must hold the same branches (branches.jsonl) and the
 same text-path answers (the KL's target) for every compared example, or the comparison is
@@ -22,17 +23,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from psynth_jax.eval.stats import mcnemar_exact
-from psynth_jax.eval.store import BRANCHES, RECORDS, BranchSet, JsonlLog, ModeRecord
+from psynth_jax.eval.store import BRANCHES, KL, RECORDS, BranchSet, JsonlLog, Key, ModeRecord, kl_rows, split_records
 
 
 @dataclasses.dataclass(frozen=True)
 class Side:
-    """One side of a comparison: a run directory's records and branches, and the mode compared."""
+    """One side of a comparison: a run directory's records, KL values and branches, and the mode compared."""
 
     label: str
     mode: str
-    records: dict[tuple[str, str, str], ModeRecord]
+    records: dict[Key, ModeRecord]
     branches: dict[tuple[str, str], BranchSet]
+    kl: dict[Key, float | None] = dataclasses.field(default_factory=dict)
+
+    def modes(self) -> set[str]:
+        """Every mode with an answer or a KL value in this run."""
+        return {k[2] for k in self.records} | {k[2] for k in self.kl}
 
 
 def _rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
@@ -46,15 +52,17 @@ def read_side(spec: str) -> Side:
     """`RUN_DIR` or `RUN_DIR:MODE` (no mode: every mode both sides share is compared)."""
     path, _, mode = spec.partition(":")
     run_dir = Path(path)
-    records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in _rows(run_dir, RECORDS)}
+    records, kl = split_records(_rows(run_dir, RECORDS))
+    kl.update(kl_rows(_rows(run_dir, KL)))
     if not records:
         raise FileNotFoundError(f"{run_dir}: no answers in {RECORDS} "
                                 "(not an eval run directory, or one not yet answered)")
     branches = {(r["task"], r["id"]): BranchSet(**r) for r in _rows(run_dir, BRANCHES)}
-    if mode and not any(k[2] == mode for k in records):
-        have = sorted({k[2] for k in records})
-        raise ValueError(f"{run_dir} has no records of mode {mode!r} (it has {', '.join(have)})")
-    return Side(label=str(run_dir) + (f":{mode}" if mode else ""), mode=mode, records=records, branches=branches)
+    side = Side(label=str(run_dir) + (f":{mode}" if mode else ""), mode=mode, records=records, branches=branches,
+                kl=kl)
+    if mode and mode not in side.modes():
+        raise ValueError(f"{run_dir} has no records of mode {mode!r} (it has {', '.join(sorted(side.modes()))})")
+    return side
 
 
 def wilcoxon_signed_rank(diffs: Sequence[float]) -> float:
@@ -112,19 +120,21 @@ def _agreement(side: Side, mode: str, keys: Sequence[tuple[str, str]]) -> float 
 
 
 def compare_pair(a: Side, b: Side, mode_a: str, mode_b: str, keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """The paired numbers of mode_a in `a` against mode_b in `b` over the examples `keys`."""
-    ra = [a.records[k + (mode_a,)] for k in keys]
-    rb = [b.records[k + (mode_b,)] for k in keys]
+    """The paired numbers of mode_a in `a` against mode_b in `b` over the examples `keys`: answers
+    where both answered ("n"), KL where both were measured ("kl"]["n"])."""
+    answered = [k for k in keys if k + (mode_a,) in a.records and k + (mode_b,) in b.records]
+    ra = [a.records[k + (mode_a,)] for k in answered]
+    rb = [b.records[k + (mode_b,)] for k in answered]
     wins = sum(y.correct and not x.correct for x, y in zip(ra, rb))
     losses = sum(x.correct and not y.correct for x, y in zip(ra, rb))
-    kl = [(x.kl_from_text, y.kl_from_text) for x, y in zip(ra, rb)
-          if _finite(x.kl_from_text) and _finite(y.kl_from_text)]
-    n = len(keys)
+    kl = [(a.kl.get(k + (mode_a,)), b.kl.get(k + (mode_b,))) for k in keys]
+    kl = [(x, y) for x, y in kl if _finite(x) and _finite(y)]
+    n = len(answered)
     return {
         "n": n,
         "accuracy": [sum(x.correct for x in ra) / n, sum(y.correct for y in rb) / n] if n else None,
         "b_vs_a": {"wins": wins, "losses": losses, "p_mcnemar": mcnemar_exact(wins, losses)},
-        "agreement_with_text": [_agreement(a, mode_a, keys), _agreement(b, mode_b, keys)],
+        "agreement_with_text": [_agreement(a, mode_a, answered), _agreement(b, mode_b, answered)],
         "kl": {
             "n": len(kl),
             "mean": [statistics.fmean(x for x, _ in kl), statistics.fmean(y for _, y in kl)] if kl else None,
@@ -135,20 +145,26 @@ def compare_pair(a: Side, b: Side, mode_a: str, mode_b: str, keys: Sequence[tupl
     }
 
 
+def _shared(x: dict[Key, Any], y: dict[Key, Any], mode_x: str, mode_y: str) -> set[tuple[str, str]]:
+    """The (task, id) that `x` holds for mode_x and `y` for mode_y."""
+    return {k[:2] for k in x if k[2] == mode_x} & {k[:2] for k in y if k[2] == mode_y}
+
+
 def compare(a: Side, b: Side, tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """{"a", "b", "pairs": [{"mode_a", "mode_b", "tasks": {task: numbers}, "all": numbers}]}: every
-    mode pair (the sides' modes, or each mode both runs hold) over the examples both sides answered."""
+    mode pair (the sides' modes, or each mode both runs hold) over the examples both sides answered
+    or both sides measured the KL of."""
     if a.mode or b.mode:
         pairs = [(a.mode or b.mode, b.mode or a.mode)]
     else:
-        pairs = [(m, m) for m in sorted({k[2] for k in a.records} & {k[2] for k in b.records}) if m != "text"]
+        pairs = [(m, m) for m in sorted(a.modes() & b.modes()) if m != "text"]
     wanted = set(tasks) if tasks else None
     out: dict[str, Any] = {"a": a.label, "b": b.label, "pairs": []}
     for mode_a, mode_b in pairs:
-        keys = sorted(k[:2] for k in a.records if k[2] == mode_a and (k[0], k[1], mode_b) in b.records
-                      and (wanted is None or k[0] in wanted))
+        both = _shared(a.records, b.records, mode_a, mode_b) | _shared(a.kl, b.kl, mode_a, mode_b)
+        keys = sorted(k for k in both if wanted is None or k[0] in wanted)
         if not keys:
-            raise ValueError(f"{a.label} ({mode_a}) and {b.label} ({mode_b}) share no answered example"
+            raise ValueError(f"{a.label} ({mode_a}) and {b.label} ({mode_b}) share no answered or KL-measured example"
                              + (f" of tasks {', '.join(sorted(wanted))}" if wanted else ""))
         _check_paired(a, b, keys)
         by_task = {t: compare_pair(a, b, mode_a, mode_b, [k for k in keys if k[0] == t])

@@ -9,6 +9,7 @@ at what batch size; errors are counted as wrong and shown.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,8 +45,10 @@ def build_results(
     records: Sequence[ModeRecord],
     weights: dict[str, Any] | None,
     session: dict[str, Any],
+    kl: dict[tuple[str, str, str], float | None] | None = None,
 ) -> dict[str, Any]:
-    """results.json's content for the records of the configured tasks, examples and modes."""
+    """results.json's content for the records of the configured tasks, examples and modes; kl:
+    the teacher-forced KL(text || mode) values measured (`RunStore.kl`), by (task, id, mode)."""
     w = weights or {"adapter": cfg.adapter, "description": "unknown (no model loaded yet)",
                     "mapper_trained": False, "lora_trained": False}
     untrained = {m: MODE_SPECS[m].untrained_parts(w["mapper_trained"], w["lora_trained"]) for m in cfg.modes}
@@ -62,20 +65,22 @@ def build_results(
         "complete": len(records) == sum(n_examples.values()) * len(cfg.modes),
         **summarize(records, list(examples), list(cfg.modes)),
         "f1": f1_by_mode(examples, records, list(cfg.modes)),
-        "kl_from_text": kl_by_mode(examples, records, list(cfg.modes)),
+        "kl_from_text": kl_by_mode(examples, kl or {}, list(cfg.modes)),
         "session": session,
     }
 
 
-def kl_by_mode(examples: dict[str, list[EvalExample]], records: Sequence[ModeRecord], modes: Sequence[str]
-               ) -> dict[str, dict[str, dict[str, float | int]]]:
+def kl_by_mode(examples: dict[str, list[EvalExample]], kl: dict[tuple[str, str, str], float | None],
+               modes: Sequence[str]) -> dict[str, dict[str, dict[str, float | int]]]:
     """Mean teacher-forced KL(text || mode) per task (and "all") and cache mode, over the examples
-    measured (`psynth eval --kl`), with their count; {} when none was measured."""
-    measured = [r for r in records if r.kl_from_text is not None and r.mode in modes]
+    measured (`psynth eval --kl`; a mode need not have answered), with their count; {} when none was."""
+    ids = {(t, ex.id) for t, exs in examples.items() for ex in exs}
+    measured = [(t, m, v) for (t, i, m), v in kl.items()
+                if v is not None and math.isfinite(v) and m in modes and (t, i) in ids]
     out: dict[str, dict[str, dict[str, float | int]]] = {}
     for task in [*examples, "all"]:
         for mode in modes:
-            vals = [r.kl_from_text for r in measured if r.mode == mode and (task == "all" or r.task == task)]
+            vals = [v for t, m, v in measured if m == mode and (task == "all" or t == task)]
             if vals:
                 out.setdefault(task, {})[mode] = {"mean": sum(vals) / len(vals), "n": len(vals)}
     return out

@@ -150,12 +150,15 @@ class EvalRunner:
         return self._report(t0)
 
     def measure_kl(self, tasks: Sequence[str] | None = None) -> EvalOutcome:
-        """For every answered example: the teacher-forced KL(text || cache mode) of each cache mode,
-        on the text path's own answer (`ParallelSynthesis.teacher_forced_kl`'s pieces: the text path's
-        log-probabilities once per example, then each mode's); answers untouched.
+        """For every example the text path answered: the teacher-forced KL(text || mode) of each
+        configured cache mode on the text path's own answer (`ParallelSynthesis.teacher_forced_kl`'s
+        pieces: the text path's log-probabilities once per example, then each mode's), whether or
+        not that mode has answered: no decoding, so a weight set is measured from a copy of a
+        reference run's branches and text answers alone. Answers are untouched.
 
-        Each measured record is appended again with `kl_from_text` set (superseding the old line),
-        so an interruption loses nothing; a rerun measures what is left. Needs the text mode's record.
+        Values are appended to kl.jsonl per example as they are measured, so an interruption loses
+        nothing and a rerun measures what is left. A mode whose answer record is an error (it
+        could not run on that example) and an empty text answer get no value (None).
         """
         if self.processes > 1:
             raise ValueError("--kl: run it as a single process")
@@ -164,33 +167,36 @@ class EvalRunner:
         if "text" not in self.cfg.modes:
             raise ValueError("--kl compares each cache mode with the text path: `modes` must include text")
         cache_modes = [m for m in self.cfg.modes if MODE_SPECS[m].path == "cache"]
+        if not cache_modes:
+            raise ValueError(f"--kl measures cache modes and `modes` has none: {list(self.cfg.modes)}")
+        records, kl = self.store.records, self.store.kl
         todo = [(t, ex) for t in names for ex in self.examples[t]
-                if (t, ex.id, "text") in self.store.records and self.store.records[(t, ex.id, "text")].error is None
-                and any((t, ex.id, m) in self.store.records and self.store.records[(t, ex.id, m)].error is None
-                        and self.store.records[(t, ex.id, m)].kl_from_text is None for m in cache_modes)]
+                if (t, ex.id, "text") in records and records[(t, ex.id, "text")].error is None
+                and any((t, ex.id, m) not in kl for m in cache_modes)]
         with tqdm(total=len(todo), desc="kl", unit="example", disable=self.quiet, file=sys.stderr,
                   dynamic_ncols=True) as bar:
             for task, ex in todo:
                 self._ensure_synth()
                 self._caches.clear()
-                answer = self.synth.tok.encode(self.store.records[(task, ex.id, "text")].text, add_special_tokens=False)
+                answer = self.synth.tok.encode(records[(task, ex.id, "text")].text, add_special_tokens=False)
                 texts = [self._branch_set(ex).texts[j] for j in self._branch_set(ex).usable()]
-                done, teacher = [], None
+                done: dict[tuple[str, str, str], float | None] = {}
+                teacher = None
                 for mode in cache_modes:
-                    old = self.store.records.get((task, ex.id, mode))
-                    if old is None or old.error is not None or old.kl_from_text is not None:
+                    key = (task, ex.id, mode)
+                    if key in kl:
                         continue
-                    if not answer:
-                        done.append(dataclasses.replace(old, kl_from_text=float("nan")))
+                    if not answer or (key in records and records[key].error is not None):
+                        done[key] = None
                         continue
                     if teacher is None:  # the text path's side, once per example for every cache mode
                         teacher = self._variant(ex.family, False).text_answer_logprobs(ex.question, texts, answer)
                     spec = MODE_SPECS[mode]
                     student = self._variant(ex.family, spec.trained_mapper).cache_answer_logprobs(
                         ex.question, self._branch_caches([ex]), answer, lora=spec.lora)
-                    done.append(dataclasses.replace(old, kl_from_text=answer_kl(teacher, student)))
-                self.store.add_records(done)
-                self.computed["kl_measured"] += len(done)
+                    done[key] = answer_kl(teacher, student)
+                self.store.add_kl(done)
+                self.computed["kl_measured"] += sum(v is not None for v in done.values())
                 bar.update(1)
         self._caches.clear()
         return self._report(t0)
@@ -209,10 +215,12 @@ class EvalRunner:
 
     def _report(self, t0: float) -> EvalOutcome:
         """Build and write results.json / results.md / plots from every configured record stored."""
-        records = [self.store.records[key] for key in self._wanted() if key in self.store.records]
+        wanted = self._wanted()
+        records = [self.store.records[key] for key in wanted if key in self.store.records]
+        kl = {key: self.store.kl[key] for key in wanted if key in self.store.kl}
         results = report.build_results(
             self.cfg, self.examples, records, self.store.weights(),
-            session={"wall_s": time.perf_counter() - t0, "computed": dict(self.computed)},
+            session={"wall_s": time.perf_counter() - t0, "computed": dict(self.computed)}, kl=kl,
         )
         report.write_report(self.store.dir, results, records)
         return EvalOutcome(self.store.dir, results, dict(self.computed))

@@ -7,6 +7,8 @@
       branches.jsonl  one line per example: its worker branches (token ids + texts)
       records.jsonl   one line per (task, example id, mode): answer, correctness, TTFT, tokens;
                       a later line for the same key supersedes an earlier one (--retime appends)
+      kl.jsonl        one line per (task, example id, cache mode): the teacher-forced KL(text || mode)
+                      on the text path's answer (`psynth eval --kl`), whether or not the mode answered
       results.json, results.md, *.png   written by the report at the end of every session
 
 Lines are appended and flushed as soon as their work finishes. A line cut short by an
@@ -29,6 +31,7 @@ from psynth_jax.formats.text_files import read_json_object
 
 BRANCHES = "branches.jsonl"
 RECORDS = "records.jsonl"
+KL = "kl.jsonl"
 RUN_META = "run.json"
 CONFIG = "config.yaml"
 WEIGHTS = "weights.json"
@@ -63,6 +66,7 @@ class ModeRecord:
     branch_tokens: output tokens of the branches this mode was given (0 for single).
     prompt_tokens: live tokens the mode prefilled (text: question + every branch's text).
     device: the accelerator that ran it (a resumed run may have moved; the report says so).
+    The mode's KL from the text path is kept apart (kl.jsonl, `RunStore.kl`): it needs no answer.
     """
 
     task: str
@@ -79,13 +83,38 @@ class ModeRecord:
     breakdown: dict[str, float]
     device: str
     error: str | None = None
-    # cache modes: mean per-token KL(text path || this mode) teacher-forced on the text path's answer
-    # (`psynth eval --kl`); None: not measured
-    kl_from_text: float | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
         return self.task, self.id, self.mode
+
+
+Key = tuple[str, str, str]  # (task, example id, mode)
+
+
+def split_records(rows: list[dict[str, Any]]) -> tuple[dict[Key, ModeRecord], dict[Key, float | None]]:
+    """records.jsonl rows -> (records, KL values) by key, a later row superseding an earlier one.
+
+    Runs made before kl.jsonl existed kept each cache mode's KL in its answer record
+    (`kl_from_text`); such a value is returned as a KL value, so those runs read as they did.
+    """
+    records: dict[Key, ModeRecord] = {}
+    kl: dict[Key, float | None] = {}
+    for row in rows:
+        row = dict(row)
+        legacy = row.pop("kl_from_text", None)
+        record = ModeRecord(**row)
+        records[record.key] = record
+        if legacy is not None:
+            kl[record.key] = legacy
+        else:
+            kl.pop(record.key, None)
+    return records, kl
+
+
+def kl_rows(rows: list[dict[str, Any]]) -> dict[Key, float | None]:
+    """kl.jsonl rows -> KL value by key (None: not measurable, e.g. an empty text answer)."""
+    return {(r["task"], r["id"], r["mode"]): r["kl_from_text"] for r in rows}
 
 
 def _clean(value: Any) -> Any:
@@ -160,7 +189,10 @@ class RunStore:
         self._branches = JsonlLog(self.dir / part_name(BRANCHES, part))
         self._records = JsonlLog(self.dir / part_name(RECORDS, part))
         self.branches = {(r["task"], r["id"]): BranchSet(**r) for r in self._rows(BRANCHES)}
-        self.records = {(r["task"], r["id"], r["mode"]): ModeRecord(**r) for r in self._rows(RECORDS)}
+        self.records, self.kl = split_records(self._rows(RECORDS))
+        # measured by one process only (`psynth eval --kl`): no part files
+        self._kl = JsonlLog(self.dir / KL, repair=part in (None, 0))
+        self.kl.update(kl_rows(self._kl.rows))
 
     def _files(self, name: str) -> list[AnyPath]:
         """The merged file, then every process's part, in order (later lines supersede earlier)."""
@@ -219,3 +251,9 @@ class RunStore:
     def add_records(self, records: list[ModeRecord]) -> None:
         self._records.append([dataclasses.asdict(r) for r in records])
         self.records.update({r.key: r for r in records})
+
+    def add_kl(self, values: dict[Key, float | None]) -> None:
+        """Append measured KL values (None or NaN: not measurable); a later line supersedes an earlier one."""
+        clean = {k: None if v is None or not math.isfinite(v) else v for k, v in values.items()}
+        self._kl.append([{"task": t, "id": i, "mode": m, "kl_from_text": v} for (t, i, m), v in clean.items()])
+        self.kl.update(clean)
