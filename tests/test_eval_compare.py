@@ -109,7 +109,7 @@ def test_a_kl_only_run_pairs_on_kl(tmp_path):
     m = result["pairs"][0]["all"]
     assert m["n"] == 0 and m["accuracy"] is None and m["agreement_with_text"] == [None, None]
     assert m["kl"]["n"] == 2 and m["kl"]["mean"] == pytest.approx([0.45, 0.4])  # the None is left out
-    assert "| pooled | 0 (KL 2) | 0.450 | 0.400 | -0.050 |" in comparison_markdown(result)
+    assert "| pooled | 0 (KL 2) | 0.450 | 0.400 | -0.050 | 50.0 | 0.655 | - | - | - | - | - |" in comparison_markdown(result)
     # modes found by their KL alone are compared when no mode is named
     assert [(p["mode_a"], p["mode_b"]) for p in compare(read_side(str(b)), read_side(str(b)))["pairs"]] == [
         ("psynth", "psynth")]

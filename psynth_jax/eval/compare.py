@@ -195,10 +195,11 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         for task, m in [*pair["tasks"].items(), ("pooled", pair["all"])]:
             kl, acc, agree, vs = m["kl"], m["accuracy"] or [None, None], m["agreement_with_text"], m["b_vs_a"]
             means = kl["mean"] or [None, None]
+            paired = f"+{vs['wins']}/-{vs['losses']} ({vs['p_mcnemar']:.3g})" if m["n"] else "-"
             lines.append(
                 f"| {task} | {m['n']} (KL {kl['n']}) | {_num(means[0])} | {_num(means[1])} "
                 f"| {_num(kl['mean_diff'], '+.3f')} "
                 f"| {_pct(kl['b_lower'])} | {_num(kl['p_wilcoxon'], '.3g')} | {_pct(acc[0])} | {_pct(acc[1])} "
-                f"| +{vs['wins']}/-{vs['losses']} ({vs['p_mcnemar']:.3g}) | {_pct(agree[0])} | {_pct(agree[1])} |")
+                f"| {paired} | {_pct(agree[0])} | {_pct(agree[1])} |")
         lines.append("")
     return "\n".join(lines)
