@@ -97,6 +97,11 @@ def test_eval_kl_on_an_out_dir_without_answers(tmp_path, capsys, tiny, no_model)
     code, err = psynth(capsys, "eval", "--config", eval_config(tmp_path, tiny, out), "--kl")
     assert code == EXIT_USAGE and "holds no recorded answers" in the_error(err, "eval")
     assert not out.exists()
+    # an override written after the flag would be read as its task list
+    for flag in ("--kl", "--retime"):
+        code, err = psynth(capsys, "eval", "--config", eval_config(tmp_path, tiny, out), flag, "tasks[0].limit=4")
+        assert code == EXIT_USAGE and "put key=value overrides before the flag" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("row, field", [

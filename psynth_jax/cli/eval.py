@@ -22,15 +22,24 @@ from psynth_jax.config.eval_schema import load_eval_config
 OUT_DIR_DISPOSABLE = ("run.json", "config.yaml", "weights.json")
 
 
+def _task_names(value: str) -> str:
+    """--retime / --kl's optional TASKS: an override (key=value) written after the flag would be
+    taken for it, and argparse would then call the overrides that follow unrecognized."""
+    if "=" in value:
+        raise argparse.ArgumentTypeError(f"takes comma-separated task names, not {value!r}: put key=value "
+                                         "overrides before the flag")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML eval config (configs/eval_*.yaml)")
     p.add_argument("overrides", nargs="*",
                    help="dotted key=value overrides, e.g. out_dir=runs/x tasks[0].limit=10 modes=text,psynth")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--retime", nargs="?", const="", default=None, metavar="TASKS",
+    p.add_argument("--retime", nargs="?", const="", default=None, metavar="TASKS", type=_task_names,
                    help="do not answer: measure the TTFT of the recorded, timed answers again on this machine, "
                         "for these comma-separated tasks (none given: every task); the report is rewritten")
-    p.add_argument("--kl", nargs="?", const="", default=None, metavar="TASKS",
+    p.add_argument("--kl", nargs="?", const="", default=None, metavar="TASKS", type=_task_names,
                    help="do not answer: measure each configured cache mode's teacher-forced KL(text || cache) "
                         "on the text path's recorded answer, whether or not the mode has answered (kl.jsonl), "
                         "for these comma-separated tasks (none given: every task); the report is rewritten")
