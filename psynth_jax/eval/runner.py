@@ -215,12 +215,10 @@ class EvalRunner:
 
     def _report(self, t0: float) -> EvalOutcome:
         """Build and write results.json / results.md / plots from every configured record stored."""
-        wanted = self._wanted()
-        records = [self.store.records[key] for key in wanted if key in self.store.records]
-        kl = {key: self.store.kl[key] for key in wanted if key in self.store.kl}
-        results = report.build_results(
+        records = [self.store.records[key] for key in self._wanted() if key in self.store.records]
+        results = report.build_results(  # the report keeps the configured examples' and modes' KL values
             self.cfg, self.examples, records, self.store.weights(),
-            session={"wall_s": time.perf_counter() - t0, "computed": dict(self.computed)}, kl=kl,
+            session={"wall_s": time.perf_counter() - t0, "computed": dict(self.computed)}, kl=self.store.kl,
         )
         report.write_report(self.store.dir, results, records)
         return EvalOutcome(self.store.dir, results, dict(self.computed))
