@@ -19,6 +19,7 @@ import pytest
 
 from psynth_jax.config.eval_schema import ConfigError, EvalConfig, dump_eval_config, fingerprint, load_eval_config
 from psynth_jax.eval import runner as runner_mod
+from psynth_jax.eval.report import RESULTS_MD
 from psynth_jax.eval.store import BRANCHES, KL, RECORDS, JsonlLog, RunStore
 from psynth_jax.interop import loader
 from psynth_jax.model.loaded import random_model
@@ -319,6 +320,8 @@ def test_kl_pass_needs_no_cache_mode_answers(tiny_model, reference, tmp_path, mo
         assert got[key] == pytest.approx(value, abs=1e-6), key
     assert outcome.results["kl_from_text"]["all"]["lora_only"]["n"] == 4
     assert not outcome.results["complete"]
+    banner = next(line for line in (only / RESULTS_MD).read_text().splitlines() if "Incomplete" in line)
+    assert "of 4 examples: single 0, text 4, naive_cache 0," in banner and ", psynth 0;" in banner, banner
     # a record line of an older run, its KL inside: read as that key's KL value
     key = next(iter(want))
     legacy = {**next(r for r in JsonlLog(full / RECORDS).rows if (r["task"], r["id"], r["mode"]) == key),

@@ -112,6 +112,13 @@ def write_report(run_dir: Path, results: dict[str, Any], records: Sequence[ModeR
     (run_dir / RESULTS_MD).write_text(render_markdown(results, made))
 
 
+def _answered(results: dict[str, Any]) -> str:
+    """"text 108, psynth 0": each configured mode's records over every task."""
+    modes = results["modes"]
+    counts = {m: sum(by_mode[m]["n"] for by_mode in results["tasks"].values() if m in by_mode) for m in modes}
+    return ", ".join(f"{m} {n}" for m, n in counts.items())
+
+
 def _kl(results: dict[str, Any], task: str) -> str:
     return ", ".join(f"{m} {v['mean']:.3f} (n={v['n']})" for m, v in results["kl_from_text"][task].items())
 
@@ -171,7 +178,9 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         out += ["", f"> **† UNTRAINED**: {parts} ran without trained weights for the parts named, so they equal "
                     "naive_cache in effect (identity mapper, LoRA B = 0); their numbers measure nothing learned."]
     if not results["complete"]:
-        out += ["", "> **Incomplete**: not every (example, mode) has a record yet; rerun the same command to finish."]
+        out += ["", f"> **Incomplete**: answers so far, of {sum(results['n_examples'].values())} examples: "
+                    f"{_answered(results)}; rerun the same command to finish (a mode with KL values and no "
+                    "answers was measured by `--kl` alone)."]
     for task, by_mode in results["tasks"].items():
         out += ["", f"## {task} ({results['n_examples'][task]} examples)", "", *_table(by_mode, untrained)]
         if task in results.get("f1", {}):
