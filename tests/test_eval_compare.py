@@ -133,3 +133,44 @@ def test_refuses_what_is_not_paired(tmp_path, capsys):
     assert "has no records of mode 'lora_only' (it has psynth, text)" in capsys.readouterr().err
     assert psynth_main.main(["compare", str(tmp_path / "missing"), str(a)]) == 2
     assert "no answers in records.jsonl" in capsys.readouterr().err
+
+
+def test_by_groups_partition_the_examples_and_recompute_within_each(tmp_path, capsys):
+    """`--by`: on issue #17's committed runs, each task's groups (and the pooled ones) split its
+    examples exactly, each group's KL means are those of its own examples' kl values, and token
+    counts fall in thirds with ordered, disjoint ranges; on 6 made-up examples the thirds are
+    known by hand; an unknown grouping is refused by name."""
+    a, b = read_side(str(RUNS / "eval_recipe") + ":naive_cache"), read_side(str(RUNS / "eval_math_only") + ":psynth")
+    tasks = ["arc_challenge", "marble_db", "multihop_qa"]
+    (pair,) = compare(a, b, tasks, by=["k", "branch_tokens", "answer_tokens"])["pairs"]
+    field = {"k": "num_branches", "branch_tokens": "branch_tokens", "answer_tokens": "output_tokens"}
+    for grouping, by_task in pair["by"].items():
+        assert list(by_task) == [*tasks, "pooled"]
+        for task, groups in by_task.items():
+            whole = pair["all"] if task == "pooled" else pair["tasks"][task]
+            assert sum(g["n"] for g in groups.values()) == whole["n"] == (90 if task == "pooled" else 30)
+            assert sum(g["kl"]["n"] for g in groups.values()) == whole["kl"]["n"]
+            lows = []
+            for label, g in groups.items():
+                keys = [k[:2] for k in a.records if k[2] == "text" and k[0] in tasks and task in ("pooled", k[0])]
+                if grouping == "k":
+                    mine = [k for k in keys if f"K={a.records[k + ('text',)].num_branches}" == label]
+                else:
+                    lo, hi = map(int, label.split()[-1].split("-"))
+                    mine = [k for k in keys if lo <= getattr(a.records[k + ("text",)], field[grouping]) <= hi]
+                    lows.append((lo, hi))
+                assert len(mine) == g["n"], (grouping, task, label)
+                want = [sum(s.kl[k + (m,)] for k in mine) / len(mine) for s, m in ((a, "naive_cache"), (b, "psynth"))]
+                assert g["kl"]["mean"] == pytest.approx(want, abs=1e-9)
+            assert all(h < lo for (_, h), (lo, _) in zip(lows, lows[1:]))  # ordered, disjoint ranges
+    # made-up: branch tokens 10..60 on 6 examples: thirds of two each
+    recs = [{**_record("qa", i, m, correct=True, answer="x", kl=0.1 * (i + 1) if m == "psynth" else None),
+             "branch_tokens": 10 * (i + 1)} for i in range(6) for m in ("text", "psynth")]
+    run = _write_run(tmp_path / "r", recs, [[i] for i in range(6)])
+    (p,) = compare(read_side(str(run)), read_side(str(run)), by=["branch_tokens"])["pairs"]
+    assert {label: g["n"] for label, g in p["by"]["branch_tokens"]["pooled"].items()} == {
+        "branch_tokens 10-20": 2, "branch_tokens 30-40": 2, "branch_tokens 50-60": 2}
+    assert psynth_main.main(["compare", str(run), str(run), "--by", "k"]) == 0
+    assert "| qa, K=2 | 6 (KL 6) |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown grouping 'length': expected one of k, branch_tokens"):
+        compare(read_side(str(run)), read_side(str(run)), by=["length"])

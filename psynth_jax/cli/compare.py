@@ -3,7 +3,8 @@ same examples and branches: teacher-forced KL(text || mode) with a Wilcoxon sign
 accuracy with McNemar's, agreement with the text path (psynth_jax/eval/compare.py).
 
 Without modes, every mode both runs hold is compared with itself (a weight set against another);
-with them, e.g. `RUN:naive_cache RUN:psynth`, those two. Reads the run directories, writes nothing
+with them, e.g. `RUN:naive_cache RUN:psynth`, those two. `--by k,branch_tokens,answer_tokens`
+breaks the numbers down within groups of examples (where does a gain stop?). Reads the run directories, writes nothing
 unless --out is given; refuses runs whose branches or text-path answers differ.
 """
 
@@ -19,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A[:MODE]", help="eval run directory (psynth eval's out_dir), optionally :MODE")
     p.add_argument("b", metavar="B[:MODE]", help="the other run directory (may be the same), optionally :MODE")
     p.add_argument("--tasks", default=None, help="comma-separated tasks to compare (default: every shared task)")
+    p.add_argument("--by", default="", metavar="GROUPING[,...]",
+                   help="also break the numbers down within groups of examples: k (branches handed over), "
+                        "branch_tokens or answer_tokens (the text answer's length; both in thirds of each task)")
     p.add_argument("--out", default=None, metavar="FILE.json",
                    help="also write the numbers as JSON here (and the table beside it, .md)")
 
@@ -27,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from psynth_jax.eval.compare import compare, comparison_markdown, read_side
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    result = compare(read_side(args.a), read_side(args.b), tasks)
+    by = [g for g in args.by.split(",") if g]
+    result = compare(read_side(args.a), read_side(args.b), tasks, by)
     table = comparison_markdown(result)
     print(table)
     if args.out:

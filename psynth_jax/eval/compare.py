@@ -7,7 +7,10 @@ mode B in run B. Per task and pooled:
   answered): both means, the mean paired difference B - A, the share of examples where B is
   lower, and the two-sided Wilcoxon signed-rank p;
 - over the examples both modes answered: accuracy, the examples only B / only A got right and
-  the exact McNemar p (stats.py), and agreement with the text path's answer.
+  the exact McNemar p (stats.py), and agreement with the text path's answer;
+- optionally (`by`), the same numbers within groups of examples, to see where a gain stops: by
+  K (the branches handed over), by the branches' token count or by the text answer's (the KL's
+  target) length, each in thirds of the task's examples.
 
 Paired means the same inputs: both runs must hold the same branches (branches.jsonl) and the
 same text-path answers (the KL's target) for every compared example, or the comparison is
@@ -145,15 +148,55 @@ def compare_pair(a: Side, b: Side, mode_a: str, mode_b: str, keys: Sequence[tupl
     }
 
 
+GROUPINGS = ("k", "branch_tokens", "answer_tokens")
+
+
+def _example_value(a: Side, b: Side, key: tuple[str, str], by: str) -> int | None:
+    """The example's K, branch tokens or text-answer tokens, from either side's text record."""
+    text = a.records.get(key + ("text",)) or b.records.get(key + ("text",))
+    if text is None:
+        return None
+    return {"k": text.num_branches, "branch_tokens": text.branch_tokens, "answer_tokens": text.output_tokens}[by]
+
+
+def _groups(values: dict[tuple[str, str], int], by: str) -> dict[str, list[tuple[str, str]]]:
+    """Examples grouped by `by`: each K alone; token counts in thirds (by rank, ties kept
+    together), labelled with their range, e.g. "branch_tokens 98-223"."""
+    keys = sorted(values, key=lambda k: (values[k], k))
+    if by == "k":
+        return {f"K={v}": [k for k in keys if values[k] == v] for v in sorted(set(values.values()))}
+    cuts = sorted({values[keys[(len(keys) * i) // 3]] for i in (1, 2)} if len(keys) >= 3 else set())
+    bins: dict[int, list[tuple[str, str]]] = {}
+    for k in keys:
+        bins.setdefault(sum(values[k] >= c for c in cuts), []).append(k)
+    return {f"{by} {values[g[0]]}-{values[g[-1]]}": g for _, g in sorted(bins.items())}
+
+
+def group_pairs(a: Side, b: Side, mode_a: str, mode_b: str, keys: Sequence[tuple[str, str]], by: str
+                ) -> dict[str, dict[str, Any]]:
+    """{task or "pooled": {group: `compare_pair` numbers}}: the comparison within each group of `by`
+    (`GROUPINGS`), per task and over every task (examples without a text record are left out)."""
+    values = {k: v for k in keys if (v := _example_value(a, b, k, by)) is not None}
+    out: dict[str, dict[str, Any]] = {}
+    for task in [*sorted({k[0] for k in values}), "pooled"]:
+        own = {k: v for k, v in values.items() if task == "pooled" or k[0] == task}
+        out[task] = {label: compare_pair(a, b, mode_a, mode_b, g) for label, g in _groups(own, by).items()}
+    return out
+
+
 def _shared(x: dict[Key, Any], y: dict[Key, Any], mode_x: str, mode_y: str) -> set[tuple[str, str]]:
     """The (task, id) that `x` holds for mode_x and `y` for mode_y."""
     return {k[:2] for k in x if k[2] == mode_x} & {k[:2] for k in y if k[2] == mode_y}
 
 
-def compare(a: Side, b: Side, tasks: Sequence[str] | None = None) -> dict[str, Any]:
-    """{"a", "b", "pairs": [{"mode_a", "mode_b", "tasks": {task: numbers}, "all": numbers}]}: every
-    mode pair (the sides' modes, or each mode both runs hold) over the examples both sides answered
-    or both sides measured the KL of."""
+def compare(a: Side, b: Side, tasks: Sequence[str] | None = None, by: Sequence[str] = ()) -> dict[str, Any]:
+    """{"a", "b", "pairs": [{"mode_a", "mode_b", "tasks": {task: numbers}, "all": numbers,
+    "by": {grouping: `group_pairs`}}]}: every mode pair (the sides' modes, or each mode both runs
+    hold) over the examples both sides answered or both sides measured the KL of; `by`: groupings
+    of `GROUPINGS` to break the numbers down by."""
+    for g in by:
+        if g not in GROUPINGS:
+            raise ValueError(f"unknown grouping {g!r}: expected one of {', '.join(GROUPINGS)}")
     if a.mode or b.mode:
         pairs = [(a.mode or b.mode, b.mode or a.mode)]
     else:
@@ -170,7 +213,8 @@ def compare(a: Side, b: Side, tasks: Sequence[str] | None = None) -> dict[str, A
         by_task = {t: compare_pair(a, b, mode_a, mode_b, [k for k in keys if k[0] == t])
                    for t in sorted({k[0] for k in keys})}
         out["pairs"].append({"mode_a": mode_a, "mode_b": mode_b, "tasks": by_task,
-                             "all": compare_pair(a, b, mode_a, mode_b, keys)})
+                             "all": compare_pair(a, b, mode_a, mode_b, keys),
+                             "by": {g: group_pairs(a, b, mode_a, mode_b, keys, g) for g in by}})
     return out
 
 
@@ -192,14 +236,28 @@ def comparison_markdown(result: dict[str, Any]) -> str:
                   "| task | n | KL A | KL B | B - A | B lower % | p (Wilcoxon) | acc A % | acc B % "
                   "| B vs A +/- (p) | agree A % | agree B % |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-        for task, m in [*pair["tasks"].items(), ("pooled", pair["all"])]:
-            kl, acc, agree, vs = m["kl"], m["accuracy"] or [None, None], m["agreement_with_text"], m["b_vs_a"]
-            means = kl["mean"] or [None, None]
-            paired = f"+{vs['wins']}/-{vs['losses']} ({vs['p_mcnemar']:.3g})" if m["n"] else "-"
-            lines.append(
-                f"| {task} | {m['n']} (KL {kl['n']}) | {_num(means[0])} | {_num(means[1])} "
-                f"| {_num(kl['mean_diff'], '+.3f')} "
-                f"| {_pct(kl['b_lower'])} | {_num(kl['p_wilcoxon'], '.3g')} | {_pct(acc[0])} | {_pct(acc[1])} "
-                f"| {paired} | {_pct(agree[0])} | {_pct(agree[1])} |")
+        lines += [_row(task, m) for task, m in [*pair["tasks"].items(), ("pooled", pair["all"])]]
         lines.append("")
+        for grouping, by_task in pair.get("by", {}).items():
+            lines += [f"By {grouping} ({_GROUPING_NOTES[grouping]}):", "",
+                      "| task, group | n | KL A | KL B | B - A | B lower % | p (Wilcoxon) | acc A % | acc B % "
+                      "| B vs A +/- (p) | agree A % | agree B % |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+            lines += [_row(f"{task}, {label}", m) for task, groups in by_task.items() for label, m in groups.items()]
+            lines.append("")
     return "\n".join(lines)
+
+
+_GROUPING_NOTES = {"k": "branches handed over",
+                   "branch_tokens": "the branches' tokens, in thirds of each task and of all tasks pooled",
+                   "answer_tokens": "the text answer's tokens, the KL's target, in thirds of each task and pooled"}
+
+
+def _row(name: str, m: dict[str, Any]) -> str:
+    kl, acc, agree, vs = m["kl"], m["accuracy"] or [None, None], m["agreement_with_text"], m["b_vs_a"]
+    means = kl["mean"] or [None, None]
+    paired = f"+{vs['wins']}/-{vs['losses']} ({vs['p_mcnemar']:.3g})" if m["n"] else "-"
+    return (f"| {name} | {m['n']} (KL {kl['n']}) | {_num(means[0])} | {_num(means[1])} "
+            f"| {_num(kl['mean_diff'], '+.3f')} "
+            f"| {_pct(kl['b_lower'])} | {_num(kl['p_wilcoxon'], '.3g')} | {_pct(acc[0])} | {_pct(acc[1])} "
+            f"| {paired} | {_pct(agree[0])} | {_pct(agree[1])} |")
