@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated tasks to compare (default: every shared task)")
     p.add_argument("--by", default="", metavar="GROUPING[,...]",
                    help="also break the numbers down within groups of examples: k (branches handed over), "
-                        "branch_tokens or answer_tokens (the text answer's length; both in thirds of each task)")
+                        "branch_tokens or answer_tokens (the text answer's length; both in thirds: of each task's examples, and of all "
+                        "examples for the pooled rows)")
     p.add_argument("--out", default=None, metavar="FILE.json",
                    help="also write the numbers as JSON here (and the table beside it, .md)")
 

@@ -10,7 +10,7 @@ mode B in run B. Per task and pooled:
   the exact McNemar p (stats.py), and agreement with the text path's answer;
 - optionally (`by`), the same numbers within groups of examples, to see where a gain stops: by
   K (the branches handed over), by the branches' token count or by the text answer's (the KL's
-  target) length, each in thirds of the task's examples.
+  target) length, each in thirds of the task's examples (and of all examples for the pooled rows).
 
 Paired means the same inputs: both runs must hold the same branches (branches.jsonl) and the
 same text-path answers (the KL's target) for every compared example, or the comparison is
