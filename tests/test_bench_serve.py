@@ -30,10 +30,11 @@ def test_serve_run_writes_consistent_json(tmp_path):
     roof = write_roofline(tmp_path / "roofline.json", Roofline(1e11, 2e10, "float32", "cpu", "cpu"))
     argv = ["--arch", "tiny-llama", "--clients", "3", "--requests", "3", "--k", "2", "--branch-tokens", "16",
             "--max-tokens", "4", "--slots", "2", "--max-context", "384", "--profile", "--roofline-json", str(roof),
-            "--dtype", "float32", "--timeout-s", "300", "--out", str(tmp_path / "out")]
-    assert _run(argv) == 0
+            "--dtype", "float32", "--attn-impl", "cpu", "--timeout-s", "300", "--out", str(tmp_path / "out")]
+    assert _run(argv) == 0  # docs/PERFORMANCE.md's issue #27 command's flags (its decode kernel), at tiny sizes
     data = json.loads((tmp_path / "out" / "serve.json").read_text())
     meta, rows = data["metadata"], data["rows"]
+    assert meta["attn_impl"] == "cpu" and "--attn-impl cpu" in meta["command"]
     assert meta["command"].startswith("psynth bench serve --arch tiny-llama --clients 3")
     assert "--profile" in meta["command"] and meta["bandwidth_gbs"] == pytest.approx(20.0)
     assert [(r["path"], r["phase"], r["clients"]) for r in rows] == [

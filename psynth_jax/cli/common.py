@@ -24,8 +24,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint: {DEFAULT_MODEL!r} (embedded), a .gguf file, a transformers dir or a hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
-    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split", "splash"],
-                   help="attention kernel (cudnn: GPU; splash: TPU, Pallas interpret mode elsewhere)")
+    p.add_argument("--attn-impl", default="xla", choices=["xla", "cudnn", "xla_split", "splash", "cpu"],
+                   help="attention kernel (cudnn: GPU; splash: TPU, Pallas interpret mode elsewhere; cpu: XLA's, "
+                        "with a decode step read from the stacked cache in place by a C++ kernel built on first use)")
     p.add_argument("--mesh", type=mesh_sizes, default=(1, 1, 1), metavar="DATA,FSDP,TENSOR",
                    help="devices to run on: requests split over DATA, the backbone over FSDP x TENSOR "
                         "(one size may be -1: all remaining devices), e.g. 1,1,8 on a v5e-8; default one device")
@@ -119,7 +120,19 @@ def check_out_dir(path: str | Path, flag: str) -> Path:
 def check_attn_impl(impl: str, flag: str) -> None:
     """Refuse an attention kernel this machine cannot run, before a model is loaded: "cudnn"
     needs an NVIDIA GPU with cuDNN (tried with one tiny call; splash runs anywhere, in Pallas
-    interpret mode off TPU)."""
+    interpret mode off TPU); "cpu" needs the CPU backend and its kernel built (a C++ compiler)."""
+    if impl == "cpu":
+        import jax
+
+        from psynth_jax.model.kernels import cpu
+
+        if jax.default_backend() != "cpu":
+            raise UsageError(f"{flag} cpu is a CPU kernel; this machine runs on {jax.default_backend()}: use xla")
+        try:
+            cpu.build()
+        except cpu.KernelUnavailable as err:
+            raise UsageError(f"{flag} cpu: {err}") from None
+        return
     if impl != "cudnn":
         return
     import jax

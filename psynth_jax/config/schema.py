@@ -16,7 +16,7 @@ import dataclasses
 from typing import Literal, Optional
 
 Dtype = Literal["float32", "bfloat16"]
-AttnImpl = Literal["xla", "cudnn", "xla_split", "splash"]
+AttnImpl = Literal["xla", "cudnn", "xla_split", "splash", "cpu"]
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 MapperKind = Literal["affine_length", "per_head_affine"]
 Builder = Literal["exposure", "aggregation", "distillation"]
@@ -40,7 +40,7 @@ class ModelSourceConfig:
     # "smollm2-135m" (the embedded GGUF), a local HF directory, a hub id, or a .gguf path.
     source: str = "smollm2-135m"
     dtype: Dtype = "bfloat16"  # parameter dtype of the frozen backbone
-    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA), splash (TPU Pallas; shard_map under a mesh)
+    attn_impl: AttnImpl = "xla"  # attention kernel: XLA reference, cuDNN (GPU), xla_split (the fused-kernel layout run by XLA), splash (TPU Pallas; shard_map under a mesh), cpu (XLA, decode steps read the stacked cache in place by a C++ kernel; CPU, one device)
     zero_copy: bool = False  # the synthesizer reads branch K/V in the worker rows (re-encoding and mapper folded into attention); attn_impl xla only
 
 

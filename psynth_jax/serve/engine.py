@@ -284,10 +284,19 @@ class Engine:
         narrowest cache width holding every live one's context (`step_cols`)."""
         m = self.synth.model
         live = np.asarray(live, bool)
-        cols = None if m.mesh is not None else self.step_cols(self.fetch(state.cache.end), live)
+        rows = self.step_rows(live)
+        cols = self.step_cols(self.fetch(state.cache.end), live) if self.narrows_cols(rows) else None
         with self.mesh():
             return generate(m.graphdef, m.state, state, self.synth.gen.put_batch(live),
-                            attn_impl=self.synth.attn_impl, rows=self.step_rows(live), cols=cols)
+                            attn_impl=self.synth.attn_impl, rows=rows, cols=cols)
+
+    def narrows_cols(self, rows: int | None) -> bool:
+        """Whether a step over `rows` slots (None: all) cuts their cache to `step_cols` slots: on one
+        device, with an attention that reads every slot of a row (xla), or when the rows are cut
+        anyway (a copy is made: the narrower the better). Not on a mesh, and not for a step over
+        all slots under "cpu", whose decode kernel reads each row's slots in place up to its end:
+        there the cut would only add a copy of the cache (and its write-back) to the step."""
+        return self.synth.model.mesh is None and (self.synth.attn_impl != "cpu" or rows is not None)
 
     def col_buckets(self) -> list[int]:
         """The cache widths a step may read: C/8, C/4, C/2 (those that are multiples of 64) and C,
@@ -320,10 +329,9 @@ class Engine:
         m = self.synth.model
         idle = self.synth.gen.put_batch(np.zeros(self.slots, bool))
         rows_options = dict.fromkeys(self.step_rows(np.arange(self.slots) == last) for last in range(self.slots))
-        cols_options = [None] if m.mesh is not None else [None if w >= self.max_context else w
-                                                         for w in self.col_buckets()]
+        widths = [None if w >= self.max_context else w for w in self.col_buckets()]
         for rows in rows_options:
-            for cols in cols_options:
+            for cols in widths if self.narrows_cols(rows) else [None]:
                 with self.mesh():
                     state, _ = generate(m.graphdef, m.state, state, idle, attn_impl=self.synth.attn_impl, rows=rows,
                                         cols=cols)

@@ -19,6 +19,10 @@ kernel by name:
   or the train/eval steps, which trace with their mesh in context) the kernel runs inside a
   shard_map over it, batch over (data, fsdp) and heads over tensor, since jit cannot partition a
   Mosaic kernel; checked in interpret mode on fake CPU devices only, never on a TPU.
+- "cpu": "xla", except that a float32 decode step reads its layer of the stacked cache in place
+  through an XLA FFI kernel of ours (cpu.py, cpu_decode.cc; built on first use), instead of the
+  per-layer copy and block-diagonal matmuls of `xla.decode_attention`. CPU only; under a
+  multi-device mesh it is "xla".
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from psynth_jax.model.kernels import cpu
 from psynth_jax.model.kernels.cudnn_split import split_attention
 from psynth_jax.model.kernels.flash import KeyBlock
 from psynth_jax.model.kernels.splash import splash_attention
 from psynth_jax.model.kernels.xla import dense_attention, xla_attention
 from psynth_jax.model.kv_cache import AttentionMask
 
-IMPLEMENTATIONS = ("xla", "cudnn", "xla_split", "splash")
+IMPLEMENTATIONS = ("xla", "cudnn", "xla_split", "splash", "cpu")
 
 
 def attend(
@@ -62,7 +68,10 @@ def attend(
     view: the zero-copy branch view's key block (`view_block`), seen by every query besides
     the cache and the chunk; the XLA path only.
     """
-    if impl == "xla":
+    if impl == "cpu" and _cpu_decode(q, k, mask, chunk, stacked, view):
+        k_chunk, v_chunk, start, _ = chunk
+        return cpu.decode_attention(q, mask.kv_valid, mask.q_slots, start, k_chunk, v_chunk, stacked)
+    if impl in ("xla", "cpu"):
         if chunk is None:
             return dense_attention(q, k, v, mask)
         return xla_attention(q, k, v, mask, chunk, stacked, view)
@@ -77,6 +86,17 @@ def attend(
             return splash_attention(q, k, v, k_chunk, v_chunk, start, chunk_len)
         return _split(impl, q, k, v, k_chunk, v_chunk, mask, start, chunk_len)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _cpu_decode(q, k, mask, chunk, stacked, view) -> bool:
+    """Whether the "cpu" path's kernel takes this call: a float32 decode step (T = 1) over a layer
+    of a stacked cache, with the slot-rule mask and no branch view, on one device (under a
+    multi-device mesh the XLA path runs: XLA cannot partition the kernel)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return False
+    return (q.shape[1] == 1 and chunk is not None and stacked is not None and view is None
+            and mask.explicit is None and q.dtype == k.dtype == stacked[0].dtype == jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -1,0 +1,148 @@
+"""The "cpu" attention: XLA's everywhere, except a decode step's read of the cache, which an XLA
+FFI kernel of ours (cpu_decode.cc) does in place.
+
+Why: in the layer scan XLA:CPU copies each layer's keys and values out of the stacked
+[L, B, S, Hkv, D] cache before its matmuls read them, and at 16 decode slots those copies plus
+the block-diagonal matmuls of `xla.decode_attention` were most of a serving step
+(docs/PERFORMANCE.md, issue #27). The kernel takes the whole stack and the layer index, streams
+each row's visible slots once per key head, and returns softmax statistics (sum of exp-weighted
+values, max, sum of exps) that are merged here with the step's own key and value, exactly as the
+flash tiles merge their blocks. Prefill, extend, branch views and explicit masks use the XLA
+path unchanged, as does any dtype other than float32.
+
+The kernel is C++ built on first use with the host's C++ compiler (`$CXX`, else c++ / g++) against
+jaxlib's FFI headers, for this CPU (-march=native), into a cache directory
+(`$PSYNTH_KERNEL_CACHE`, default ~/.cache/psynth_jax/kernels) keyed by the source, jaxlib's
+version, the compiler and the CPU's flags; the build is written under a temporary name and renamed,
+so concurrent processes never load a half-written library. Without a compiler `attn_impl="cpu"`
+fails with a message that says so; nothing else needs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from psynth_jax.model.kernels.flash import FLOOR
+from psynth_jax.model.kernels.xla import split_slots
+
+SOURCE = Path(__file__).with_name("cpu_decode.cc")
+TARGET = "psynth_decode_attention"
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU decode kernel cannot be built or loaded here (the message says why)."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise KernelUnavailable("attention 'cpu' builds a C++ kernel on first use and found no C++ compiler "
+                                "(set $CXX or install g++); use attn_impl='xla' instead")
+    return cxx
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """The kernel's shared library, compiled now unless the cache already holds this build."""
+    cxx = _compiler()
+    flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), cxx.encode(), " ".join(flags).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    root = Path(cache_dir or os.environ.get("PSYNTH_KERNEL_CACHE") or Path.home() / ".cache" / "psynth_jax" / "kernels")
+    lib = root / f"cpu_decode-{key}.so"
+    if lib.exists():
+        return lib
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=lib.name, dir=root)
+    os.close(fd)
+    try:
+        try:
+            run = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        except OSError as err:
+            raise KernelUnavailable(f"attention 'cpu': cannot run the C++ compiler {cxx}: {err}") from None
+        if run.returncode != 0:
+            raise KernelUnavailable(f"attention 'cpu': compiling {SOURCE.name} with {cxx} failed:\n{run.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return lib
+
+
+@functools.cache
+def _register() -> None:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PsynthDecodeAttention), platform="cpu")
+
+
+def available() -> bool:
+    """Whether the kernel builds and loads here (compiles it on the first call)."""
+    try:
+        _register()
+    except (KernelUnavailable, OSError):
+        return False
+    return True
+
+
+def stacked_cache_attention(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array, layer: jax.Array,
+                            limit: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel: q [B, Hq, D] (scaled) over layer `layer` of k/v [L, B, S, Hkv, D], slots [0, limit)
+    of each row where `visible` [B, S] -> (sum of exp-weighted values [B, Hq, D], max [B, Hq], sum of
+    exps [B, Hq]); a row that sees nothing has max FLOOR and zero sums."""
+    _register()
+    b, hq, d = q.shape
+    f32 = jnp.float32
+    out = (jax.ShapeDtypeStruct((b, hq, d), f32), jax.ShapeDtypeStruct((b, hq), f32), jax.ShapeDtypeStruct((b, hq), f32))
+    return jax.ffi.ffi_call(TARGET, out)(q.astype(f32), k_stack, v_stack, jnp.reshape(layer, (1,)).astype(jnp.int32),
+                                         limit.astype(jnp.int32), visible)
+
+
+def decode_attention(q: jax.Array, kv_valid: jax.Array, q_slots: jax.Array, start: jax.Array, k_chunk: jax.Array,
+                     v_chunk: jax.Array, stacked: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+    """One decode step's attention [B, 1, Hq, D]: the cache as it was, read in place from `stacked`
+    (k_stack, v_stack, layer) by the kernel, merged with the step's own key/value `k_chunk`/`v_chunk`
+    [B, 1, Hkv, D]; the masks as `xla.xla_attention` splits them (`split_slots`). A padded row (its
+    token not valid: a free decode slot) reads no key and returns zeros, where the XLA path returns
+    an attention its caller ignores."""
+    k_stack, v_stack, layer = stacked
+    b, _, hq, d = q.shape
+    hkv = k_chunk.shape[2]
+    g = hq // hkv
+    f32 = jnp.float32
+    (cache_slot, cache_valid), (chunk_slot, chunk_valid) = split_slots(kv_valid, start, 1)
+    q_slot = q_slots[:, :1]
+    visible = cache_valid & (cache_slot <= q_slot)
+    own = (chunk_valid & (chunk_slot <= q_slot))[:, 0]  # [B]: False on a padded row (a free decode slot)
+    limit = jnp.where(own, jnp.clip(q_slot[:, 0] + 1, 0, kv_valid.shape[1]), 0)  # a padded row reads nothing
+    qs = q[:, 0].astype(f32) * (d**-0.5)  # [B, Hq, D]
+    acc, m, total = stacked_cache_attention(qs, k_stack, v_stack, layer, limit, visible)
+    score = jnp.einsum("bhgd,bhd->bhg", qs.reshape(b, hkv, g, d), k_chunk[:, 0].astype(f32)).reshape(b, hq)
+    top = jnp.maximum(m, jnp.where(own[:, None], score, FLOOR))
+    old = jnp.exp(m - top)
+    new = jnp.where(own[:, None], jnp.exp(score - top), 0.0)
+    value = jnp.repeat(v_chunk[:, 0].astype(f32), g, axis=1)  # [B, Hq, D]: each head's key head
+    num = acc * old[..., None] + new[..., None] * value
+    den = total * old + new
+    out = jnp.where(den[..., None] > 0, num / jnp.maximum(den, 1e-30)[..., None], 0.0)
+    return out[:, None].astype(q.dtype)
