@@ -185,7 +185,8 @@ def test_ctrl_c_in_eval_exits_130(tmp_path, tiny, delay):
     Segmentation fault, 139) and never lost (an interrupt that landed in jax's gc callback was
     printed as "Exception ignored" and the run went on)."""
     cfg = eval_config(tmp_path, tiny, tmp_path / "out")
-    cfg.write_text(cfg.read_text().replace("limit: 2", "limit: 40").replace("modes: [single, text]",
+    # 400 examples: far more than any delay covers (40 finished inside 7.5 s on a faster CPU)
+    cfg.write_text(cfg.read_text().replace("limit: 2", "limit: 400").replace("modes: [single, text]",
                                                                           "modes: [single, text, psynth]"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "psynth_jax.cli.main", "eval", "--config", str(cfg), "--quiet"],
