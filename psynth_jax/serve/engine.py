@@ -280,8 +280,8 @@ class Engine:
 
     def generate(self, state: DecodeState, live: np.ndarray) -> tuple[DecodeState, jax.Array]:
         """One decode step of the slots where `live` [N] is True (the state is donated), over the
-        smallest power-of-two prefix of slots holding every live one (`step_rows`) and the
-        narrowest cache width holding every live one's context (`step_cols`)."""
+        smallest power-of-two prefix of slots holding every live one (`step_rows`) and, where
+        `narrows_cols`, the narrowest cache width holding every live one's context (`step_cols`)."""
         m = self.synth.model
         live = np.asarray(live, bool)
         rows = self.step_rows(live)
