@@ -189,9 +189,15 @@ def test_ctrl_c_in_eval_exits_130(tmp_path, tiny, delay):
     cfg.write_text(cfg.read_text().replace("limit: 2", "limit: 400").replace("modes: [single, text]",
                                                                           "modes: [single, text, psynth]"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "psynth_jax.cli.main", "eval", "--config", str(cfg), "--quiet"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Ctrl-C is restored to its default by the child itself before it execs the CLI (a background
+    # pytest ignores SIGINT, and children inherit that), not by a preexec_fn: Python code run
+    # between fork and exec in this multithreaded process (JAX's threads) can deadlock, and did in
+    # CI: the child never reached the CLI and stayed silent past the signal
+    with_sigint = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    proc = subprocess.Popen([sys.executable, "-c", with_sigint, "-m", "psynth_jax.cli.main", "eval",
+                             "--config", str(cfg), "--quiet"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     try:
