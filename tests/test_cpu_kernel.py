@@ -1,9 +1,12 @@
-"""The "cpu" attention: its C++ decode kernel (kernels/cpu_decode.cc) against the XLA path.
+"""The "cpu" attention: its C++ decode kernels (kernels/cpu_decode.cc, cpu_matmul.cc) against the
+XLA path.
 
-- a decode step through the kernel gives the XLA path's logits and cache (GQA, holes in the
+- a decode step through the kernels gives the XLA path's logits and cache (GQA, holes in the
   valid slots, rows of different lengths, a row that sees only its own key, free rows);
-- the kernel reads layer l of the stacked cache in place: the compiled step makes no
-  layer-sized copy of the cache (the XLA path's dynamic-slice);
+- the attention kernel's softmax statistics and the matmul kernel's products equal float64
+  references (every row blocking and column tail of the matmul);
+- the kernels read layer l of the stacked cache and of the stacked weights in place: the
+  compiled step makes no layer-sized copy of either (the XLA path's dynamic-slices);
 - prefill and extend under "cpu" are the XLA path, bit for bit;
 - the serving engine decodes the same greedy tokens with it;
 - without a C++ compiler the build fails with a message that says so, and the CLI refuses
@@ -90,9 +93,34 @@ def test_kernel_statistics_equal_a_masked_softmax():
             np.testing.assert_allclose(np.asarray(acc[row, h]), p @ v[1, row, :, h // g], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
+@pytest.mark.parametrize("n", [16, 64, 200])
+def test_stacked_matmul_equals_a_float64_product(rows, n):
+    """Rows in register blocks of four plus 1-3 left over; columns in 64-wide tiles plus a tail
+    (16: a tail alone); layer 2 of 3, read in place; leading dimensions kept."""
+    rng = np.random.default_rng(rows * 1000 + n)
+    w = rng.normal(size=(3, 37, n)).astype(np.float32)
+    x = rng.normal(size=(rows, 1, 37)).astype(np.float32)
+    y = jax.jit(cpu.stacked_matmul)(x, w, jnp.int32(2))
+    assert y.shape == (rows, 1, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w[2].astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_matmul_is_the_same_whichever_thread_sums_which_part():
+    """Ten 64-row parts of w over the pool's threads, summed in part order: bit-equal on every call."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(2, 600, 200)).astype(np.float32)
+    x = rng.normal(size=(5, 600)).astype(np.float32)
+    f = jax.jit(cpu.stacked_matmul)
+    first = np.asarray(f(x, w, jnp.int32(1)))
+    for _ in range(20):
+        np.testing.assert_array_equal(np.asarray(f(x, w, jnp.int32(1))), first)
+
+
 def test_decode_step_reads_the_stack_in_place():
-    """No op of the compiled step makes a layer-sized array of the cache (the XLA path slices each
-    layer out of the stack inside the scan); the stack-sized ones are the in-place writes."""
+    """No op of the compiled step makes a layer-sized array of the cache or of a projection's
+    weight (the XLA path slices each layer out of the stacks inside the scan); the stack-sized
+    ones are the in-place writes."""
     m = random_model(CFG, seed=0)
     s = 1000
     cache = filled_cache(CFG, 1, s)
@@ -108,6 +136,12 @@ def test_decode_step_reads_the_stack_in_place():
     assert cache_sized(hlo["xla"])  # the check can tell: XLA's step slices each layer out (as [S, Hkv*D])
     assert not cache_sized(hlo["cpu"]), cache_sized(hlo["cpu"])
     assert "psynth_decode_attention" in hlo["cpu"]
+    for name, shape in (("gate", (CFG.hidden_size, CFG.intermediate_size)),
+                        ("down", (CFG.intermediate_size, CFG.hidden_size))):
+        made = {impl: re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[{shape[0]},{shape[1]}\]", text, flags=re.M)
+                for impl, text in hlo.items()}
+        assert made["xla"] and not made["cpu"], (name, made)  # XLA copies the layer's weight out; cpu reads it
+    assert hlo["cpu"].count("psynth_stacked_matmul") >= 7  # q, k, v, o, gate, up, down
 
 
 def test_prefill_and_extend_are_the_xla_path():

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.kernels.dispatch import attend
+from psynth_jax.model.kernels import cpu
+from psynth_jax.model.kernels.dispatch import attend, cpu_decode_step
 from psynth_jax.model.kernels.view import view_block
 from psynth_jax.model.kv_cache import AttentionMask, BranchView, KVCache, LayerView, write_layers, write_rows
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
@@ -82,10 +83,13 @@ class Linear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array, lora: bool | jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: bool | jax.Array, stacked: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
         """x [B, ..., in]; lora: on or off for every row, or a [B] bool array choosing per row (a
-        serving batch decodes workers, LoRA off, beside synthesizers, LoRA on)."""
-        y = x @ self.kernel[...]
+        serving batch decodes workers, LoRA off, beside synthesizers, LoRA on). stacked: (this
+        kernel's stack over the layers [L, in, out], this layer's index) for the "cpu" decode step,
+        whose kernel reads the layer's matrix in place instead of the scan's copy of it."""
+        y = x @ self.kernel[...] if stacked is None else cpu.stacked_matmul(x, *stacked)
         if self.bias is not None:
             y = y + self.bias[...]
         if self.lora_a is None or lora is False:
@@ -108,6 +112,9 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.scale[...] * xf.astype(x.dtype)
+
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # a Block's Linear layers
 
 
 class Block(nnx.Module):
@@ -140,12 +147,19 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, k_cache, v_cache, positions, write_start, chunk_len, mask: AttentionMask, inv_freq,
-                 *, lora: bool | jax.Array, attn_impl: str, stacked=None, view: LayerView | None = None):
+                 *, lora: bool | jax.Array, attn_impl: str, stacked=None, view: LayerView | None = None,
+                 weights: dict[str, jax.Array] | None = None):
+        """weights: the projections' kernels stacked over the layers, by name ("q", ..., "down"),
+        which they then read in place at this layer (`stacked`'s index): the "cpu" decode step."""
         b, t, _ = x.shape
+
+        def at_layer(name: str) -> tuple[jax.Array, jax.Array] | None:
+            return None if weights is None else (weights[name], stacked[2])
+
         h = self.attn_norm(x)
-        q = self.q(h, lora).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(h, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v(h, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q(h, lora, at_layer("q")).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(h, lora, at_layer("k")).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(h, lora, at_layer("v")).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_pre = q
@@ -154,9 +168,10 @@ class Block(nnx.Module):
         branches = None if view is None else view_block(view, q_pre, q, positions, inv_freq)
         a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len), stacked=stacked,
                    view=branches)
-        x = x + self.o(a.reshape(b, t, -1), lora)
+        x = x + self.o(a.reshape(b, t, -1), lora, at_layer("o"))
         h = self.mlp_norm(x)
-        x = x + self.down(jax.nn.silu(self.gate(h, lora)) * self.up(h, lora), lora)
+        gate, up = self.gate(h, lora, at_layer("gate")), self.up(h, lora, at_layer("up"))
+        x = x + self.down(jax.nn.silu(gate) * up, lora, at_layer("down"))
         return x, k, v
 
 
@@ -263,6 +278,13 @@ class Decoder(nnx.Module):
         stacked_k, stacked_v = jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
 
         view_xs = () if view is None else view.layer_arrays()
+        # A "cpu" decode step reads the layers' matrices from their stacks in place (kernels/cpu.py);
+        # the scan's slices of them are then unused and XLA drops them
+        weights = None
+        if attn_impl == "cpu" and visibility is None and view is None and cpu_decode_step(x, t):
+            weights = {name: layer_state[name]["kernel"][...] for name in PROJECTIONS}
+            if any(w.dtype != jnp.float32 for w in weights.values()):
+                weights = None
 
         def body(x, xs):
             state, k_c, v_c, layer, *view_layer = xs
@@ -273,7 +295,7 @@ class Decoder(nnx.Module):
                 layer_view = LayerView(vk, vv, view.k, view.v, layer, view.starts, view.lengths, view.offsets,
                                        ks, kb, vs, vb)
             x, k, v = block(x, k_c, v_c, positions, start, n, mask, inv_freq, lora=lora, attn_impl=attn_impl,
-                            stacked=(stacked_k, stacked_v, layer), view=layer_view)
+                            stacked=(stacked_k, stacked_v, layer), view=layer_view, weights=weights)
             return x, (k, v)
 
         if remat:

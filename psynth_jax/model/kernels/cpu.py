@@ -1,5 +1,5 @@
-"""The "cpu" attention: XLA's everywhere, except a decode step's read of the cache, which an XLA
-FFI kernel of ours (cpu_decode.cc) does in place.
+"""The "cpu" attention: XLA's everywhere, except a decode step's reads of the stacked cache and of
+the stacked layer weights, which XLA FFI kernels of ours (cpu_decode.cc, cpu_matmul.cc) do in place.
 
 Why: in the layer scan XLA:CPU copies each layer's keys and values out of the stacked
 [L, B, S, Hkv, D] cache before its matmuls read them, and at 16 decode slots those copies plus
@@ -10,7 +10,12 @@ values, max, sum of exps) that are merged here with the step's own key and value
 flash tiles merge their blocks. Prefill, extend, branch views and explicit masks use the XLA
 path unchanged, as does any dtype other than float32.
 
-The kernel is C++ built on first use with the host's C++ compiler (`$CXX`, else c++ / g++) against
+The same holds for the weights: the scan slices each layer's [K, N] matrices out of the stacked
+parameters and XLA:CPU copies every slice before its dot reads it, which at a decode step's few
+rows costs more than the dot (issue #27). In such a step the layer's projections (`Linear` given
+its stacked kernel) call `stacked_matmul`, which reads the layer's matrix where it lies.
+
+The kernels are C++, one library built on first use with the host's C++ compiler (`$CXX`, else c++ / g++) against
 jaxlib's FFI headers, for this CPU (-march=native), into a cache directory
 (`$PSYNTH_KERNEL_CACHE`, default ~/.cache/psynth_jax/kernels) keyed by the source, jaxlib's
 version, the compiler and the CPU's flags; the build is written under a temporary name and renamed,
@@ -36,8 +41,8 @@ import jax.numpy as jnp
 from psynth_jax.model.kernels.flash import FLOOR
 from psynth_jax.model.kernels.xla import split_slots
 
-SOURCE = Path(__file__).with_name("cpu_decode.cc")
-TARGET = "psynth_decode_attention"
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_matmul.cc"))
+TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmul": "PsynthStackedMatmul"}
 
 
 class KernelUnavailable(RuntimeError):
@@ -63,14 +68,13 @@ def _compiler() -> str:
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    """The kernel's shared library, compiled now unless the cache already holds this build."""
+    """The kernels' shared library, compiled now unless the cache already holds this build."""
     cxx = _compiler()
     flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), cxx.encode(), " ".join(flags).encode(),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), jax.__version__.encode(), cxx.encode(), " ".join(flags).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("PSYNTH_KERNEL_CACHE") or Path.home() / ".cache" / "psynth_jax" / "kernels")
-    lib = root / f"cpu_decode-{key}.so"
+    lib = root / f"psynth_cpu-{key}.so"
     if lib.exists():
         return lib
     root.mkdir(parents=True, exist_ok=True)
@@ -78,11 +82,12 @@ def build(cache_dir: Path | None = None) -> Path:
     os.close(fd)
     try:
         try:
-            run = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            run = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                 timeout=300)
         except OSError as err:
             raise KernelUnavailable(f"attention 'cpu': cannot run the C++ compiler {cxx}: {err}") from None
         if run.returncode != 0:
-            raise KernelUnavailable(f"attention 'cpu': compiling {SOURCE.name} with {cxx} failed:\n{run.stderr[-2000:]}")
+            raise KernelUnavailable(f"attention 'cpu': compiling {', '.join(s.name for s in SOURCES)} with {cxx} failed:\n{run.stderr[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -93,7 +98,8 @@ def build(cache_dir: Path | None = None) -> Path:
 @functools.cache
 def _register() -> None:
     library = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PsynthDecodeAttention), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
 
 
 def available() -> bool:
@@ -114,7 +120,7 @@ def stacked_cache_attention(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array
     b, hq, d = q.shape
     f32 = jnp.float32
     out = (jax.ShapeDtypeStruct((b, hq, d), f32), jax.ShapeDtypeStruct((b, hq), f32), jax.ShapeDtypeStruct((b, hq), f32))
-    return jax.ffi.ffi_call(TARGET, out)(q.astype(f32), k_stack, v_stack, jnp.reshape(layer, (1,)).astype(jnp.int32),
+    return jax.ffi.ffi_call("psynth_decode_attention", out)(q.astype(f32), k_stack, v_stack, jnp.reshape(layer, (1,)).astype(jnp.int32),
                                          limit.astype(jnp.int32), visible)
 
 
@@ -146,3 +152,14 @@ def decode_attention(q: jax.Array, kv_valid: jax.Array, q_slots: jax.Array, star
     den = total * old + new
     out = jnp.where(den[..., None] > 0, num / jnp.maximum(den, 1e-30)[..., None], 0.0)
     return out[:, None].astype(q.dtype)
+
+
+def stacked_matmul(x: jax.Array, w_stack: jax.Array, layer: jax.Array) -> jax.Array:
+    """x [..., K] @ w_stack[layer] for a stacked float32 weight [L, K, N], read in place -> [..., N]."""
+    _register()
+    *lead, k = x.shape
+    n = w_stack.shape[-1]
+    rows = x.reshape(-1, k).astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
+    y = jax.ffi.ffi_call("psynth_stacked_matmul", out)(rows, w_stack, jnp.reshape(layer, (1,)).astype(jnp.int32))
+    return y.reshape(*lead, n).astype(x.dtype)

@@ -21,8 +21,9 @@ kernel by name:
   Mosaic kernel; checked in interpret mode on fake CPU devices only, never on a TPU.
 - "cpu": "xla", except that a float32 decode step reads its layer of the stacked cache in place
   through an XLA FFI kernel of ours (cpu.py, cpu_decode.cc; built on first use), instead of the
-  per-layer copy and block-diagonal matmuls of `xla.decode_attention`. CPU only; under a
-  multi-device mesh it is "xla".
+  per-layer copy and block-diagonal matmuls of `xla.decode_attention`, and the layer's weights
+  likewise (cpu_matmul.cc, called by the model's projections). CPU only; under a multi-device
+  mesh it is "xla".
 """
 
 from __future__ import annotations
@@ -88,15 +89,19 @@ def attend(
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def _cpu_decode(q, k, mask, chunk, stacked, view) -> bool:
-    """Whether the "cpu" path's kernel takes this call: a float32 decode step (T = 1) over a layer
-    of a stacked cache, with the slot-rule mask and no branch view, on one device (under a
-    multi-device mesh the XLA path runs: XLA cannot partition the kernel)."""
+def cpu_decode_step(x: jax.Array, t: int) -> bool:
+    """Whether the "cpu" path's kernels take a step of `t` tokens with activations `x`: a float32
+    decode step (T = 1) on one device (under a multi-device mesh the XLA path runs: XLA cannot
+    partition the kernels)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
-    return (q.shape[1] == 1 and chunk is not None and stacked is not None and view is None
-            and mask.explicit is None and q.dtype == k.dtype == stacked[0].dtype == jnp.float32)
+    return t == 1 and x.dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
+
+
+def _cpu_decode(q, k, mask, chunk, stacked, view) -> bool:
+    """Whether the "cpu" path's attention kernel takes this call: a decode step (`cpu_decode_step`)
+    over a layer of a float32 stacked cache, with the slot-rule mask and no branch view."""
+    return (cpu_decode_step(q, q.shape[1]) and chunk is not None and stacked is not None and view is None
+            and mask.explicit is None and k.dtype == stacked[0].dtype == jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
