@@ -82,7 +82,8 @@ def test_batch_run_writes_consistent_json(tmp_path):
 # ------------------------------------------------------------------ decode
 def test_decode_run_writes_consistent_json(tmp_path):
     argv = ["--arch", "tiny-llama", "--cache-tokens", "48", "--batch", "2", "--steps", "3", "--repeats", "1",
-            "--dtype", "float32", "--out", str(tmp_path)]  # bandwidth measured (benchmarks.roofline.measure_bandwidth)
+            "--dtype", "float32", "--attn-impl", "cpu",  # docs/PERFORMANCE.md's issue #27 decode command's kernels
+            "--out", str(tmp_path)]  # bandwidth measured (benchmarks.roofline.measure_bandwidth)
     assert _run(decode_bench, argv) == 0
     meta, rows = _load(tmp_path / "decode.json")
     _check_meta(meta, "decode")
