@@ -4,8 +4,9 @@ the stacked layer weights, which XLA FFI kernels of ours (cpu_decode.cc, cpu_mat
 Why: in the layer scan XLA:CPU copies each layer's keys and values out of the stacked
 [L, B, S, Hkv, D] cache before its matmuls read them, and at 16 decode slots those copies plus
 the block-diagonal matmuls of `xla.decode_attention` were most of a serving step
-(docs/PERFORMANCE.md, issue #27). The kernel takes the whole stack and the layer index, streams
-each row's visible slots once per key head, and returns softmax statistics (sum of exp-weighted
+(docs/PERFORMANCE.md, issue #27). The kernel takes the whole stack and the layer index, reads
+each row's visible slots once in 256-slot chunks (every head of a chunk together, chunks spread
+over the threads and merged in order), and returns softmax statistics (sum of exp-weighted
 values, max, sum of exps) that are merged here with the step's own key and value, exactly as the
 flash tiles merge their blocks. Prefill, extend, branch views and explicit masks use the XLA
 path unchanged, as does any dtype other than float32.

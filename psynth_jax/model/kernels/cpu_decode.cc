@@ -10,7 +10,11 @@
 // Outputs: acc [B, Hq, D] = sum_s exp(q.k_s - m) v_s, m [B, Hq] (the running max; -1e30 where a
 //          row sees no key), l [B, Hq] = sum_s exp(q.k_s - m). The caller merges these softmax
 //          statistics with the chunk's own key (psynth_jax/model/kernels/cpu.py).
-// Work items are (row, key head) pairs spread over XLA's intra-op thread pool.
+// Work items are (row, chunk of 256 slots) pairs spread over XLA's intra-op thread pool: a chunk
+// is read once for every head (a row's [S, Hkv, D] slots are contiguous; one item per key head
+// read a third of each cache line it brought in, at SmolLM2's 3 key heads), and a lone row with
+// a long cache still gives every thread work. Each chunk's statistics go to their own buffer and
+// are merged in chunk order, so the result does not depend on which thread took which chunk.
 
 #include <algorithm>
 #include <atomic>
@@ -51,55 +55,57 @@ inline float exp_nonpositive(float x) {
 }
 
 struct Shape {
-  int64_t b, s, hq, hkv, d, g;
+  int64_t b, s, hq, hkv, d, g, vis_s;
 };
 
-// One (row, key head) pair: its G query heads over the row's visible slots.
-void attend_item(const Shape& sh, const float* q, const float* k, const float* v, int64_t limit, const bool* vis,
-                 float* acc, float* m_out, float* l_out, std::vector<float>& scores) {
-  const int64_t g_n = sh.g, d_n = sh.d, stride = sh.hkv * sh.d;
-  scores.assign(g_n * limit, kFloor);
-  float m[16];
-  for (int64_t g = 0; g < g_n; ++g) m[g] = kFloor;
-  for (int64_t s = 0; s < limit; ++s) {
+constexpr int64_t kChunk = 256;  // slots per work item
+
+// Slots [s0, s1) of one row, every head: softmax statistics of the chunk into acc [Hq, D],
+// m [Hq], l [Hq]. k, v point at the row's slot 0; vis at the row's mask.
+void attend_chunk(const Shape& sh, const float* q, const float* k, const float* v, const bool* vis, int64_t s0,
+                  int64_t s1, float* acc, float* m, float* l, std::vector<float>& scores) {
+  const int64_t n = s1 - s0, d_n = sh.d, hq_n = sh.hq, stride = sh.hkv * sh.d;
+  scores.assign(hq_n * n, kFloor);
+  for (int64_t h = 0; h < hq_n; ++h) m[h] = kFloor;
+  for (int64_t s = s0; s < s1; ++s) {
     if (!vis[s]) continue;
     const float* ks = k + s * stride;
-    for (int64_t g = 0; g < g_n; ++g) {
-      const float* qg = q + g * d_n;
+    for (int64_t h = 0; h < hq_n; ++h) {
+      const float* qh = q + h * d_n;
+      const float* kh = ks + (h / sh.g) * d_n;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < d_n; ++i) dot += qg[i] * ks[i];
-      scores[g * limit + s] = dot;
-      m[g] = std::max(m[g], dot);
+      for (int64_t i = 0; i < d_n; ++i) dot += qh[i] * kh[i];
+      scores[h * n + (s - s0)] = dot;
+      m[h] = std::max(m[h], dot);
     }
   }
-  for (int64_t g = 0; g < g_n; ++g) {
-    float* sc = scores.data() + g * limit;
+  bool any = false;
+  for (int64_t h = 0; h < hq_n; ++h) {
+    float* sc = scores.data() + h * n;
     float total = 0.0f;
-    if (m[g] > kFloor) {
+    if (m[h] > kFloor) {
+      any = true;
 #pragma omp simd reduction(+ : total)
-      for (int64_t s = 0; s < limit; ++s) {
-        float p = vis[s] ? exp_nonpositive(sc[s] - m[g]) : 0.0f;
-        sc[s] = p;
+      for (int64_t j = 0; j < n; ++j) {
+        float p = vis[s0 + j] ? exp_nonpositive(sc[j] - m[h]) : 0.0f;
+        sc[j] = p;
         total += p;
       }
     }
-    float* out = acc + g * d_n;
-    std::fill(out, out + d_n, 0.0f);
-    m_out[g] = m[g];
-    l_out[g] = total;
+    l[h] = total;
   }
-  bool any = false;
-  for (int64_t g = 0; g < g_n; ++g) any = any || m[g] > kFloor;
+  std::fill(acc, acc + hq_n * d_n, 0.0f);
   if (!any) return;
-  for (int64_t s = 0; s < limit; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     if (!vis[s]) continue;
     const float* vs = v + s * stride;
-    for (int64_t g = 0; g < g_n; ++g) {
-      float p = scores[g * limit + s];
-      float* out = acc + g * d_n;
+    for (int64_t h = 0; h < hq_n; ++h) {
+      const float p = scores[h * n + (s - s0)];
+      const float* vh = vs + (h / sh.g) * d_n;
+      float* out = acc + h * d_n;
 #pragma omp simd
-      for (int64_t i = 0; i < d_n; ++i) out[i] += p * vs[i];
+      for (int64_t i = 0; i < d_n; ++i) out[i] += p * vh[i];
     }
   }
 }
@@ -118,10 +124,12 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
                            ffi::ResultBuffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> l) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
-  if (qd.size() != 3 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [B,Hq,D], k/v [L,B,S,Hkv,D]");
-  Shape sh{kd[1], kd[2], qd[1], kd[3], kd[4], qd[1] / kd[3]};
-  if (qd[0] != sh.b || qd[2] != sh.d || sh.hq % sh.hkv != 0 || sh.g > 16)
-    return ffi::Error::InvalidArgument("q [B,Hq,D] does not match the cache [L,B,S,Hkv,D] (or Hq/Hkv > 16)");
+  auto vd = visible.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || vd.size() != 2)
+    return ffi::Error::InvalidArgument("q must be [B,Hq,D], k/v [L,B,S,Hkv,D], visible [B,S]");
+  Shape sh{kd[1], kd[2], qd[1], kd[3], kd[4], qd[1] / kd[3], vd[1]};
+  if (qd[0] != sh.b || qd[2] != sh.d || sh.hq % sh.hkv != 0 || vd[0] != sh.b || sh.vis_s != sh.s)
+    return ffi::Error::InvalidArgument("q [B,Hq,D] or visible [B,S] does not match the cache [L,B,S,Hkv,D]");
   const int64_t num_layers = kd[0];
   const int32_t li = layer.typed_data()[0];
   if (li < 0 || li >= num_layers) return ffi::Error::InvalidArgument("layer index out of range");
@@ -135,29 +143,68 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   float* mp = m->typed_data();
   float* lp = l->typed_data();
 
+  // items: each row's chunks of [0, limit), rows in order; first[r] = row r's first item
+  std::vector<int64_t> first(sh.b + 1, 0), ends(sh.b);
+  for (int64_t r = 0; r < sh.b; ++r) {
+    ends[r] = std::clamp<int64_t>(lim[r], 0, sh.s);
+    first[r + 1] = first[r] + (ends[r] + kChunk - 1) / kChunk;
+  }
+  const int64_t items = first[sh.b], per_item = sh.hq * (sh.d + 2);
+  thread_local std::vector<float> spare;  // each item's acc [Hq, D], m [Hq], l [Hq]; reused across calls
+  spare.resize(std::max<size_t>(spare.size(), items * per_item));
+  float* stats = spare.data();
+  const int64_t* fp = first.data();
+  const int64_t* ep = ends.data();
+
   auto work = std::make_shared<Work>();
-  work->items = sh.b * sh.hkv;
+  work->items = items;
   auto run = [=]() {
     std::vector<float> scores;
     int64_t mine = 0;
     for (int64_t item; (item = work->next.fetch_add(1)) < work->items; ++mine) {
-      const int64_t row = item / sh.hkv, h = item % sh.hkv;
-      const int64_t n = std::clamp<int64_t>(lim[row], 0, sh.s);
-      const int64_t head0 = h * sh.g;
-      attend_item(sh, qp + (row * sh.hq + head0) * sh.d, kp + row * sh.s * sh.hkv * sh.d + h * sh.d,
-                  vp + row * sh.s * sh.hkv * sh.d + h * sh.d, n, vis + row * sh.s,
-                  ap + (row * sh.hq + head0) * sh.d, mp + row * sh.hq + head0, lp + row * sh.hq + head0, scores);
+      const int64_t row = std::upper_bound(fp, fp + sh.b + 1, item) - fp - 1;
+      const int64_t s0 = (item - fp[row]) * kChunk, s1 = std::min(ep[row], s0 + kChunk);
+      float* st = stats + item * per_item;
+      const int64_t base = row * sh.s * sh.hkv * sh.d;
+      attend_chunk(sh, qp + row * sh.hq * sh.d, kp + base, vp + base, vis + row * sh.s, s0, s1, st,
+                   st + sh.hq * sh.d, st + sh.hq * (sh.d + 1), scores);
     }
     if (mine > 0 && work->done.fetch_add(mine) + mine == work->items) {
       std::lock_guard<std::mutex> lock(work->mu);
       work->cv.notify_all();
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run] { run(); });
-  run();  // this thread takes items too; helpers that start late find none left
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->items; });
+  if (items > 0) {
+    const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run] { run(); });
+    run();  // this thread takes items too; helpers that start late find none left
+    std::unique_lock<std::mutex> lock(work->mu);
+    work->cv.wait(lock, [&] { return work->done.load() == work->items; });
+  }
+  // merge each row's chunks in chunk order: max over chunks, sums rescaled to it
+  for (int64_t r = 0; r < sh.b; ++r) {
+    for (int64_t h = 0; h < sh.hq; ++h) {
+      float top = kFloor;
+      for (int64_t it = fp[r]; it < fp[r + 1]; ++it) top = std::max(top, stats[it * per_item + sh.hq * sh.d + h]);
+      float* out = ap + (r * sh.hq + h) * sh.d;
+      std::fill(out, out + sh.d, 0.0f);
+      float total = 0.0f;
+      if (top > kFloor) {
+        for (int64_t it = fp[r]; it < fp[r + 1]; ++it) {
+          const float* st = stats + it * per_item;
+          const float mc = st[sh.hq * sh.d + h];
+          if (mc <= kFloor) continue;
+          const float w = exp_nonpositive(mc - top);
+          total += w * st[sh.hq * (sh.d + 1) + h];
+          const float* a = st + h * sh.d;
+#pragma omp simd
+          for (int64_t i = 0; i < sh.d; ++i) out[i] += w * a[i];
+        }
+      }
+      mp[r * sh.hq + h] = top;
+      lp[r * sh.hq + h] = total;
+    }
+  }
   return ffi::Error::Success();
 }
 
