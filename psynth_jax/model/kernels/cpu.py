@@ -16,8 +16,8 @@ parameters and XLA:CPU copies every slice before its dot reads it, which at a de
 rows costs more than the dot (issue #27). In such a step the layer's projections (`Linear` given
 its stacked kernel) call `stacked_matmul`, which reads the layer's matrix where it lies.
 
-The kernels are C++, one library built on first use with the host's C++ compiler (`$CXX`, else c++ / g++) against
-jaxlib's FFI headers, for this CPU (-march=native), into a cache directory
+The kernels are C++, one library built on first use with the host's C++ compiler (`$CXX`, else
+c++ / g++) against jaxlib's FFI headers, for this CPU (-march=native), into a cache directory
 (`$PSYNTH_KERNEL_CACHE`, default ~/.cache/psynth_jax/kernels) keyed by the source, jaxlib's
 version, the compiler and the CPU's flags; the build is written under a temporary name and renamed,
 so concurrent processes never load a half-written library. Without a compiler `attn_impl="cpu"`
@@ -72,8 +72,9 @@ def build(cache_dir: Path | None = None) -> Path:
     """The kernels' shared library, compiled now unless the cache already holds this build."""
     cxx = _compiler()
     flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), jax.__version__.encode(), cxx.encode(), " ".join(flags).encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+    parts = [*(source.read_bytes() for source in SOURCES), jax.__version__.encode(), cxx.encode(),
+             " ".join(flags).encode(), _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("PSYNTH_KERNEL_CACHE") or Path.home() / ".cache" / "psynth_jax" / "kernels")
     lib = root / f"psynth_cpu-{key}.so"
     if lib.exists():
@@ -88,7 +89,8 @@ def build(cache_dir: Path | None = None) -> Path:
         except OSError as err:
             raise KernelUnavailable(f"attention 'cpu': cannot run the C++ compiler {cxx}: {err}") from None
         if run.returncode != 0:
-            raise KernelUnavailable(f"attention 'cpu': compiling {', '.join(s.name for s in SOURCES)} with {cxx} failed:\n{run.stderr[-2000:]}")
+            names = ", ".join(source.name for source in SOURCES)
+            raise KernelUnavailable(f"attention 'cpu': compiling {names} with {cxx} failed:\n{run.stderr[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -121,8 +123,9 @@ def stacked_cache_attention(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array
     b, hq, d = q.shape
     f32 = jnp.float32
     out = (jax.ShapeDtypeStruct((b, hq, d), f32), jax.ShapeDtypeStruct((b, hq), f32), jax.ShapeDtypeStruct((b, hq), f32))
-    return jax.ffi.ffi_call("psynth_decode_attention", out)(q.astype(f32), k_stack, v_stack, jnp.reshape(layer, (1,)).astype(jnp.int32),
-                                         limit.astype(jnp.int32), visible)
+    call = jax.ffi.ffi_call("psynth_decode_attention", out)
+    return call(q.astype(f32), k_stack, v_stack, jnp.reshape(layer, (1,)).astype(jnp.int32), limit.astype(jnp.int32),
+                visible)
 
 
 def decode_attention(q: jax.Array, kv_valid: jax.Array, q_slots: jax.Array, start: jax.Array, k_chunk: jax.Array,
