@@ -184,6 +184,27 @@ def test_engine_decodes_the_same_tokens():
     assert len(np.unique(tokens["xla"])) > 3  # lively: the equality means something
 
 
+def test_a_narrowed_engine_step_cuts_no_row_out_of_the_cache():
+    """A step over the first slot of 8 (`Engine.step_rows` for a lone request): XLA's path cuts the
+    row's cache out of every layer ([L, 1, C, Hkv, D]) and writes it back; under "cpu" the kernels
+    read and write the row where it lies, and the engine cuts no columns either."""
+    from psynth_jax.serve import engine as eng
+    from psynth_jax.synthesis.pipeline import ParallelSynthesis
+    from serve_fixtures import lively_model
+
+    model = lively_model()
+    cfg = model.cfg
+    cut = f"f32[{cfg.num_layers},1,256,{cfg.num_kv_heads},{cfg.head_dim}]"
+    live = jnp.asarray([True] + [False] * 7)
+    for impl in ("xla", "cpu"):
+        engine = eng.Engine(ParallelSynthesis(model, attn_impl=impl, zero_copy=False), slots=8, max_context=256)
+        assert engine.narrows_cols(1) is (impl == "xla")
+        text = eng.generate.lower(model.graphdef, model.state, engine.init_decode_state(), live, attn_impl=impl,
+                                  rows=1).compile().as_text()
+        made = re.findall(rf"^\s*(?:ROOT )?%\S+ = {re.escape(cut)}", text, flags=re.M)
+        assert bool(made) is (impl == "xla"), (impl, made)
+
+
 def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
     from psynth_jax.cli.common import UsageError, check_attn_impl
 

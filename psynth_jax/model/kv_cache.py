@@ -108,17 +108,18 @@ def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
 
 
 def write_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new [L, B, T, ...] into a stacked cache buf [L, B, S, ...] at per-row slots start [B].
+    """Write new [L, B, T, ...] into a stacked cache buf [L, N, S, ...] (N >= B: its first B rows) at
+    per-row slots start [B].
 
     Same placement as `write_rows` per layer (a start past S - T is clamped to it, as
     dynamic_update_slice does), written as one scatter in the cache's own layout: a vmapped
     update_slice over the batch axis makes XLA relayout (copy) the whole cache around it.
     """
-    b, s, t = buf.shape[1], buf.shape[2], new.shape[2]
+    b, s, t = new.shape[1], buf.shape[2], new.shape[2]
     first = jnp.clip(start.astype(jnp.int32), 0, s - t)
     slots = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    if not mesh.empty and mesh.size > 1 and b == buf.shape[1]:
         # Under a mesh the rows are sharded: a scatter with the batch as a batching dimension stays
         # per shard, where explicit row indices make the partitioner all-gather every row's cache
         # onto every device (measured by `psynth plan`: [L, B, S, H, D] per device).

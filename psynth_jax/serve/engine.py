@@ -132,6 +132,14 @@ def _step(model, state: DecodeState, live: jax.Array, attn_impl: str) -> tuple[D
     return dataclasses.replace(state, cache=cache, tokens=tokens, steps=steps), tokens
 
 
+def reads_rows_in_place(attn_impl: str, dtype: jnp.dtype) -> bool:
+    """Whether a step over a state's first rows reads and writes their cache where it lies: the
+    "cpu" kernels' float32 decode step on one device (`dispatch.cpu_decode_step`), where cutting
+    the rows out would copy every layer's slice of them and add nothing."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return attn_impl == "cpu" and dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "rows", "cols"), donate_argnames=("state",))
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live: jax.Array, *,
              attn_impl: str = "xla", rows: int | None = None, cols: int | None = None
@@ -145,7 +153,9 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live
     rows: here the first `rows` rows are cut out (one copy of their cache), stepped, and only what
     the step changed is written back: each row's new key/value at the slot it wrote, its mask,
     counters and token. Free slots past `rows` are not touched (the full step would only write
-    their unused next slot, which stays invalid).
+    their unused next slot, which stays invalid). Where `reads_rows_in_place` (the "cpu" kernels),
+    nothing is cut: the step reads those rows of the stacked cache and writes their new key/value
+    in place, and only the rows' masks and counters are cut and written back.
 
     cols: read only cache slots [0, cols) of those rows (every live row's next write slot `end`
     must be below it; None: all C). The step of a row attends to its valid slots, all below its
@@ -157,8 +167,12 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live
     cols = c.num_slots if cols is None else min(cols, c.num_slots)
     if rows == state.num_slots and cols == c.num_slots:
         return _step(model, state, live, attn_impl)
-    head = KVCache(k=c.k[:, :rows, :cols], v=c.v[:, :rows, :cols], valid=c.valid[:rows, :cols], end=c.end[:rows],
-                   next_pos=c.next_pos[:rows])
+    in_place = reads_rows_in_place(attn_impl, c.k.dtype)
+    if in_place:  # the kernels read rows [0, rows) of the stacked cache where they lie, and write there
+        head = KVCache(k=c.k, v=c.v, valid=c.valid[:rows, :cols], end=c.end[:rows], next_pos=c.next_pos[:rows])
+    else:
+        head = KVCache(k=c.k[:, :rows, :cols], v=c.v[:, :rows, :cols], valid=c.valid[:rows, :cols], end=c.end[:rows],
+                       next_pos=c.next_pos[:rows])
     sub, drawn = _step(model, DecodeState(cache=head, tokens=state.tokens[:rows], lora=state.lora[:rows],
                                           temperature=state.temperature[:rows], top_p=state.top_p[:rows],
                                           keys=state.keys[:rows], steps=state.steps[:rows]),
@@ -167,6 +181,8 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live
     row = jnp.arange(rows, dtype=jnp.int32)[:, None]
 
     def put(buf: jax.Array, new: jax.Array) -> jax.Array:
+        if in_place:
+            return new
         written = jnp.take_along_axis(new, slot[None, :, :, None, None], axis=2)  # [L, rows, 1, Hkv, D]
         return buf.at[:, row, slot].set(written, unique_indices=True)
 
@@ -293,10 +309,16 @@ class Engine:
     def narrows_cols(self, rows: int | None) -> bool:
         """Whether a step over `rows` slots (None: all) cuts their cache to `step_cols` slots: on one
         device, with an attention that reads every slot of a row (xla), or when the rows are cut
-        anyway (a copy is made: the narrower the better). Not on a mesh, and not for a step over
-        all slots under "cpu", whose decode kernel reads each row's slots in place up to its end:
+        anyway (a copy is made: the narrower the better). Not on a mesh, and not under "cpu"
+        where its kernels read each row's slots in place up to its end (`reads_rows_in_place`):
         there the cut would only add a copy of the cache (and its write-back) to the step."""
-        return self.synth.model.mesh is None and (self.synth.attn_impl != "cpu" or rows is not None)
+        if self.synth.model.mesh is not None:
+            return False
+        return self.synth.attn_impl != "cpu" or (rows is not None and not self.reads_rows_in_place())
+
+    def reads_rows_in_place(self) -> bool:
+        """Whether a narrowed step reads its rows of the cache where they lie (`reads_rows_in_place`)."""
+        return reads_rows_in_place(self.synth.attn_impl, jnp.dtype(self.synth.model.dtype_name))
 
     def col_buckets(self) -> list[int]:
         """The cache widths a step may read: C/8, C/4, C/2 (those that are multiples of 64) and C,

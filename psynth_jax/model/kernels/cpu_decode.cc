@@ -5,8 +5,10 @@
 // those copies cost as much as the attention itself (docs/PERFORMANCE.md, issue #27). This kernel
 // takes the whole stack and the layer index and streams each row's visible slots once.
 //
-// Inputs:  q [B, Hq, D] (already scaled), k, v [L, B, S, Hkv, D], layer [] int32,
-//          limit [B] int32 (slots [0, limit) are looked at), visible [B, S] bool.
+// Inputs:  q [B, Hq, D] (already scaled), k, v [L, N, S, Hkv, D], layer [] int32,
+//          limit [B] int32 (slots [0, limit) are looked at), visible [B, W] bool, W <= S.
+//          B <= N: query row b reads cache row b (a step over a state's first B slots reads
+//          their rows where they lie), and only slots below W (the visible width) are read.
 // Outputs: acc [B, Hq, D] = sum_s exp(q.k_s - m) v_s, m [B, Hq] (the running max; -1e30 where a
 //          row sees no key), l [B, Hq] = sum_s exp(q.k_s - m). The caller merges these softmax
 //          statistics with the chunk's own key (psynth_jax/model/kernels/cpu.py).
@@ -127,13 +129,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   auto vd = visible.dimensions();
   if (qd.size() != 3 || kd.size() != 5 || vd.size() != 2)
     return ffi::Error::InvalidArgument("q must be [B,Hq,D], k/v [L,B,S,Hkv,D], visible [B,S]");
-  Shape sh{kd[1], kd[2], qd[1], kd[3], kd[4], qd[1] / kd[3], vd[1]};
-  if (qd[0] != sh.b || qd[2] != sh.d || sh.hq % sh.hkv != 0 || vd[0] != sh.b || sh.vis_s != sh.s)
-    return ffi::Error::InvalidArgument("q [B,Hq,D] or visible [B,S] does not match the cache [L,B,S,Hkv,D]");
+  Shape sh{qd[0], kd[2], qd[1], kd[3], kd[4], qd[1] / kd[3], vd[1]};
+  if (sh.b > kd[1] || qd[2] != sh.d || sh.hq % sh.hkv != 0 || vd[0] != sh.b || sh.vis_s > sh.s)
+    return ffi::Error::InvalidArgument("q [B,Hq,D] or visible [B,W] does not match the cache [L,N,S,Hkv,D] "
+                                       "(B <= N, W <= S)");
   const int64_t num_layers = kd[0];
   const int32_t li = layer.typed_data()[0];
   if (li < 0 || li >= num_layers) return ffi::Error::InvalidArgument("layer index out of range");
-  const int64_t layer_size = sh.b * sh.s * sh.hkv * sh.d;
+  const int64_t layer_size = kd[1] * sh.s * sh.hkv * sh.d;
   const float* kp = k.typed_data() + li * layer_size;
   const float* vp = v.typed_data() + li * layer_size;
   const float* qp = q.typed_data();
@@ -146,7 +149,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   // items: each row's chunks of [0, limit), rows in order; first[r] = row r's first item
   std::vector<int64_t> first(sh.b + 1, 0), ends(sh.b);
   for (int64_t r = 0; r < sh.b; ++r) {
-    ends[r] = std::clamp<int64_t>(lim[r], 0, sh.s);
+    ends[r] = std::clamp<int64_t>(lim[r], 0, sh.vis_s);
     first[r + 1] = first[r] + (ends[r] + kChunk - 1) / kChunk;
   }
   const int64_t items = first[sh.b], per_item = sh.hq * (sh.d + 2);
@@ -166,7 +169,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       const int64_t s0 = (item - fp[row]) * kChunk, s1 = std::min(ep[row], s0 + kChunk);
       float* st = stats + item * per_item;
       const int64_t base = row * sh.s * sh.hkv * sh.d;
-      attend_chunk(sh, qp + row * sh.hq * sh.d, kp + base, vp + base, vis + row * sh.s, s0, s1, st,
+      attend_chunk(sh, qp + row * sh.hq * sh.d, kp + base, vp + base, vis + row * sh.vis_s, s0, s1, st,
                    st + sh.hq * sh.d, st + sh.hq * (sh.d + 1), scores);
     }
     if (mine > 0 && work->done.fetch_add(mine) + mine == work->items) {
