@@ -281,7 +281,7 @@ class Decoder(nnx.Module):
         # A "cpu" decode step reads the layers' matrices from their stacks in place (kernels/cpu.py);
         # the scan's slices of them are then unused and XLA drops them
         weights = None
-        if attn_impl == "cpu" and visibility is None and view is None and cpu_decode_step(x, t):
+        if attn_impl == "cpu" and visibility is None and view is None and cpu_decode_step(x.dtype, t):
             weights = {name: layer_state[name]["kernel"][...] for name in PROJECTIONS}
             if any(w.dtype != jnp.float32 for w in weights.values()):
                 weights = None

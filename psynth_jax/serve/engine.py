@@ -40,6 +40,7 @@ from psynth_jax import distributed
 from psynth_jax.inference import runtime
 from psynth_jax.inference.generator import bucket, pad_batch
 from psynth_jax.inference.sampling import sample_rows
+from psynth_jax.model.kernels.dispatch import cpu_decode_step
 from psynth_jax.model.kv_cache import BranchCaches, KVCache
 from psynth_jax.synthesis import core
 from psynth_jax.synthesis.handoff import Handoff
@@ -134,10 +135,9 @@ def _step(model, state: DecodeState, live: jax.Array, attn_impl: str) -> tuple[D
 
 def reads_rows_in_place(attn_impl: str, dtype: jnp.dtype) -> bool:
     """Whether a step over a state's first rows reads and writes their cache where it lies: the
-    "cpu" kernels' float32 decode step on one device (`dispatch.cpu_decode_step`), where cutting
-    the rows out would copy every layer's slice of them and add nothing."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return attn_impl == "cpu" and dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
+    "cpu" kernels' decode step (`dispatch.cpu_decode_step`), where cutting the rows out would copy
+    every layer's slice of them and add nothing."""
+    return attn_impl == "cpu" and cpu_decode_step(dtype, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "rows", "cols"), donate_argnames=("state",))
@@ -181,12 +181,11 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, live
     row = jnp.arange(rows, dtype=jnp.int32)[:, None]
 
     def put(buf: jax.Array, new: jax.Array) -> jax.Array:
-        if in_place:
-            return new
         written = jnp.take_along_axis(new, slot[None, :, :, None, None], axis=2)  # [L, rows, 1, Hkv, D]
         return buf.at[:, row, slot].set(written, unique_indices=True)
 
-    cache = KVCache(k=put(c.k, sub.cache.k), v=put(c.v, sub.cache.v), valid=c.valid.at[:rows, :cols].set(sub.cache.valid),
+    k, v = (sub.cache.k, sub.cache.v) if in_place else (put(c.k, sub.cache.k), put(c.v, sub.cache.v))
+    cache = KVCache(k=k, v=v, valid=c.valid.at[:rows, :cols].set(sub.cache.valid),
                     end=c.end.at[:rows].set(sub.cache.end), next_pos=c.next_pos.at[:rows].set(sub.cache.next_pos))
     tokens = state.tokens.at[:rows].set(drawn)
     return dataclasses.replace(state, cache=cache, tokens=tokens, steps=state.steps.at[:rows].set(sub.steps)), tokens

@@ -43,6 +43,7 @@ from psynth_jax.model.kernels.flash import FLOOR
 from psynth_jax.model.kernels.xla import split_slots
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_matmul.cc"))
+HEADERS = (Path(__file__).with_name("cpu_pool.h"),)  # included by the sources: part of the build's key
 TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmul": "PsynthStackedMatmul"}
 
 
@@ -71,8 +72,9 @@ def _compiler() -> str:
 def build(cache_dir: Path | None = None) -> Path:
     """The kernels' shared library, compiled now unless the cache already holds this build."""
     cxx = _compiler()
-    flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
-    parts = [*(source.read_bytes() for source in SOURCES), jax.__version__.encode(), cxx.encode(),
+    flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(),
+             "-I", str(SOURCES[0].parent)]
+    parts = [*(f.read_bytes() for f in (*SOURCES, *HEADERS)), jax.__version__.encode(), cxx.encode(),
              " ".join(flags).encode(), _cpu_flags().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("PSYNTH_KERNEL_CACHE") or Path.home() / ".cache" / "psynth_jax" / "kernels")

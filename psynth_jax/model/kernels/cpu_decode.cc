@@ -19,15 +19,12 @@
 // are merged in chunk order, so the result does not depend on which thread took which chunk.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -112,14 +109,6 @@ void attend_chunk(const Shape& sh, const float* q, const float* k, const float* 
   }
 }
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t items = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> limit,
                            ffi::Buffer<ffi::PRED> visible, ffi::ResultBuffer<ffi::F32> acc,
@@ -159,31 +148,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t* fp = first.data();
   const int64_t* ep = ends.data();
 
-  auto work = std::make_shared<Work>();
-  work->items = items;
-  auto run = [=]() {
-    std::vector<float> scores;
-    int64_t mine = 0;
-    for (int64_t item; (item = work->next.fetch_add(1)) < work->items; ++mine) {
-      const int64_t row = std::upper_bound(fp, fp + sh.b + 1, item) - fp - 1;
-      const int64_t s0 = (item - fp[row]) * kChunk, s1 = std::min(ep[row], s0 + kChunk);
-      float* st = stats + item * per_item;
-      const int64_t base = row * sh.s * sh.hkv * sh.d;
-      attend_chunk(sh, qp + row * sh.hq * sh.d, kp + base, vp + base, vis + row * sh.vis_s, s0, s1, st,
-                   st + sh.hq * sh.d, st + sh.hq * (sh.d + 1), scores);
-    }
-    if (mine > 0 && work->done.fetch_add(mine) + mine == work->items) {
-      std::lock_guard<std::mutex> lock(work->mu);
-      work->cv.notify_all();
-    }
-  };
-  if (items > 0) {
-    const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run] { run(); });
-    run();  // this thread takes items too; helpers that start late find none left
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done.load() == work->items; });
-  }
+  psynth::run_items(pool, items, [=](int64_t item) {
+    thread_local std::vector<float> scores;  // this thread's [Hq, chunk] scores, reused
+    const int64_t row = std::upper_bound(fp, fp + sh.b + 1, item) - fp - 1;
+    const int64_t s0 = (item - fp[row]) * kChunk, s1 = std::min(ep[row], s0 + kChunk);
+    float* st = stats + item * per_item;
+    const int64_t base = row * sh.s * sh.hkv * sh.d;
+    attend_chunk(sh, qp + row * sh.hq * sh.d, kp + base, vp + base, vis + row * sh.vis_s, s0, s1, st,
+                 st + sh.hq * sh.d, st + sh.hq * (sh.d + 1), scores);
+  });
   // merge each row's chunks in chunk order: max over chunks, sums rescaled to it
   for (int64_t r = 0; r < sh.b; ++r) {
     for (int64_t h = 0; h < sh.hq; ++h) {

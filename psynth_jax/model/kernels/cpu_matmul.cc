@@ -12,14 +12,11 @@
 // added in part order: the result is the same whichever thread took which part.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -84,14 +81,6 @@ void part(const float* x, int64_t m_n, int64_t k_n, const float* w, int64_t n, f
   }
 }
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t items = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
@@ -115,26 +104,10 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   spare.resize(std::max<size_t>(spare.size(), (parts - 1) * m_n * n));
   float* sums = spare.data();
 
-  auto work = std::make_shared<Work>();
-  work->items = parts;
-  auto run = [=]() {
-    int64_t mine = 0;
-    for (int64_t item; (item = work->next.fetch_add(1)) < work->items; ++mine) {
-      const int64_t i0 = item * kPart, i1 = std::min(k_n, i0 + kPart);
-      part(xp, m_n, k_n, wp, n, item == 0 ? yp : sums + (item - 1) * m_n * n, i0, i1);
-    }
-    if (mine > 0 && work->done.fetch_add(mine) + mine == work->items) {
-      std::lock_guard<std::mutex> lock(work->mu);
-      work->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), parts) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run] { run(); });
-  run();  // this thread takes parts too; helpers that start late find none left
-  {
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done.load() == work->items; });
-  }
+  psynth::run_items(pool, parts, [=](int64_t item) {
+    const int64_t i0 = item * kPart, i1 = std::min(k_n, i0 + kPart);
+    part(xp, m_n, k_n, wp, n, item == 0 ? yp : sums + (item - 1) * m_n * n, i0, i1);
+  });
   for (int64_t p = 1; p < parts; ++p) {  // in part order: the same sum whoever computed each part
     const float* s = sums + (p - 1) * m_n * n;
     for (int64_t j = 0; j < m_n * n; ++j) yp[j] += s[j];

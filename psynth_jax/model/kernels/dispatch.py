@@ -89,18 +89,18 @@ def attend(
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def cpu_decode_step(x: jax.Array, t: int) -> bool:
-    """Whether the "cpu" path's kernels take a step of `t` tokens with activations `x`: a float32
-    decode step (T = 1) on one device (under a multi-device mesh the XLA path runs: XLA cannot
-    partition the kernels)."""
+def cpu_decode_step(dtype: jnp.dtype, t: int) -> bool:
+    """Whether the "cpu" path's kernels take a step of `t` tokens in `dtype`: a float32 decode step
+    (T = 1) on one device (under a multi-device mesh the XLA path runs: XLA cannot partition the
+    kernels)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return t == 1 and x.dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
+    return t == 1 and dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
 
 
 def _cpu_decode(q, k, mask, chunk, stacked, view) -> bool:
     """Whether the "cpu" path's attention kernel takes this call: a decode step (`cpu_decode_step`)
     over a layer of a float32 stacked cache, with the slot-rule mask and no branch view."""
-    return (cpu_decode_step(q, q.shape[1]) and chunk is not None and stacked is not None and view is None
+    return (cpu_decode_step(q.dtype, q.shape[1]) and chunk is not None and stacked is not None and view is None
             and mask.explicit is None and k.dtype == stacked[0].dtype == jnp.float32)
 
 
