@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from psynth_jax.cli.main import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, main
@@ -339,6 +340,39 @@ def test_one_exit_code_per_kind_and_debug_shows_the_traceback(monkeypatch, capsy
     boom("", KeyboardInterrupt)
     code, err = psynth(capsys, "generate", "q")
     assert code == EXIT_INTERRUPTED and "interrupted" in err
+
+
+def test_ctrl_c_inside_a_callback_of_jax_is_still_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C that lands in a pytree's metadata `__eq__` while jax compares two tree structures (a
+    jit cache lookup does) comes out of jax as a ValueError caused by the KeyboardInterrupt: still
+    "interrupted", exit 130, not an input error (exit 2, as CI once saw from an eval)."""
+    import dataclasses
+
+    from psynth_jax.cli import generate
+
+    class Meta:
+        def __eq__(self, other):
+            raise KeyboardInterrupt
+
+        def __hash__(self):
+            return 0
+
+    @dataclasses.dataclass
+    class Tree:
+        x: jax.Array
+        meta: Meta
+
+    jax.tree_util.register_dataclass(Tree, data_fields=["x"], meta_fields=["meta"])
+
+    def run(args):
+        return jax.tree.structure(Tree(jnp.ones(2), Meta())) == jax.tree.structure(Tree(jnp.ones(2), Meta()))
+
+    monkeypatch.setattr(generate, "run", run)
+    with pytest.raises(ValueError) as raised:  # what jax itself raises, so the test takes the real path
+        run(None)
+    assert isinstance(raised.value.__cause__, KeyboardInterrupt)
+    code, err = psynth(capsys, "generate", "q")
+    assert code == EXIT_INTERRUPTED and err.strip() == "psynth generate: interrupted", err
 
 
 def test_help_documents_the_exit_codes():

@@ -160,11 +160,27 @@ def _run(argv: list[str] | None) -> int:
         return _fail(debug, f"{prefix} {message}", EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail(debug, f"psynth {args.command}: interrupted", EXIT_INTERRUPTED)
-    except INPUT_ERRORS as e:
-        return _fail(debug, f"{prefix} {one_line(e)}", EXIT_USAGE)
     except Exception as e:  # noqa: BLE001 - every other failure: one line, the traceback on --debug
+        if _raised_by_an_interrupt(e):
+            return _fail(debug, f"psynth {args.command}: interrupted", EXIT_INTERRUPTED)
+        if isinstance(e, INPUT_ERRORS):
+            return _fail(debug, f"{prefix} {one_line(e)}", EXIT_USAGE)
         hint = "" if debug else " (--debug shows the traceback)"
         return _fail(debug, f"{prefix} {type(e).__name__}: {one_line(e)}{hint}", EXIT_FAILURE)
+
+
+def _raised_by_an_interrupt(e: BaseException) -> bool:
+    """Whether Ctrl-C caused `e`: an interrupt raised inside a Python callback that jax's C++ runs
+    comes back wrapped, e.g. a pytree's metadata `__eq__` during a jit cache lookup gives "ValueError:
+    Exception raised while checking equality of metadata fields" with the KeyboardInterrupt as its
+    cause (CI saw that exit 2 instead of 130)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _fail(debug: bool, message: str, code: int) -> int:
