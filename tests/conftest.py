@@ -1,4 +1,5 @@
-"""Suite-wide: CPU only; one XLA compilation cache per session; drop JAX's compiled executables after every
+"""Suite-wide: CPU only; one XLA compilation cache per session; fast-compile XLA flags
+(tests/fast_compile.py); drop JAX's compiled executables after every
 test module; run the longest modules first.
 
 XLA's CPU backend maps each compiled executable's code into its own memory regions, and JAX keeps
@@ -42,8 +43,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax
-import pytest
+from fast_compile import xla_flags  # noqa: E402 - before jax reads XLA_FLAGS
+
+os.environ["XLA_FLAGS"] = xla_flags(*os.environ.get("XLA_FLAGS", "").split())
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # serial seconds on the 2-core VM, longest first; except that the two modules running 2-process pods
 # are handed out apart (test_multihost.py after ~450 s of the other worker's modules): two pods at once

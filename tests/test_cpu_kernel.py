@@ -7,7 +7,8 @@ XLA path.
   references (every row blocking and column tail of the matmul);
 - the kernels read layer l of the stacked cache and of the stacked weights in place: the
   compiled step makes no layer-sized copy of either (the XLA path's dynamic-slices);
-- prefill and extend under "cpu" are the XLA path, bit for bit;
+- prefill and extend under "cpu" read the weights in place too (projections and LM head) and
+  equal the XLA path;
 - the serving engine decodes the same greedy tokens with it;
 - without a C++ compiler the build fails with a message that says so, and the CLI refuses
   --attn-impl cpu before loading anything.
@@ -15,6 +16,7 @@ XLA path.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -99,11 +101,13 @@ def test_kernel_statistics_equal_a_masked_softmax(s):
             np.testing.assert_allclose(np.asarray(acc[row, h]), p @ v[1, row, :, h // g], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
-@pytest.mark.parametrize("n", [16, 64, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("n", [16, 64, 200, 520])
 def test_stacked_matmul_equals_a_float64_product(rows, n):
-    """Rows in register blocks of four plus 1-3 left over; columns in 64-wide tiles plus a tail
-    (16: a tail alone); layer 2 of 3, read in place; leading dimensions kept."""
+    """Both schedules: 1-2 rows streamed (w's rows in parts, 64-column sweeps plus a tail); 3+ rows
+    tiled (register tiles of 6 rows plus 1-5 left over, 48-row chunks: 50 = 48 + 2; panels of 1
+    vector (n 64, 200) or 4 (520 = 32 vectors + 8), columns beyond the last vector (200, 520), a
+    tail alone (16 is one vector, 520's 8)); layer 2 of 3, read in place; leading dimensions kept."""
     rng = np.random.default_rng(rows * 1000 + n)
     w = rng.normal(size=(3, 37, n)).astype(np.float32)
     x = rng.normal(size=(rows, 1, 37)).astype(np.float32)
@@ -112,15 +116,29 @@ def test_stacked_matmul_equals_a_float64_product(rows, n):
     np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w[2].astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_stacked_matmul_is_the_same_whichever_thread_sums_which_part():
-    """Ten 64-row parts of w over the pool's threads, summed in part order: bit-equal on every call."""
+@pytest.mark.parametrize("rows", [2, 100])
+def test_stacked_matmul_is_the_same_whichever_thread_sums_which_part(rows):
+    """Streamed (2 rows: ten 64-row parts of w over the pool's threads, summed in part order) and
+    tiled (100 rows: 3 chunks x 12 panels): bit-equal on every call."""
     rng = np.random.default_rng(7)
     w = rng.normal(size=(2, 600, 200)).astype(np.float32)
-    x = rng.normal(size=(5, 600)).astype(np.float32)
+    x = rng.normal(size=(rows, 600)).astype(np.float32)
     f = jax.jit(cpu.stacked_matmul)
     first = np.asarray(f(x, w, jnp.int32(1)))
     for _ in range(20):
         np.testing.assert_array_equal(np.asarray(f(x, w, jnp.int32(1))), first)
+
+
+def test_stacked_matmul_differentiates_as_the_xla_product():
+    """Gradients through the kernel (x's and the stack's: zero but at the layer) = XLA's x @ w[layer]."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(3, 20, 40)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 5, 20)), jnp.float32)
+    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(cpu.stacked_matmul(x, w, jnp.int32(1)))), argnums=(0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w[1])), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert not np.asarray(ours[1])[[0, 2]].any()
 
 
 def test_decode_step_reads_the_stack_in_place():
@@ -150,14 +168,30 @@ def test_decode_step_reads_the_stack_in_place():
     assert hlo["cpu"].count("psynth_stacked_matmul") >= 7  # q, k, v, o, gate, up, down
 
 
-def test_prefill_and_extend_are_the_xla_path():
-    m = random_model(CFG, seed=2)
+def test_prefill_and_extend_read_the_weights_in_place_and_equal_the_xla_path():
+    """Prefill and extend under "cpu": XLA's attention, the matmul kernels' projections and LM head
+    (tied: the embedding read as [V, D]; untied: its own [D, V]); the XLA path's logits and cache,
+    and no layer-sized copy of a weight and no transposed copy of the embedding in the compiled
+    prefill."""
     tokens = jnp.asarray([[5, 6, 7, 8, 9, 10, 0, 0], [11, 12, 13, 14, 15, 16, 17, 18]], jnp.int32)
     lengths = jnp.asarray([6, 8], jnp.int32)
-    got = {impl: runtime.prefill(m.graphdef, m.state, tokens, lengths, num_slots=64, attn_impl=impl)
-           for impl in ("xla", "cpu")}
-    for a, b in zip(jax.tree.leaves(got["cpu"]), jax.tree.leaves(got["xla"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for tied in (True, False):
+        m = random_model(dataclasses.replace(CFG, tie_word_embeddings=tied), seed=2)
+        got = {impl: runtime.prefill(m.graphdef, m.state, tokens, lengths, num_slots=64, attn_impl=impl, output="all")
+               for impl in ("xla", "cpu")}
+        for a, b in zip(jax.tree.leaves(got["cpu"]), jax.tree.leaves(got["xla"])):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5, rtol=1e-5)
+        more = jnp.asarray([[20, 21, 22, 0], [23, 24, 25, 26]], jnp.int32)
+        ext = {impl: runtime.extend(m.graphdef, m.state, more, jnp.asarray([3, 4], jnp.int32),
+                                    jax.tree.map(jnp.copy, got[impl][1]), attn_impl=impl) for impl in ("xla", "cpu")}
+        np.testing.assert_allclose(np.asarray(ext["cpu"][0]), np.asarray(ext["xla"][0]), atol=1e-5, rtol=1e-5)
+        hlo = {impl: runtime.prefill.lower(m.graphdef, m.state, tokens, lengths, num_slots=64, attn_impl=impl
+                                           ).compile().as_text() for impl in ("xla", "cpu")}
+        d, f, v = CFG.hidden_size, CFG.intermediate_size, CFG.vocab_size
+        copies = {impl: re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[(?:{d},{f}|{f},{d}|{d},{v})\]\S* (?!parameter).*",
+                                   text, flags=re.M) for impl, text in hlo.items()}
+        assert copies["xla"] and not copies["cpu"], copies  # XLA slices each layer's weights out
+        assert hlo["cpu"].count("psynth_stacked_matmul") >= 7 and ("psynth_rows_matmul" in hlo["cpu"]) == tied
 
 
 def test_engine_decodes_the_same_tokens():

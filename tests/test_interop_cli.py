@@ -20,6 +20,7 @@ import pytest
 import transformers
 from flax import nnx
 
+from fast_compile import xla_flags
 import hf_models
 from psynth_jax.cli import export as export_cli
 from psynth_jax.config import ExperimentConfig, dump_config, from_dict
@@ -135,7 +136,7 @@ def test_run_saved_on_a_multi_device_mesh_restores_on_one_device(run_dir, tmp_pa
         ckpt.close()
         np.save({str(tmp_path / "qa.npy")!r}, np.asarray(nnx.to_pure_dict(tr["lora"])["layers"]["q"]["lora_a"]))
     """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)
     (tmp_path / "config.yaml").write_text((run / "config.yaml").read_text())
     trained = restore_run(tmp_path, load_model(base, with_tokenizer=False))

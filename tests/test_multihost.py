@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fast_compile import xla_flags
 from tiny_smol import make_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +40,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 def env_one_process(devices: int = 8) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
+    env["XLA_FLAGS"] = xla_flags()  # the suite's, no forced device count
     return env
 
 

@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from fast_compile import xla_flags
 from psynth_jax.inference.sampling import SamplingConfig
 from psynth_jax.serve.service import DEFAULT_BRANCH_SYSTEM
 from psynth_jax.synthesis.pipeline import ParallelSynthesis
@@ -361,7 +362,7 @@ def test_the_engine_on_a_mesh_decodes_as_on_one_device():
     from pathlib import Path
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # the suite's, no forced device count
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("serve_mesh_check.py"))], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

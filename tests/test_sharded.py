@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fast_compile import xla_flags
 from psynth_jax.synthesis.handoff import Handoff
 from tiny_smol import make_tiny_smol
 
@@ -41,7 +42,7 @@ def measure(root: Path, name: str, synthesis: str, parts: str) -> dict:
     """tests/sharded_checks.py in a child process with 8 devices: its facts."""
     out = root / f"{name}.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # the suite's, no forced device count
     script = Path(__file__).with_name("sharded_checks.py")
     run = subprocess.run([sys.executable, str(script), str(root), str(out), synthesis, parts], env=env,
                          capture_output=True, text=True, timeout=900)

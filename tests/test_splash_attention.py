@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fast_compile import xla_flags
 from psynth_jax.inference import runtime
 from psynth_jax.model.kernels import splash
 from psynth_jax.model.kernels.dispatch import IMPLEMENTATIONS, attend
@@ -282,7 +283,7 @@ def test_sharded_train_step_splash_equals_xla():
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SHARDED_SPLASH_SCRIPT, str(Path(__file__).parent)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fast_compile import xla_flags
 from psynth_jax.model.loaded import random_model
 from psynth_jax.model.transformer import LoRAConfig
 from psynth_jax.synthesis.mapper import make_mapper
@@ -146,7 +147,7 @@ print(json.dumps({"single": single_losses, "sharded": sharded_losses, "param_dif
 
 def test_sharded_step_equals_single_device_step(tmp_path):
     """8 fake CPU devices, mesh data=2 x fsdp=2 x tensor=2, vs 1 device: same loss and update."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     tests_dir = str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, tests_dir], env=env, capture_output=True,
                          text=True, timeout=600)

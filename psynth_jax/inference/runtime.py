@@ -64,14 +64,15 @@ def prefill_fn(model: Decoder, tokens: jax.Array, lengths: jax.Array, *, num_slo
                      attn_impl=attn_impl, remat=remat)
 
 
-def select_outputs(model: Decoder, hidden: jax.Array, lengths: jax.Array, output: Output) -> jax.Array:
+def select_outputs(model: Decoder, hidden: jax.Array, lengths: jax.Array, output: Output, attn_impl: str = "xla"
+                   ) -> jax.Array:
     """A prefill's outputs: "last" -> float32 logits of each row's last valid token [B, V] (the LM
     head sees one position per row), "all" -> logits [B, T, V], "hidden" -> the hidden states."""
     if output == "hidden":
         return hidden
     if output == "last":
         hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    return model.logits(hidden)
+    return model.logits(hidden, attn_impl=attn_impl)
 
 
 @functools.partial(
@@ -92,7 +93,7 @@ def prefill(
     lengths [B] -> (outputs, a fresh cache of `num_slots` slots with room to decode)."""
     model = _merge(graphdef, state)
     h, cache = prefill_fn(model, tokens, lengths, num_slots=num_slots, lora=lora, attn_impl=attn_impl)
-    return select_outputs(model, h, lengths, output), cache
+    return select_outputs(model, h, lengths, output, attn_impl), cache
 
 
 def decode_fn(model: Decoder, tokens: jax.Array, cache: KVCache, active: jax.Array | None = None, *,
@@ -208,8 +209,8 @@ def generate(
     model = _merge(graphdef, state)
     h, cache = prefill_fn(model, tokens, lengths, num_slots=num_slots, lora=lora, attn_impl=attn_impl)
     return decode_loop(
-        model, select_outputs(model, h, lengths, "last"), cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
-        stop_ids=stop_ids, lora=lora, attn_impl=attn_impl,
+        model, select_outputs(model, h, lengths, "last", attn_impl), cache, rng, max_new_tokens=max_new_tokens,
+        sampling=sampling, stop_ids=stop_ids, lora=lora, attn_impl=attn_impl,
     )
 
 
@@ -235,7 +236,7 @@ def extend(
     """
     model = _merge(graphdef, state)
     h, cache = extend_fn(model, cache, tokens, lengths, lora=lora, attn_impl=attn_impl, view=view)
-    return select_outputs(model, h, lengths, output), cache
+    return select_outputs(model, h, lengths, output, attn_impl), cache
 
 
 @functools.partial(

@@ -21,7 +21,7 @@ from flax import nnx
 
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kernels import cpu
-from psynth_jax.model.kernels.dispatch import attend, cpu_decode_step
+from psynth_jax.model.kernels.dispatch import attend, cpu_weights_in_place
 from psynth_jax.model.kernels.view import view_block
 from psynth_jax.model.kv_cache import AttentionMask, BranchView, KVCache, LayerView, write_layers, write_rows
 from psynth_jax.model.rope import apply_rope, inverse_frequencies
@@ -87,8 +87,8 @@ class Linear(nnx.Module):
                  ) -> jax.Array:
         """x [B, ..., in]; lora: on or off for every row, or a [B] bool array choosing per row (a
         serving batch decodes workers, LoRA off, beside synthesizers, LoRA on). stacked: (this
-        kernel's stack over the layers [L, in, out], this layer's index) for the "cpu" decode step,
-        whose kernel reads the layer's matrix in place instead of the scan's copy of it."""
+        kernel's stack over the layers [L, in, out], this layer's index) for the "cpu" path, whose
+        kernel reads the layer's matrix in place instead of the scan's copy of it."""
         y = x @ self.kernel[...] if stacked is None else cpu.stacked_matmul(x, *stacked)
         if self.bias is not None:
             y = y + self.bias[...]
@@ -150,7 +150,7 @@ class Block(nnx.Module):
                  *, lora: bool | jax.Array, attn_impl: str, stacked=None, view: LayerView | None = None,
                  weights: dict[str, jax.Array] | None = None):
         """weights: the projections' kernels stacked over the layers, by name ("q", ..., "down"),
-        which they then read in place at this layer (`stacked`'s index): the "cpu" decode step."""
+        which they then read in place at this layer (`stacked`'s index): the "cpu" path."""
         b, t, _ = x.shape
 
         def at_layer(name: str) -> tuple[jax.Array, jax.Array] | None:
@@ -227,8 +227,16 @@ class Decoder(nnx.Module):
         """The LM head [D, V] as stored: the tied embedding transposed, or its own matrix."""
         return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-    def logits(self, h: jax.Array, head: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states -> float32 logits (`head`: a `head_weight()` already gathered)."""
+    def logits(self, h: jax.Array, head: jax.Array | None = None, *, attn_impl: str = "xla") -> jax.Array:
+        """Final-norm hidden states -> float32 logits (`head`: a `head_weight()` already gathered).
+        Under "cpu" (float32 on one device) a kernel reads the head where it lies: XLA:CPU would
+        transpose the tied embedding into a copy at every call (kernels/cpu.py)."""
+        if head is None and attn_impl == "cpu" and cpu_weights_in_place(h.dtype):
+            stored = self.embed[...] if self.lm_head is None else self.lm_head[...]
+            if stored.dtype == jnp.float32:
+                if self.lm_head is None:
+                    return cpu.rows_matmul(h, stored)
+                return cpu.stacked_matmul(h, stored[None], jnp.int32(0))
         w = self._head() if head is None else head
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
@@ -278,10 +286,10 @@ class Decoder(nnx.Module):
         stacked_k, stacked_v = jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
 
         view_xs = () if view is None else view.layer_arrays()
-        # A "cpu" decode step reads the layers' matrices from their stacks in place (kernels/cpu.py);
-        # the scan's slices of them are then unused and XLA drops them
+        # Under "cpu" the layers' matrices are read from their stacks in place (kernels/cpu.py); the
+        # scan's slices of them are then unused and XLA drops them
         weights = None
-        if attn_impl == "cpu" and visibility is None and view is None and cpu_decode_step(x.dtype, t):
+        if attn_impl == "cpu" and cpu_weights_in_place(x.dtype):
             weights = {name: layer_state[name]["kernel"][...] for name in PROJECTIONS}
             if any(w.dtype != jnp.float32 for w in weights.values()):
                 weights = None
@@ -312,4 +320,4 @@ class Decoder(nnx.Module):
             return h, new_cache
         if output == "last":
             h = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
-        return self.logits(h), new_cache
+        return self.logits(h, attn_impl=attn_impl), new_cache

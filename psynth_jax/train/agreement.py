@@ -34,9 +34,9 @@ def greedy_both_paths(graphdefs, trainable, frozen, batch, *, max_new_tokens: in
     key = jax.random.key(0)
 
     def decode(h, lengths, cache, lora, view=None):
-        return runtime.decode_loop(model, runtime.select_outputs(model, h, lengths, "last"), cache, key,
-                                   max_new_tokens=max_new_tokens, sampling=greedy, stop_ids=stop_ids, lora=lora,
-                                   attn_impl=opts.attn_impl, view=view)
+        first = runtime.select_outputs(model, h, lengths, "last", opts.attn_impl)
+        return runtime.decode_loop(model, first, cache, key, max_new_tokens=max_new_tokens, sampling=greedy,
+                                   stop_ids=stop_ids, lora=lora, attn_impl=opts.attn_impl, view=view)
 
     tokens = batch["synth_tokens"]
     lengths = _prompt_len(batch["loss_mask"])

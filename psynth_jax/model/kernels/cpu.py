@@ -44,7 +44,8 @@ from psynth_jax.model.kernels.xla import split_slots
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_matmul.cc"))
 HEADERS = (Path(__file__).with_name("cpu_pool.h"),)  # included by the sources: part of the build's key
-TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmul": "PsynthStackedMatmul"}
+TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmul": "PsynthStackedMatmul",
+           "psynth_rows_matmul": "PsynthRowsMatmul"}
 
 
 class KernelUnavailable(RuntimeError):
@@ -160,8 +161,13 @@ def decode_attention(q: jax.Array, kv_valid: jax.Array, q_slots: jax.Array, star
     return out[:, None].astype(q.dtype)
 
 
+@jax.custom_vjp
 def stacked_matmul(x: jax.Array, w_stack: jax.Array, layer: jax.Array) -> jax.Array:
-    """x [..., K] @ w_stack[layer] for a stacked float32 weight [L, K, N], read in place -> [..., N]."""
+    """x [..., K] @ w_stack[layer] for a stacked float32 weight [L, K, N], read in place -> [..., N].
+
+    Differentiable: the backward pass is XLA's (x's cotangent g @ w[layer].T; w's is zero except at
+    `layer`), so a training step may run through it; XLA drops the weight's cotangent where nothing
+    asks for it (the base weights are frozen)."""
     _register()
     *lead, k = x.shape
     n = w_stack.shape[-1]
@@ -169,3 +175,43 @@ def stacked_matmul(x: jax.Array, w_stack: jax.Array, layer: jax.Array) -> jax.Ar
     out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
     y = jax.ffi.ffi_call("psynth_stacked_matmul", out)(rows, w_stack, jnp.reshape(layer, (1,)).astype(jnp.int32))
     return y.reshape(*lead, n).astype(x.dtype)
+
+
+def _stacked_matmul_fwd(x, w_stack, layer):
+    return stacked_matmul(x, w_stack, layer), (x, w_stack, layer)
+
+
+def _stacked_matmul_bwd(res, g):
+    x, w_stack, layer = res
+    w = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False)
+    dx = (g @ w.T.astype(g.dtype)).astype(x.dtype)
+    dw = jnp.einsum("...k,...n->kn", x.astype(jnp.float32), g.astype(jnp.float32)).astype(w_stack.dtype)
+    return dx, jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(w_stack), dw, layer, 0), None
+
+
+stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
+
+
+@jax.custom_vjp
+def rows_matmul(x: jax.Array, e: jax.Array) -> jax.Array:
+    """x [..., D] @ e.T for a float32 e [V, D] read in place (the tied embedding as the LM head,
+    which XLA:CPU would transpose into a copy first) -> [..., V]. Differentiable as XLA's product."""
+    _register()
+    *lead, d = x.shape
+    rows = x.reshape(-1, d).astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((rows.shape[0], e.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call("psynth_rows_matmul", out)(rows, e).reshape(*lead, e.shape[0])
+
+
+def _rows_matmul_fwd(x, e):
+    return rows_matmul(x, e), (x, e)
+
+
+def _rows_matmul_bwd(res, g):
+    x, e = res
+    dx = (g @ e.astype(g.dtype)).astype(x.dtype)
+    de = jnp.einsum("...v,...d->vd", g.astype(jnp.float32), x.astype(jnp.float32)).astype(e.dtype)
+    return dx, de
+
+
+rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)

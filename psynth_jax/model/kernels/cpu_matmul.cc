@@ -6,10 +6,17 @@
 // stack and the layer index and reads that layer's [K, N] matrix once, where it lies.
 //
 // Inputs:  x [M, K], w [L, K, N], layer [] int32.   Output: y [M, N] = x @ w[layer].
-// A decode step is bound by reading w, so w is read front to back: its K rows are cut into parts
-// of 64 contiguous rows, which the threads of XLA's intra-op pool take as they come free; a part
-// streams its rows four at a time into its own [M, N] sum (in cache), and the parts' sums are
-// added in part order: the result is the same whichever thread took which part.
+// Two schedules, by the number of rows:
+// - a few rows (M <= kStreamRows: a decode step of one or two requests) are bound by reading w, so
+//   w is read front to back: its K rows are cut into parts of 64 contiguous rows, which the threads
+//   of XLA's intra-op pool take as they come free; a part streams its rows four at a time into its
+//   own [M, N] sum (in cache), and the parts' sums are added in part order.
+// - more rows (a batched decode step, a prefill) are bound by the multiply-adds, so each output
+//   tile of up to 6 rows x 64 columns is summed over all of K in registers (24 AVX-512 vectors,
+//   the w panel's rows broadcast-multiplied by each row's x), the tiles of a panel of w reading it
+//   from cache; work items are (48-row chunk, column panel).
+// Either way every output is summed in a fixed order: the result is the same whichever thread took
+// which item.
 
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +35,10 @@ typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 r
 constexpr int64_t kLanes = 16;
 constexpr int64_t kGroup = 4;  // rows of x per pass over a part's rows of w (their sums stay in L1)
 constexpr int64_t kPart = 64;  // rows of w per part (measured: 16 and 128-288 were slower)
+constexpr int64_t kStreamRows = 2;  // at most this many rows of x: the streaming schedule
+constexpr int64_t kTileRows = 6;    // rows of x per register tile (6 x 4 vectors of sums)
+constexpr int64_t kChunkRows = 48;  // rows of x per work item of the tiled schedule
+constexpr int64_t kAhead = 16;      // rows of a panel of w prefetched ahead in the tiled schedule
 
 inline v16 load(const float* p) {
   v16 v;
@@ -81,6 +92,114 @@ void part(const float* x, int64_t m_n, int64_t k_n, const float* w, int64_t n, f
   }
 }
 
+// y[r, c0 : c0 + 16V] = x[r, :] @ w[:, c0 : c0 + 16V] for rows r < R of x: R x V vectors of sums
+// in registers over all of K, each row of the panel loaded once and multiplied by every row's x.
+template <int R, int V>
+void tile(const float* x, int64_t k_n, const float* w, int64_t n, float* y, int64_t c0) {
+  v16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = v16{};
+  const float* wk = w + c0;
+  for (int64_t k = 0; k < k_n; ++k, wk += n) {
+    // the panel's rows are n floats apart, a page or more on wide matrices, where the hardware
+    // prefetchers do not follow: fetch the row kAhead rows on now
+    if (k + kAhead < k_n)
+      for (int v = 0; v < V; ++v) __builtin_prefetch(wk + kAhead * n + v * kLanes);
+    v16 b[V];
+    for (int v = 0; v < V; ++v) b[v] = load(wk + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float a = x[r * k_n + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(y + r * n + c0 + v * kLanes, acc[r][v]);
+}
+
+template <int R>
+void tile_rows(int v_n, const float* x, int64_t k_n, const float* w, int64_t n, float* y, int64_t c0) {
+  switch (v_n) {
+    case 1: tile<R, 1>(x, k_n, w, n, y, c0); break;
+    case 2: tile<R, 2>(x, k_n, w, n, y, c0); break;
+    case 3: tile<R, 3>(x, k_n, w, n, y, c0); break;
+    default: tile<R, 4>(x, k_n, w, n, y, c0); break;
+  }
+}
+
+// Rows [r0, r1) of y, columns [c0, c0 + 16 v_n) (v_n <= 4 vectors), plus the columns [c_tail, n)
+// that fill no vector when this is the last panel (c_tail < n).
+void panel(const float* x, int64_t k_n, const float* w, int64_t n, float* y, int64_t r0, int64_t r1, int64_t c0,
+           int v_n, int64_t c_tail) {
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const float* xr = x + r * k_n;
+    float* yr = y + r * n;
+    if (v_n > 0) {
+      switch (std::min<int64_t>(kTileRows, r1 - r)) {
+        case 1: tile_rows<1>(v_n, xr, k_n, w, n, yr, c0); break;
+        case 2: tile_rows<2>(v_n, xr, k_n, w, n, yr, c0); break;
+        case 3: tile_rows<3>(v_n, xr, k_n, w, n, yr, c0); break;
+        case 4: tile_rows<4>(v_n, xr, k_n, w, n, yr, c0); break;
+        case 5: tile_rows<5>(v_n, xr, k_n, w, n, yr, c0); break;
+        default: tile_rows<6>(v_n, xr, k_n, w, n, yr, c0); break;
+      }
+    }
+    for (int64_t i = r; i < std::min(r1, r + kTileRows); ++i)
+      for (int64_t c = c_tail; c < n; ++c) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < k_n; ++k) s += x[i * k_n + k] * w[k * n + c];
+        y[i * n + c] = s;
+      }
+  }
+}
+
+// The tiled schedule: (row chunk, column panel) items over the pool. Panels are 4 vectors wide, or
+// narrower where that leaves fewer than 8 panels per chunk (k/v projections: N = 192).
+void tiled(xla::ffi::ThreadPool& pool, const float* x, int64_t m_n, int64_t k_n, const float* w, int64_t n, float* y) {
+  const int64_t vectors = n / kLanes;
+  int v_w = 4;
+  while (v_w > 1 && vectors < 8 * v_w) v_w /= 2;
+  const int64_t panels = std::max<int64_t>(1, (vectors + v_w - 1) / v_w);
+  const int64_t chunks = (m_n + kChunkRows - 1) / kChunkRows;
+  psynth::run_items(pool, panels * chunks, [=](int64_t item) {
+    const int64_t chunk = item / panels, p = item % panels;
+    const int64_t r0 = chunk * kChunkRows, r1 = std::min(m_n, r0 + kChunkRows);
+    const int v_n = static_cast<int>(std::min<int64_t>(v_w, vectors - p * v_w));
+    const int64_t c_tail = p == panels - 1 ? vectors * kLanes : n;  // the last panel also does the tail
+    panel(x, k_n, w, n, y, r0, r1, p * v_w * kLanes, std::max(v_n, 0), c_tail);
+  });
+}
+
+// y[r, v] = x[r, :] . e[v, :] for rows r < R of x and rows v0 .. v0 + 3 of e below v_end: R x 4
+// vectors of products over D, each vector of e multiplied by every row's x, then summed across
+// lanes. y's rows are v_n long.
+template <int R>
+void dots(const float* x, int64_t d_n, const float* e, int64_t v_n, int64_t v_end, float* y, int64_t v0) {
+  const int64_t vecs = d_n / kLanes * kLanes;
+  const int rows_e = static_cast<int>(std::min<int64_t>(4, v_end - v0));
+  const float* ev[4];
+  for (int j = 0; j < 4; ++j) ev[j] = e + (v0 + std::min(j, rows_e - 1)) * d_n;  // a short block repeats its last row
+  v16 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = v16{};
+  for (int64_t d = 0; d < vecs; d += kLanes) {
+    const v16 b0 = load(ev[0] + d), b1 = load(ev[1] + d), b2 = load(ev[2] + d), b3 = load(ev[3] + d);
+    for (int r = 0; r < R; ++r) {
+      const v16 a = load(x + r * d_n + d);
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+      acc[r][2] += a * b2;
+      acc[r][3] += a * b3;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < rows_e; ++j) {
+      float s = 0.0f;
+      for (int l = 0; l < kLanes; ++l) s += acc[r][j][l];
+      for (int64_t d = vecs; d < d_n; ++d) s += x[r * d_n + d] * ev[j][d];
+      y[r * v_n + v0 + j] = s;
+    }
+}
+
 ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
@@ -99,6 +218,10 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     return ffi::Error::Success();
   }
 
+  if (m_n > kStreamRows) {
+    tiled(pool, xp, m_n, k_n, wp, n, yp);
+    return ffi::Error::Success();
+  }
   const int64_t parts = (k_n + kPart - 1) / kPart;
   thread_local std::vector<float> spare;  // parts 1.. sum here (part 0 into y): reused, never freed per call
   spare.resize(std::max<size_t>(spare.size(), (parts - 1) * m_n * n));
@@ -115,6 +238,37 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+constexpr int64_t kRowsBlock = 256;  // rows of e per work item
+
+// x @ e.T for e [V, D] read in place (the tied embedding as the LM head): work items are blocks
+// of 256 rows of e; within one, every group of 4 rows of x takes the block four rows of e at a time.
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> e,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto ed = e.dimensions();
+  if (xd.size() != 2 || ed.size() != 2 || xd[1] != ed[1]) return ffi::Error::InvalidArgument("x must be [M,D] and e [V,D]");
+  const int64_t m_n = xd[0], d_n = xd[1], v_n = ed[0];
+  const float* xp = x.typed_data();
+  const float* ep = e.typed_data();
+  float* yp = y->typed_data();
+  const int64_t blocks = (v_n + kRowsBlock - 1) / kRowsBlock;
+  psynth::run_items(pool, m_n == 0 ? 0 : blocks, [=](int64_t item) {
+    const int64_t b0 = item * kRowsBlock, b1 = std::min(v_n, b0 + kRowsBlock);
+    for (int64_t r0 = 0; r0 < m_n; r0 += kGroup)
+      for (int64_t v0 = b0; v0 < b1; v0 += 4) {
+        const float* xr = xp + r0 * d_n;
+        float* yr = yp + r0 * v_n;
+        switch (std::min<int64_t>(kGroup, m_n - r0)) {  // the last group of e's rows may be short
+          case 1: dots<1>(xr, d_n, ep, v_n, b1, yr, v0); break;
+          case 2: dots<2>(xr, d_n, ep, v_n, b1, yr, v0); break;
+          case 3: dots<3>(xr, d_n, ep, v_n, b1, yr, v0); break;
+          default: dots<4>(xr, d_n, ep, v_n, b1, yr, v0); break;
+        }
+      }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PsynthStackedMatmul, StackedMatmul,
@@ -124,3 +278,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PsynthStackedMatmul, StackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w stack
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer
                                   .Ret<ffi::Buffer<ffi::F32>>()); // y
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsynthRowsMatmul, RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // e [V, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y [M, V]

@@ -21,9 +21,9 @@ kernel by name:
   Mosaic kernel; checked in interpret mode on fake CPU devices only, never on a TPU.
 - "cpu": "xla", except that a float32 decode step reads its layer of the stacked cache in place
   through an XLA FFI kernel of ours (cpu.py, cpu_decode.cc; built on first use), instead of the
-  per-layer copy and block-diagonal matmuls of `xla.decode_attention`, and the layer's weights
-  likewise (cpu_matmul.cc, called by the model's projections). CPU only; under a multi-device
-  mesh it is "xla".
+  per-layer copy and block-diagonal matmuls of `xla.decode_attention`, and that every float32
+  forward (decode, prefill, extend) reads the layers' weights in place likewise (cpu_matmul.cc,
+  called by the model's projections). CPU only; under a multi-device mesh it is "xla".
 """
 
 from __future__ import annotations
@@ -89,12 +89,18 @@ def attend(
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def cpu_decode_step(dtype: jnp.dtype, t: int) -> bool:
-    """Whether the "cpu" path's kernels take a step of `t` tokens in `dtype`: a float32 decode step
-    (T = 1) on one device (under a multi-device mesh the XLA path runs: XLA cannot partition the
-    kernels)."""
+def cpu_weights_in_place(dtype: jnp.dtype) -> bool:
+    """Whether the "cpu" path's matmul kernel reads the layers' weights in place for activations of
+    `dtype`: float32 on one device (under a multi-device mesh the XLA path runs: XLA cannot
+    partition the kernels)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return t == 1 and dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
+    return dtype == jnp.float32 and (mesh.empty or mesh.size == 1)
+
+
+def cpu_decode_step(dtype: jnp.dtype, t: int) -> bool:
+    """Whether the "cpu" path's attention kernel takes a step of `t` tokens in `dtype`: a decode
+    step (T = 1) where the weights are read in place (`cpu_weights_in_place`)."""
+    return t == 1 and cpu_weights_in_place(dtype)
 
 
 def _cpu_decode(q, k, mask, chunk, stacked, view) -> bool:
