@@ -68,13 +68,16 @@ def test_decode_step_equals_the_xla_path():
 
 
 @pytest.mark.parametrize("s", [40, 700])
-def test_kernel_statistics_equal_a_masked_softmax(s):
+@pytest.mark.parametrize("d", [8, 64, 128])
+def test_kernel_statistics_equal_a_masked_softmax(s, d):
     """The kernel alone, on layer 1 of a stack: max, sum of exps and weighted values of a masked
     float64 softmax over the visible slots below each row's limit (700 slots: a row's 256-slot
-    chunks merged, one of them wholly masked)."""
+    chunks merged, one of them wholly masked; 40 and 17: a last block of fewer than 16 slots).
+    Head sizes 64 and 128 take the vectorised path (16 slots' dot products summed together), 8
+    the generic one."""
     rng = np.random.default_rng(3)
-    layers, b, hkv, g, d = 3, 4, 2, 3, 8
-    k = rng.normal(size=(layers, b, s, hkv, d)).astype(np.float32)
+    layers, b, hkv, g = 3, 4, 2, 3
+    k = rng.normal(size=(layers, b, s, hkv, d)).astype(np.float32) * (8 / d) ** 0.5
     v = rng.normal(size=(layers, b, s, hkv, d)).astype(np.float32)
     q = rng.normal(size=(b, hkv * g, d)).astype(np.float32)
     visible = rng.random((b, s)) > 0.3

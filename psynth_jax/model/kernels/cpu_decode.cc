@@ -109,6 +109,98 @@ void attend_chunk(const Shape& sh, const float* q, const float* k, const float* 
   }
 }
 
+typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+
+// Lane j of the result = the sum of x[j]'s 16 lanes: sixteen horizontal sums at once, by four
+// rounds that each add the two halves of every group of lanes while interleaving two vectors.
+inline v16 sum_lanes(v16 x[16]) {
+  const v16i half_lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i quarter_lo = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const v16i pair_lo = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  v16 y[8], z[4], w[2];
+  for (int t = 0; t < 8; ++t)
+    y[t] = __builtin_shuffle(x[2 * t], x[2 * t + 1], half_lo) + __builtin_shuffle(x[2 * t], x[2 * t + 1], half_lo + 8);
+  for (int u = 0; u < 4; ++u)
+    z[u] = __builtin_shuffle(y[2 * u], y[2 * u + 1], quarter_lo) + __builtin_shuffle(y[2 * u], y[2 * u + 1], quarter_lo + 4);
+  for (int i = 0; i < 2; ++i)
+    w[i] = __builtin_shuffle(z[2 * i], z[2 * i + 1], pair_lo) + __builtin_shuffle(z[2 * i], z[2 * i + 1], pair_lo + 2);
+  return __builtin_shuffle(w[0], w[1], even) + __builtin_shuffle(w[0], w[1], even + 1);
+}
+
+// `attend_chunk` for a head size of 16 * DV: each key head's slots are read once per query head
+// of its group, 16 slots at a time, their 16 dot products summed across lanes together
+// (`sum_lanes`); each query head's weighted values are summed in DV registers.
+template <int DV>
+void attend_chunk_vec(const Shape& sh, const float* q, const float* k, const float* v, const bool* vis, int64_t s0,
+                      int64_t s1, float* acc, float* m, float* l, std::vector<float>& scores) {
+  const int64_t n = s1 - s0, n16 = (n + 15) / 16 * 16, stride = sh.hkv * sh.d;
+  scores.resize(sh.hq * n16);
+  for (int64_t h = 0; h < sh.hq; ++h) {
+    const int64_t kh = h / sh.g;
+    v16 qv[DV];
+    for (int b = 0; b < DV; ++b) qv[b] = load16(q + h * sh.d + 16 * b);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      v16 x[16];
+      const int64_t count = std::min<int64_t>(16, n - j0);
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j >= count) {
+          x[j] = v16{};
+          continue;
+        }
+        const float* ks = k + (s0 + j0 + j) * stride + kh * sh.d;
+        v16 t = qv[0] * load16(ks);
+        for (int b = 1; b < DV; ++b) t += qv[b] * load16(ks + 16 * b);
+        x[j] = t;
+      }
+      store16(scores.data() + h * n16 + j0, sum_lanes(x));
+    }
+  }
+  bool any = false;
+  for (int64_t h = 0; h < sh.hq; ++h) {
+    float* sc = scores.data() + h * n16;
+    float top = kFloor;
+    for (int64_t j = 0; j < n; ++j)
+      if (vis[s0 + j]) top = std::max(top, sc[j]);
+    m[h] = top;
+    float total = 0.0f;
+    if (top > kFloor) {
+      any = true;
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < n; ++j) {
+        float p = vis[s0 + j] ? exp_nonpositive(sc[j] - top) : 0.0f;
+        sc[j] = p;
+        total += p;
+      }
+    }
+    l[h] = total;
+  }
+  std::fill(acc, acc + sh.hq * sh.d, 0.0f);
+  if (!any) return;
+  for (int64_t h = 0; h < sh.hq; ++h) {
+    const float* sc = scores.data() + h * n16;
+    const float* vh = v + (h / sh.g) * sh.d;
+    v16 o[DV];
+    for (int b = 0; b < DV; ++b) o[b] = v16{};
+    for (int64_t j = 0; j < n; ++j) {
+      if (!vis[s0 + j]) continue;  // its value may be anything (a slot never written)
+      const float p = sc[j];
+      const float* vs = vh + (s0 + j) * stride;
+      for (int b = 0; b < DV; ++b) o[b] += p * load16(vs + 16 * b);
+    }
+    for (int b = 0; b < DV; ++b) store16(acc + h * sh.d + 16 * b, o[b]);
+  }
+}
+
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> limit,
                            ffi::Buffer<ffi::PRED> visible, ffi::ResultBuffer<ffi::F32> acc,
@@ -154,8 +246,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     const int64_t s0 = (item - fp[row]) * kChunk, s1 = std::min(ep[row], s0 + kChunk);
     float* st = stats + item * per_item;
     const int64_t base = row * sh.s * sh.hkv * sh.d;
-    attend_chunk(sh, qp + row * sh.hq * sh.d, kp + base, vp + base, vis + row * sh.vis_s, s0, s1, st,
-                 st + sh.hq * sh.d, st + sh.hq * (sh.d + 1), scores);
+    const float* qr = qp + row * sh.hq * sh.d;
+    const bool* vr = vis + row * sh.vis_s;
+    float *a = st, *mm = st + sh.hq * sh.d, *ll = st + sh.hq * (sh.d + 1);
+    if (sh.d == 64)
+      attend_chunk_vec<4>(sh, qr, kp + base, vp + base, vr, s0, s1, a, mm, ll, scores);
+    else if (sh.d == 128)
+      attend_chunk_vec<8>(sh, qr, kp + base, vp + base, vr, s0, s1, a, mm, ll, scores);
+    else
+      attend_chunk(sh, qr, kp + base, vp + base, vr, s0, s1, a, mm, ll, scores);
   });
   // merge each row's chunks in chunk order: max over chunks, sums rescaled to it
   for (int64_t r = 0; r < sh.b; ++r) {
