@@ -1,5 +1,6 @@
-"""The "cpu" attention: XLA's everywhere, except a decode step's reads of the stacked cache and of
-the stacked layer weights, which XLA FFI kernels of ours (cpu_decode.cc, cpu_matmul.cc) do in place.
+"""The "cpu" attention: XLA's everywhere, except a decode step's reads of the stacked cache and every
+float32 forward's reads of the stacked layer weights and the LM head, which XLA FFI kernels of ours
+(cpu_decode.cc, cpu_matmul.cc) do in place.
 
 Why: in the layer scan XLA:CPU copies each layer's keys and values out of the stacked
 [L, B, S, Hkv, D] cache before its matmuls read them, and at 16 decode slots those copies plus
@@ -8,13 +9,16 @@ the block-diagonal matmuls of `xla.decode_attention` were most of a serving step
 each row's visible slots once in 256-slot chunks (every head of a chunk together, chunks spread
 over the threads and merged in order), and returns softmax statistics (sum of exp-weighted
 values, max, sum of exps) that are merged here with the step's own key and value, exactly as the
-flash tiles merge their blocks. Prefill, extend, branch views and explicit masks use the XLA
-path unchanged, as does any dtype other than float32.
+flash tiles merge their blocks. The attention of prefill, extend, branch views and explicit masks
+is XLA's, as is any dtype other than float32.
 
 The same holds for the weights: the scan slices each layer's [K, N] matrices out of the stacked
 parameters and XLA:CPU copies every slice before its dot reads it, which at a decode step's few
-rows costs more than the dot (issue #27). In such a step the layer's projections (`Linear` given
-its stacked kernel) call `stacked_matmul`, which reads the layer's matrix where it lies.
+rows costs more than the dot (issue #27). Under "cpu" the layer's projections (`Linear` given its
+stacked kernel) call `stacked_matmul`, which reads the layer's matrix where it lies (a streaming
+schedule for one or two rows, register tiles for more: a batched step, a prefill), and the LM head
+calls `rows_matmul` (the tied embedding, which XLA would transpose into a copy) or
+`stacked_matmul` (an untied head). Both have XLA's backward pass.
 
 The kernels are C++, one library built on first use with the host's C++ compiler (`$CXX`, else
 c++ / g++) against jaxlib's FFI headers, for this CPU (-march=native), into a cache directory
