@@ -119,6 +119,19 @@ def test_stacked_matmul_equals_a_float64_product(rows, n):
     np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w[2].astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 7])
+def test_one_call_of_several_stacked_matmuls_equals_each_product(rows):
+    """q, k, v in one call (`stacked_matmuls`, as a Block's projections of one input run): each
+    output is its float64 product, streamed (1 row) or tiled (7 rows), widths 64, 200 and 16."""
+    rng = np.random.default_rng(rows)
+    ws = tuple(rng.normal(size=(3, 37, n)).astype(np.float32) for n in (64, 200, 16))
+    x = rng.normal(size=(rows, 37)).astype(np.float32)
+    ys = jax.jit(cpu.stacked_matmuls)(x, ws, jnp.int32(1))
+    assert [y.shape for y in ys] == [(rows, 64), (rows, 200), (rows, 16)]
+    for y, w in zip(ys, ws):
+        np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w[1].astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [2, 100])
 def test_stacked_matmul_is_the_same_whichever_thread_sums_which_part(rows):
     """Streamed (2 rows: ten 64-row parts of w over the pool's threads, summed in part order) and
@@ -168,7 +181,7 @@ def test_decode_step_reads_the_stack_in_place():
         made = {impl: re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[{shape[0]},{shape[1]}\]", text, flags=re.M)
                 for impl, text in hlo.items()}
         assert made["xla"] and not made["cpu"], (name, made)  # XLA copies the layer's weight out; cpu reads it
-    assert hlo["cpu"].count("psynth_stacked_matmul") >= 7  # q, k, v, o, gate, up, down
+    assert hlo["cpu"].count("psynth_stacked_matmuls") >= 4  # (q, k, v), o, (gate, up), down
 
 
 def test_prefill_and_extend_read_the_weights_in_place_and_equal_the_xla_path():
@@ -194,7 +207,7 @@ def test_prefill_and_extend_read_the_weights_in_place_and_equal_the_xla_path():
         copies = {impl: re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[(?:{d},{f}|{f},{d}|{d},{v})\]\S* (?!parameter).*",
                                    text, flags=re.M) for impl, text in hlo.items()}
         assert copies["xla"] and not copies["cpu"], copies  # XLA slices each layer's weights out
-        assert hlo["cpu"].count("psynth_stacked_matmul") >= 7 and ("psynth_rows_matmul" in hlo["cpu"]) == tied
+        assert hlo["cpu"].count("psynth_stacked_matmuls") >= 4 and ("psynth_rows_matmul" in hlo["cpu"]) == tied
 
 
 def test_engine_decodes_the_same_tokens():

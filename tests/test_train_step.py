@@ -162,3 +162,22 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     head = [TINY.hidden_size, TINY.vocab_size]
     assert 1 <= sum(shape == head for shape in r["gathered"]) <= 2, r["gathered"]
     assert not [s for s in r["gathered"] if len(s) == 5 and s[:2] == [TINY.num_layers, 12]], r["gathered"]
+
+
+def test_the_cpu_kernels_give_xlas_loss_and_gradients():
+    """attn_impl "cpu" in training: every forward reads the weights through the matmul kernels
+    (kernels/cpu.py, their backward XLA's): the objective's loss and LoRA + mapper gradients are
+    XLA's."""
+    import dataclasses
+
+    graphdefs, trainable, frozen, opts = _setup(kl=0.3)
+    batch = jax.tree.map(jnp.asarray, synthetic_batch())
+
+    def loss(trainable, impl):
+        model, mapper = merge_trainable(graphdefs, trainable, frozen)
+        return synthesis_loss(model, mapper, batch, dataclasses.replace(opts, attn_impl=impl))[0]
+
+    got = {impl: jax.jit(jax.value_and_grad(loss), static_argnums=1)(trainable, impl) for impl in ("xla", "cpu")}
+    np.testing.assert_allclose(float(got["cpu"][0]), float(got["xla"][0]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got["cpu"][1]), jax.tree.leaves(got["xla"][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

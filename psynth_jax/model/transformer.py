@@ -83,13 +83,12 @@ class Linear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array, lora: bool | jax.Array, stacked: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: bool | jax.Array, product: jax.Array | None = None) -> jax.Array:
         """x [B, ..., in]; lora: on or off for every row, or a [B] bool array choosing per row (a
-        serving batch decodes workers, LoRA off, beside synthesizers, LoRA on). stacked: (this
-        kernel's stack over the layers [L, in, out], this layer's index) for the "cpu" path, whose
-        kernel reads the layer's matrix in place instead of the scan's copy of it."""
-        y = x @ self.kernel[...] if stacked is None else cpu.stacked_matmul(x, *stacked)
+        serving batch decodes workers, LoRA off, beside synthesizers, LoRA on). product: x W
+        already computed (the "cpu" path's kernel, which reads W in place from the layers' stack
+        instead of the scan's copy of it, for several projections of one input at once)."""
+        y = x @ self.kernel[...] if product is None else product
         if self.bias is not None:
             y = y + self.bias[...]
         if self.lora_a is None or lora is False:
@@ -153,13 +152,18 @@ class Block(nnx.Module):
         which they then read in place at this layer (`stacked`'s index): the "cpu" path."""
         b, t, _ = x.shape
 
-        def at_layer(name: str) -> tuple[jax.Array, jax.Array] | None:
-            return None if weights is None else (weights[name], stacked[2])
+        def products(inp: jax.Array, *names: str) -> tuple[jax.Array | None, ...]:
+            """inp @ W for each named projection, in one kernel call reading the stacks in place
+            ("cpu"); Nones where the projections compute their own."""
+            if weights is None:
+                return (None,) * len(names)
+            return cpu.stacked_matmuls(inp, tuple(weights[n] for n in names), stacked[2])
 
         h = self.attn_norm(x)
-        q = self.q(h, lora, at_layer("q")).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(h, lora, at_layer("k")).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v(h, lora, at_layer("v")).reshape(b, t, self.num_kv_heads, self.head_dim)
+        pq, pk, pv = products(h, "q", "k", "v")
+        q = self.q(h, lora, pq).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(h, lora, pk).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(h, lora, pv).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_pre = q
@@ -168,10 +172,13 @@ class Block(nnx.Module):
         branches = None if view is None else view_block(view, q_pre, q, positions, inv_freq)
         a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len), stacked=stacked,
                    view=branches)
-        x = x + self.o(a.reshape(b, t, -1), lora, at_layer("o"))
+        a = a.reshape(b, t, -1)
+        x = x + self.o(a, lora, *products(a, "o"))
         h = self.mlp_norm(x)
-        gate, up = self.gate(h, lora, at_layer("gate")), self.up(h, lora, at_layer("up"))
-        x = x + self.down(jax.nn.silu(gate) * up, lora, at_layer("down"))
+        pg, pu = products(h, "gate", "up")
+        gate, up = self.gate(h, lora, pg), self.up(h, lora, pu)
+        act = jax.nn.silu(gate) * up
+        x = x + self.down(act, lora, *products(act, "down"))
         return x, k, v
 
 

@@ -14,9 +14,10 @@ is XLA's, as is any dtype other than float32.
 
 The same holds for the weights: the scan slices each layer's [K, N] matrices out of the stacked
 parameters and XLA:CPU copies every slice before its dot reads it, which at a decode step's few
-rows costs more than the dot (issue #27). Under "cpu" the layer's projections (`Linear` given its
-stacked kernel) call `stacked_matmul`, which reads the layer's matrix where it lies (a streaming
-schedule for one or two rows, register tiles for more: a batched step, a prefill), and the LM head
+rows costs more than the dot (issue #27). Under "cpu" a Block computes its projections' products
+with `stacked_matmuls`, which reads the layer's matrices where they lie, those of one input in one
+call (q, k, v; gate, up): a streaming schedule for one or two rows, register tiles for more (a
+batched step, a prefill). The LM head
 calls `rows_matmul` (the tied embedding, which XLA would transpose into a copy) or
 `stacked_matmul` (an untied head). Both have XLA's backward pass.
 
@@ -48,7 +49,7 @@ from psynth_jax.model.kernels.xla import split_slots
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_matmul.cc"))
 HEADERS = (Path(__file__).with_name("cpu_pool.h"),)  # included by the sources: part of the build's key
-TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmul": "PsynthStackedMatmul",
+TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmuls": "PsynthStackedMatmuls",
            "psynth_rows_matmul": "PsynthRowsMatmul"}
 
 
@@ -165,35 +166,44 @@ def decode_attention(q: jax.Array, kv_valid: jax.Array, q_slots: jax.Array, star
     return out[:, None].astype(q.dtype)
 
 
-@jax.custom_vjp
 def stacked_matmul(x: jax.Array, w_stack: jax.Array, layer: jax.Array) -> jax.Array:
-    """x [..., K] @ w_stack[layer] for a stacked float32 weight [L, K, N], read in place -> [..., N].
+    """x [..., K] @ w_stack[layer] for a stacked float32 weight [L, K, N], read in place -> [..., N]."""
+    return stacked_matmuls(x, (w_stack,), layer)[0]
 
-    Differentiable: the backward pass is XLA's (x's cotangent g @ w[layer].T; w's is zero except at
-    `layer`), so a training step may run through it; XLA drops the weight's cotangent where nothing
-    asks for it (the base weights are frozen)."""
+
+@jax.custom_vjp
+def stacked_matmuls(x: jax.Array, w_stacks: tuple[jax.Array, ...], layer: jax.Array) -> tuple[jax.Array, ...]:
+    """x [..., K] @ w[layer] for each stacked float32 weight w [L, K, N_i], read in place, in one
+    kernel call (the projections of one input: q, k, v; gate, up) -> one [..., N_i] per weight.
+
+    Differentiable: the backward pass is XLA's (x's cotangent sum_i g_i @ w_i[layer].T; each w's
+    is zero except at `layer`), so a training step may run through it; XLA drops the weights'
+    cotangents where nothing asks for them (the base weights are frozen)."""
     _register()
     *lead, k = x.shape
-    n = w_stack.shape[-1]
     rows = x.reshape(-1, k).astype(jnp.float32)
-    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
-    y = jax.ffi.ffi_call("psynth_stacked_matmul", out)(rows, w_stack, jnp.reshape(layer, (1,)).astype(jnp.int32))
-    return y.reshape(*lead, n).astype(x.dtype)
+    out = tuple(jax.ShapeDtypeStruct((rows.shape[0], w.shape[-1]), jnp.float32) for w in w_stacks)
+    ys = jax.ffi.ffi_call("psynth_stacked_matmuls", out)(rows, jnp.reshape(layer, (1,)).astype(jnp.int32), *w_stacks)
+    return tuple(y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys)
 
 
-def _stacked_matmul_fwd(x, w_stack, layer):
-    return stacked_matmul(x, w_stack, layer), (x, w_stack, layer)
+def _stacked_matmuls_fwd(x, w_stacks, layer):
+    return stacked_matmuls(x, w_stacks, layer), (x, w_stacks, layer)
 
 
-def _stacked_matmul_bwd(res, g):
-    x, w_stack, layer = res
-    w = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False)
-    dx = (g @ w.T.astype(g.dtype)).astype(x.dtype)
-    dw = jnp.einsum("...k,...n->kn", x.astype(jnp.float32), g.astype(jnp.float32)).astype(w_stack.dtype)
-    return dx, jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(w_stack), dw, layer, 0), None
+def _stacked_matmuls_bwd(res, gs):
+    x, w_stacks, layer = res
+    dx = jnp.zeros(x.shape, jnp.float32)
+    dws = []
+    for w_stack, g in zip(w_stacks, gs):
+        w = jax.lax.dynamic_index_in_dim(w_stack, layer, keepdims=False)
+        dx = dx + g.astype(jnp.float32) @ w.T.astype(jnp.float32)
+        dw = jnp.einsum("...k,...n->kn", x.astype(jnp.float32), g.astype(jnp.float32)).astype(w_stack.dtype)
+        dws.append(jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(w_stack), dw, layer, 0))
+    return dx.astype(x.dtype), tuple(dws), None
 
 
-stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
+stacked_matmuls.defvjp(_stacked_matmuls_fwd, _stacked_matmuls_bwd)
 
 
 @jax.custom_vjp

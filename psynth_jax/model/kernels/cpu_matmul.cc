@@ -1,12 +1,14 @@
-// x @ w[layer] for a stacked weight w [L, K, N], read in place (XLA FFI, CPU, float32).
+// x @ w[layer] for stacked weights w [L, K, N], read in place (XLA FFI, CPU, float32); and the LM
+// head x @ e.T for the tied embedding e [V, D], read in place.
 //
 // Why a kernel: inside the layer scan XLA:CPU copies each layer's weight matrices out of the
 // stacked parameters (a dynamic-slice) before its dot reads them; at a decode step's few rows the
 // copies cost more than the matmuls (docs/PERFORMANCE.md, issue #27). This kernel takes the whole
 // stack and the layer index and reads that layer's [K, N] matrix once, where it lies.
 //
-// Inputs:  x [M, K], w [L, K, N], layer [] int32.   Output: y [M, N] = x @ w[layer].
-// Two schedules, by the number of rows:
+// Inputs:  x [M, K], layer [] int32, then w_1 .. w_n [L, K, N_i].   Outputs: y_i [M, N_i] = x @ w_i[layer].
+// Several weights in one call (a layer's q, k, v; its gate and up) share one hand-off to the
+// threads: every product's work items go to the pool together. Two schedules, by the number of rows:
 // - a few rows (M <= kStreamRows: a decode step of one or two requests) are bound by reading w, so
 //   w is read front to back: its K rows are cut into parts of 64 contiguous rows, which the threads
 //   of XLA's intra-op pool take as they come free; a part streams its rows four at a time into its
@@ -152,21 +154,85 @@ void panel(const float* x, int64_t k_n, const float* w, int64_t n, float* y, int
   }
 }
 
-// The tiled schedule: (row chunk, column panel) items over the pool. Panels are 4 vectors wide, or
-// narrower where that leaves fewer than 8 panels per chunk (k/v projections: N = 192).
-void tiled(xla::ffi::ThreadPool& pool, const float* x, int64_t m_n, int64_t k_n, const float* w, int64_t n, float* y) {
-  const int64_t vectors = n / kLanes;
+// One product y [M, N] = x [M, K] @ w [K, N] as work items: the streaming schedule's parts of w
+// (M <= kStreamRows; part 0 sums into y, part p > 0 into sums[p - 1], added in part order by
+// `finish`) or the tiled schedule's (row chunk, column panel) pairs, panels 4 vectors wide or
+// narrower where that leaves fewer than 8 per chunk (k/v projections: N = 192).
+struct Job {
+  const float* x;
+  int64_t m_n, k_n;
+  const float* w;
+  int64_t n;
+  float* y;
+  float* sums = nullptr;
+  bool streamed = false;
   int v_w = 4;
-  while (v_w > 1 && vectors < 8 * v_w) v_w /= 2;
-  const int64_t panels = std::max<int64_t>(1, (vectors + v_w - 1) / v_w);
-  const int64_t chunks = (m_n + kChunkRows - 1) / kChunkRows;
-  psynth::run_items(pool, panels * chunks, [=](int64_t item) {
+  int64_t vectors = 0, panels = 0, items = 0;
+
+  Job(const float* x_, int64_t m, int64_t k, const float* w_, int64_t n_, float* y_)
+      : x(x_), m_n(m), k_n(k), w(w_), n(n_), y(y_) {
+    if (m_n == 0 || n == 0) return;
+    if (k_n == 0) {  // an empty sum
+      std::fill(y, y + m_n * n, 0.0f);
+      return;
+    }
+    streamed = m_n <= kStreamRows;
+    if (streamed) {
+      items = (k_n + kPart - 1) / kPart;
+      return;
+    }
+    vectors = n / kLanes;
+    while (v_w > 1 && vectors < 8 * v_w) v_w /= 2;
+    panels = std::max<int64_t>(1, (vectors + v_w - 1) / v_w);
+    items = panels * ((m_n + kChunkRows - 1) / kChunkRows);
+  }
+
+  int64_t spare_floats() const { return streamed ? (items - 1) * m_n * n : 0; }
+
+  void run(int64_t item) const {
+    if (streamed) {
+      const int64_t i0 = item * kPart, i1 = std::min(k_n, i0 + kPart);
+      part(x, m_n, k_n, w, n, item == 0 ? y : sums + (item - 1) * m_n * n, i0, i1);
+      return;
+    }
     const int64_t chunk = item / panels, p = item % panels;
     const int64_t r0 = chunk * kChunkRows, r1 = std::min(m_n, r0 + kChunkRows);
-    const int v_n = static_cast<int>(std::min<int64_t>(v_w, vectors - p * v_w));
+    const int v_n = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(v_w, vectors - p * v_w)));
     const int64_t c_tail = p == panels - 1 ? vectors * kLanes : n;  // the last panel also does the tail
-    panel(x, k_n, w, n, y, r0, r1, p * v_w * kLanes, std::max(v_n, 0), c_tail);
+    panel(x, k_n, w, n, y, r0, r1, p * v_w * kLanes, v_n, c_tail);
+  }
+
+  void finish() const {
+    if (!streamed) return;
+    for (int64_t p = 1; p < items; ++p) {  // in part order: the same sum whoever computed each part
+      const float* s = sums + (p - 1) * m_n * n;
+      for (int64_t j = 0; j < m_n * n; ++j) y[j] += s[j];
+    }
+  }
+};
+
+// Every job's items over the pool in one go (several products of one input share the threads'
+// hand-off), then each job's streamed parts added in order.
+void run_jobs(xla::ffi::ThreadPool& pool, std::vector<Job>& jobs) {
+  thread_local std::vector<float> spare;  // the streamed parts' sums: reused, never freed per call
+  size_t floats = 0;
+  for (const Job& j : jobs) floats += j.spare_floats();
+  spare.resize(std::max(spare.size(), floats));
+  std::vector<int64_t> first(jobs.size() + 1, 0);
+  float* next = spare.data();
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    jobs[i].sums = next;
+    next += jobs[i].spare_floats();
+    first[i + 1] = first[i] + jobs[i].items;
+  }
+  const Job* jp = jobs.data();
+  const int64_t* fp = first.data();
+  const int64_t count = static_cast<int64_t>(jobs.size());
+  psynth::run_items(pool, first.back(), [=](int64_t item) {
+    const int64_t i = std::upper_bound(fp, fp + count + 1, item) - fp - 1;
+    jp[i].run(item - fp[i]);
   });
+  for (const Job& j : jobs) j.finish();
 }
 
 // y[r, v] = x[r, :] . e[v, :] for rows r < R of x and rows v0 .. v0 + 3 of e below v_end: R x 4
@@ -200,41 +266,28 @@ void dots(const float* x, int64_t d_n, const float* e, int64_t v_n, int64_t v_en
     }
 }
 
-ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+// x @ w_i[layer] for each stacked weight w_i [L, K, N_i] given (the projections that read one
+// input: q, k, v; gate, up), in one call.
+ffi::Error StackedMatmuls(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                          ffi::RemainingArgs ws, ffi::RemainingRets ys) {
   auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3) return ffi::Error::InvalidArgument("x must be [M,K] and w [L,K,N]");
-  const int64_t m_n = xd[0], k_n = xd[1], n = wd[2];
-  if (wd[1] != k_n) return ffi::Error::InvalidArgument("x [M,K] does not match w [L,K,N]");
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M,K]");
+  if (ws.size() != ys.size() || ws.size() == 0)
+    return ffi::Error::InvalidArgument("one output per stacked weight, at least one");
+  const int64_t m_n = xd[0], k_n = xd[1];
   const int32_t li = layer.typed_data()[0];
-  if (li < 0 || li >= wd[0]) return ffi::Error::InvalidArgument("layer index out of range");
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data() + li * k_n * n;
-  float* yp = y->typed_data();
-  if (m_n == 0 || n == 0) return ffi::Error::Success();
-  if (k_n == 0) {  // an empty sum
-    std::fill(yp, yp + m_n * n, 0.0f);
-    return ffi::Error::Success();
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto w = ws.get<ffi::Buffer<ffi::F32>>(i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("weights and outputs must be float32");
+    auto wd = w->dimensions();
+    if (wd.size() != 3 || wd[1] != k_n) return ffi::Error::InvalidArgument("x [M,K] does not match a w [L,K,N]");
+    if (li < 0 || li >= wd[0]) return ffi::Error::InvalidArgument("layer index out of range");
+    const int64_t n = wd[2];
+    jobs.emplace_back(x.typed_data(), m_n, k_n, w->typed_data() + li * k_n * n, n, (*y)->typed_data());
   }
-
-  if (m_n > kStreamRows) {
-    tiled(pool, xp, m_n, k_n, wp, n, yp);
-    return ffi::Error::Success();
-  }
-  const int64_t parts = (k_n + kPart - 1) / kPart;
-  thread_local std::vector<float> spare;  // parts 1.. sum here (part 0 into y): reused, never freed per call
-  spare.resize(std::max<size_t>(spare.size(), (parts - 1) * m_n * n));
-  float* sums = spare.data();
-
-  psynth::run_items(pool, parts, [=](int64_t item) {
-    const int64_t i0 = item * kPart, i1 = std::min(k_n, i0 + kPart);
-    part(xp, m_n, k_n, wp, n, item == 0 ? yp : sums + (item - 1) * m_n * n, i0, i1);
-  });
-  for (int64_t p = 1; p < parts; ++p) {  // in part order: the same sum whoever computed each part
-    const float* s = sums + (p - 1) * m_n * n;
-    for (int64_t j = 0; j < m_n * n; ++j) yp[j] += s[j];
-  }
+  run_jobs(pool, jobs);
   return ffi::Error::Success();
 }
 
@@ -271,13 +324,13 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PsynthStackedMatmul, StackedMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsynthStackedMatmuls, StackedMatmuls,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w stack
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .RemainingArgs()               // w stacks [L, K, N_i]
+                                  .RemainingRets());             // y_i [M, N_i]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PsynthRowsMatmul, RowsMatmul,
                               ffi::Ffi::Bind()
