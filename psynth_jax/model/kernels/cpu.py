@@ -48,7 +48,8 @@ from psynth_jax.model.kernels.flash import FLOOR
 from psynth_jax.model.kernels.xla import split_slots
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_matmul.cc"))
-HEADERS = (Path(__file__).with_name("cpu_pool.h"),)  # included by the sources: part of the build's key
+# included by the sources: part of the build's key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_pool.h", "cpu_vec.h"))
 TARGETS = {"psynth_decode_attention": "PsynthDecodeAttention", "psynth_stacked_matmuls": "PsynthStackedMatmuls",
            "psynth_rows_matmul": "PsynthRowsMatmul"}
 

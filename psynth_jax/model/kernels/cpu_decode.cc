@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_pool.h"
+#include "cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -109,16 +110,10 @@ void attend_chunk(const Shape& sh, const float* q, const float* k, const float* 
   }
 }
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-
-inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+using psynth::load;
+using psynth::store;
+using psynth::v16;
+using psynth::v16i;
 
 // Lane j of the result = the sum of x[j]'s 16 lanes: sixteen horizontal sums at once, by four
 // rounds that each add the two halves of every group of lanes while interleaving two vectors.
@@ -148,7 +143,7 @@ void attend_chunk_vec(const Shape& sh, const float* q, const float* k, const flo
   for (int64_t h = 0; h < sh.hq; ++h) {
     const int64_t kh = h / sh.g;
     v16 qv[DV];
-    for (int b = 0; b < DV; ++b) qv[b] = load16(q + h * sh.d + 16 * b);
+    for (int b = 0; b < DV; ++b) qv[b] = load(q + h * sh.d + 16 * b);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       v16 x[16];
       const int64_t count = std::min<int64_t>(16, n - j0);
@@ -158,11 +153,11 @@ void attend_chunk_vec(const Shape& sh, const float* q, const float* k, const flo
           continue;
         }
         const float* ks = k + (s0 + j0 + j) * stride + kh * sh.d;
-        v16 t = qv[0] * load16(ks);
-        for (int b = 1; b < DV; ++b) t += qv[b] * load16(ks + 16 * b);
+        v16 t = qv[0] * load(ks);
+        for (int b = 1; b < DV; ++b) t += qv[b] * load(ks + 16 * b);
         x[j] = t;
       }
-      store16(scores.data() + h * n16 + j0, sum_lanes(x));
+      store(scores.data() + h * n16 + j0, sum_lanes(x));
     }
   }
   bool any = false;
@@ -195,9 +190,9 @@ void attend_chunk_vec(const Shape& sh, const float* q, const float* k, const flo
       if (!vis[s0 + j]) continue;  // its value may be anything (a slot never written)
       const float p = sc[j];
       const float* vs = vh + (s0 + j) * stride;
-      for (int b = 0; b < DV; ++b) o[b] += p * load16(vs + 16 * b);
+      for (int b = 0; b < DV; ++b) o[b] += p * load(vs + 16 * b);
     }
-    for (int b = 0; b < DV; ++b) store16(acc + h * sh.d + 16 * b, o[b]);
+    for (int b = 0; b < DV; ++b) store(acc + h * sh.d + 16 * b, o[b]);
   }
 }
 

@@ -26,29 +26,24 @@
 #include <vector>
 
 #include "cpu_pool.h"
+#include "cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
+using psynth::kLanes;
+using psynth::load;
+using psynth::store;
+using psynth::v16;
 
-constexpr int64_t kLanes = 16;
 constexpr int64_t kGroup = 4;  // rows of x per pass over a part's rows of w (their sums stay in L1)
 constexpr int64_t kPart = 64;  // rows of w per part (measured: 16 and 128-288 were slower)
 constexpr int64_t kStreamRows = 2;  // at most this many rows of x: the streaming schedule
 constexpr int64_t kTileRows = 6;    // rows of x per register tile (6 x 4 vectors of sums)
 constexpr int64_t kChunkRows = 48;  // rows of x per work item of the tiled schedule
 constexpr int64_t kAhead = 16;      // rows of a panel of w prefetched ahead in the tiled schedule
-
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 // sum[r, :] += x[r, i] * w[i, :] for rows r < R of x and rows i in [i0, i1) of w, four rows of w
 // per sweep of the columns.
