@@ -12,7 +12,7 @@
 // Outputs: acc [B, Hq, D] = sum_s exp(q.k_s - m) v_s, m [B, Hq] (the running max; -1e30 where a
 //          row sees no key), l [B, Hq] = sum_s exp(q.k_s - m). The caller merges these softmax
 //          statistics with the chunk's own key (psynth_jax/model/kernels/cpu.py).
-// Work items are (row, chunk of 256 slots) pairs spread over XLA's intra-op thread pool: a chunk
+// Work items are (row, chunk of 256 slots) pairs spread over the kernels' threads (cpu_pool.h): a chunk
 // is read once for every head (a row's [S, Hkv, D] slots are contiguous; one item per key head
 // read a third of each cache line it brought in, at SmolLM2's 3 key heads), and a lone row with
 // a long cache still gives every thread work. Each chunk's statistics go to their own buffer and
@@ -250,7 +250,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       attend_chunk_vec<8>(sh, qr, kp + base, vp + base, vr, s0, s1, a, mm, ll, scores);
     else
       attend_chunk(sh, qr, kp + base, vp + base, vr, s0, s1, a, mm, ll, scores);
-  });
+  }, psynth::Handoff::kSpin);
   // merge each row's chunks in chunk order: max over chunks, sums rescaled to it
   for (int64_t r = 0; r < sh.b; ++r) {
     for (int64_t h = 0; h < sh.hq; ++h) {

@@ -8,10 +8,10 @@
 //
 // Inputs:  x [M, K], layer [] int32, then w_1 .. w_n [L, K, N_i].   Outputs: y_i [M, N_i] = x @ w_i[layer].
 // Several weights in one call (a layer's q, k, v; its gate and up) share one hand-off to the
-// threads: every product's work items go to the pool together. Two schedules, by the number of rows:
+// threads: every product's work items go to them together (cpu_pool.h). Two schedules, by the number of rows:
 // - a few rows (M <= kStreamRows: a decode step of one or two requests) are bound by reading w, so
 //   w is read front to back: its K rows are cut into parts of 64 contiguous rows, which the threads
-//   of XLA's intra-op pool take as they come free; a part streams its rows four at a time into its
+//   take as they come free; a part streams its rows four at a time into its
 //   own [M, N] sum (in cache), and the parts' sums are added in part order.
 // - more rows (a batched decode step, a prefill) are bound by the multiply-adds, so each output
 //   tile of up to 6 rows x 64 columns is summed over all of K in registers (24 AVX-512 vectors,
@@ -44,6 +44,9 @@ constexpr int64_t kStreamRows = 2;  // at most this many rows of x: the streamin
 constexpr int64_t kTileRows = 6;    // rows of x per register tile (6 x 4 vectors of sums)
 constexpr int64_t kChunkRows = 48;  // rows of x per work item of the tiled schedule
 constexpr int64_t kAhead = 16;      // rows of a panel of w prefetched ahead in the tiled schedule
+constexpr int64_t kSpinRows = 32;   // at most this many rows of x (a decode step): our spinning helpers
+
+psynth::Handoff handoff(int64_t rows) { return rows <= kSpinRows ? psynth::Handoff::kSpin : psynth::Handoff::kPool; }
 
 // sum[r, :] += x[r, i] * w[i, :] for rows r < R of x and rows i in [i0, i1) of w, four rows of w
 // per sweep of the columns.
@@ -206,7 +209,7 @@ struct Job {
   }
 };
 
-// Every job's items over the pool in one go (several products of one input share the threads'
+// Every job's items over the threads in one go (several products of one input share the threads'
 // hand-off), then each job's streamed parts added in order.
 void run_jobs(xla::ffi::ThreadPool& pool, std::vector<Job>& jobs) {
   thread_local std::vector<float> spare;  // the streamed parts' sums: reused, never freed per call
@@ -226,7 +229,7 @@ void run_jobs(xla::ffi::ThreadPool& pool, std::vector<Job>& jobs) {
   psynth::run_items(pool, first.back(), [=](int64_t item) {
     const int64_t i = std::upper_bound(fp, fp + count + 1, item) - fp - 1;
     jp[i].run(item - fp[i]);
-  });
+  }, handoff(jobs.empty() ? 0 : jobs[0].m_n));
   for (const Job& j : jobs) j.finish();
 }
 
@@ -313,7 +316,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           default: dots<4>(xr, d_n, ep, v_n, b1, yr, v0); break;
         }
       }
-  });
+  }, handoff(m_n));
   return ffi::Error::Success();
 }
 
