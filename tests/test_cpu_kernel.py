@@ -24,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from psynth_jax.inference import runtime
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.kernels import cpu
 from psynth_jax.model.kv_cache import KVCache
 from psynth_jax.model.loaded import random_model
+from psynth_jax.model.transformer import LoRAConfig
 
 if not cpu.available():  # pragma: no cover - every CI machine has g++
     pytest.skip("no C++ compiler to build the CPU decode kernel", allow_module_level=True)
@@ -234,6 +236,54 @@ def test_prefill_and_extend_read_the_weights_in_place_and_equal_the_xla_path():
                                    text, flags=re.M) for impl, text in hlo.items()}
         assert copies["xla"] and not copies["cpu"], copies  # XLA slices each layer's weights out
         assert hlo["cpu"].count("psynth_stacked_matmuls") >= 4 and ("psynth_rows_matmul" in hlo["cpu"]) == tied
+
+
+def test_lora_factors_are_read_in_place_and_equal_the_xla_path():
+    """LoRA on every projection, B nonzero: under "cpu" x A joins its projection's kernel call and
+    (x A) B is read from B's stack in place (no per-layer slice of a factor in the compiled step).
+    A decode step with the LoRA on for some rows only (a serving batch's workers beside its
+    synthesizers) and a prefill's gradients with respect to A and B equal the XLA path's."""
+    lora = LoRAConfig(rank=3, alpha=6.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    m = random_model(CFG, lora=lora, seed=4)
+    model = nnx.merge(m.graphdef, m.state)
+    rng = np.random.default_rng(4)
+    for name in lora.targets:
+        lin = getattr(model.layers, name)
+        lin.lora_b[...] = jnp.asarray(rng.normal(size=lin.lora_b.shape) * 0.1, jnp.float32)
+    graphdef, state = nnx.split(model)
+    rows = 4
+    cache = filled_cache(CFG, rows, 64, seed=4)
+    tokens = jnp.arange(rows, dtype=jnp.int32) + 7
+    per_row = jnp.asarray([True, False, True, True])
+    step = jax.jit(lambda st, c, impl: runtime.decode_fn(nnx.merge(graphdef, st), tokens, c, lora=per_row,
+                                                         attn_impl=impl)[0], static_argnums=2)
+    got = {impl: step(state, cache, impl) for impl in ("xla", "cpu")}
+    np.testing.assert_allclose(np.asarray(got["cpu"]), np.asarray(got["xla"]), atol=1e-5, rtol=1e-5)
+    off = jax.jit(lambda st, c: runtime.decode_fn(nnx.merge(graphdef, st), tokens, c, lora=False)[0])(state, cache)
+    changed = np.abs(np.asarray(got["xla"]) - np.asarray(off)).max(axis=1)
+    assert changed[1] == 0 and (changed[[0, 2, 3]] > 1e-4).all()  # the adapters matter where on
+    hlo = step.lower(state, cache, "cpu").compile().as_text()
+    r, d, f = lora.rank, CFG.hidden_size, CFG.intermediate_size
+    slices = re.findall(rf"^\s*%\S+ = f32\[(?:{d},{r}|{f},{r}|{r},{d}|{r},{f})\]\S* (?:fusion|dynamic-slice|copy)\(",
+                        hlo, flags=re.M)
+    assert not slices, slices
+
+    lora_of = nnx.All(nnx.Param, lambda path, _: any(str(p).startswith("lora_") for p in path))
+    adapters, rest = nnx.split_state(state, lora_of, ...)
+    prompt = jnp.asarray([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([6, 4], jnp.int32)
+
+    def loss(adapters, impl):
+        merged = nnx.merge(graphdef, adapters, rest)
+        hidden = runtime.prefill_fn(merged, prompt, lengths, num_slots=16, lora=True, attn_impl=impl)[0]
+        return jnp.sum(jnp.sin(merged.logits(hidden, attn_impl=impl)))
+
+    grads = {impl: jax.jit(jax.grad(loss), static_argnums=1)(adapters, impl) for impl in ("xla", "cpu")}
+    leaves = {impl: jax.tree.leaves(g) for impl, g in grads.items()}
+    assert len(leaves["cpu"]) == 2 * len(lora.targets)
+    for a, b in zip(leaves["cpu"], leaves["xla"]):
+        assert float(jnp.max(jnp.abs(b))) > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
 def test_engine_decodes_the_same_tokens():

@@ -83,18 +83,22 @@ class Linear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array, lora: bool | jax.Array, product: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: bool | jax.Array, product: jax.Array | None = None,
+                 lora_product: jax.Array | None = None) -> jax.Array:
         """x [B, ..., in]; lora: on or off for every row, or a [B] bool array choosing per row (a
         serving batch decodes workers, LoRA off, beside synthesizers, LoRA on). product: x W
-        already computed (the "cpu" path's kernel, which reads W in place from the layers' stack
-        instead of the scan's copy of it, for several projections of one input at once)."""
+        already computed, lora_product: (x A) B already computed (the "cpu" path's kernels, which
+        read W, A and B in place from the layers' stacks instead of the scan's copies of them, for
+        several projections of one input at once)."""
         y = x @ self.kernel[...] if product is None else product
         if self.bias is not None:
             y = y + self.bias[...]
         if self.lora_a is None or lora is False:
             return y
-        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-        delta = ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
+        if lora_product is None:
+            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+            lora_product = (x @ a) @ b
+        delta = lora_product * jnp.asarray(self.lora_scale, x.dtype)
         if lora is True:
             return y + delta
         return y + jnp.where(jnp.reshape(lora, (-1,) + (1,) * (x.ndim - 1)), delta, jnp.zeros((), x.dtype))
@@ -149,21 +153,28 @@ class Block(nnx.Module):
                  *, lora: bool | jax.Array, attn_impl: str, stacked=None, view: LayerView | None = None,
                  weights: dict[str, jax.Array] | None = None):
         """weights: the projections' kernels stacked over the layers, by name ("q", ..., "down"),
-        which they then read in place at this layer (`stacked`'s index): the "cpu" path."""
+        and their LoRA factors ("q/lora_a", "q/lora_b", ...) where attached, which they then read
+        in place at this layer (`stacked`'s index): the "cpu" path."""
         b, t, _ = x.shape
 
-        def products(inp: jax.Array, *names: str) -> tuple[jax.Array | None, ...]:
-            """inp @ W for each named projection, in one kernel call reading the stacks in place
-            ("cpu"); Nones where the projections compute their own."""
+        def products(inp: jax.Array, *names: str) -> list[tuple[jax.Array | None, jax.Array | None]]:
+            """(inp W, (inp A) B) for each named projection, reading the stacks in place ("cpu"):
+            every W and A of this input in one kernel call, then each B; Nones where the
+            projections compute their own (and for (inp A) B where the LoRA is off or absent)."""
             if weights is None:
-                return (None,) * len(names)
-            return cpu.stacked_matmuls(inp, tuple(weights[n] for n in names), stacked[2])
+                return [(None, None)] * len(names)
+            adapted = [n for n in names if lora is not False and f"{n}/lora_a" in weights]
+            outs = cpu.stacked_matmuls(inp, tuple(weights[n] for n in names) +
+                                       tuple(weights[f"{n}/lora_a"] for n in adapted), stacked[2])
+            low = dict(zip(adapted, outs[len(names):]))
+            return [(xw, cpu.stacked_matmul(low[n], weights[f"{n}/lora_b"], stacked[2]) if n in low else None)
+                    for n, xw in zip(names, outs)]
 
         h = self.attn_norm(x)
         pq, pk, pv = products(h, "q", "k", "v")
-        q = self.q(h, lora, pq).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(h, lora, pk).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v(h, lora, pv).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q(h, lora, *pq).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(h, lora, *pk).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(h, lora, *pv).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_pre = q
@@ -173,12 +184,12 @@ class Block(nnx.Module):
         a = attend(q, k_cache, v_cache, mask, impl=attn_impl, chunk=(k, v, write_start, chunk_len), stacked=stacked,
                    view=branches)
         a = a.reshape(b, t, -1)
-        x = x + self.o(a, lora, *products(a, "o"))
+        x = x + self.o(a, lora, *products(a, "o")[0])
         h = self.mlp_norm(x)
         pg, pu = products(h, "gate", "up")
-        gate, up = self.gate(h, lora, pg), self.up(h, lora, pu)
+        gate, up = self.gate(h, lora, *pg), self.up(h, lora, *pu)
         act = jax.nn.silu(gate) * up
-        x = x + self.down(act, lora, *products(act, "down"))
+        x = x + self.down(act, lora, *products(act, "down")[0])
         return x, k, v
 
 
@@ -293,11 +304,15 @@ class Decoder(nnx.Module):
         stacked_k, stacked_v = jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
 
         view_xs = () if view is None else view.layer_arrays()
-        # Under "cpu" the layers' matrices are read from their stacks in place (kernels/cpu.py); the
-        # scan's slices of them are then unused and XLA drops them
+        # Under "cpu" the layers' matrices (and LoRA factors) are read from their stacks in place
+        # (kernels/cpu.py); the scan's slices of them are then unused and XLA drops them
         weights = None
         if attn_impl == "cpu" and cpu_weights_in_place(x.dtype):
             weights = {name: layer_state[name]["kernel"][...] for name in PROJECTIONS}
+            for name in PROJECTIONS:
+                if "lora_a" in layer_state[name]:
+                    weights[f"{name}/lora_a"] = layer_state[name]["lora_a"][...]
+                    weights[f"{name}/lora_b"] = layer_state[name]["lora_b"][...]
             if any(w.dtype != jnp.float32 for w in weights.values()):
                 weights = None
 
