@@ -10,7 +10,8 @@
 // Several weights in one call (a layer's q, k, v; its gate and up) share one hand-off to the
 // threads: every product's work items go to them together (cpu_pool.h). Two schedules, by the number of rows:
 // - a few rows (M <= kStreamRows: a decode step of one or two requests) are bound by reading w, so
-//   w is read front to back: its K rows are cut into parts of 64 contiguous rows, which the threads
+//   w is read front to back: its K rows are cut into parts of about 64 contiguous rows (as many as a
+//   multiple of the threads, where there are more parts than threads), which the threads
 //   take as they come free; a part streams its rows four at a time into its
 //   own [M, N] sum (in cache), and the parts' sums are added in part order.
 // - more rows (a batched decode step, a prefill) are bound by the multiply-adds, so each output
@@ -39,7 +40,7 @@ using psynth::store;
 using psynth::v16;
 
 constexpr int64_t kGroup = 4;  // rows of x per pass over a part's rows of w (their sums stay in L1)
-constexpr int64_t kPart = 64;  // rows of w per part (measured: 16 and 128-288 were slower)
+constexpr int64_t kPart = 64;  // rows of w per part, about (measured: 16 and 128-288 were slower)
 constexpr int64_t kStreamRows = 2;  // at most this many rows of x: the streaming schedule
 constexpr int64_t kTileRows = 6;    // rows of x per register tile (6 x 4 vectors of sums)
 constexpr int64_t kChunkRows = 48;  // rows of x per work item of the tiled schedule
@@ -165,9 +166,10 @@ struct Job {
   float* sums = nullptr;
   bool streamed = false;
   int v_w = 4;
-  int64_t vectors = 0, panels = 0, items = 0;
+  int64_t part_rows = 0, vectors = 0, panels = 0, items = 0;
 
-  Job(const float* x_, int64_t m, int64_t k, const float* w_, int64_t n_, float* y_)
+  // threads: how many take the items (the streamed parts are cut to a multiple of it)
+  Job(const float* x_, int64_t m, int64_t k, const float* w_, int64_t n_, float* y_, int64_t threads)
       : x(x_), m_n(m), k_n(k), w(w_), n(n_), y(y_) {
     if (m_n == 0 || n == 0) return;
     if (k_n == 0) {  // an empty sum
@@ -176,7 +178,12 @@ struct Job {
     }
     streamed = m_n <= kStreamRows;
     if (streamed) {
-      items = (k_n + kPart - 1) / kPart;
+      // about kPart rows per part, the parts a multiple of the threads: at K = 576 on 2 threads
+      // nine parts of 64 rows left one thread a fifth part while the other idled (8 of 72 instead)
+      int64_t parts = (k_n + kPart - 1) / kPart;
+      if (parts > threads) parts = parts / threads * threads;
+      part_rows = ((k_n + parts - 1) / parts + 3) / 4 * 4;
+      items = (k_n + part_rows - 1) / part_rows;
       return;
     }
     vectors = n / kLanes;
@@ -189,7 +196,7 @@ struct Job {
 
   void run(int64_t item) const {
     if (streamed) {
-      const int64_t i0 = item * kPart, i1 = std::min(k_n, i0 + kPart);
+      const int64_t i0 = item * part_rows, i1 = std::min(k_n, i0 + part_rows);
       part(x, m_n, k_n, w, n, item == 0 ? y : sums + (item - 1) * m_n * n, i0, i1);
       return;
     }
@@ -283,7 +290,8 @@ ffi::Error StackedMatmuls(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     if (wd.size() != 3 || wd[1] != k_n) return ffi::Error::InvalidArgument("x [M,K] does not match a w [L,K,N]");
     if (li < 0 || li >= wd[0]) return ffi::Error::InvalidArgument("layer index out of range");
     const int64_t n = wd[2];
-    jobs.emplace_back(x.typed_data(), m_n, k_n, w->typed_data() + li * k_n * n, n, (*y)->typed_data());
+    jobs.emplace_back(x.typed_data(), m_n, k_n, w->typed_data() + li * k_n * n, n, (*y)->typed_data(),
+                      std::max<int64_t>(pool.num_threads(), 1));
   }
   run_jobs(pool, jobs);
   return ffi::Error::Success();
