@@ -37,6 +37,7 @@ namespace {
 using psynth::kLanes;
 using psynth::load;
 using psynth::store;
+using psynth::sum_lanes;
 using psynth::v16;
 
 constexpr int64_t kGroup = 4;  // rows of x per pass over a part's rows of w (their sums stay in L1)
@@ -242,7 +243,7 @@ void run_jobs(xla::ffi::ThreadPool& pool, std::vector<Job>& jobs) {
 
 // y[r, v] = x[r, :] . e[v, :] for rows r < R of x and rows v0 .. v0 + 3 of e below v_end: R x 4
 // vectors of products over D, each vector of e multiplied by every row's x, then summed across
-// lanes. y's rows are v_n long.
+// lanes (all R x 4 at once). y's rows are v_n long.
 template <int R>
 void dots(const float* x, int64_t d_n, const float* e, int64_t v_n, int64_t v_end, float* y, int64_t v0) {
   const int64_t vecs = d_n / kLanes * kLanes;
@@ -262,10 +263,12 @@ void dots(const float* x, int64_t d_n, const float* e, int64_t v_n, int64_t v_en
       acc[r][3] += a * b3;
     }
   }
+  v16 x16[16];  // the R x 4 sums, padded to 16, summed across lanes together: lane 4 r + j
+  for (int i = 0; i < 16; ++i) x16[i] = i / 4 < R ? acc[i / 4][i % 4] : v16{};
+  const v16 sums = sum_lanes(x16);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < rows_e; ++j) {
-      float s = 0.0f;
-      for (int l = 0; l < kLanes; ++l) s += acc[r][j][l];
+      float s = sums[4 * r + j];
       for (int64_t d = vecs; d < d_n; ++d) s += x[r * d_n + d] * ev[j][d];
       y[r * v_n + v0 + j] = s;
     }
