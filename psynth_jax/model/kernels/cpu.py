@@ -16,8 +16,8 @@ The same holds for the weights: the scan slices each layer's [K, N] matrices out
 parameters and XLA:CPU copies every slice before its dot reads it, which at a decode step's few
 rows costs more than the dot (issue #27). Under "cpu" a Block computes its projections' products
 with `stacked_matmuls`, which reads the layer's matrices where they lie, those of one input in one
-call (q, k, v; gate, up): a streaming schedule for one or two rows, register tiles for more (a
-batched step, a prefill). The LM head
+call (q, k, v and their LoRA factors A; gate, up), then (x A) B from B's stack: a streaming
+schedule for one or two rows, register tiles for more (a batched step, a prefill). The LM head
 calls `rows_matmul` (the tied embedding, which XLA would transpose into a copy) or
 `stacked_matmul` (an untied head). Both have XLA's backward pass.
 
