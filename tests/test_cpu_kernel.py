@@ -107,12 +107,11 @@ def test_kernel_statistics_equal_a_masked_softmax(s, d):
             np.testing.assert_allclose(np.asarray(acc[row, h]), p @ v[1, row, :, h // g], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("rows,k", [(1, 37), (2, 37), (3, 37), (7, 37), (50, 37), (1, 582), (2, 582)])
 @pytest.mark.parametrize("n", [16, 64, 200, 520])
-@pytest.mark.parametrize("k", [37, 582])
 def test_stacked_matmul_equals_a_float64_product(rows, n, k):
-    """Both schedules: 1-2 rows streamed (w's rows in parts: one at K = 37; at K = 582, 8 of 76 rows
-    but the last, whose rows are no multiple of the sweep's 4; 64-column sweeps plus a tail); 3+
+    """Both schedules: 1-2 rows streamed (w's rows in parts: one at K = 37; at K = 582, ten of 60 rows
+    on 2 threads, the last 42, no multiple of the sweep's 4 rows; 64-column sweeps plus a tail); 3+
     rows tiled (register tiles of 6 rows plus 1-5 left over, 48-row chunks: 50 = 48 + 2; panels of
     1 vector (n 64, 200) or 4 (520 = 32 vectors + 8), columns beyond the last vector (200, 520), a
     tail alone (16 is one vector, 520's 8)); layer 2 of 3, read in place; leading dimensions kept."""
