@@ -34,44 +34,29 @@ namespace {
 
 constexpr float kFloor = -1e30f;  // flash.py's FLOOR: the max of a row that sees nothing
 
-// exp(x) for x <= 0, vectorisable: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], with a
-// degree-6 polynomial for 2^f (relative error < 2e-7); x below -87 gives 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  float t = x * 1.44269504088896341f;
-  float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23), vectorisable
-  float f = t - n;
-  float p = 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6184413e-3f;
-  p = p * f + 5.5503406e-2f;
-  p = p * f + 2.4022652e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+inline int32_t to_int(float n) { return static_cast<int32_t>(n); }
+inline psynth::v16i to_int(psynth::v16 n) { return __builtin_convertvector(n, psynth::v16i); }
 
-// exp_nonpositive lane by lane (the same steps, on 16 floats).
-inline psynth::v16 exp_nonpositive(psynth::v16 x) {
-  using psynth::v16;
-  using psynth::v16i;
-  const v16 lo = v16{} - 87.0f;
+// exp(x) for x <= 0, on a float or lane by lane on 16 (vectorisable either way): 2^(x log2 e)
+// split into 2^n * 2^f, f in [-0.5, 0.5], with a degree-6 polynomial for 2^f (relative error
+// < 2e-7); x below -87 gives 0.
+template <class T>
+inline T exp_nonpositive(T x) {
+  const T lo = T{} - 87.0f;
   x = x < lo ? lo : x;
-  const v16 t = x * 1.44269504088896341f;
-  const v16 n = (t + 12582912.0f) - 12582912.0f;
-  const v16 f = t - n;
-  v16 p = v16{} + 1.5353362e-4f;
+  const T t = x * 1.44269504088896341f;
+  const T n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23), vectorisable
+  const T f = t - n;
+  T p = T{} + 1.5353362e-4f;
   p = p * f + 1.3398874e-3f;
   p = p * f + 9.6184413e-3f;
   p = p * f + 5.5503406e-2f;
   p = p * f + 2.4022652e-1f;
   p = p * f + 6.9314718e-1f;
   p = p * f + 1.0f;
-  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  v16 scale;
+  const auto bits = (to_int(n) + 127) << 23;
+  T scale;
+  static_assert(sizeof bits == sizeof scale);
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
